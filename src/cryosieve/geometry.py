@@ -1,0 +1,82 @@
+"""Rotations in RELION's conventions (ZYZ Euler angles rot, tilt, psi in degrees).
+
+RELION's matrix ``A = Rz(psi) Ry(tilt) Rz(rot)`` maps volume coordinates to the
+frame of the particle image: a volume frequency ``k3 = A^T (kx, ky, 0)`` lies on the
+central slice of that particle (``Euler_angles2matrix`` in RELION's ``euler.cpp``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def euler_to_matrix(rot: torch.Tensor, tilt: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    """RELION's rotation matrices.
+
+    Parameters
+    ----------
+    rot, tilt, psi:
+        ``(...)`` Euler angles in degrees.
+
+    Returns
+    -------
+    ``(..., 3, 3)`` matrices ``A`` acting on ``(x, y, z)`` column vectors, same dtype.
+    """
+    a, b, g = (torch.deg2rad(angle) for angle in (rot, tilt, psi))
+    ca, sa, cb, sb, cg, sg = a.cos(), a.sin(), b.cos(), b.sin(), g.cos(), g.sin()
+    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
+    rows = [
+        torch.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], dim=-1),
+        torch.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], dim=-1),
+        torch.stack([sc, ss, cb], dim=-1),
+    ]
+    return torch.stack(rows, dim=-2)
+
+
+def matrix_to_euler(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`euler_to_matrix` (RELION's ``Euler_matrix2angles``), degrees.
+
+    ``matrix``: ``(n, 3, 3)``. Returns ``(rot, tilt, psi)`` each ``(n,)``.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    abs_sb = np.sqrt(matrix[:, 0, 2] ** 2 + matrix[:, 1, 2] ** 2)
+    tilt = np.arctan2(abs_sb, matrix[:, 2, 2])
+    regular = abs_sb > 16 * np.finfo(np.float64).eps
+    psi = np.where(regular, np.arctan2(matrix[:, 1, 2], -matrix[:, 0, 2]), 0.0)
+    rot = np.where(
+        regular,
+        np.arctan2(matrix[:, 2, 1], matrix[:, 2, 0]),
+        np.where(np.sign(matrix[:, 2, 2]) > 0, np.arctan2(-matrix[:, 1, 0], matrix[:, 0, 0]),
+                 np.arctan2(matrix[:, 1, 0], -matrix[:, 0, 0])),
+    )
+    return np.degrees(rot), np.degrees(tilt), np.degrees(psi)
+
+
+def published_quaternions(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -> np.ndarray:
+    """Quaternions ``(w, x, y, z)`` exactly as the published CryoSieve computes them.
+
+    Angles in degrees, ``(n,)`` each; returns ``(n, 4)`` float64. The published code
+    names RELION's rot ``psi`` and RELION's psi ``phi``; the resulting rotation equals
+    :func:`euler_to_matrix`.
+    """
+    first = np.radians(rot)
+    theta = np.radians(tilt)
+    last = np.radians(psi)
+    return np.stack(
+        [
+            np.cos((last + first) / 2) * np.cos(theta / 2),
+            -np.sin((last - first) / 2) * np.sin(theta / 2),
+            -np.cos((last - first) / 2) * np.sin(theta / 2),
+            -np.sin((last + first) / 2) * np.cos(theta / 2),
+        ],
+        axis=-1,
+    )
+
+
+def uniform_random_euler(count: int, generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Euler angles (degrees) of rotations drawn uniformly from SO(3)."""
+    rot = generator.uniform(-180.0, 180.0, count)
+    tilt = np.degrees(np.arccos(generator.uniform(-1.0, 1.0, count)))
+    psi = generator.uniform(-180.0, 180.0, count)
+    return rot, tilt, psi

@@ -1,0 +1,1 @@
+"""Reading and writing of STAR files, particle stacks and MRC volumes."""

@@ -1,0 +1,87 @@
+"""Atomic output: write to a temporary file in the same folder, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent
+    )
+    os.close(handle)
+    temporary = Path(temporary_name)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise
+
+
+def write_atomic(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
+    """Call ``writer(temporary_path)`` and rename the result onto ``path``."""
+    with atomic_path(path) as temporary:
+        writer(temporary)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    write_atomic(path, lambda temporary: temporary.write_text(text))
+
+
+class OutputGroup:
+    """Several outputs that appear together or not at all.
+
+    Files are first written to temporary paths; :meth:`commit` renames them all.
+    If anything fails before the commit, every temporary file is removed.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path_for(self, path: str | os.PathLike[str]) -> Path:
+        """Return a temporary path to write instead of ``path``."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent
+        )
+        os.close(handle)
+        temporary = Path(temporary_name)
+        self._pending.append((temporary, target))
+        return temporary
+
+    def commit(self) -> None:
+        """Rename every temporary file onto its target."""
+        for temporary, target in self._pending:
+            os.replace(temporary, target)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        """Remove every temporary file written so far."""
+        for temporary, _ in self._pending:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+        self._pending.clear()
+
+    def __enter__(self) -> "OutputGroup":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:  # type: ignore[no-untyped-def]
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()

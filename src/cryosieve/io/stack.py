@@ -1,0 +1,179 @@
+"""Lazy, memory-mapped reading of particle images from MRC stacks.
+
+Stacks are opened with ``mrcfile.mmap`` and only the requested images are copied,
+so memory stays bounded by the batch size whatever the stack size.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from cryosieve.errors import CryoSieveInputError
+from cryosieve.io.mrc import resolve_path
+from cryosieve.io.star import ParticleTable
+
+
+def _open_stack(path: Path) -> mrcfile.mrcfile.MrcFile:
+    if not path.is_file():
+        raise CryoSieveInputError(f"{path}: particle stack not found")
+    try:
+        return mrcfile.mmap(str(path), mode="r", permissive=True)
+    except Exception as error:
+        raise CryoSieveInputError(f"{path}: not a readable MRC stack ({error})") from None
+
+
+def _images_view(handle: mrcfile.mrcfile.MrcFile, path: Path) -> np.ndarray:
+    data = handle.data
+    if data is None:
+        raise CryoSieveInputError(f"{path}: not a readable MRC stack")
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3 or data.shape[1] != data.shape[2]:
+        raise CryoSieveInputError(f"{path}: expected square images, got shape {data.shape}")
+    return data
+
+
+class StackReader:
+    """Read particle images by row of a :class:`ParticleTable`.
+
+    Parameters
+    ----------
+    table:
+        The particles.
+    directory:
+        Folder that ``rlnImageName`` paths are relative to (``None``: current folder).
+    max_open:
+        How many stacks to keep memory-mapped at once.
+    """
+
+    def __init__(self, table: ParticleTable, directory: str | os.PathLike[str] | None = None,
+                 max_open: int = 64) -> None:
+        self.table = table
+        self.directory = directory
+        self.max_open = max_open
+        self._handles: OrderedDict[str, tuple[mrcfile.mrcfile.MrcFile, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _view(self, file: str) -> np.ndarray:
+        with self._lock:
+            if file in self._handles:
+                self._handles.move_to_end(file)
+                return self._handles[file][1]
+            path = resolve_path(file, self.directory)
+            handle = _open_stack(path)
+            view = _images_view(handle, path)
+            self._handles[file] = (handle, view)
+            while len(self._handles) > self.max_open:
+                _, (old, _) = self._handles.popitem(last=False)
+                old.close()
+            return view
+
+    def validate(self) -> int:
+        """Check every stack exists, every index is inside it and all boxes agree.
+
+        Returns the box size in pixels. Reads headers only.
+        """
+        box: int | None = None
+        files = self.table.image_file
+        for file in dict.fromkeys(files.tolist()):
+            view = self._view(file)
+            rows = np.flatnonzero(files == file)
+            largest = int(self.table.image_index[rows].max())
+            path = resolve_path(file, self.directory)
+            if largest >= view.shape[0]:
+                row = rows[int(np.argmax(self.table.image_index[rows]))]
+                raise CryoSieveInputError(
+                    f"{self.table.path}: rlnImageName {self.table.image_name[row]} points "
+                    f"beyond the {view.shape[0]} images of {path}"
+                )
+            if box is None:
+                box = int(view.shape[-1])
+            elif view.shape[-1] != box:
+                raise CryoSieveInputError(
+                    f"{path}: box size {view.shape[-1]} differs from {box} of the other stacks"
+                )
+        if self.table.image_size is not None and box is not None:
+            bad = np.flatnonzero(self.table.image_size != box)
+            if bad.size:
+                raise CryoSieveInputError(
+                    f"{self.table.path}: rlnImageSize {self.table.image_size[bad[0]]} in data_optics "
+                    f"does not match the stacks' box size {box}"
+                )
+        assert box is not None
+        return box
+
+    def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Images of the given table rows as a ``(b, n, n)`` float32 array.
+
+        A NaN or infinite pixel is an input error naming the image.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        files = self.table.image_file[rows]
+        indices = self.table.image_index[rows]
+        first = self._view(files[0]) if len(rows) else None
+        box = first.shape[-1] if first is not None else 0
+        out = np.empty((len(rows), box, box), dtype=np.float32)
+        for file in dict.fromkeys(files.tolist()):
+            where = np.flatnonzero(files == file)
+            view = self._view(file)
+            out[where] = view[indices[where]]
+        bad = ~np.isfinite(out).all(axis=(1, 2))
+        if bad.any():
+            row = rows[int(np.flatnonzero(bad)[0])]
+            raise CryoSieveInputError(
+                f"{self.table.path}: image {self.table.image_name[row]} contains NaN or infinite values"
+            )
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for handle, _ in self._handles.values():
+                handle.close()
+            self._handles.clear()
+
+
+def prefetch_batches(reader: StackReader, batches: Sequence[np.ndarray], depth: int = 2
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(rows, images)`` for each batch of rows, reading ahead in a background thread.
+
+    Errors raised while reading are re-raised in the consumer.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for rows in batches:
+                if stop.is_set():
+                    return
+                slots.put((rows, reader.read(rows)))
+        except BaseException as error:  # passed to the consumer
+            slots.put(error)
+            return
+        slots.put(None)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

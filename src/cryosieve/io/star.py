@@ -1,0 +1,274 @@
+"""RELION particle STAR files (3.0 single table, 3.1+ optics + particles).
+
+The parsed :class:`ParticleTable` keeps every original block and column so that a
+subset can be written back unchanged, and exposes per-particle float64 arrays in
+fixed units: angles in degrees, origins in pixels, defocus in Å, voltage in kV,
+spherical aberration in mm, pixel size in Å.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from cryosieve.errors import CryoSieveInputError
+from cryosieve.io.atomic import atomic_path
+
+POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+CTF_PARTICLE_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+
+
+@dataclass
+class ParticleTable:
+    """Particles of a STAR file with their poses, origins and CTF parameters.
+
+    All arrays have shape ``(n,)`` and dtype float64 unless stated.
+    """
+
+    path: str
+    version: str  # "3.0" or "3.1"
+    blocks: dict[str, pd.DataFrame]
+    particles_block: str
+    image_name: np.ndarray  # (n,) object: the rlnImageName strings
+    image_file: np.ndarray  # (n,) object: stack file names as written in the STAR file
+    image_index: np.ndarray  # (n,) int64, 0-based index in the stack
+    rot: np.ndarray  # degrees
+    tilt: np.ndarray  # degrees
+    psi: np.ndarray  # degrees
+    origin_x: np.ndarray  # pixels
+    origin_y: np.ndarray  # pixels
+    defocus_u: np.ndarray  # Å
+    defocus_v: np.ndarray  # Å
+    defocus_angle: np.ndarray  # degrees
+    phase_shift: np.ndarray  # degrees
+    voltage: np.ndarray  # kV
+    spherical_aberration: np.ndarray  # mm
+    amplitude_contrast: np.ndarray  # fraction
+    pixel_size: np.ndarray  # Å
+    ctf_bfactor: np.ndarray  # Å^2 (0 when absent)
+    ctf_scalefactor: np.ndarray  # (1 when absent)
+    optics_group: np.ndarray  # (n,) int64 group number (1 for RELION 3.0 files)
+    random_subset: np.ndarray | None  # (n,) int64 half-set numbers, or None
+    image_size: np.ndarray | None = field(default=None)  # (n,) int64 from rlnImageSize
+
+    @property
+    def particles(self) -> pd.DataFrame:
+        """The particle table as read (all columns)."""
+        return self.blocks[self.particles_block]
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def subset(self, rows: np.ndarray) -> "ParticleTable":
+        """A table of the given rows (boolean mask or integer indices), in that order."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        blocks = dict(self.blocks)
+        blocks[self.particles_block] = self.particles.iloc[rows].reset_index(drop=True)
+        values = {}
+        for name in ParticleTable.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray) and value.shape[:1] == (len(self),):
+                value = value[rows]
+            values[name] = value
+        values["blocks"] = blocks
+        return ParticleTable(**values)
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write the table atomically, every block and column as read."""
+        with atomic_path(path) as temporary:
+            self.write_to(temporary)
+
+    def write_to(self, path: str | os.PathLike[str]) -> None:
+        """Write the table to ``path`` directly (callers handle atomicity)."""
+        blocks = {name: _exact_text(frame) for name, frame in self.blocks.items()}
+        starfile.write(blocks, path, overwrite=True)
+
+
+def _exact_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Format float columns with the shortest text that parses back to the same value."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if pd.api.types.is_float_dtype(frame[column]):
+            frame[column] = [repr(float(value)) for value in frame[column]]
+    return frame
+
+
+def _column(path: str, block: str, frame: pd.DataFrame, name: str) -> np.ndarray:
+    if name not in frame.columns:
+        raise CryoSieveInputError(f"{path}: column {name} missing in data_{block}")
+    values = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        row = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise CryoSieveInputError(
+            f"{path}: column {name} in data_{block} has a non-numeric value at row {row + 1}"
+        )
+    return values
+
+
+def _optional(frame: pd.DataFrame, name: str, default: float, path: str, block: str) -> np.ndarray:
+    if name in frame.columns:
+        return _column(path, block, frame, name)
+    return np.full(len(frame), default, dtype=np.float64)
+
+
+def parse_image_names(path: str, names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``N@stack.mrcs`` names into (file, 0-based index); a bare name is image 0."""
+    files = np.empty(len(names), dtype=object)
+    indices = np.zeros(len(names), dtype=np.int64)
+    for row, name in enumerate(names.astype(str)):
+        if "@" in name:
+            number, _, file = name.partition("@")
+            try:
+                index = int(number)
+            except ValueError:
+                raise CryoSieveInputError(
+                    f"{path}: rlnImageName {name!r} at row {row + 1} is not of the form N@stack"
+                ) from None
+            if index < 1:
+                raise CryoSieveInputError(
+                    f"{path}: rlnImageName {name!r} at row {row + 1} has image number below 1"
+                )
+            files[row], indices[row] = file, index - 1
+        else:
+            files[row], indices[row] = name, 0
+    return files, indices
+
+
+def read_particles(path: str | os.PathLike[str], angpix: float | None = None) -> ParticleTable:
+    """Read a RELION 3.0 or 3.1+ particle STAR file.
+
+    Parameters
+    ----------
+    path:
+        The STAR file.
+    angpix:
+        Pixel size in Å. Required for RELION 3.0 files (which carry none); for 3.1+
+        files the optics table's ``rlnImagePixelSize`` is used and ``angpix`` is ignored.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CryoSieveInputError(f"{path}: file not found")
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as error:
+        raise CryoSieveInputError(f"{path}: not a readable STAR file ({error})") from None
+    blocks = {
+        name: (frame if isinstance(frame, pd.DataFrame) else pd.DataFrame([frame]))
+        for name, frame in blocks.items()
+    }
+    if "optics" in blocks and "particles" in blocks:
+        return _read_31(path, blocks)
+    particle_blocks = [name for name, frame in blocks.items() if "rlnImageName" in frame.columns]
+    if len(particle_blocks) != 1:
+        raise CryoSieveInputError(
+            f"{path}: expected data_optics + data_particles (RELION 3.1+) or one particle "
+            "table with rlnImageName (RELION 3.0)"
+        )
+    return _read_30(path, blocks, particle_blocks[0], angpix)
+
+
+def _read_common(path: str, block: str, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    if len(frame) == 0:
+        raise CryoSieveInputError(f"{path}: data_{block} holds no particles")
+    if "rlnImageName" not in frame.columns:
+        raise CryoSieveInputError(f"{path}: column rlnImageName missing in data_{block}")
+    files, indices = parse_image_names(path, frame["rlnImageName"])
+    values: dict[str, np.ndarray] = {
+        "image_name": frame["rlnImageName"].astype(str).to_numpy(dtype=object),
+        "image_file": files,
+        "image_index": indices,
+        "rot": _column(path, block, frame, "rlnAngleRot"),
+        "tilt": _column(path, block, frame, "rlnAngleTilt"),
+        "psi": _column(path, block, frame, "rlnAnglePsi"),
+        "defocus_u": _column(path, block, frame, "rlnDefocusU"),
+        "defocus_v": _column(path, block, frame, "rlnDefocusV"),
+        "defocus_angle": _column(path, block, frame, "rlnDefocusAngle"),
+        "phase_shift": _optional(frame, "rlnPhaseShift", 0.0, path, block),
+        "ctf_bfactor": _optional(frame, "rlnCtfBfactor", 0.0, path, block),
+        "ctf_scalefactor": _optional(frame, "rlnCtfScalefactor", 1.0, path, block),
+    }
+    if "rlnRandomSubset" in frame.columns:
+        subset = _column(path, block, frame, "rlnRandomSubset")
+        if np.any(subset != np.round(subset)) or np.any(subset < 1):
+            raise CryoSieveInputError(
+                f"{path}: column rlnRandomSubset in data_{block} must hold integers >= 1"
+            )
+        values["random_subset"] = subset.astype(np.int64)
+    else:
+        values["random_subset"] = None
+    return values
+
+
+def _read_30(path: str, blocks: dict[str, pd.DataFrame], block: str, angpix: float | None) -> ParticleTable:
+    frame = blocks[block]
+    label = block or "(unnamed)"
+    values = _read_common(path, label, frame)
+    if angpix is None or angpix <= 0:
+        raise CryoSieveInputError(
+            f"{path}: RELION 3.0 STAR file carries no pixel size; give --angpix"
+        )
+    n = len(frame)
+    values.update(
+        origin_x=_optional(frame, "rlnOriginX", 0.0, path, label),
+        origin_y=_optional(frame, "rlnOriginY", 0.0, path, label),
+        voltage=_column(path, label, frame, "rlnVoltage"),
+        spherical_aberration=_column(path, label, frame, "rlnSphericalAberration"),
+        amplitude_contrast=_column(path, label, frame, "rlnAmplitudeContrast"),
+        pixel_size=np.full(n, float(angpix)),
+        optics_group=np.ones(n, dtype=np.int64),
+        image_size=None,
+    )
+    return ParticleTable(path=path, version="3.0", blocks=blocks, particles_block=block, **values)
+
+
+def _read_31(path: str, blocks: dict[str, pd.DataFrame]) -> ParticleTable:
+    optics, frame = blocks["optics"], blocks["particles"]
+    values = _read_common(path, "particles", frame)
+    group = _column(path, "particles", frame, "rlnOpticsGroup").astype(np.int64)
+    optics_group = _column(path, "optics", optics, "rlnOpticsGroup").astype(np.int64)
+    if len(set(optics_group.tolist())) != len(optics_group):
+        raise CryoSieveInputError(f"{path}: data_optics lists an optics group twice")
+    row_of = {int(g): i for i, g in enumerate(optics_group)}
+    unknown = sorted(set(group.tolist()) - set(row_of))
+    if unknown:
+        raise CryoSieveInputError(
+            f"{path}: rlnOpticsGroup {unknown[0]} in data_particles is not in data_optics"
+        )
+    rows = np.array([row_of[int(g)] for g in group], dtype=np.int64)
+    if "rlnImagePixelSize" in optics.columns:
+        optics_pixel = _column(path, "optics", optics, "rlnImagePixelSize")
+    else:
+        raise CryoSieveInputError(f"{path}: column rlnImagePixelSize missing in data_optics")
+    if np.any(optics_pixel <= 0):
+        raise CryoSieveInputError(f"{path}: rlnImagePixelSize in data_optics must be positive")
+    pixel = optics_pixel[rows]
+    per_optics = {name: _column(path, "optics", optics, name)[rows] for name in OPTICS_COLUMNS}
+    image_size = None
+    if "rlnImageSize" in optics.columns:
+        image_size = _column(path, "optics", optics, "rlnImageSize").astype(np.int64)[rows]
+    values.update(
+        origin_x=_optional(frame, "rlnOriginXAngst", 0.0, path, "particles") / pixel,
+        origin_y=_optional(frame, "rlnOriginYAngst", 0.0, path, "particles") / pixel,
+        voltage=per_optics["rlnVoltage"],
+        spherical_aberration=per_optics["rlnSphericalAberration"],
+        amplitude_contrast=per_optics["rlnAmplitudeContrast"],
+        pixel_size=pixel,
+        optics_group=group,
+        image_size=image_size,
+    )
+    return ParticleTable(path=path, version="3.1", blocks=blocks, particles_block="particles", **values)
+
+
+def output_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(kept, sieved) STAR paths for ``--o OUT.star``: ``OUT.star`` and ``OUT_sieved.star``."""
+    out = Path(out)
+    root, ext = os.path.splitext(str(out))
+    return out, Path(root + "_sieved" + (ext or ".star"))
