@@ -1,0 +1,259 @@
+"""The sieving score of each particle.
+
+``score = ||HP(CTF * P(V) - T(I))||^2 - ||HP(T(I))||^2`` (real-space squared norms),
+where ``P`` projects the masked half map along the particle's pose, ``T`` shifts the
+image by its origin, and ``HP`` removes frequencies below the cut-off.
+
+Because ``|T(I)|`` is unchanged by a shift, Parseval's theorem turns the score into a
+sum over the image's own Fourier samples inside the high-pass band::
+
+    score = 1/N^2 * sum_k w_k [ C_k^2 |P_k|^2 - 2 C_k Re(P_k conj(J_k)) ]
+
+with ``J = FT(T(I))`` and ``w_k`` the Friedel weight of the half-plane sample. Only one
+forward FFT per image is needed and no inverse FFT; the projection ``P_k`` is sampled
+directly at those frequencies (:class:`~cryosieve.projection.FourierSliceProjector`).
+Frequencies at or beyond Nyquist (``|k| >= N/2``) carry no projection and contribute
+exactly zero to the score, so they are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cryosieve import _kernels
+from cryosieve.ctf import ctf_2d, electron_wavelength
+from cryosieve.geometry import euler_to_matrix
+from cryosieve.projection import FourierSliceProjector, published_realspace_projection
+
+
+@dataclass
+class ParticleBatch:
+    """Per-particle parameters of a batch, as ``(b,)`` float64 tensors on one device."""
+
+    rot: torch.Tensor  # degrees
+    tilt: torch.Tensor
+    psi: torch.Tensor
+    origin_x: torch.Tensor  # pixels
+    origin_y: torch.Tensor
+    defocus_u: torch.Tensor  # Å
+    defocus_v: torch.Tensor
+    defocus_angle: torch.Tensor  # degrees
+    phase_shift: torch.Tensor  # degrees
+    voltage: torch.Tensor  # kV
+    spherical_aberration: torch.Tensor  # mm
+    amplitude_contrast: torch.Tensor
+    pixel_size: torch.Tensor  # Å
+    highpass_cycles_per_pixel: torch.Tensor  # cut-off in cycles per pixel
+
+    @classmethod
+    def from_table(cls, table, rows: np.ndarray, highpass_angstrom: float,
+                   device: torch.device | str) -> "ParticleBatch":
+        """Gather rows of a :class:`~cryosieve.io.star.ParticleTable`.
+
+        ``highpass_angstrom`` is the cut-off ``F`` (Å); each particle's cut-off in cycles
+        per pixel is its pixel size divided by ``F``.
+        """
+        def take(values: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values)[rows], dtype=torch.float64, device=device)
+
+        pixel = take(table.pixel_size)
+        return cls(
+            rot=take(table.rot), tilt=take(table.tilt), psi=take(table.psi),
+            origin_x=take(table.origin_x), origin_y=take(table.origin_y),
+            defocus_u=take(table.defocus_u), defocus_v=take(table.defocus_v),
+            defocus_angle=take(table.defocus_angle), phase_shift=take(table.phase_shift),
+            voltage=take(table.voltage), spherical_aberration=take(table.spherical_aberration),
+            amplitude_contrast=take(table.amplitude_contrast), pixel_size=pixel,
+            highpass_cycles_per_pixel=pixel / highpass_angstrom,
+        )
+
+
+class BandSamples:
+    """The half-plane Fourier samples of a ``box``-pixel image used by the scorer.
+
+    Samples with ``lowest_cycles_per_pixel <= |k|/N < 1/2`` of the ``rfft2`` grid, as
+    flat indices into a ``(box, box // 2 + 1)`` array, with their frequencies (cycles
+    per box) and Friedel weights (1 on the ``kx = 0`` column, else 2).
+    """
+
+    def __init__(self, box: int, lowest_cycles_per_pixel: float, device: torch.device | str) -> None:
+        ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
+        kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
+        grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
+        radius = torch.sqrt(grid_y**2 + grid_x**2)
+        keep = (radius < box / 2) & (radius / box >= lowest_cycles_per_pixel - 1e-12)
+        self.box = box
+        self.flat_index = torch.nonzero(keep.reshape(-1))[:, 0].to(device)
+        self.ky = grid_y[keep].to(device)
+        self.kx = grid_x[keep].to(device)
+        self.row = torch.nonzero(keep)[:, 0].to(device)  # index into fftfreq order of ky
+        self.column = torch.nonzero(keep)[:, 1].to(device)  # index of kx
+        self.radius_cycles_per_pixel = radius[keep].to(device) / box
+        self.weight = torch.where(self.kx == 0, 1.0, 2.0).to(torch.float64).to(device)
+
+
+def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor, batch: ParticleBatch,
+                   samples: BandSamples, volume_pixel_size: float | None = None) -> torch.Tensor:
+    """Scores of a batch with the Fourier-slice projector.
+
+    Parameters
+    ----------
+    projector:
+        Central-slice sampler of the (masked, optionally FSC-weighted) half map.
+    images:
+        ``(b, N, N)`` float32 particle images on the projector's device.
+    batch:
+        Their parameters.
+    samples:
+        Band of Fourier samples for box ``N``, from the lowest cut-off in use.
+    volume_pixel_size:
+        Voxel size (Å) of the half map; particles of another pixel size are sampled
+        at their own physical frequencies. ``None``: same as the particles.
+
+    Returns
+    -------
+    ``(b,)`` float64 scores (real-space squared-norm units).
+    """
+    box = images.shape[-1]
+    real_dtype = torch.float32
+    spectra = torch.fft.rfft2(images.to(real_dtype)).reshape(images.shape[0], -1)
+    observed = spectra[:, samples.flat_index]  # (b, p)
+
+    # T(I) and the move of the image centre (pixel N/2) to the origin, as one phase:
+    # exp(-2 pi i (kx (ox - N/2) + ky (oy - N/2)) / N), separable in x and y.
+    two_pi = 2 * math.pi / box
+    freq_y = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
+    freq_x = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
+    phase_x = torch.polar(torch.ones((), dtype=torch.float64, device=images.device),
+                          -two_pi * freq_x[None, :] * (batch.origin_x[:, None] - box // 2))
+    phase_y = torch.polar(torch.ones((), dtype=torch.float64, device=images.device),
+                          -two_pi * freq_y[None, :] * (batch.origin_y[:, None] - box // 2))
+    rotations = euler_to_matrix(batch.rot, batch.tilt, batch.psi)
+    scale = None
+    if volume_pixel_size is not None:
+        scale = volume_pixel_size / batch.pixel_size
+    if images.device.type == "cpu" and _kernels.AVAILABLE:
+        return _fourier_scores_cpu(projector, spectra, batch, samples, rotations, scale,
+                                   phase_x.to(torch.complex64), phase_y.to(torch.complex64), box)
+    phase = (phase_x[:, samples.column] * phase_y[:, samples.row]).to(torch.complex64)
+    observed = observed * phase
+    projected = projector.sample(rotations, samples.ky.to(real_dtype), samples.kx.to(real_dtype), scale)
+
+    pixel = batch.pixel_size.to(real_dtype)[:, None]
+    ctf = ctf_2d(samples.kx.to(real_dtype) / (box * pixel), samples.ky.to(real_dtype) / (box * pixel),
+                 batch.defocus_u, batch.defocus_v, batch.defocus_angle, batch.voltage,
+                 batch.spherical_aberration, batch.amplitude_contrast, batch.phase_shift)
+    model = ctf * projected
+    terms = model.real * (model.real - 2 * observed.real) + model.imag * (model.imag - 2 * observed.imag)
+    inside = samples.radius_cycles_per_pixel[None, :] >= batch.highpass_cycles_per_pixel[:, None] - 1e-12
+    weight = torch.where(inside, samples.weight[None, :], 0.0)
+    return (terms.to(torch.float64) * weight).sum(dim=1) / (box * box)
+
+
+def _fourier_scores_cpu(projector: FourierSliceProjector, spectra: torch.Tensor, batch: ParticleBatch,
+                        samples: BandSamples, rotations: torch.Tensor, scale: torch.Tensor | None,
+                        phase_x: torch.Tensor, phase_y: torch.Tensor, box: int) -> torch.Tensor:
+    """The same score through the fused CPU kernel (see :mod:`cryosieve._kernels`)."""
+    def array(tensor: torch.Tensor, dtype=np.float64) -> np.ndarray:
+        return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
+
+    count = spectra.shape[0]
+    wavelength = electron_wavelength(batch.voltage)
+    amplitude = batch.amplitude_contrast
+    angle = torch.deg2rad(batch.defocus_angle)
+    out = np.zeros(count, dtype=np.float64)
+    _kernels.fourier_scores_kernel(
+        projector.grid.numpy(), projector.shape[1], projector.shape[2], projector.padded_size // 2,
+        float(projector.pad_factor),
+        array(spectra, np.complex64), array(samples.flat_index, np.int64), array(samples.ky), array(samples.kx),
+        array(samples.row, np.int64), array(samples.column, np.int64), array(samples.weight),
+        array(samples.radius_cycles_per_pixel),
+        array(rotations), array(scale) if scale is not None else np.ones(count),
+        array(phase_x, np.complex64), array(phase_y, np.complex64),
+        array((batch.defocus_u + batch.defocus_v) / 2), array((batch.defocus_u - batch.defocus_v) / 2),
+        array(torch.cos(2 * angle)), array(torch.sin(2 * angle)),
+        array(wavelength), array(batch.spherical_aberration * 1e7),
+        array(torch.deg2rad(batch.phase_shift) + torch.atan(amplitude / torch.sqrt(1 - amplitude * amplitude))),
+        array(batch.pixel_size), array(batch.highpass_cycles_per_pixel - 1e-12), box, out,
+    )
+    return torch.from_numpy(out)
+
+
+def _published_ctf_multiply(spectra: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
+    """The published ``convolute_ctf`` kernel on an ``rfft2`` stack (float64)."""
+    box = spectra.shape[-2]
+    freq_y = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=spectra.device)
+    freq_x = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64, device=spectra.device)
+    y, x = torch.meshgrid(freq_y, freq_x, indexing="ij")
+    pixel = batch.pixel_size[:, None, None]
+    frequency = torch.hypot(x / (pixel * box), y / (pixel * box))
+    alpha = torch.atan2(y, x)[None] - torch.deg2rad(batch.defocus_angle)[:, None, None]
+    defocus_u, defocus_v = batch.defocus_u[:, None, None], batch.defocus_v[:, None, None]
+    defocus = -(defocus_u + defocus_v + (defocus_u - defocus_v) * torch.cos(2 * alpha)) / 2
+    volts = batch.voltage[:, None, None] * 1000
+    wavelength = 12.2643247 / torch.sqrt(volts * (1 + volts * 0.978466e-6))
+    cs = batch.spherical_aberration[:, None, None] * 1e7
+    chi = (math.pi * wavelength * defocus * frequency**2
+           + math.pi / 2 * cs * wavelength**3 * frequency**4
+           - torch.deg2rad(batch.phase_shift)[:, None, None])
+    amplitude = batch.amplitude_contrast[:, None, None]
+    ctf = -torch.sqrt(1 - amplitude**2) * torch.sin(chi) + amplitude * torch.cos(chi)
+    return spectra * ctf
+
+
+def _published_highpass(images: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    box = images.shape[-1]
+    spectra = torch.fft.rfftn(images, dim=(-2, -1))
+    freq_y = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
+    freq_x = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
+    y, x = torch.meshgrid(freq_y, freq_x, indexing="ij")
+    frequency = torch.hypot(x / box, y / box)
+    spectra = torch.where(frequency[None] < threshold[:, None, None], 0.0, spectra)
+    return torch.fft.irfftn(spectra, dim=(-2, -1), s=(box, box))
+
+
+def published_scores(volume: torch.Tensor, images: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
+    """Scores exactly as the published CryoSieve computes them (float64, real space).
+
+    ``volume``: ``(n, n, n)`` masked half map; ``images``: ``(b, n, n)``. The image is
+    shifted by its origin, the real-space projection is CTF-modulated, the difference
+    and the image are high-passed by FFT masking, and squared norms are subtracted.
+    Returns ``(b,)`` float64.
+    """
+    box = images.shape[-1]
+    images = images.to(torch.float64)
+    freq_y = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
+    freq_x = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
+    phi = -2 * math.pi * (batch.origin_x[:, None, None] * freq_x[None, None, :] / box
+                          + batch.origin_y[:, None, None] * freq_y[None, :, None] / box)
+    shifted = torch.fft.irfftn(torch.fft.rfftn(images, dim=(-2, -1)) * torch.polar(torch.ones_like(phi), phi),
+                               dim=(-2, -1), s=(box, box))
+    projections = published_realspace_projection(volume, batch.rot.cpu().numpy(), batch.tilt.cpu().numpy(),
+                                                 batch.psi.cpu().numpy()).to(images.device)
+    projections = torch.fft.irfftn(_published_ctf_multiply(torch.fft.rfftn(projections, dim=(-2, -1)), batch),
+                                   dim=(-2, -1), s=(box, box))
+    difference = _published_highpass(projections - shifted, batch.highpass_cycles_per_pixel)
+    shifted = _published_highpass(shifted, batch.highpass_cycles_per_pixel)
+    return (difference**2).sum(dim=(-2, -1)) - (shifted**2).sum(dim=(-2, -1))
+
+
+def retained_count(count: int, retention_ratio: float) -> int:
+    """How many of ``count`` particles to keep: ``round(retention_ratio * count)`` (Python's round, as published)."""
+    return int(round(retention_ratio * count))
+
+
+def select_lowest(scores: np.ndarray, groups: np.ndarray, retention_ratio: float) -> np.ndarray:
+    """Keep, within each group, the ``round(R * n)`` lowest scores (ties: input order).
+
+    ``scores``: ``(n,)``; ``groups``: ``(n,)`` half-set labels. Returns a ``(n,)`` bool mask.
+    """
+    kept = np.zeros(len(scores), dtype=bool)
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        order = np.argsort(scores[members], kind="stable")
+        kept[members[order[:retained_count(len(members), retention_ratio)]]] = True
+    return kept

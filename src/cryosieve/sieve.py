@@ -1,0 +1,267 @@
+"""The sieving engine: validate inputs, prepare references, score every particle, select.
+
+Used by ``cryosieve-core`` and, in-process, by the iterative pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cryosieve.errors import CryoSieveInputError
+from cryosieve.fsc import fourier_shell_correlation
+from cryosieve.io.mrc import Volume, read_volume
+from cryosieve.io.stack import StackReader, prefetch_batches
+from cryosieve.io.star import ParticleTable
+from cryosieve.projection import FourierSliceProjector
+from cryosieve.score import BandSamples, ParticleBatch, fourier_scores, published_scores, select_lowest
+
+log = logging.getLogger("cryosieve")
+
+PIXEL_SIZE_TOLERANCE = 0.01  # relative difference between a map's voxel and the particles' pixel size
+
+
+@dataclass
+class SieveSettings:
+    """Options of one sieve.
+
+    Attributes
+    ----------
+    retention_ratio:
+        Fraction of each half-set kept, in (0, 1].
+    highpass_angstrom:
+        Cut-off ``F`` in Å: frequencies below ``1/F`` are removed from the score.
+    projector:
+        ``"fourier"`` (central slices, default) or ``"realspace"`` (the published projector).
+    reference_weighting:
+        ``"fsc"`` weights each half map by ``sqrt(2 FSC / (1 + FSC))`` per shell (needs two
+        half maps), ``"none"`` uses the masked maps as they are, ``"auto"`` is ``fsc`` for
+        the Fourier projector with two half maps and ``none`` otherwise.
+    batch_size:
+        Particles per batch.
+    device:
+        Where to compute.
+    num_processes:
+        Worker processes, each scoring a disjoint shard (one per GPU on CUDA).
+    """
+
+    retention_ratio: float
+    highpass_angstrom: float
+    projector: str = "fourier"
+    reference_weighting: str = "auto"
+    batch_size: int = 256
+    device: torch.device | str = "cpu"
+    num_processes: int = 1
+
+
+@dataclass
+class SieveResult:
+    """Scores and selection.
+
+    ``scores``: ``(n,)`` float64; ``kept``: ``(n,)`` bool; ``half_set``: ``(n,)`` int64
+    (1 for every particle when the STAR file has no ``rlnRandomSubset``);
+    ``reference_fsc``: the per-shell FSC used for weighting, or ``None``.
+    """
+
+    scores: np.ndarray
+    kept: np.ndarray
+    half_set: np.ndarray
+    reference_fsc: np.ndarray | None = None
+    reference_weighting: str = "none"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def check_settings(settings: SieveSettings) -> None:
+    if not (0.0 < settings.retention_ratio <= 1.0):
+        raise CryoSieveInputError(f"--retention_ratio {settings.retention_ratio}: must be in (0, 1]")
+    if not (settings.highpass_angstrom > 0) or not math.isfinite(settings.highpass_angstrom):
+        raise CryoSieveInputError(f"--frequency {settings.highpass_angstrom}: must be a positive number of Å")
+    if settings.projector not in ("fourier", "realspace"):
+        raise CryoSieveInputError(f"--projector {settings.projector}: must be fourier or realspace")
+    if settings.reference_weighting not in ("auto", "fsc", "none"):
+        raise CryoSieveInputError(f"--reference_weighting {settings.reference_weighting}: must be fsc or none")
+    if settings.batch_size < 1:
+        raise CryoSieveInputError(f"--batch_size {settings.batch_size}: must be at least 1")
+    if settings.num_processes < 1:
+        raise CryoSieveInputError(f"--num_gpus {settings.num_processes}: must be at least 1")
+
+
+def half_sets(table: ParticleTable, volume_count: int) -> np.ndarray:
+    """Half-set of each particle; checks that they match the number of volumes.
+
+    With no ``rlnRandomSubset`` column every particle is in half-set 1 and one volume
+    must be given.
+    """
+    if table.random_subset is None:
+        if volume_count != 1:
+            raise CryoSieveInputError(
+                f"{table.path}: no rlnRandomSubset column, so give exactly one --volume (got {volume_count})"
+            )
+        return np.ones(len(table), dtype=np.int64)
+    present = sorted(set(table.random_subset.tolist()))
+    if present[-1] > volume_count:
+        raise CryoSieveInputError(
+            f"{table.path}: rlnRandomSubset goes up to {present[-1]} but only {volume_count} --volume given"
+        )
+    if volume_count > present[-1]:
+        raise CryoSieveInputError(
+            f"{volume_count} --volume given but {table.path} has only {present[-1]} half-sets (rlnRandomSubset)"
+        )
+    return table.random_subset.astype(np.int64)
+
+
+def check_geometry(table: ParticleTable, box: int, volumes: Sequence[Volume], highpass_angstrom: float) -> None:
+    """Box and pixel sizes of particles and maps agree; the cut-off is coarser than Nyquist."""
+    for volume in volumes:
+        if volume.data.shape[-1] != box:
+            raise CryoSieveInputError(
+                f"{volume.path}: box size {volume.data.shape[-1]} does not match the particles' {box}"
+            )
+        if volume.voxel_size is not None:
+            groups = np.unique(table.pixel_size)
+            worst = groups[np.argmax(np.abs(groups - volume.voxel_size))]
+            if abs(worst - volume.voxel_size) > PIXEL_SIZE_TOLERANCE * worst:
+                raise CryoSieveInputError(
+                    f"{volume.path}: voxel size {volume.voxel_size:.4f} Å does not match the particles' "
+                    f"pixel size {worst:.4f} Å"
+                )
+    finest = 2 * float(np.max(table.pixel_size))
+    if highpass_angstrom < finest:
+        raise CryoSieveInputError(
+            f"--frequency {highpass_angstrom}: finer than Nyquist ({finest:.3f} Å) of the particles"
+        )
+
+
+def fsc_weight(fsc: np.ndarray) -> np.ndarray:
+    """Per-shell reference weight ``sqrt(2 FSC / (1 + FSC))``, zero where the FSC <= 0."""
+    fsc = np.clip(np.asarray(fsc, dtype=np.float64), 0.0, 1.0)
+    return np.sqrt(2 * fsc / (1 + fsc))
+
+
+def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting: str, projector: str
+                       ) -> tuple[list[np.ndarray], np.ndarray | None, str]:
+    """Masked half maps and, for FSC weighting, the FSC between them.
+
+    Returns ``(masked maps [z, y, x] float32, fsc (n//2+1,) or None, weighting used)``.
+    """
+    mask_data = mask.data if mask is not None else None
+    if mask is not None:
+        if mask.data.shape != volumes[0].data.shape:
+            raise CryoSieveInputError(
+                f"{mask.path}: mask shape {mask.data.shape} does not match the maps' {volumes[0].data.shape}"
+            )
+    masked = [volume.data * mask_data if mask_data is not None else volume.data.copy() for volume in volumes]
+    if weighting == "auto":
+        weighting = "fsc" if (len(volumes) == 2 and projector == "fourier") else "none"
+    if weighting == "fsc":
+        if len(volumes) != 2:
+            raise CryoSieveInputError(
+                f"--reference_weighting fsc needs two half maps (--volume twice), got {len(volumes)}"
+            )
+        fsc = fourier_shell_correlation(torch.from_numpy(masked[0]), torch.from_numpy(masked[1])).numpy()
+        return masked, fsc, "fsc"
+    return masked, None, "none"
+
+
+def _apply_shell_weight(volume: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Filter a map by a per-shell weight (for the real-space projector)."""
+    from cryosieve.fsc import shell_index
+
+    tensor = torch.from_numpy(volume).to(torch.float64)
+    spectrum = torch.fft.rfftn(tensor)
+    shells = shell_index(volume.shape[-1]).clamp_max(len(weight))
+    values = torch.cat([torch.from_numpy(weight), torch.zeros(1, dtype=torch.float64)])[shells]
+    return torch.fft.irfftn(spectrum * values, s=volume.shape).to(torch.float32).numpy()
+
+
+def shard_batches(rows: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """Batches of ``rows`` for one worker: batch ``j`` goes to worker ``j % world_size``.
+
+    Batch boundaries are the same whatever the number of workers, so every particle is
+    scored in the same batch (and to the same bits) by any split.
+    """
+    batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    return batches[rank::world_size]
+
+
+def score_rows(table: ParticleTable, reader: StackReader, references: Sequence[np.ndarray],
+               half_set: np.ndarray, settings: SieveSettings, *, rank: int = 0, world_size: int = 1,
+               volume_pixel_size: float | None = None, reference_fsc: np.ndarray | None = None,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Score the particles of this worker's shard; other entries of the result stay zero.
+
+    Returns ``(n,)`` float64.
+    """
+    device = torch.device(settings.device)
+    scores = np.zeros(len(table), dtype=np.float64)
+    box = references[0].shape[-1]
+    weight = torch.from_numpy(fsc_weight(reference_fsc)) if reference_fsc is not None else None
+    lowest = float(np.min(table.pixel_size)) / settings.highpass_angstrom
+    samples = BandSamples(box, lowest, device) if settings.projector == "fourier" else None
+    for subset_number in sorted(set(half_set.tolist())):
+        rows = np.flatnonzero(half_set == subset_number)
+        reference = references[subset_number - 1]
+        if settings.projector == "fourier":
+            projector = FourierSliceProjector(torch.from_numpy(reference).to(device), spectrum_weight=weight)
+        else:
+            volume = reference if weight is None else _apply_shell_weight(reference, weight.numpy())
+            volume_tensor = torch.from_numpy(volume).to(device=device, dtype=torch.float64)
+        for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank,
+                                                                         world_size)):
+            batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
+            image_tensor = torch.from_numpy(images).to(device)
+            if settings.projector == "fourier":
+                values = fourier_scores(projector, image_tensor, batch, samples, volume_pixel_size)
+            else:
+                values = published_scores(volume_tensor, image_tensor, batch)
+            scores[batch_rows] = values.cpu().numpy()
+            if progress is not None:
+                progress(len(batch_rows))
+        if settings.projector == "fourier":
+            del projector
+    return scores
+
+
+def load_inputs(table: ParticleTable, directory: str | os.PathLike[str] | None, volume_paths: Sequence[str],
+                mask_path: str | None, settings: SieveSettings
+                ) -> tuple[StackReader, list[Volume], Volume | None, np.ndarray]:
+    """Read and check everything a sieve needs before any scoring starts."""
+    check_settings(settings)
+    if not volume_paths:
+        raise CryoSieveInputError("--volume: give at least one half map")
+    half_set = half_sets(table, len(volume_paths))
+    reader = StackReader(table, directory)
+    box = reader.validate()
+    volumes = [read_volume(path) for path in volume_paths]
+    mask = read_volume(mask_path) if mask_path else None
+    if mask is not None and (mask.data.min() < -1e-3 or mask.data.max() > 1 + 1e-3):
+        raise CryoSieveInputError(f"{mask.path}: mask values must lie in [0, 1]")
+    check_geometry(table, box, volumes, settings.highpass_angstrom)
+    return reader, volumes, mask, half_set
+
+
+def sieve(table: ParticleTable, reader: StackReader, volumes: Sequence[Volume], mask: Volume | None,
+          half_set: np.ndarray, settings: SieveSettings,
+          progress: Callable[[int], None] | None = None) -> SieveResult:
+    """Score every particle against the masked map of its half-set and keep the lowest fraction."""
+    references, fsc, weighting = prepare_references(volumes, mask, settings.reference_weighting, settings.projector)
+    if fsc is not None:
+        log.info("reference weighting by half-map FSC, per shell: %s",
+                 " ".join(f"{value:.3f}" for value in fsc))
+    voxel = volumes[0].voxel_size
+    if settings.num_processes > 1:
+        from cryosieve.distributed import score_in_processes
+
+        scores = score_in_processes(table, reader.directory, references, half_set, settings, voxel, fsc)
+    else:
+        scores = score_rows(table, reader, references, half_set, settings, volume_pixel_size=voxel,
+                            reference_fsc=fsc, progress=progress)
+    kept = select_lowest(scores, half_set, settings.retention_ratio)
+    return SieveResult(scores=scores, kept=kept, half_set=half_set, reference_fsc=fsc,
+                       reference_weighting=weighting)
