@@ -1,0 +1,733 @@
+"""Post-processing of two half maps: a stand-in for RELION 3.1's ``relion_postprocess``.
+
+Follows RELION 3.1.3 (``src/postprocessing.cpp`` and ``src/fftw.cpp``) step by step:
+
+1. FSC of the unmasked half maps, and of the half maps multiplied by the mask.
+2. Phase randomisation (Chen et al. 2013): from the first shell ``s`` (> 0) where the
+   unmasked FSC falls below ``randomize_threshold`` (0.8), every Fourier component of
+   radius ``>= s`` of both half maps gets a random phase (amplitudes kept); the
+   randomised maps are masked and give ``FSC_rand``.  The corrected FSC is the masked
+   FSC for shells ``< s + 2`` and ``(FSC_masked - FSC_rand) / (1 - FSC_rand)`` beyond
+   (RELION moves the switch two shells up to avoid artefacts next to ``s``).
+3. Final resolution: the last shell before the corrected FSC first falls below 0.143
+   (RELION reports that shell's resolution ``box * voxel / shell``).  When the unmasked
+   FSC reaches a higher shell, RELION distrusts the mask and falls back to the unmasked
+   FSC (unless ``force_mask``).
+4. Sharpening of the *unmasked* average of the half maps: FSC weighting
+   ``sqrt(2 FSC / (1 + FSC))`` per shell with the corrected FSC (zero from the first
+   shell where it falls below 1e-4), then a B-factor ``exp(-B s^2 / 4)`` (``s`` in 1/Å,
+   negative ``B`` sharpens).  The automatic B-factor is ``4 x`` the slope of a straight
+   line fitted to ln(mean |F|) of the FSC-weighted map against ``s^2`` over the shells
+   from ``autob_lowres`` to ``autob_highres`` (0: every shell up to Nyquist whose
+   weighted amplitude is non-zero, i.e. up to where the corrected FSC ends).  RELION
+   3.1 applies no low-pass filter by default (``--low_pass 0``); ``low_pass < 0``
+   filters at the final resolution, ``> 0`` at that resolution in Å, with RELION's
+   raised-cosine edge of ``filter_edge_width`` shells.
+
+Shells are RELION's: a Fourier component of the ``(n, n, n // 2 + 1)`` half transform
+belongs to shell ``round(|k|)`` (``k`` in cycles per box) and every component of the
+half transform counts once.  Transforms are normalised like RELION's (forward divided by
+``n^3``), so the Guinier intercepts match RELION's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryosieve.errors import CryoSieveInputError
+from cryosieve.fsc import shell_index
+from cryosieve.io.atomic import OutputGroup
+from cryosieve.io.mrc import Volume, read_volume, write_volume_to
+
+log = logging.getLogger("cryosieve")
+
+FSC_THRESHOLD = 0.143
+MASK_TOLERANCE = 1e-6  # RELION's tolerance on mask values outside [0, 1]
+FSC_WEIGHT_FLOOR = 1e-4  # RELION stops FSC weighting where the FSC first falls below this
+PHASE_RANDOMISED_WARNING = 0.1  # RELION warns when FSC_rand exceeds this at the resolution
+
+
+# --------------------------------------------------------------------------- data types
+
+
+@dataclass
+class SharpeningResult:
+    """The sharpened average map and its Guinier plot.
+
+    Attributes
+    ----------
+    sharpened:
+        ``(n, n, n)`` float32 map: FSC-weighted, B-factor applied, optionally low-pass filtered.
+    bfactor:
+        B-factor applied, Å^2 (negative sharpens; 0: none).
+    bfactor_source:
+        ``"auto"`` (fitted), ``"adhoc"`` (given) or ``"none"``.
+    guinier:
+        One row per shell 0 .. n/2: ``shell``, ``resolution_angstrom``,
+        ``inverse_resolution_squared`` (1/Å^2), ``log_amplitude_original`` (ln mean |F| of the
+        average map), ``log_amplitude_weighted`` (after FSC weighting),
+        ``log_amplitude_sharpened`` (after the B-factor) and ``in_fit`` (bool: used in the
+        automatic fit).  Shells with no amplitude hold NaN (RELION writes -99).
+    slope, intercept, correlation:
+        The straight-line fit of ``log_amplitude_weighted`` against ``inverse_resolution_squared``
+        (``correlation`` is RELION's ``ss_xy^2 / (ss_xx ss_yy)``); NaN without an automatic fit.
+    fit_lowres, fit_highres:
+        Lowest and highest resolution (Å) of the shells in the fit; NaN without one.
+    low_pass_resolution:
+        Resolution (Å) of the low-pass filter applied, or ``None``.
+    """
+
+    sharpened: np.ndarray
+    bfactor: float
+    bfactor_source: str
+    guinier: pd.DataFrame
+    slope: float = math.nan
+    intercept: float = math.nan
+    correlation: float = math.nan
+    fit_lowres: float = math.nan
+    fit_highres: float = math.nan
+    low_pass_resolution: float | None = None
+
+
+@dataclass
+class PostprocessResult:
+    """Everything ``relion_postprocess`` reports, for one pair of half maps.
+
+    Attributes
+    ----------
+    fsc_table:
+        One row per shell 0 .. n/2: ``shell``, ``resolution_angstrom`` (``n * voxel / shell``,
+        infinite at shell 0), ``fsc_unmasked``, ``fsc_masked``, ``fsc_phase_randomised``
+        and ``fsc_corrected`` (the curve the resolution is read from; it equals the unmasked
+        FSC when RELION's fallback rejected the mask, see ``mask_used``).
+    resolution:
+        Final resolution in Å (RELION's per-shell convention).
+    bfactor:
+        B-factor used for sharpening, Å^2 (negative sharpens; 0: none).
+    guinier:
+        The Guinier plot, see :class:`SharpeningResult`.
+    sharpened:
+        ``(n, n, n)`` float32 sharpened average of the half maps (unmasked).
+    sharpened_masked:
+        ``sharpened`` multiplied by the mask.
+    randomise_from_resolution:
+        Resolution (Å) of the shell from which phases were randomised.
+    """
+
+    fsc_table: pd.DataFrame
+    resolution: float
+    bfactor: float
+    guinier: pd.DataFrame
+    sharpened: np.ndarray
+    sharpened_masked: np.ndarray
+    randomise_from_resolution: float
+    resolution_shell: int = 0
+    randomise_from_shell: int = 0
+    voxel_size: float = 1.0
+    box: int = 0
+    bfactor_source: str = "none"
+    guinier_slope: float = math.nan
+    guinier_intercept: float = math.nan
+    guinier_correlation: float = math.nan
+    fit_lowres: float = math.nan
+    fit_highres: float = math.nan
+    low_pass_resolution: float | None = None
+    mask_used: bool = True
+    seed: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready numbers: resolution, B-factor, fit range, randomisation resolution."""
+
+        def number(value: float | None) -> float | None:
+            return None if value is None or not math.isfinite(value) else float(value)
+
+        phase_randomised = self.fsc_table["fsc_phase_randomised"].to_numpy()
+        return {
+            "final_resolution_angstrom": number(self.resolution),
+            "final_resolution_shell": int(self.resolution_shell),
+            "bfactor": float(self.bfactor),
+            "bfactor_source": self.bfactor_source,
+            "bfactor_fit_lowres_angstrom": number(self.fit_lowres),
+            "bfactor_fit_highres_angstrom": number(self.fit_highres),
+            "guinier_fit_slope": number(self.guinier_slope),
+            "guinier_fit_intercept": number(self.guinier_intercept),
+            "guinier_fit_correlation": number(self.guinier_correlation),
+            "randomise_from_angstrom": number(self.randomise_from_resolution),
+            "randomise_from_shell": int(self.randomise_from_shell),
+            "fsc_phase_randomised_at_resolution": number(float(phase_randomised[self.resolution_shell])),
+            "low_pass_angstrom": number(self.low_pass_resolution),
+            "mask_used": bool(self.mask_used),
+            "voxel_size_angstrom": float(self.voxel_size),
+            "box": int(self.box),
+            "seed": int(self.seed),
+            "warnings": list(self.warnings),
+        }
+
+
+# --------------------------------------------------------------------------- Fourier helpers
+
+
+def fourier_transform(volume: torch.Tensor) -> torch.Tensor:
+    """RELION-normalised half transform of a real ``(n, n, n)`` map.
+
+    Returns ``(n, n, n // 2 + 1)`` complex128 (forward transform divided by ``n^3``).
+    """
+    return torch.fft.rfftn(volume.to(torch.float64), dim=(-3, -2, -1), norm="forward")
+
+
+def inverse_fourier_transform(transform: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of :func:`fourier_transform`: ``(n, n, n)`` float64 map."""
+    return torch.fft.irfftn(transform, s=(size, size, size), dim=(-3, -2, -1), norm="forward")
+
+
+def squared_radius(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``|k|^2`` (cycles per box, squared) of each ``(n, n, n // 2 + 1)`` half-transform voxel, float64."""
+    k = torch.fft.fftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
+    return k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+
+
+def shell_count(size: int) -> int:
+    """Number of shells RELION reports for an ``n`` box: 0 .. n // 2."""
+    return size // 2 + 1
+
+
+def shell_resolutions(size: int, voxel_size: float) -> np.ndarray:
+    """Resolution (Å) of shells 0 .. n // 2: ``n * voxel / shell`` (infinite at shell 0)."""
+    shells = np.arange(shell_count(size), dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(shells > 0, size * voxel_size / np.maximum(shells, 1e-300), np.inf)
+
+
+def _shell_sum(values: torch.Tensor, shells: torch.Tensor, count: int) -> torch.Tensor:
+    """Sum ``values`` (real, half-transform shaped) per shell 0 .. count - 1 (others ignored)."""
+    keep = shells < count
+    return torch.zeros(count, dtype=torch.float64, device=values.device).index_add_(
+        0, shells[keep], values[keep].to(torch.float64))
+
+
+def relion_fourier_shell_correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """FSC of two ``(n, n, n)`` real maps with RELION's ``getFSC`` convention.
+
+    Sums over the half transform (each stored component once), shells ``round(|k|)``
+    0 .. n // 2.  Returns ``(n // 2 + 1,)`` float64; a shell without power gives 0.
+    """
+    size = first.shape[-1]
+    transform_first = fourier_transform(first)
+    transform_second = fourier_transform(second)
+    return _fsc_of_transforms(transform_first, transform_second, size)
+
+
+def _fsc_of_transforms(first: torch.Tensor, second: torch.Tensor, size: int) -> torch.Tensor:
+    shells = shell_index(size, first.device)
+    count = shell_count(size)
+    cross = _shell_sum((first * second.conj()).real, shells, count)
+    power_first = _shell_sum(first.abs() ** 2, shells, count)
+    power_second = _shell_sum(second.abs() ** 2, shells, count)
+    denominator = torch.sqrt(power_first * power_second)
+    return torch.where(denominator > 0, cross / denominator.clamp_min(1e-300), torch.zeros_like(cross))
+
+
+def randomise_phases_beyond(volume: torch.Tensor, shell: int, generator: torch.Generator) -> torch.Tensor:
+    """Give every Fourier component of radius ``>= shell`` (cycles per box) a random phase.
+
+    Amplitudes are kept exactly; components inside the radius are untouched.  The random
+    phases are those of the transform of white Gaussian noise drawn from ``generator``
+    (a CPU generator, so results do not depend on the device): they are uniform and
+    Hermitian-consistent, so the result is exactly real (RELION draws each stored
+    component's phase independently).
+
+    Parameters
+    ----------
+    volume:
+        ``(n, n, n)`` real map.
+    shell:
+        First randomised radius, cycles per box (RELION's ``randomize_at``).
+    generator:
+        Seeded ``torch.Generator`` on the CPU; advanced by ``n^3`` normal draws.
+
+    Returns
+    -------
+    ``(n, n, n)`` float64 map on ``volume``'s device.
+    """
+    size = volume.shape[-1]
+    transform = fourier_transform(volume)
+    noise = torch.randn((size, size, size), generator=generator, dtype=torch.float64)
+    noise_transform = fourier_transform(noise.to(volume.device))
+    noise_amplitude = noise_transform.abs()
+    phase = torch.where(noise_amplitude > 0, noise_transform / noise_amplitude.clamp_min(1e-300),
+                        torch.ones_like(noise_transform))
+    outside = squared_radius(size, volume.device) >= float(shell) ** 2
+    randomised = torch.where(outside, transform.abs() * phase, transform)
+    return inverse_fourier_transform(randomised, size)
+
+
+def first_shell_below(fsc: torch.Tensor | np.ndarray, threshold: float) -> int | None:
+    """First shell > 0 where ``fsc`` falls below ``threshold`` (RELION's ``randomize_at``), or ``None``."""
+    values = np.asarray(fsc.detach().cpu() if isinstance(fsc, torch.Tensor) else fsc, dtype=np.float64)
+    below = np.flatnonzero(values[1:] < threshold)
+    return int(below[0]) + 1 if below.size else None
+
+
+def last_shell_above(fsc: torch.Tensor | np.ndarray, threshold: float = FSC_THRESHOLD) -> int:
+    """Last shell before ``fsc`` first falls below ``threshold``, counting from shell 0.
+
+    RELION's resolution convention: the reported resolution is ``n * voxel / shell``.
+    Returns 0 when shell 0 is already below (no resolution).
+    """
+    values = np.asarray(fsc.detach().cpu() if isinstance(fsc, torch.Tensor) else fsc, dtype=np.float64)
+    below = np.flatnonzero(values < threshold)
+    return int(below[0]) - 1 if below.size else len(values) - 1
+
+
+def corrected_fsc(fsc_masked: np.ndarray, fsc_phase_randomised: np.ndarray,
+                  randomise_shell: int) -> np.ndarray:
+    """RELION's ``calculateFSCtrue``: the phase-randomisation-corrected FSC.
+
+    ``FSC_masked`` for shells ``< randomise_shell + 2``, else
+    ``(FSC_masked - FSC_rand) / (1 - FSC_rand)``; a non-positive value at shell 0 becomes 1
+    (in both inputs, as RELION does).  All arrays ``(n // 2 + 1,)`` float64.
+    """
+    masked = np.array(fsc_masked, dtype=np.float64)
+    randomised = np.array(fsc_phase_randomised, dtype=np.float64)
+    if masked[0] <= 0:
+        masked[0] = 1.0
+    if randomised[0] <= 0:
+        randomised[0] = 1.0
+    shells = np.arange(len(masked))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corrected = (masked - randomised) / (1.0 - randomised)
+    return np.where(shells < randomise_shell + 2, masked, corrected)
+
+
+def shell_means_of_amplitude(transform: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean ``|F|`` per shell 0 .. n // 2 over the half transform; ``(n // 2 + 1,)`` float64."""
+    shells = shell_index(size, transform.device)
+    count = shell_count(size)
+    total = _shell_sum(transform.abs(), shells, count)
+    members = _shell_sum(torch.ones_like(transform.real), shells, count)
+    return total / members.clamp_min(1.0)
+
+
+def fsc_weighting(transform: torch.Tensor, fsc: np.ndarray, size: int) -> torch.Tensor:
+    """RELION's ``applyFscWeighting``: multiply shell ``i`` by ``sqrt(2 FSC_i / (1 + FSC_i))``.
+
+    Zero from the first shell where the FSC falls below 1e-4, and where it is not positive.
+    ``transform`` is ``(n, n, n // 2 + 1)`` complex; returns a new tensor.
+    """
+    values = np.asarray(fsc, dtype=np.float64)
+    below = np.flatnonzero(values < FSC_WEIGHT_FLOOR)
+    last = int(below[0]) - 1 if below.size else len(values) - 1
+    positive = np.clip(values, 0.0, None)
+    weights = np.where(values > 0, np.sqrt(2 * positive / (1 + positive)), 0.0)
+    weights[max(last + 1, 0):] = 0.0
+    table = torch.zeros(size * 2 + 2, dtype=torch.float64, device=transform.device)
+    table[: len(weights)] = torch.as_tensor(weights, device=transform.device)
+    shells = shell_index(size, transform.device)
+    return transform * table[shells.clamp_max(table.numel() - 1)]
+
+
+def apply_bfactor(transform: torch.Tensor, bfactor: float, size: int, voxel_size: float) -> torch.Tensor:
+    """RELION's ``applyBFactorToMap``: multiply by ``exp(-B s^2 / 4)`` up to Nyquist, zero beyond.
+
+    ``s = |k| / (n * voxel)`` in 1/Å; ``bfactor`` in Å^2 (negative sharpens).
+    """
+    frequency_squared = squared_radius(size, transform.device) / (size * voxel_size) ** 2
+    inside = frequency_squared <= (1.0 / (2.0 * voxel_size)) ** 2
+    factor = torch.where(inside, torch.exp(-(bfactor / 4.0) * frequency_squared),
+                         torch.zeros_like(frequency_squared))
+    return transform * factor
+
+
+def low_pass_filter(transform: torch.Tensor, resolution: float, size: int, voxel_size: float,
+                    edge_width: int = 2) -> torch.Tensor:
+    """RELION's ``lowPassFilterMap``: raised-cosine low-pass at ``resolution`` Å.
+
+    The filter shell is ``round(n * voxel / resolution)``; the cosine edge runs from
+    ``edge_width // 2`` shells below it to as many above (RELION's default width is 2).
+    """
+    filter_shell = int(math.floor(size * voxel_size / resolution + 0.5))
+    half_width = edge_width // 2
+    edge_low = max(0.0, (filter_shell - half_width) / size)
+    edge_high = min(float(shell_count(size)), (filter_shell + half_width) / size)
+    edge = edge_high - edge_low
+    frequency = torch.sqrt(squared_radius(size, transform.device)) / size  # cycles per pixel
+    if edge > 0:
+        ramp = 0.5 + 0.5 * torch.cos(math.pi * (frequency - edge_low) / edge)
+    else:
+        ramp = torch.zeros_like(frequency)
+    factor = torch.where(frequency < edge_low, torch.ones_like(frequency),
+                         torch.where(frequency > edge_high, torch.zeros_like(frequency), ramp))
+    return transform * factor
+
+
+def fit_straight_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares line ``y = slope x + intercept``; returns ``(slope, intercept, correlation)``.
+
+    ``correlation`` is RELION's ``ss_xy^2 / (ss_xx ss_yy)``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    mean_x, mean_y = x.mean(), y.mean()
+    ss_xx = np.sum((x - mean_x) ** 2)
+    ss_yy = np.sum((y - mean_y) ** 2)
+    ss_xy = np.sum((x - mean_x) * (y - mean_y))
+    slope = ss_xy / ss_xx
+    intercept = mean_y - slope * mean_x
+    correlation = ss_xy ** 2 / (ss_xx * ss_yy) if ss_yy > 0 else 1.0
+    return float(slope), float(intercept), float(correlation)
+
+
+def _log_or_nan(values: torch.Tensor) -> np.ndarray:
+    array = values.detach().cpu().numpy()
+    with np.errstate(divide="ignore"):
+        return np.where(array > 0, np.log(np.maximum(array, 1e-300)), np.nan)
+
+
+# --------------------------------------------------------------------------- sharpening
+
+
+def sharpen_map(average: np.ndarray | torch.Tensor, fsc: np.ndarray, voxel_size: float, *,
+                resolution: float | None = None, auto_bfactor: bool = True, autob_lowres: float = 10.0,
+                autob_highres: float = 0.0, adhoc_bfactor: float | None = None, low_pass: float = 0.0,
+                filter_edge_width: int = 2, device: torch.device | str = "cpu") -> SharpeningResult:
+    """RELION's ``sharpenMap`` on the average of two half maps.
+
+    Parameters
+    ----------
+    average:
+        ``(n, n, n)`` real map, the (unmasked) average of the half maps.
+    fsc:
+        ``(n // 2 + 1,)`` FSC used for weighting (the corrected FSC).
+    voxel_size:
+        Å per voxel.
+    resolution:
+        Final resolution (Å), used when ``low_pass < 0``.
+    auto_bfactor:
+        Fit the B-factor to the Guinier plot (ignored when ``adhoc_bfactor`` is given).
+    autob_lowres, autob_highres:
+        Fit range in Å (``autob_highres = 0``: up to Nyquist, RELION's default).
+    adhoc_bfactor:
+        Use this B-factor (Å^2, negative sharpens); 0 applies none.
+    low_pass:
+        0: no low-pass filter (RELION 3.1's default); < 0: at ``resolution``; > 0: at this
+        resolution in Å.
+    filter_edge_width:
+        Width in shells of the raised-cosine edge of the low-pass filter.
+    device:
+        Where to compute.
+
+    Raises
+    ------
+    CryoSieveInputError
+        When the automatic fit has fewer than two shells (option ``--autob_lowres``).
+    """
+    volume = torch.as_tensor(average, device=device).to(torch.float64)
+    size = volume.shape[-1]
+    transform = fourier_transform(volume)
+    shells = np.arange(shell_count(size), dtype=np.float64)
+    resolutions = shell_resolutions(size, voxel_size)
+    inverse_squared = (shells / (size * voxel_size)) ** 2
+    original = _log_or_nan(shell_means_of_amplitude(transform, size))
+
+    transform = fsc_weighting(transform, np.asarray(fsc, dtype=np.float64), size)
+    weighted = _log_or_nan(shell_means_of_amplitude(transform, size))
+
+    in_fit = np.isfinite(weighted) & (resolutions <= autob_lowres) & (resolutions >= autob_highres)
+    slope = intercept = correlation = math.nan
+    fit_lowres = fit_highres = math.nan
+    if adhoc_bfactor is not None:
+        bfactor = float(adhoc_bfactor)
+        source = "adhoc" if bfactor != 0 else "none"
+        in_fit[:] = False
+    elif auto_bfactor:
+        if np.count_nonzero(in_fit) < 2:
+            raise CryoSieveInputError(
+                f"--autob_lowres {autob_lowres:g}: fewer than two FSC-weighted shells between {autob_lowres:g} Å "
+                f"and {'Nyquist' if autob_highres <= 0 else f'{autob_highres:g} Å'} to fit a B-factor to; "
+                "lower the resolution limit or give an ad-hoc B-factor")
+        slope, intercept, correlation = fit_straight_line(inverse_squared[in_fit], weighted[in_fit])
+        bfactor = 4.0 * slope
+        source = "auto"
+        fit_lowres = float(resolutions[in_fit].max())
+        fit_highres = float(resolutions[in_fit].min())
+    else:
+        bfactor = 0.0
+        source = "none"
+        in_fit[:] = False
+
+    if bfactor != 0:
+        transform = apply_bfactor(transform, bfactor, size, voxel_size)
+    sharpened_log = _log_or_nan(shell_means_of_amplitude(transform, size))
+
+    applied_low_pass: float | None = None
+    if low_pass != 0:
+        target = resolution if low_pass < 0 else low_pass
+        if target is None or not math.isfinite(target) or target <= 0:
+            raise CryoSieveInputError("--low_pass: no final resolution to low-pass filter at")
+        applied_low_pass = float(target)
+        transform = low_pass_filter(transform, applied_low_pass, size, voxel_size, filter_edge_width)
+
+    sharpened = inverse_fourier_transform(transform, size).to(torch.float32).cpu().numpy()
+    guinier = pd.DataFrame({
+        "shell": shells.astype(np.int64),
+        "resolution_angstrom": resolutions,
+        "inverse_resolution_squared": inverse_squared,
+        "log_amplitude_original": original,
+        "log_amplitude_weighted": weighted,
+        "log_amplitude_sharpened": sharpened_log,
+        "in_fit": in_fit,
+    })
+    return SharpeningResult(sharpened=sharpened, bfactor=bfactor, bfactor_source=source, guinier=guinier,
+                            slope=slope, intercept=intercept, correlation=correlation,
+                            fit_lowres=fit_lowres, fit_highres=fit_highres,
+                            low_pass_resolution=applied_low_pass)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_inputs(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_size: float, *,
+                 names: tuple[str, str, str] = ("half map 1", "half map 2", "mask"),
+                 voxel_option: str = "voxel_size") -> None:
+    """Raise :class:`CryoSieveInputError` (one line naming the file/option) for unusable input.
+
+    Half maps must be cubic 3D maps of one shape, the mask of that shape with values in
+    [0, 1] (RELION's tolerance 1e-6), all finite, and the voxel size positive.
+    """
+    if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
+        raise CryoSieveInputError(f"{voxel_option}: the voxel size must be a positive number of Å, got {voxel_size}")
+    for array, name in zip((half1, half2, mask), names):
+        if array.ndim != 3 or len(set(array.shape)) != 1:
+            raise CryoSieveInputError(f"{name}: expected a cubic 3D map, got shape {array.shape}")
+        if array.shape[0] < 4:
+            raise CryoSieveInputError(f"{name}: box of {array.shape[0]} voxels is too small")
+        if not np.all(np.isfinite(array)):
+            raise CryoSieveInputError(f"{name}: map contains NaN or infinite values")
+    if half1.shape != half2.shape:
+        raise CryoSieveInputError(f"{names[1]}: shape {half2.shape} differs from {names[0]} shape {half1.shape}")
+    if mask.shape != half1.shape:
+        raise CryoSieveInputError(f"{names[2]}: shape {mask.shape} differs from the half maps' shape {half1.shape}")
+    low, high = float(mask.min()), float(mask.max())
+    if low < -MASK_TOLERANCE or high - 1.0 > MASK_TOLERANCE:
+        raise CryoSieveInputError(f"{names[2]}: mask values must lie in [0, 1], found [{low:.6g}, {high:.6g}]")
+    if high <= 0:
+        raise CryoSieveInputError(f"{names[2]}: mask is empty (all values 0)")
+
+
+def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLike[str],
+                mask_path: str | os.PathLike[str], angpix: float | None = None,
+                ) -> tuple[Volume, Volume, Volume, float]:
+    """Read and check two half maps and a mask; returns them and the voxel size (Å).
+
+    The voxel size is ``angpix`` when given, else the half maps' header.  Half maps whose
+    headers give different voxel sizes are an input error.
+    """
+    half1, half2, mask = read_volume(half1_path), read_volume(half2_path), read_volume(mask_path)
+    if half1.voxel_size is not None and half2.voxel_size is not None and \
+            not math.isclose(half1.voxel_size, half2.voxel_size, rel_tol=1e-3):
+        raise CryoSieveInputError(f"{half2.path}: voxel size {half2.voxel_size:g} Å differs from "
+                                  f"{half1.path} ({half1.voxel_size:g} Å)")
+    if angpix is None:
+        voxel = half1.voxel_size if half1.voxel_size is not None else half2.voxel_size
+        if voxel is None:
+            raise CryoSieveInputError(f"--angpix: {half1.path} holds no voxel size; give --angpix")
+        option = f"{half1.path} voxel size"
+    else:
+        voxel = angpix
+        option = "--angpix"
+    check_inputs(half1.data, half2.data, mask.data, voxel, names=(half1.path, half2.path, mask.path),
+                 voxel_option=option)
+    return half1, half2, mask, float(voxel)
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def postprocess(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_size: float, *,
+                auto_bfactor: bool = True, autob_lowres: float = 10.0, adhoc_bfactor: float | None = None,
+                randomize_threshold: float = 0.8, seed: int = 0, device: torch.device | str = "cpu",
+                autob_highres: float = 0.0, low_pass: float = 0.0, force_mask: bool = False,
+                filter_edge_width: int = 2) -> PostprocessResult:
+    """Masked, phase-randomisation-corrected FSC, final resolution and sharpened map, as RELION 3.1.
+
+    Parameters
+    ----------
+    half1, half2:
+        ``(n, n, n)`` real half maps ``[z, y, x]`` (any float dtype; computed in float64).
+    mask:
+        ``(n, n, n)`` mask with values in [0, 1].
+    voxel_size:
+        Å per voxel.
+    auto_bfactor:
+        Fit the sharpening B-factor to the Guinier plot (RELION ``--auto_bfac``).
+    autob_lowres:
+        Lowest resolution (Å) in the fit (``--autob_lowres``, default 10).
+    adhoc_bfactor:
+        Use this B-factor instead (Å^2, negative sharpens, ``--adhoc_bfac``); takes precedence
+        over ``auto_bfactor``.  0 (or ``auto_bfactor=False`` with ``None``) applies none.
+    randomize_threshold:
+        Randomise phases from the first shell where the unmasked FSC falls below this (0.8).
+    seed:
+        Seed of the phase-randomisation generator (same seed, same result on any device).
+    device:
+        Where to compute.
+    autob_highres:
+        Highest resolution (Å) in the fit; 0: up to Nyquist (RELION's default).
+    low_pass:
+        0: no low-pass filter (RELION 3.1's default); < 0: at the final resolution; > 0: in Å.
+    force_mask:
+        Keep the corrected FSC even when the unmasked FSC reaches a higher shell (RELION
+        otherwise falls back to the unmasked FSC).
+    filter_edge_width:
+        Raised-cosine edge of the low-pass filter, in shells.
+
+    Raises
+    ------
+    CryoSieveInputError
+        Unusable input (shapes, mask range, NaN, voxel size) or half maps whose FSC never
+        falls below ``randomize_threshold`` or never exceeds 0.143.
+    """
+    half1 = np.asarray(half1)
+    half2 = np.asarray(half2)
+    mask = np.asarray(mask)
+    check_inputs(half1, half2, mask, voxel_size)
+    if not 0 < randomize_threshold < 1:
+        raise CryoSieveInputError(f"--randomize_at_fsc: must lie in (0, 1), got {randomize_threshold}")
+    if autob_lowres <= 0:
+        raise CryoSieveInputError(f"--autob_lowres: must be a positive resolution in Å, got {autob_lowres}")
+    size = half1.shape[0]
+    first = torch.as_tensor(half1, device=device).to(torch.float64)
+    second = torch.as_tensor(half2, device=device).to(torch.float64)
+    weights = torch.as_tensor(mask, device=device).to(torch.float64)
+    warnings: list[str] = []
+
+    fsc_unmasked = relion_fourier_shell_correlation(first, second).cpu().numpy()
+    fsc_masked = relion_fourier_shell_correlation(first * weights, second * weights).cpu().numpy()
+    randomise_shell = first_shell_below(fsc_unmasked, randomize_threshold)
+    if randomise_shell is None:
+        raise CryoSieveInputError(
+            f"half maps: the unmasked FSC never falls below --randomize_at_fsc {randomize_threshold:g}, "
+            "so no shell can be phase-randomised (are the two half maps identical?)")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    random_first = randomise_phases_beyond(first, randomise_shell, generator)
+    random_second = randomise_phases_beyond(second, randomise_shell, generator)
+    fsc_random = relion_fourier_shell_correlation(random_first * weights, random_second * weights).cpu().numpy()
+    del random_first, random_second
+    fsc_true = corrected_fsc(fsc_masked, fsc_random, randomise_shell)
+
+    resolution_shell = last_shell_above(fsc_true)
+    unmasked_shell = last_shell_above(fsc_unmasked)
+    mask_used = True
+    if unmasked_shell > resolution_shell:
+        if force_mask:
+            warnings.append("the unmasked FSC extends beyond the solvent-corrected FSC")
+        else:
+            warnings.append("the unmasked FSC extends beyond the solvent-corrected FSC: the mask is not used "
+                            "for the resolution (adjust the mask, or force it)")
+            fsc_true = fsc_unmasked.copy()
+            resolution_shell = unmasked_shell
+            mask_used = False
+    elif fsc_random[resolution_shell] > PHASE_RANDOMISED_WARNING:
+        warnings.append("the phase-randomised FSC is larger than 0.10 at the estimated resolution; "
+                        "a softer mask would give a more reliable estimate")
+    for message in warnings:
+        log.warning("postprocess: %s", message)
+    if resolution_shell <= 0:
+        raise CryoSieveInputError("half maps: the FSC is below 0.143 at every shell; the half maps do not agree")
+    resolution = size * voxel_size / resolution_shell
+
+    sharpening = sharpen_map((first + second) * 0.5, fsc_true, voxel_size, resolution=resolution,
+                             auto_bfactor=auto_bfactor, autob_lowres=autob_lowres, autob_highres=autob_highres,
+                             adhoc_bfactor=adhoc_bfactor, low_pass=low_pass,
+                             filter_edge_width=filter_edge_width, device=device)
+    sharpened_masked = (sharpening.sharpened.astype(np.float64) * mask).astype(np.float32)
+
+    fsc_table = pd.DataFrame({
+        "shell": np.arange(shell_count(size), dtype=np.int64),
+        "resolution_angstrom": shell_resolutions(size, voxel_size),
+        "fsc_unmasked": fsc_unmasked,
+        "fsc_masked": fsc_masked,
+        "fsc_phase_randomised": fsc_random,
+        "fsc_corrected": fsc_true,
+    })
+    return PostprocessResult(
+        fsc_table=fsc_table, resolution=float(resolution), bfactor=float(sharpening.bfactor),
+        guinier=sharpening.guinier, sharpened=sharpening.sharpened, sharpened_masked=sharpened_masked,
+        randomise_from_resolution=float(size * voxel_size / randomise_shell),
+        resolution_shell=int(resolution_shell), randomise_from_shell=int(randomise_shell),
+        voxel_size=float(voxel_size), box=int(size), bfactor_source=sharpening.bfactor_source,
+        guinier_slope=sharpening.slope, guinier_intercept=sharpening.intercept,
+        guinier_correlation=sharpening.correlation, fit_lowres=sharpening.fit_lowres,
+        fit_highres=sharpening.fit_highres, low_pass_resolution=sharpening.low_pass_resolution,
+        mask_used=mask_used, seed=int(seed), warnings=warnings,
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def output_paths(root: str | os.PathLike[str]) -> dict[str, str]:
+    """The files :func:`write_postprocess` writes for ``root``."""
+    root = str(root)
+    return {
+        "map": root + ".mrc",
+        "masked_map": root + "_masked.mrc",
+        "fsc_csv": root + "_fsc.csv",
+        "summary": root + ".json",
+        "fsc_plot": root + "_fsc.png",
+        "guinier_plot": root + "_guinier.png",
+    }
+
+
+def write_postprocess(result: PostprocessResult, root: str, voxel_size: float) -> None:
+    """Write ROOT.mrc, ROOT_masked.mrc, ROOT_fsc.csv, ROOT.json, ROOT_fsc.png, ROOT_guinier.png.
+
+    All appear together or not at all.  The CSV holds the FSC table; the JSON the final
+    resolution, B-factor, fit range and randomisation resolution (see
+    :meth:`PostprocessResult.summary`).
+    """
+    from cryosieve.plots import plot_fsc_curves, plot_guinier
+
+    paths = output_paths(root)
+    table = result.fsc_table
+    box = result.box or int(result.sharpened.shape[0])
+    frequency = table["shell"].to_numpy(dtype=np.float64) / (box * voxel_size)
+    summary = result.summary()
+    summary["voxel_size_angstrom"] = float(voxel_size)
+    guinier = result.guinier
+    with OutputGroup() as group:
+        write_volume_to(group.path_for(paths["map"]), result.sharpened, voxel_size)
+        write_volume_to(group.path_for(paths["masked_map"]), result.sharpened_masked, voxel_size)
+        table.to_csv(group.path_for(paths["fsc_csv"]), index=False, float_format="%.8g")
+        group.path_for(paths["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
+        curves = {
+            "corrected": (frequency, table["fsc_corrected"].to_numpy()),
+            "unmasked": (frequency, table["fsc_unmasked"].to_numpy()),
+            "masked": (frequency, table["fsc_masked"].to_numpy()),
+            "phase-randomised masked": (frequency, table["fsc_phase_randomised"].to_numpy()),
+        }
+        plot_fsc_curves(curves, group.path_for(paths["fsc_plot"]), threshold=FSC_THRESHOLD,
+                        resolution=result.resolution,
+                        title=f"Final resolution = {result.resolution:.2f} Å")
+        fit = None
+        if math.isfinite(result.guinier_slope):
+            used = guinier["in_fit"].to_numpy(dtype=bool)
+            x_used = guinier["inverse_resolution_squared"].to_numpy()[used]
+            fit = (result.guinier_slope, result.guinier_intercept, float(x_used.min()), float(x_used.max()))
+        plot_guinier(
+            guinier["inverse_resolution_squared"].to_numpy(),
+            {"original": guinier["log_amplitude_original"].to_numpy(),
+             "FSC-weighted": guinier["log_amplitude_weighted"].to_numpy(),
+             "sharpened": guinier["log_amplitude_sharpened"].to_numpy()},
+            group.path_for(paths["guinier_plot"]), fit=fit,
+            title=f"Guinier plot, B-factor = {result.bfactor:.1f} Å²")
