@@ -75,15 +75,16 @@ class FourierSliceProjector:
         size = volume.shape[-1]
         padded = pad_factor * size
         self.size, self.padded_size, self.pad_factor = size, padded, pad_factor
-        real = volume.to(torch.float64) / gridding_correction(size, padded, device=device)
+        real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
+        real = (volume.to(torch.float64) / gridding_correction(size, padded, device=device)).to(real_dtype)
         start = padded // 2 - size // 2
-        grid = torch.zeros((padded,) * 3, dtype=torch.float64, device=device)
+        grid = torch.zeros((padded,) * 3, dtype=real_dtype, device=device)
         grid[start:start + size, start:start + size, start:start + size] = real
         spectrum = torch.fft.rfftn(torch.fft.ifftshift(grid), dim=(0, 1, 2))
         del grid
         spectrum = torch.fft.fftshift(spectrum, dim=(0, 1))  # zero frequency at [P/2, P/2, 0]
         if spectrum_weight is not None:
-            spectrum = spectrum * self._shell_weights(spectrum_weight, device)
+            spectrum = spectrum * self._shell_weights(spectrum_weight, device).to(real_dtype)
         # Append the periodic copy of the -P/2 planes at +P/2 and one zero column in x,
         # so the 8 trilinear neighbours of any point with |k| < P/2 are in range.
         spectrum = torch.cat([spectrum, spectrum[:1]], dim=0)

@@ -9,6 +9,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(temporary: Path, target: Path) -> None:
+    """Give the file the permissions a plain ``open`` would, then rename it onto ``target``."""
+    if temporary.exists():
+        os.chmod(temporary, 0o666 & ~_current_umask())
+    os.replace(temporary, target)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
@@ -24,7 +37,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     temporary = Path(temporary_name)
     try:
         yield temporary
-        os.replace(temporary, target)
+        _publish(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
@@ -67,7 +80,7 @@ class OutputGroup:
     def commit(self) -> None:
         """Rename every temporary file onto its target."""
         for temporary, target in self._pending:
-            os.replace(temporary, target)
+            _publish(temporary, target)
         self._pending.clear()
 
     def discard(self) -> None:

@@ -1,0 +1,139 @@
+"""Scoring throughput and peak memory of ``cryosieve-core``'s engine.
+
+Measures, in one run on this machine, particles per second of scoring with stack
+reading included (memory-mapped MRCS on disk), for the Fourier scorer and the
+published real-space projector, at box 128 and 256; the time of one batched forward
+FFT of the same images (the floor any Fourier-space scorer pays); and the peak
+resident memory of a whole scoring run for two stack sizes, each in a fresh process.
+
+    python benchmarks/bench_score.py --boxes 128 256 --particles 2000 8000
+
+Writes a Markdown table to stdout (paste into docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+import torch
+
+
+def make_data(folder: Path, box: int, count: int, seed: int = 0) -> None:
+    """A stack of noise images with random poses and CTFs, and a blob map (content does not matter for speed)."""
+    rng = np.random.default_rng(seed)
+    with mrcfile.new_mmap(str(folder / "particles.mrcs"), shape=(count, box, box), mrc_mode=2, overwrite=True) as m:
+        for start in range(0, count, 1000):
+            stop = min(count, start + 1000)
+            m.data[start:stop] = rng.normal(size=(stop - start, box, box)).astype(np.float32)
+        m.voxel_size = 1.0
+    axis = np.arange(box) - box // 2
+    r2 = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2
+    blob = np.exp(-r2 / (2 * (box / 8) ** 2)).astype(np.float32)
+    for name in ("half1.mrc", "half2.mrc"):
+        with mrcfile.new(str(folder / name), overwrite=True) as handle:
+            handle.set_data(blob + rng.normal(scale=0.01, size=blob.shape).astype(np.float32))
+            handle.voxel_size = 1.0
+    rot = rng.uniform(-180, 180, count)
+    tilt = np.degrees(np.arccos(rng.uniform(-1, 1, count)))
+    particles = pd.DataFrame({
+        "rlnImageName": [f"{i + 1}@particles.mrcs" for i in range(count)],
+        "rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": rng.uniform(-180, 180, count),
+        "rlnOriginXAngst": rng.uniform(-3, 3, count), "rlnOriginYAngst": rng.uniform(-3, 3, count),
+        "rlnDefocusU": rng.uniform(8000, 20000, count), "rlnDefocusV": rng.uniform(8000, 20000, count),
+        "rlnDefocusAngle": rng.uniform(-180, 180, count), "rlnOpticsGroup": 1,
+        "rlnRandomSubset": np.arange(count) % 2 + 1,
+    })
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [1.0], "rlnImageSize": [box], "rlnImageDimensionality": [2]})
+    starfile.write({"optics": optics, "particles": particles}, folder / "particles.star", overwrite=True)
+
+
+def run_one(folder: Path, projector: str, count: int, device: str, frequency: float) -> dict:
+    """Score the first ``count`` particles in this process; returns timings and peak RSS."""
+    from cryosieve.io.star import read_particles
+    from cryosieve.sieve import SieveSettings, load_inputs, sieve
+
+    table = read_particles(folder / "particles.star")
+    table = table.subset(np.arange(count))
+    settings = SieveSettings(retention_ratio=0.8, highpass_angstrom=frequency, projector=projector,
+                             device=device)
+    reader, volumes, mask, half_set = load_inputs(table, folder, [str(folder / "half1.mrc"),
+                                                                  str(folder / "half2.mrc")], None, settings)
+    if projector == "fourier":  # compile the kernel outside the timing
+        small = table.subset(np.arange(4))
+        sieve(small, reader.__class__(small, folder), volumes, mask, half_set[:4], settings)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    sieve(table, reader, volumes, mask, half_set, settings)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    images = torch.from_numpy(reader.read(np.arange(min(count, 256)))).to(device)
+    torch.fft.rfft2(images)
+    fft_started = time.perf_counter()
+    repeats = 5
+    for _ in range(repeats):
+        torch.fft.rfft2(images)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    fft_per_particle = (time.perf_counter() - fft_started) / (repeats * len(images))
+    return {"projector": projector, "count": count, "seconds": elapsed, "per_second": count / elapsed,
+            "fft_per_particle": fft_per_particle,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--particles", type=int, nargs="+", default=[2000, 8000],
+                        help="stack sizes for the Fourier scorer (peak memory must not grow)")
+    parser.add_argument("--realspace_particles", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--frequency", type=float, default=40.0)
+    parser.add_argument("--worker", nargs=4, metavar=("FOLDER", "PROJECTOR", "COUNT", "DEVICE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        folder, projector, count, device = args.worker
+        print(json.dumps(run_one(Path(folder), projector, int(count), device, args.frequency)))
+        return
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, device {args.device}, cut-off {args.frequency} Å")
+    print("| box | scorer | particles | particles/s | forward FFT only, particles/s | scorer time / FFT time | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    results = []
+    for box in args.boxes:
+        with tempfile.TemporaryDirectory() as folder:
+            make_data(Path(folder), box, max(args.particles))
+            runs = [("fourier", count) for count in args.particles] + [("realspace", args.realspace_particles)]
+            for projector, count in runs:
+                output = subprocess.run([sys.executable, __file__, "--frequency", str(args.frequency), "--worker",
+                                         folder, projector, str(count), args.device],
+                                        check=True, capture_output=True, text=True).stdout
+                result = json.loads(output.strip().splitlines()[-1]) | {"box": box}
+                results.append(result)
+                fft_rate = 1 / result["fft_per_particle"]
+                print(f"| {box} | {projector} | {count} | {result['per_second']:.1f} | {fft_rate:.0f} | "
+                      f"{fft_rate / result['per_second']:.1f} | {result['peak_rss_mib']:.0f} |", flush=True)
+    for box in args.boxes:
+        fourier = [r for r in results if r["box"] == box and r["projector"] == "fourier"]
+        realspace = [r for r in results if r["box"] == box and r["projector"] == "realspace"][0]
+        print(f"\nbox {box}: Fourier scorer {fourier[-1]['per_second'] / realspace['per_second']:.0f}x faster than "
+              f"the published real-space projector")
+
+
+if __name__ == "__main__":
+    main()
