@@ -37,13 +37,11 @@ import gemmi
 import mrcfile
 import numpy as np
 import pandas as pd
-import starfile
 import torch
 
 from cryosieve.ctf import ctf_2d
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.geometry import euler_to_matrix, uniform_random_euler
-from cryosieve.io.mrc import write_volume_to
 from cryosieve.projection import FourierSliceProjector, half_plane_frequencies
 
 DEFAULT_MODEL = "1BD2.pdb.gz"
@@ -524,6 +522,27 @@ def _particles_table(parameters: ParticleParameters, settings: SimulationSetting
     return pd.DataFrame(columns)
 
 
+def star_text(blocks: dict[str, pd.DataFrame]) -> str:
+    """RELION 3.1 STAR text of loop blocks: floats as ``%.6f``, integers and strings as they are.
+
+    Deterministic (no time stamp), so the same data always gives the same bytes.
+    """
+    lines: list[str] = []
+    for name, frame in blocks.items():
+        lines += ["", "# version 30001", "", f"data_{name}", "", "loop_"]
+        lines += [f"_{column} #{index + 1}" for index, column in enumerate(frame.columns)]
+        formatted = []
+        for column in frame.columns:
+            values = frame[column]
+            if pd.api.types.is_float_dtype(values):
+                formatted.append([f"{value:.6f}" for value in values])
+            else:
+                formatted.append([str(value) for value in values])
+        lines += ["\t".join(row) for row in zip(*formatted)]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def _truth_table(parameters: ParticleParameters) -> pd.DataFrame:
     return pd.DataFrame({
         "rlnImageName": image_names(len(parameters)),
@@ -556,6 +575,7 @@ def _write_stack(path: Path, parameters: ParticleParameters, settings: Simulatio
     all_total = all_squares = 0.0
     with mrcfile.new_mmap(str(path), shape=(count, box, box), mrc_mode=2, overwrite=True) as handle:
         handle.set_image_stack()
+        _label_header(handle)
         handle.voxel_size = float(settings.pixel_size)
         for rows in batches:
             images = torch.empty((len(rows), box, box), dtype=torch.float32, device=formation.device)
@@ -598,6 +618,23 @@ def _write_stack(path: Path, parameters: ParticleParameters, settings: Simulatio
         handle.header.dmin, handle.header.dmax, handle.header.dmean = minimum, maximum, mean
         handle.header.rms = math.sqrt(max(squares / pixels - mean * mean, 0.0))
     return signal_variance, noise_variance
+
+
+def _label_header(handle: mrcfile.mrcfile.MrcFile) -> None:
+    """A fixed header label instead of mrcfile's time stamp, so the same data gives the same bytes."""
+    handle.header.label[0] = b"cryosieve-simulate"
+    for index in range(1, len(handle.header.label)):
+        handle.header.label[index] = b""
+    handle.header.nlabl = 1
+
+
+def _write_map(path: Path, data: np.ndarray, voxel_size: float) -> None:
+    """Write a float32 MRC map (``[z, y, x]``) with the voxel size (Å) and header statistics."""
+    with mrcfile.new(str(path), overwrite=True) as handle:
+        handle.set_data(np.ascontiguousarray(data, dtype=np.float32))
+        handle.voxel_size = float(voxel_size)
+        handle.update_header_stats()
+        _label_header(handle)
 
 
 def _current_umask() -> int:
@@ -714,17 +751,17 @@ def simulate_particles(output_folder: str | os.PathLike[str], settings: Simulati
             staging / STACK_NAME, parameters, settings, projectors, formation,
             np.random.default_rng(noise_seed), progress)
         del projectors
-        starfile.write({"optics": _optics_table(settings), "particles": _particles_table(parameters, settings)},
-                       staging / STAR_NAME, float_format="%.6f")
-        write_volume_to(staging / "truth.mrc", truth, pixel)
+        (staging / STAR_NAME).write_text(star_text({"optics": _optics_table(settings),
+                                                    "particles": _particles_table(parameters, settings)}))
+        _write_map(staging / "truth.mrc", truth, pixel)
         if junk is not None:
-            write_volume_to(staging / "junk.mrc", junk, pixel)
-        write_volume_to(staging / "mask.mrc", mask, pixel)
+            _write_map(staging / "junk.mrc", junk, pixel)
+        _write_map(staging / "mask.mrc", mask, pixel)
         _truth_table(parameters).to_csv(staging / "truth.csv", index=False)
         if settings.half_maps:
             halves = reconstruct_half_maps(staging, device=device)
             for subset, volume in halves.items():
-                write_volume_to(staging / f"half{subset}.mrc", volume, pixel)
+                _write_map(staging / f"half{subset}.mrc", volume, pixel)
 
     half_paths = (target / "half1.mrc", target / "half2.mrc") if settings.half_maps else None
     return SimulationResult(
