@@ -195,7 +195,7 @@ def test_noiseless_images_equal_relion_project(tmp_path: Path) -> None:
     theirs = relion_project(result.folder, "truth.mrc", "particles.star", "relion", PIXEL)
     correlation = ring_correlation(ours, theirs)
     up_to = int(0.8 * BOX / 2)  # 0.8 x Nyquist
-    assert correlation[:up_to].min() >= 0.99, correlation
+    assert correlation[:up_to].min() >= 0.999, correlation
     assert image_correlations(ours, theirs).min() >= 0.99
     scale = (ours * theirs).sum() / (theirs * theirs).sum()
     assert scale == pytest.approx(1.0, abs=0.02)
@@ -219,7 +219,7 @@ def test_envelope_and_junk_images_equal_relion_project(tmp_path: Path) -> None:
                        float_format="%.6f")
         theirs = relion_project(folder, volume, f"{name}.star", f"relion_{name}", PIXEL)
         correlation = ring_correlation(ours[members], theirs)
-        assert correlation[: int(0.8 * BOX / 2)].min() >= 0.99, (name, correlation)
+        assert correlation[: int(0.8 * BOX / 2)].min() >= 0.999, (name, correlation)
         assert image_correlations(ours[members], theirs).min() >= 0.99, name
     # A junk image is not a projection of the main model.
     junk_star = particles[is_junk].reset_index(drop=True)
@@ -348,6 +348,7 @@ def test_cli_writes_a_data_set_whose_half_maps_match_the_truth(tmp_path: Path) -
     (["--snr", "0"], "--snr"),
     (["--bfactor_min", "100", "--bfactor_max", "50"], "--bfactor_min"),
     (["--num_particles", "0"], "--num_particles"),
+    (["--num_particles", "1"], "--num_particles"),
     (["--model", "missing.pdb"], "missing.pdb"),
     (["--junk_model", "missing.cif"], "missing.cif"),
     (["--box", "32", "--angpix", "2"], "does not fit"),

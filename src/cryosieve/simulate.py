@@ -327,6 +327,8 @@ class SimulationSettings:
 
         if self.num_particles < 1:
             raise bad("num_particles", self.num_particles, "must be at least 1")
+        if self.half_maps and self.num_particles < 2:
+            raise bad("num_particles", self.num_particles, "half maps need at least 2 particles (or --no_half_maps)")
         if self.box < 16 or self.box % 2:
             raise bad("box", self.box, "must be even and at least 16")
         if not (self.pixel_size > 0 and math.isfinite(self.pixel_size)):
@@ -728,7 +730,8 @@ def simulate_particles(output_folder: str | os.PathLike[str], settings: Simulati
     device:
         Where to render images and reconstruct.
     progress:
-        Called with the number of particles rendered after each batch.
+        Called with a number of particles after each batch: rendered, then (with half
+        maps) reconstructed, ``num_particles`` (or twice that with half maps) in all.
     """
     model, junk_model = check_inputs(output_folder, settings, model=model, junk_model=junk_model,
                                      overwrite=overwrite)
@@ -759,7 +762,7 @@ def simulate_particles(output_folder: str | os.PathLike[str], settings: Simulati
         _write_map(staging / "mask.mrc", mask, pixel)
         _truth_table(parameters).to_csv(staging / "truth.csv", index=False)
         if settings.half_maps:
-            halves = reconstruct_half_maps(staging, device=device)
+            halves = reconstruct_half_maps(staging, device=device, progress=progress)
             for subset, volume in halves.items():
                 _write_map(staging / f"half{subset}.mrc", volume, pixel)
 
@@ -771,8 +774,14 @@ def simulate_particles(output_folder: str | os.PathLike[str], settings: Simulati
     )
 
 
-def reconstruct_half_maps(folder: Path, device: torch.device | str = "cpu") -> dict[int, np.ndarray]:
-    """Reconstruct the two half maps of a simulated data set from its own particles."""
+def reconstruct_half_maps(folder: Path, device: torch.device | str = "cpu",
+                          progress: Callable[[int], object] | None = None) -> dict[int, np.ndarray]:
+    """Reconstruct the two half maps of a simulated data set from its own particles.
+
+    ``cryosieve.reconstruct.reconstruct_subsets`` (CTF-corrected direct Fourier
+    inversion, C1) of the particles with rlnRandomSubset 1 and 2 in ``folder``.
+    Returns ``{1: map, 2: map}``, ``(n, n, n)`` float32 ``[z, y, x]``.
+    """
     from cryosieve.io.stack import StackReader
     from cryosieve.io.star import read_particles
     from cryosieve.reconstruct import reconstruct_subsets
@@ -782,6 +791,6 @@ def reconstruct_half_maps(folder: Path, device: torch.device | str = "cpu") -> d
     try:
         reader.validate()
         return reconstruct_subsets(table, reader, subsets=(1, 2), symmetry="C1", apply_ctf=True,
-                                   device=str(torch.device(device)))
+                                   device=str(torch.device(device)), progress=progress)
     finally:
         reader.close()

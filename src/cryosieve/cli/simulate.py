@@ -89,7 +89,8 @@ def _main(argv: Sequence[str] | None) -> int:
     log.info("simulating %d particles (%d junk), box %d at %.3g Å, SNR %g, B %g-%g Å^2, device %s",
              settings.num_particles, settings.junk_count, settings.box, settings.pixel_size, settings.snr,
              settings.bfactor_min, settings.bfactor_max, device)
-    with tqdm(total=settings.num_particles, unit="particle", desc="simulating", disable=args.quiet,
+    steps = settings.num_particles * (2 if settings.half_maps else 1)  # rendering, then reconstruction
+    with tqdm(total=steps, unit="particle", desc="simulating", disable=args.quiet,
               file=sys.stderr) as bar:
         result = simulate_particles(args.o, settings, model=args.model, junk_model=args.junk_model,
                                     device=device, overwrite=args.force, progress=bar.update)
