@@ -66,6 +66,10 @@ def write_volume_to(path: str | os.PathLike[str], data: np.ndarray, voxel_size: 
         handle.set_data(np.ascontiguousarray(data, dtype=np.float32))
         handle.voxel_size = float(voxel_size)
         handle.update_header_stats()
+        # A fixed label instead of mrcfile's time stamp: the same map gives the same bytes.
+        handle.header.label[:] = b""
+        handle.header.label[0] = b"cryosieve"
+        handle.header.nlabl = 1
 
 
 def resolve_path(name: str, directory: str | os.PathLike[str] | None) -> Path:
