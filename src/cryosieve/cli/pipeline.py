@@ -1,0 +1,112 @@
+"""``cryosieve``: the iterative pipeline (drop-in for the published CryoSieve's ``cryosieve``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+from tqdm import tqdm
+
+from cryosieve.cli._common import add_device_argument, choose_device, run_command, setup_logging
+
+log = logging.getLogger("cryosieve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryosieve",
+        description="CryoSieve: reconstruct the half maps of a refined particle stack, post-process them, keep the "
+                    "lowest-scoring fraction of each half-set at a high-pass cut-off going from --frequency_start to "
+                    "--frequency_end, and repeat --num_iters times.",
+    )
+    parser.add_argument("--i", required=True, help="input star file path.")
+    parser.add_argument("--o", required=True, help="output path prefix (e.g. output/ gives output/_iter0.star ...).")
+    parser.add_argument("--angpix", type=float, required=True, help="pixelsize in Angstrom.")
+    parser.add_argument("--mask", required=True, help="mask file path.")
+    parser.add_argument("--reconstruct_software", default=None,
+                        help="command line of the reconstruction program, e.g. relion_reconstruct or "
+                             "\"mpirun -n 5 relion_reconstruct_mpi --j 4\" (default: the built-in reconstruction).")
+    parser.add_argument("--postprocess_software", default=None,
+                        help="command line of the post-processing program, e.g. relion_postprocess (default: the "
+                             "built-in post-processing).")
+    parser.add_argument("--num_procs", type=int, default=None,
+                        help="run the reconstruction command under mpirun -n NUM_PROCS (as the published "
+                             "program); default: run it as given.")
+    parser.add_argument("--directory", default="", help="directory of particles, empty (current directory) by default.")
+    parser.add_argument("--sym", default="C1", help="molecular symmetry, C1 by default.")
+    parser.add_argument("--num_iters", type=int, default=10, help="number of iterations for applying CryoSieve.")
+    parser.add_argument("--frequency_start", type=float, default=50.0,
+                        help="starting threshold frequency, in Angstrom.")
+    parser.add_argument("--frequency_end", type=float, default=3.0, help="ending threshold frequency, in Angstrom.")
+    parser.add_argument("--retention_ratio", type=float, default=0.8,
+                        help="fraction of retained particles in each iteration.")
+    parser.add_argument("--balance", action="store_true",
+                        help="make remaining particles in different subsets in same size.")
+    parser.add_argument("--num_gpus", type=int, default=1,
+                        help="number of processes (one per GPU) to score with, 1 by default.")
+    add_device_argument(parser)
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="resume an interrupted run with the same arguments (PREFIX_state.json).")
+    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                        help="print where the report is at the end (the report files are always written).")
+    parser.add_argument("--batch_size", type=int, default=256, help="particles per scoring batch, 256 by default.")
+    parser.add_argument("--projector", choices=("fourier", "realspace"), default="fourier",
+                        help="sieving projector: fourier (default) or realspace (the published one).")
+    parser.add_argument("--reference_weighting", choices=("auto", "fsc", "none"), default="auto",
+                        help="weighting of the half maps for scoring (see cryosieve-core).")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines.")
+    return parser
+
+
+def _progress_factory(enabled: bool) -> Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]:
+    @contextlib.contextmanager
+    def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+        with tqdm(total=total, unit="particle", desc=description, disable=not enabled, file=sys.stderr,
+                  leave=False) as bar:
+            yield bar.update
+
+    return progress
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(not args.quiet)
+    if args.quiet:  # the run's log file still gets every line; the terminal only warnings
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
+    device = choose_device(args.device)
+
+    from cryosieve.backends.relion import ExternalCommandError
+    from cryosieve.pipeline import PipelineSettings, run_pipeline
+
+    settings = PipelineSettings(
+        input_star=args.i, output_prefix=args.o, angpix=args.angpix, mask=args.mask,
+        directory=args.directory or None, symmetry=args.sym, num_iters=args.num_iters,
+        frequency_start=args.frequency_start, frequency_end=args.frequency_end,
+        retention_ratio=args.retention_ratio, balance=args.balance,
+        reconstruct_software=args.reconstruct_software, postprocess_software=args.postprocess_software,
+        num_procs=args.num_procs, num_gpus=args.num_gpus, device=device, batch_size=args.batch_size,
+        projector=args.projector, reference_weighting=args.reference_weighting,
+    )
+    try:
+        result = run_pipeline(settings, resume=args.resume, progress=_progress_factory(not args.quiet))
+    except ExternalCommandError as error:
+        print(f"cryosieve: error: command {error.command!r} failed with exit code {error.returncode}; "
+              f"its output is in {error.log_path}", file=sys.stderr)
+        code = error.returncode
+        return code if 0 < code < 256 else (128 - code if code < 0 else 1)
+    if args.report:
+        print(f"cryosieve: report written to {result.report.html} (table: {result.report.summary_csv})",
+              file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("cryosieve", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Report of an iterative run: summary table, plots and one self-contained HTML page.
+
+Files, for output prefix ``PREFIX`` (each written atomically, rewritten after every round):
+
+* ``PREFIX_summary.csv``: one row per particle set ``_iter{i}.star``: ``iteration``,
+  ``cutoff_angstrom`` (high-pass cut-off of the sieve applied to that set, Å; empty for
+  the last set), ``particles_half1``, ``particles_half2``, ``resolution_angstrom`` and
+  ``bfactor`` (Å^2; empty for a set that was not reconstructed);
+* ``PREFIX_resolution.png``: resolution and B-factor against iteration and against the
+  number of particles;
+* ``PREFIX_fsc.png``: the corrected FSC curve of every round, overlaid;
+* ``PREFIX_scores.png``: score histograms of every sieve, half-sets apart, the cut marked;
+* ``PREFIX_report.html``: the table and the plots (PNG embedded as base64 data URIs),
+  naming the round with the best resolution.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from cryosieve.io.atomic import atomic_path, write_text_atomic
+from cryosieve.plots import plot_fsc_curves
+
+SUMMARY_COLUMNS = ("iteration", "cutoff_angstrom", "particles_half1", "particles_half2", "resolution_angstrom",
+                   "bfactor")
+
+
+@dataclass
+class RoundSummary:
+    """One particle set ``PREFIX_iter{i}.star`` and what was measured on it.
+
+    Attributes
+    ----------
+    iteration:
+        ``i``.
+    cutoff_angstrom:
+        High-pass cut-off (Å) of the sieve applied to this set, or ``None`` (last set).
+    particles_half1, particles_half2:
+        Particles in half-sets 1 and 2.
+    resolution_angstrom, bfactor:
+        Post-processed resolution (Å) and sharpening B-factor (Å^2) of its half maps, or ``None``.
+    fsc_frequency, fsc_corrected:
+        ``(m,)`` spatial frequency (1/Å) and corrected FSC per shell, or ``None``.
+    scores, half_set, kept:
+        ``(n,)`` float64 sieve scores, int64 half-sets and bool selection, or ``None``.
+    """
+
+    iteration: int
+    cutoff_angstrom: float | None
+    particles_half1: int
+    particles_half2: int
+    resolution_angstrom: float | None = None
+    bfactor: float | None = None
+    fsc_frequency: np.ndarray | None = None
+    fsc_corrected: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    half_set: np.ndarray | None = None
+    kept: np.ndarray | None = None
+
+    @property
+    def particles(self) -> int:
+        return self.particles_half1 + self.particles_half2
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where the report files are."""
+
+    summary_csv: Path
+    resolution_plot: Path
+    fsc_plot: Path
+    scores_plot: Path
+    html: Path
+
+
+def report_paths(prefix: str) -> ReportPaths:
+    return ReportPaths(summary_csv=Path(prefix + "_summary.csv"), resolution_plot=Path(prefix + "_resolution.png"),
+                       fsc_plot=Path(prefix + "_fsc.png"), scores_plot=Path(prefix + "_scores.png"),
+                       html=Path(prefix + "_report.html"))
+
+
+def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
+    """One row per set, columns :data:`SUMMARY_COLUMNS` (NaN where not measured)."""
+    def value(number: float | None) -> float:
+        return math.nan if number is None else float(number)
+
+    return pd.DataFrame({
+        "iteration": [summary.iteration for summary in rounds],
+        "cutoff_angstrom": [value(summary.cutoff_angstrom) for summary in rounds],
+        "particles_half1": [summary.particles_half1 for summary in rounds],
+        "particles_half2": [summary.particles_half2 for summary in rounds],
+        "resolution_angstrom": [value(summary.resolution_angstrom) for summary in rounds],
+        "bfactor": [value(summary.bfactor) for summary in rounds],
+    }, columns=list(SUMMARY_COLUMNS))
+
+
+def best_round(rounds: Sequence[RoundSummary]) -> RoundSummary | None:
+    """The measured round with the finest resolution (the earliest on a tie), or ``None``."""
+    measured = [summary for summary in rounds
+                if summary.resolution_angstrom is not None and math.isfinite(summary.resolution_angstrom)]
+    if not measured:
+        return None
+    return min(measured, key=lambda summary: (summary.resolution_angstrom, summary.iteration))
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save_png(figure: Figure, path: Path) -> None:
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(str(temporary), format="png")
+
+
+def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
+    """Resolution (Å) and B-factor (Å^2) against iteration and against the number of particles."""
+    measured = [summary for summary in rounds if summary.resolution_angstrom is not None]
+    iterations = np.array([summary.iteration for summary in measured], dtype=np.float64)
+    particles = np.array([summary.particles for summary in measured], dtype=np.float64)
+    resolution = np.array([summary.resolution_angstrom for summary in measured], dtype=np.float64)
+    bfactor = np.array([summary.bfactor for summary in measured], dtype=np.float64)
+    figure = _new_figure(10.0, 7.0)
+    panels = ((iterations, resolution, "iteration", "resolution (Å)"),
+              (particles, resolution, "particles", "resolution (Å)"),
+              (iterations, bfactor, "iteration", "B-factor (Å²)"),
+              (particles, bfactor, "particles", "B-factor (Å²)"))
+    for index, (x, y, x_label, y_label) in enumerate(panels):
+        axes = figure.add_subplot(2, 2, index + 1)
+        axes.plot(x, y, marker="o")
+        for label, x_value, y_value in zip(iterations.astype(int), x, y):
+            if x_label == "particles":
+                axes.annotate(str(label), (x_value, y_value), textcoords="offset points", xytext=(4, 4),
+                              fontsize="small")
+        axes.set_xlabel(x_label)
+        axes.set_ylabel(y_label)
+        if x_label == "particles" and len(x) > 1:
+            axes.invert_xaxis()  # rounds go from many to few particles
+        axes.grid(True, alpha=0.3)
+    _save_png(figure, path)
+
+
+def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
+    """Histogram of the scores of each sieve per half-set, the cut (largest kept score) marked."""
+    sieved = [summary for summary in rounds if summary.scores is not None]
+    count = max(len(sieved), 1)
+    columns = min(count, 3)
+    rows = int(math.ceil(count / columns))
+    figure = _new_figure(4.0 * columns, 3.2 * rows)
+    colours = {1: "tab:blue", 2: "tab:orange"}
+    for index, summary in enumerate(sieved):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        assert summary.scores is not None and summary.half_set is not None and summary.kept is not None
+        finite = np.isfinite(summary.scores)
+        edges = np.histogram_bin_edges(summary.scores[finite], bins=50) if finite.any() else 10
+        for subset in sorted(set(summary.half_set.tolist())):
+            members = (summary.half_set == subset) & finite
+            colour = colours.get(subset, None)
+            axes.hist(summary.scores[members], bins=edges, histtype="step", color=colour, label=f"half {subset}")
+            kept = members & summary.kept
+            if kept.any() and not kept[members].all():
+                axes.axvline(float(summary.scores[kept].max()), color=colour, linestyle="--", linewidth=1.0)
+        axes.set_title(f"iter {summary.iteration}: cut-off {summary.cutoff_angstrom:.2f} Å, "
+                       f"kept {int(summary.kept.sum())}/{len(summary.kept)}", fontsize="small")
+        axes.set_xlabel("score (lower is kept)")
+        axes.set_ylabel("particles")
+        axes.legend(fontsize="x-small")
+    if not sieved:
+        axes = figure.add_subplot(1, 1, 1)
+        axes.text(0.5, 0.5, "no sieve yet", ha="center", va="center")
+        axes.set_axis_off()
+    _save_png(figure, path)
+
+
+def plot_all_fsc(rounds: Sequence[RoundSummary], path: Path) -> None:
+    """Corrected FSC of every round overlaid (:func:`cryosieve.plots.plot_fsc_curves`)."""
+    curves = {}
+    for summary in rounds:
+        if summary.fsc_frequency is None or summary.fsc_corrected is None:
+            continue
+        curves[f"iter {summary.iteration}: {summary.resolution_angstrom:.2f} Å, {summary.particles} particles"] = (
+            summary.fsc_frequency, summary.fsc_corrected)
+    best = best_round(rounds)
+    with atomic_path(path) as temporary:
+        plot_fsc_curves(curves, temporary, threshold=0.143,
+                        resolution=best.resolution_angstrom if best is not None else None,
+                        title="Corrected FSC of every round")
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _cell(value: float | int | None, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str) -> str:
+    """The report page: best round, summary table and the three plots embedded."""
+    best = best_round(rounds)
+    lines = [
+        "<!DOCTYPE html>", "<html lang=\"en\">", "<head>", "<meta charset=\"utf-8\">",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
+        "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}"
+        "tr.best{background:#e6f4e6;font-weight:bold}img{max-width:100%;margin:1em 0}</style>",
+        "</head>", "<body>", f"<h1>{html.escape(title)}</h1>",
+    ]
+    if best is not None:
+        lines.append(
+            f"<p class=\"best\">Best resolution: <b>{best.resolution_angstrom:.2f} Å</b> at iteration "
+            f"<b>{best.iteration}</b> ({best.particles} particles: {best.particles_half1} + "
+            f"{best.particles_half2}; B-factor {_cell(best.bfactor, 1)} Å²).</p>")
+    else:
+        lines.append("<p>No round post-processed yet.</p>")
+    lines += ["<table>", "<tr><th>iteration</th><th>cut-off (Å)</th><th>half-set 1</th><th>half-set 2</th>"
+              "<th>particles</th><th>resolution (Å)</th><th>B-factor (Å²)</th></tr>"]
+    for summary in rounds:
+        row_class = " class=\"best\"" if best is not None and summary.iteration == best.iteration else ""
+        lines.append(
+            f"<tr{row_class}><td>{summary.iteration}</td><td>{_cell(summary.cutoff_angstrom, 2)}</td>"
+            f"<td>{summary.particles_half1}</td><td>{summary.particles_half2}</td><td>{summary.particles}</td>"
+            f"<td>{_cell(summary.resolution_angstrom, 2)}</td><td>{_cell(summary.bfactor, 1)}</td></tr>")
+    lines.append("</table>")
+    lines.append("<p>Set <i>i</i> is <code>_iter<i>i</i>.star</code>; its half maps were post-processed for the "
+                 "resolution, then sieved at the cut-off into set <i>i</i>+1.</p>")
+    for heading, path in (("Resolution and B-factor", paths.resolution_plot),
+                          ("FSC curves", paths.fsc_plot),
+                          ("Score distributions", paths.scores_plot)):
+        lines += [f"<h2>{heading}</h2>", f"<img alt=\"{heading}\" src=\"{_data_uri(path)}\">"]
+    lines += ["</body>", "</html>", ""]
+    return "\n".join(lines)
+
+
+def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None = None) -> ReportPaths:
+    """Write the summary CSV, the plots and the HTML page for ``prefix``; returns their paths."""
+    paths = report_paths(prefix)
+    paths.summary_csv.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(paths.summary_csv) as temporary:
+        summary_table(rounds).to_csv(temporary, index=False, float_format="%.6g")
+    plot_resolution(rounds, paths.resolution_plot)
+    plot_all_fsc(rounds, paths.fsc_plot)
+    plot_scores(rounds, paths.scores_plot)
+    page = render_html(rounds, paths, title or f"CryoSieve report: {os.path.basename(prefix) or prefix}")
+    write_text_atomic(paths.html, page)
+    return paths
