@@ -211,9 +211,10 @@ def test_external_reconstruction_with_builtin_postprocess_and_failures(known_tru
     arguments = common_arguments(known_truth, unbalanced)
     arguments[arguments.index("--num_iters") + 1] = "1"
     prefix = str(tmp_path / "mixed")
-    assert main(arguments + ["--o", prefix, "--reconstruct_software", "relion_reconstruct"]) == 0
+    assert main(arguments + ["--o", prefix, "--reconstruct_software", "relion_reconstruct", "--no-report"]) == 0
     assert Path(f"{prefix}_postprocess_iter0/iter0.json").is_file()  # built-in post-processing
     assert Path(f"{prefix}_iter1.star").is_file()
+    assert Path(f"{prefix}_summary.csv").is_file() and not Path(f"{prefix}_report.html").exists()
     capsys.readouterr()
     # a failing program stops the run with its exit code and names the command and its log
     failing = str(tmp_path / "failing")
@@ -304,6 +305,12 @@ def test_kill_and_continue(builtin_run, known_truth, unbalanced, tmp_path):
     assert Path(prefix + "_summary.csv").read_text() == Path(reference + "_summary.csv").read_text()
     leftovers = [path.name for path in Path(prefix).iterdir() if "partial" in path.name or ".tmp" in path.name]
     assert not leftovers
+
+    # --continue on a finished run recomputes nothing
+    outputs = {path: path.stat().st_mtime_ns for path in Path(prefix).glob("_iter*")}
+    again = subprocess.run([*command, "--continue"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert {path: path.stat().st_mtime_ns for path in Path(prefix).glob("_iter*")} == outputs
 
 
 @pytest.mark.parametrize("change, expected", [

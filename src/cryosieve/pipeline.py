@@ -110,6 +110,8 @@ class PipelineSettings:
         Passed to the sieving engine.
     reconstruct_batch_size:
         Images per batch of the built-in reconstruction.
+    report:
+        Write the plots and the HTML page (the summary CSV is always written).
     """
 
     input_star: str
@@ -132,6 +134,7 @@ class PipelineSettings:
     projector: str = "fourier"
     reference_weighting: str = "auto"
     reconstruct_batch_size: int = 128
+    report: bool = True
 
 
 @dataclass(frozen=True)
@@ -702,11 +705,12 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
             table = table.subset(kept)
             log.info("[ITER %d] kept %d particles (half-sets %d + %d)", iteration, len(table),
                      int(np.sum(table.random_subset == 1)), int(np.sum(table.random_subset == 2)))
-            report = write_report(names.prefix, rounds + [_round_summary(prepared, iteration + 1, table, state)])
+            report = write_report(names.prefix, rounds + [_round_summary(prepared, iteration + 1, table, state)],
+                                  plots=settings.report)
         rounds.append(_round_summary(prepared, settings.num_iters, table, state))
-        report = write_report(names.prefix, rounds)
+        report = write_report(names.prefix, rounds, plots=settings.report)
         best = min((summary for summary in rounds if summary.resolution_angstrom is not None),
                    key=lambda summary: summary.resolution_angstrom)
-        log.info("best resolution %.2f Å at iteration %d; report %s", best.resolution_angstrom, best.iteration,
-                 report.html)
+        log.info("best resolution %.2f Å at iteration %d (%d particles); summary %s", best.resolution_angstrom,
+                 best.iteration, best.particles, report.summary_csv)
     return PipelineResult(rounds=rounds, report=report, computed_steps=computed, skipped_steps=skipped)

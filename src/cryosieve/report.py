@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from cryosieve.io.atomic import atomic_path, write_text_atomic
 from cryosieve.plots import plot_fsc_curves
@@ -147,6 +148,8 @@ def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
                               fontsize="small")
         axes.set_xlabel(x_label)
         axes.set_ylabel(y_label)
+        if x_label == "iteration":
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if x_label == "particles" and len(x) > 1:
             axes.invert_xaxis()  # rounds go from many to few particles
         axes.grid(True, alpha=0.3)
@@ -249,12 +252,15 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str) 
     return "\n".join(lines)
 
 
-def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None = None) -> ReportPaths:
-    """Write the summary CSV, the plots and the HTML page for ``prefix``; returns their paths."""
+def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None = None, *,
+                 plots: bool = True) -> ReportPaths:
+    """Write the summary CSV and (``plots``) the plots and the HTML page for ``prefix``; returns their paths."""
     paths = report_paths(prefix)
     paths.summary_csv.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(paths.summary_csv) as temporary:
         summary_table(rounds).to_csv(temporary, index=False, float_format="%.6g")
+    if not plots:
+        return paths
     plot_resolution(rounds, paths.resolution_plot)
     plot_all_fsc(rounds, paths.fsc_plot)
     plot_scores(rounds, paths.scores_plot)

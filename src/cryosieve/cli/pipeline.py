@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="resume an interrupted run with the same arguments (PREFIX_state.json).")
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                        help="print where the report is at the end (the report files are always written).")
+                        help="write the plots and the HTML report after every round (default); --no-report "
+                             "writes only the summary table PREFIX_summary.csv.")
     parser.add_argument("--batch_size", type=int, default=256, help="particles per scoring batch, 256 by default.")
     parser.add_argument("--projector", choices=("fourier", "realspace"), default="fourier",
                         help="sieving projector: fourier (default) or realspace (the published one).")
@@ -89,7 +90,7 @@ def _main(argv: Sequence[str] | None) -> int:
         retention_ratio=args.retention_ratio, balance=args.balance,
         reconstruct_software=args.reconstruct_software, postprocess_software=args.postprocess_software,
         num_procs=args.num_procs, num_gpus=args.num_gpus, device=device, batch_size=args.batch_size,
-        projector=args.projector, reference_weighting=args.reference_weighting,
+        projector=args.projector, reference_weighting=args.reference_weighting, report=args.report,
     )
     try:
         result = run_pipeline(settings, resume=args.resume, progress=_progress_factory(not args.quiet))
@@ -99,8 +100,9 @@ def _main(argv: Sequence[str] | None) -> int:
         code = error.returncode
         return code if 0 < code < 256 else (128 - code if code < 0 else 1)
     if args.report:
-        print(f"cryosieve: report written to {result.report.html} (table: {result.report.summary_csv})",
-              file=sys.stderr)
+        print(f"cryosieve: report written to {result.report.html} (table: {result.report.summary_csv})")
+    else:
+        print(f"cryosieve: summary written to {result.report.summary_csv}")
     return 0
 
 
