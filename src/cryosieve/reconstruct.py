@@ -1,0 +1,857 @@
+"""Direct Fourier inversion of a particle stack (a stand-in for ``relion_reconstruct``).
+
+For a particle with RELION matrix ``A``, origin ``o`` (pixels) and CTF ``C``, the
+origin-shifted, centred transform of its image satisfies
+``S(k) = C(k) * Vhat(A^T k)`` (see :mod:`cryosieve.geometry`), ``Vhat`` being the 3D
+DFT of the map centred at voxel ``n // 2``. The reconstruction is the least-squares
+solution, one Fourier voxel at a time::
+
+    Vhat(K) = sum_i C_i S_i / (sum_i C_i^2 + lambda)
+
+accumulated on a grid padded by ``pad_factor`` (2, as RELION):
+
+1. each image's ``rfft2`` is shifted by its origin and multiplied by its CTF
+   (``rlnCtfBfactor`` and ``rlnCtfScalefactor`` included, as RELION does);
+2. every half-plane sample with ``|k| < n/2`` is placed at ``pad * A^T k`` and spread
+   to its 8 trilinear neighbours, ``C S`` into the data grid and ``C^2`` into the
+   weight grid (only the ``x >= 0`` half of the Hermitian grid is stored; samples with
+   ``x < 0`` are stored as their Friedel mates);
+3. the ``x = 0`` plane is made Hermitian (each sample's Friedel mate adds there too);
+4. for a point group, both grids are symmetrised: ``D(K) <- sum_R D(R K)`` by
+   trilinear interpolation (RELION's ``BackProjector::applyPointGroupSymmetry``);
+5. data / (weight + lambda) inside ``|K| < pad * n / 2``, inverse FFT, crop to ``n``,
+   and division by ``sinc^2`` (the transform of the trilinear kernel: gridding
+   correction, as RELION's ``griddingCorrect``).
+
+The insertion is the hot path. On the CPU it runs as one fused numba kernel: every
+thread walks all samples of the batch but writes only the grid planes ``z`` it owns
+(``z % threads``), so there are no write races and no per-thread copies of the grid
+(memory is one grid whatever the thread count). Measured on 2 cores at box 128 this
+beats a batched ``index_add_`` scatter by about ten times (that path builds eight
+index/weight tensors per sample and is kept for CUDA and as a reference,
+:func:`insert_slices_torch`). ``torch-fourier-slice``'s insertion was not used: it
+inserts full 2D slices (no ``|k| < n/2`` restriction, no fused CTF weight) through
+generic ``index_put_`` and is slower than both on the CPU.
+
+The stack is streamed in batches through :func:`~cryosieve.io.stack.prefetch_batches`;
+memory is bounded by the padded grid (``(2n+1)^2 (n+2)`` voxels of 3 float64 per
+reconstructed map) plus one batch, never by the number of particles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cryosieve.ctf import ctf_2d, electron_wavelength
+from cryosieve.errors import CryoSieveInputError
+from cryosieve.geometry import euler_to_matrix
+from cryosieve.io.stack import StackReader, prefetch_batches
+from cryosieve.io.star import ParticleTable
+from cryosieve.projection import gridding_correction
+from cryosieve.symmetry import symmetry_matrices
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; keep the torch path usable
+    numba = None
+
+#: Regularisation of the division, relative to the mean weight inside the sphere.
+RELATIVE_REGULARISATION = 1e-3
+#: Width (voxels) of the raised-cosine edge of RELION's mask outside the box's sphere.
+MASK_EDGE_WIDTH = 3.0
+
+
+# ---------------------------------------------------------------------------------------
+# Half-plane samples of an image
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceSamples:
+    """The half-plane samples of a ``box``-pixel image that are inserted.
+
+    Samples of the ``rfft2`` grid with ``|k| < box / 2`` and (``kx > 0`` or ``ky >= 0``),
+    so that each Friedel pair of the full image transform appears exactly once.
+
+    Attributes
+    ----------
+    flat_index:
+        ``(p,)`` int64 indices into a flattened ``(box, box // 2 + 1)`` ``rfft2`` array.
+    frequency_y, frequency_x:
+        ``(p,)`` float64 frequencies in cycles per box.
+    multiplicity:
+        ``(p,)`` float64: 1, except 0.5 for the zero frequency (its own Friedel mate,
+        counted twice when the ``x = 0`` plane is made Hermitian).
+    """
+
+    box: int
+    flat_index: torch.Tensor
+    frequency_y: torch.Tensor
+    frequency_x: torch.Tensor
+    multiplicity: torch.Tensor
+
+    @classmethod
+    def for_box(cls, box: int, device: torch.device | str = "cpu") -> "SliceSamples":
+        ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
+        kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
+        grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
+        grid_y, grid_x = grid_y.reshape(-1), grid_x.reshape(-1)
+        keep = (grid_x * grid_x + grid_y * grid_y < (box / 2) ** 2) & ((grid_x > 0) | (grid_y >= 0))
+        flat_index = torch.nonzero(keep).squeeze(1)
+        multiplicity = torch.ones(flat_index.numel(), dtype=torch.float64)
+        multiplicity[(grid_x[flat_index] == 0) & (grid_y[flat_index] == 0)] = 0.5
+        return cls(box=box, flat_index=flat_index.to(device), frequency_y=grid_y[flat_index].to(device),
+                   frequency_x=grid_x[flat_index].to(device), multiplicity=multiplicity.to(device))
+
+
+def prepare_slices(images: torch.Tensor, batch: dict[str, torch.Tensor], samples: SliceSamples,
+                   apply_ctf: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and weights to insert for a batch of images.
+
+    Parameters
+    ----------
+    images:
+        ``(b, n, n)`` real images ``[y, x]``.
+    batch:
+        ``(b,)`` float64 tensors: ``origin_x``, ``origin_y`` (pixels), ``pixel_size`` (Å)
+        and the CTF parameters of :func:`cryosieve.ctf.ctf_2d` (``defocus_u``,
+        ``defocus_v`` Å, ``defocus_angle`` degrees, ``voltage`` kV,
+        ``spherical_aberration`` mm, ``amplitude_contrast``, ``phase_shift`` degrees,
+        ``ctf_bfactor`` Å^2, ``ctf_scalefactor``).
+    samples:
+        Which ``rfft2`` samples to keep.
+    apply_ctf:
+        Multiply by the CTF (and weigh by its square); otherwise weight 1.
+
+    Returns
+    -------
+    ``(values, weights)``: ``(b, p)`` complex128 ``C * S`` and ``(b, p)`` float64 ``C^2``,
+    both times the samples' multiplicity. ``S`` is the image's DFT, centred at pixel
+    ``n // 2`` and shifted by the origin.
+    """
+    box = images.shape[-1]
+    spectra = torch.fft.rfft2(images.to(torch.float64)).reshape(images.shape[0], -1)[:, samples.flat_index]
+    centre = box // 2
+    # S(k) = FT(I)(k) * exp(2 pi i k . (centre - origin) / n)
+    angle = (2 * math.pi / box) * (samples.frequency_x * (centre - batch["origin_x"])[:, None]
+                                   + samples.frequency_y * (centre - batch["origin_y"])[:, None])
+    values = spectra * torch.polar(torch.ones_like(angle), angle)
+    if apply_ctf:
+        scale = 1.0 / (box * batch["pixel_size"][:, None])
+        ctf = ctf_2d(samples.frequency_x * scale, samples.frequency_y * scale, batch["defocus_u"],
+                     batch["defocus_v"], batch["defocus_angle"], batch["voltage"],
+                     batch["spherical_aberration"], batch["amplitude_contrast"], batch["phase_shift"],
+                     bfactor=batch["ctf_bfactor"], scale=batch["ctf_scalefactor"])
+        values = values * ctf
+        weights = ctf * ctf * samples.multiplicity
+    else:
+        weights = samples.multiplicity.expand(values.shape[0], -1)
+    return values * samples.multiplicity, weights.contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# Insertion kernels
+# ---------------------------------------------------------------------------------------
+
+
+def insert_slices_torch(grid: torch.Tensor, rotations: torch.Tensor, frequency_y: torch.Tensor,
+                        frequency_x: torch.Tensor, values_real: torch.Tensor, values_imag: torch.Tensor,
+                        weights: torch.Tensor, pad_factor: int, chunk_points: int = 1 << 21) -> None:
+    """Trilinear insertion with ``index_add_`` (any device; used on CUDA).
+
+    Parameters
+    ----------
+    grid:
+        ``(P + 1, P + 1, P // 2 + 2, 3)`` float accumulator ``[z, y, x, (re, im, weight)]``
+        with ``P = pad_factor * n``; frequency ``K`` (padded cycles per box) lives at
+        index ``(Kz + P/2, Ky + P/2, Kx)``. Updated in place.
+    rotations:
+        ``(b, 3, 3)`` RELION matrices ``A``.
+    frequency_y, frequency_x:
+        ``(p,)`` image frequencies in cycles per box (``|k| < n/2``).
+    values_real, values_imag, weights:
+        ``(b, p)`` real and imaginary parts of the values, and the weights, to insert.
+    """
+    half = (grid.shape[0] - 1) // 2
+    ny, nx = grid.shape[1], grid.shape[2]
+    flat = grid.view(-1, 3)
+    real = grid.dtype
+    count, points = values_real.shape
+    per_chunk = max(1, chunk_points // max(points, 1))
+    kx = frequency_x.to(real) * pad_factor
+    ky = frequency_y.to(real) * pad_factor
+    for start in range(0, count, per_chunk):
+        a = rotations[start:start + per_chunk].to(real)
+        x = a[:, 0, 0, None] * kx + a[:, 1, 0, None] * ky
+        y = a[:, 0, 1, None] * kx + a[:, 1, 1, None] * ky
+        z = a[:, 0, 2, None] * kx + a[:, 1, 2, None] * ky
+        sign = torch.where(x < 0, -1.0, 1.0).to(real)
+        x, y, z = x * sign, y * sign, z * sign
+        re = values_real[start:start + per_chunk].to(real)
+        im = values_imag[start:start + per_chunk].to(real) * sign
+        weight = weights[start:start + per_chunk].to(real)
+        x0, y0, z0 = torch.floor(x), torch.floor(y), torch.floor(z)
+        fx, fy, fz = x - x0, y - y0, z - z0
+        base = ((z0.long() + half) * ny + (y0.long() + half)) * nx + x0.long()
+        indices, sources = [], []
+        for dz, wz in ((0, 1 - fz), (1, fz)):
+            for dy, wy in ((0, 1 - fy), (1, fy)):
+                for dx, wx in ((0, 1 - fx), (1, fx)):
+                    corner = wz * wy * wx
+                    indices.append((base + (dz * ny + dy) * nx + dx).reshape(-1))
+                    sources.append(torch.stack([re * corner, im * corner, weight * corner], dim=-1).reshape(-1, 3))
+        flat.index_add_(0, torch.cat(indices), torch.cat(sources))
+
+
+#: How many samples ahead the CPU scatter prefetches its grid rows.
+PREFETCH_DISTANCE = 16
+
+if numba is not None:
+    from llvmlite import binding as _llvm_binding
+    from llvmlite import ir as _llvm_ir
+    from numba import types as _numba_types
+    from numba.core import cgutils as _cgutils
+    from numba.extending import intrinsic as _intrinsic
+
+    _PREFETCH_NAME = "llvm.prefetch.p0" if _llvm_binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+
+    @_intrinsic
+    def _prefetch_for_write(typingctx, array, index):  # pragma: no cover - compiled
+        """Hint the CPU to fetch ``array.flat[index]``'s cache line for writing."""
+        signature = _numba_types.void(array, _numba_types.intp)
+
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            pointer = builder.bitcast(builder.gep(data, [args[1]]), _llvm_ir.IntType(8).as_pointer())
+            int32 = _llvm_ir.IntType(32)
+            function = _cgutils.get_or_insert_function(
+                builder.module, _llvm_ir.FunctionType(_llvm_ir.VoidType(), [pointer.type, int32, int32, int32]),
+                _PREFETCH_NAME)
+            builder.call(function, [pointer, int32(1), int32(3), int32(1)])
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    @numba.njit(parallel=True, cache=True)
+    def _prepare_kernel(spectra, rows, columns, radius2, cos_sample2, sin_sample2, multiplicity, phase_y,
+                        phase_x, apply_ctf, inverse_size2, defocus_average, defocus_deviation, cos_angle2,
+                        sin_angle2, k1, k2, phase_constant, bfactor, scale, values):  # pragma: no cover - compiled
+        # values[i, j] = (C S, C^2) of sample j of particle i (RELION's CTF, as ctf_2d),
+        # with the sample's direction terms cos/sin(2 angle) shared by all particles.
+        count = spectra.shape[0]
+        points = rows.shape[0]
+        for i in numba.prange(count):
+            for j in range(points):
+                value = spectra[i, rows[j], columns[j]] * phase_y[i, rows[j]] * phase_x[i, columns[j]]
+                m = multiplicity[j]
+                if apply_ctf:
+                    u2 = radius2[j] * inverse_size2[i]
+                    defocus = defocus_average[i] + defocus_deviation[i] * (
+                        cos_sample2[j] * cos_angle2[i] + sin_sample2[j] * sin_angle2[i])
+                    chi = -k1[i] * defocus * u2 + k2[i] * u2 * u2 - phase_constant[i]
+                    ctf = -math.sin(chi) * scale[i]
+                    if bfactor[i] != 0.0:
+                        ctf *= math.exp(-bfactor[i] * u2 / 4)
+                    values[i, j, 0] = value.real * ctf * m
+                    values[i, j, 1] = value.imag * ctf * m
+                    values[i, j, 2] = ctf * ctf * m
+                else:
+                    values[i, j, 0] = value.real * m
+                    values[i, j, 1] = value.imag * m
+                    values[i, j, 2] = m
+
+    @numba.njit(parallel=True, cache=True)
+    def _scatter_kernel(grid, half, rotations, frequency_y, frequency_x, values, threads,
+                        distance):  # pragma: no cover - compiled
+        # Thread ``owner`` walks every sample but only updates the z planes it owns
+        # (z % threads == owner): no write races, one grid. Each sample's grid rows are
+        # prefetched ``distance`` samples ahead (the scatter is otherwise bound by cache
+        # misses: ~70 ns per sample at box 128 without, ~25 ns with, on one core).
+        count = values.shape[0]
+        points = frequency_x.shape[0]
+        size_y = grid.shape[1]
+        size_x = grid.shape[2]
+        plane = size_y * size_x
+        flat = grid.reshape(-1)
+        for owner in numba.prange(threads):
+            for i in range(count):
+                a00 = rotations[i, 0, 0]
+                a01 = rotations[i, 0, 1]
+                a02 = rotations[i, 0, 2]
+                a10 = rotations[i, 1, 0]
+                a11 = rotations[i, 1, 1]
+                a12 = rotations[i, 1, 2]
+                for j in range(points):
+                    ahead = j + distance
+                    if ahead < points:
+                        kx = frequency_x[ahead]
+                        ky = frequency_y[ahead]
+                        x = a00 * kx + a10 * ky
+                        y = a01 * kx + a11 * ky
+                        z = a02 * kx + a12 * ky
+                        if x < 0:
+                            x = -x
+                            y = -y
+                            z = -z
+                        pz = int(math.floor(z)) + half
+                        base = (pz * size_y + int(math.floor(y)) + half) * size_x + int(math.floor(x))
+                        if pz % threads == owner:
+                            _prefetch_for_write(flat, base * 3)
+                            _prefetch_for_write(flat, base * 3 + 5)
+                            _prefetch_for_write(flat, (base + size_x) * 3)
+                            _prefetch_for_write(flat, (base + size_x) * 3 + 5)
+                        if (pz + 1) % threads == owner:
+                            _prefetch_for_write(flat, (base + plane) * 3)
+                            _prefetch_for_write(flat, (base + plane) * 3 + 5)
+                            _prefetch_for_write(flat, (base + plane + size_x) * 3)
+                            _prefetch_for_write(flat, (base + plane + size_x) * 3 + 5)
+                    kx = frequency_x[j]
+                    ky = frequency_y[j]
+                    x = a00 * kx + a10 * ky
+                    z = a02 * kx + a12 * ky
+                    sign = 1.0
+                    if x < 0:
+                        sign = -1.0
+                        x = -x
+                        z = -z
+                    z0 = math.floor(z)
+                    iz = int(z0) + half
+                    own_low = iz % threads == owner
+                    own_high = (iz + 1) % threads == owner
+                    if not (own_low or own_high):
+                        continue
+                    y = sign * (a01 * kx + a11 * ky)
+                    x0 = math.floor(x)
+                    y0 = math.floor(y)
+                    fx = x - x0
+                    fy = y - y0
+                    fz = z - z0
+                    ix = int(x0)
+                    iy = int(y0) + half
+                    re = values[i, j, 0]
+                    im = sign * values[i, j, 1]
+                    w = values[i, j, 2]
+                    for dz in range(2):
+                        if dz == 0:
+                            if not own_low:
+                                continue
+                            wz = 1.0 - fz
+                        else:
+                            if not own_high:
+                                continue
+                            wz = fz
+                        for dy in range(2):
+                            wzy = wz * (fy if dy == 1 else 1.0 - fy)
+                            w0 = wzy * (1.0 - fx)
+                            w1 = wzy * fx
+                            jz = iz + dz
+                            jy = iy + dy
+                            grid[jz, jy, ix, 0] += w0 * re
+                            grid[jz, jy, ix, 1] += w0 * im
+                            grid[jz, jy, ix, 2] += w0 * w
+                            grid[jz, jy, ix + 1, 0] += w1 * re
+                            grid[jz, jy, ix + 1, 1] += w1 * im
+                            grid[jz, jy, ix + 1, 2] += w1 * w
+
+    @numba.njit(parallel=True, cache=True)
+    def _symmetrise_kernel(source, target, half, rotations):  # pragma: no cover - compiled
+        size_z = target.shape[0]
+        size_y = target.shape[1]
+        size_x = target.shape[2]
+        limit = half * half
+        count = rotations.shape[0]
+        for iz in numba.prange(size_z):
+            kz = iz - half
+            for iy in range(size_y):
+                ky = iy - half
+                for ix in range(size_x):
+                    kx = ix
+                    if kx * kx + ky * ky + kz * kz >= limit:
+                        continue
+                    re_sum = 0.0
+                    im_sum = 0.0
+                    w_sum = 0.0
+                    for r in range(count):
+                        x = rotations[r, 0, 0] * kx + rotations[r, 0, 1] * ky + rotations[r, 0, 2] * kz
+                        y = rotations[r, 1, 0] * kx + rotations[r, 1, 1] * ky + rotations[r, 1, 2] * kz
+                        z = rotations[r, 2, 0] * kx + rotations[r, 2, 1] * ky + rotations[r, 2, 2] * kz
+                        sign = 1.0
+                        if x < 0:
+                            sign = -1.0
+                            x = -x
+                            y = -y
+                            z = -z
+                        x0 = math.floor(x)
+                        y0 = math.floor(y)
+                        z0 = math.floor(z)
+                        fx = x - x0
+                        fy = y - y0
+                        fz = z - z0
+                        jx = int(x0)
+                        jy = int(y0) + half
+                        jz = int(z0) + half
+                        re = 0.0
+                        im = 0.0
+                        w = 0.0
+                        for dz in range(2):
+                            wz = fz if dz == 1 else 1.0 - fz
+                            for dy in range(2):
+                                wzy = wz * (fy if dy == 1 else 1.0 - fy)
+                                for dx in range(2):
+                                    c = wzy * (fx if dx == 1 else 1.0 - fx)
+                                    re += c * source[jz + dz, jy + dy, jx + dx, 0]
+                                    im += c * source[jz + dz, jy + dy, jx + dx, 1]
+                                    w += c * source[jz + dz, jy + dy, jx + dx, 2]
+                        re_sum += re
+                        im_sum += sign * im
+                        w_sum += w
+                    target[iz, iy, ix, 0] = re_sum
+                    target[iz, iy, ix, 1] = im_sum
+                    target[iz, iy, ix, 2] = w_sum
+
+    @numba.njit(parallel=True, cache=True)
+    def _sphere_weight_kernel(grid, half):  # pragma: no cover - compiled
+        # Sum of the weights over |K| < P/2, and the number of voxels there.
+        limit = half * half
+        total = 0.0
+        voxels = 0
+        for iz in numba.prange(2 * half):
+            kz = iz - half
+            for iy in range(2 * half):
+                ky = iy - half
+                for ix in range(half + 1):
+                    if ix * ix + ky * ky + kz * kz < limit:
+                        total += grid[iz, iy, ix, 2]
+                        voxels += 1
+        return total, voxels
+
+    @numba.njit(parallel=True, cache=True)
+    def _divide_kernel(grid, half, regularisation, x_start, spectrum):  # pragma: no cover - compiled
+        # spectrum[Kz mod P, Ky mod P, Kx - x_start] = (-1)^(Kx+Ky+Kz) D(K) / (W(K) + lambda)
+        # inside |K| < P/2, else 0 (the sign centres the inverse transform).
+        padded = 2 * half
+        limit = half * half
+        width = spectrum.shape[2]
+        for iz in numba.prange(padded):
+            kz = iz - half
+            oz = (kz + padded) % padded
+            for iy in range(padded):
+                ky = iy - half
+                oy = (ky + padded) % padded
+                for c in range(width):
+                    ix = x_start + c
+                    if ix * ix + ky * ky + kz * kz >= limit:
+                        spectrum[oz, oy, c] = 0.0
+                        continue
+                    factor = 1.0 / (grid[iz, iy, ix, 2] + regularisation)
+                    if (ix + iy + iz) % 2 != 0:
+                        factor = -factor
+                    spectrum[oz, oy, c] = complex(grid[iz, iy, ix, 0] * factor, grid[iz, iy, ix, 1] * factor)
+
+
+def prepare_slices_cpu(images: torch.Tensor, batch: dict[str, torch.Tensor], samples: SliceSamples,
+                       apply_ctf: bool) -> torch.Tensor:
+    """:func:`prepare_slices` as one fused numba pass (CPU).
+
+    Returns ``(b, p, 3)`` float64: real part, imaginary part and weight of each sample.
+    """
+    box = images.shape[-1]
+    spectra = torch.fft.rfft2(images.to(torch.float32)).numpy()  # complex64: the images are float32
+    count = images.shape[0]
+    centre = box // 2
+    ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
+    phase_y = torch.polar(torch.ones(count, box, dtype=torch.float64),
+                          (2 * math.pi / box) * ky * (centre - batch["origin_y"])[:, None]).numpy()
+    phase_x = torch.polar(torch.ones(count, kx.numel(), dtype=torch.float64),
+                          (2 * math.pi / box) * kx * (centre - batch["origin_x"])[:, None]).numpy()
+    width = box // 2 + 1
+    rows = (samples.flat_index // width).numpy()
+    columns = (samples.flat_index % width).numpy()
+    radius2 = samples.frequency_x ** 2 + samples.frequency_y ** 2
+    safe = torch.where(radius2 > 0, radius2, torch.ones_like(radius2))
+    cos_sample2 = torch.where(radius2 > 0, (samples.frequency_x ** 2 - samples.frequency_y ** 2) / safe, 1.0)
+    sin_sample2 = torch.where(radius2 > 0, 2 * samples.frequency_x * samples.frequency_y / safe, 0.0)
+    wavelength = electron_wavelength(batch["voltage"])
+    q0 = batch["amplitude_contrast"]
+    angle2 = 2 * torch.deg2rad(batch["defocus_angle"])
+    values = np.empty((count, rows.size, 3), dtype=np.float64)
+    _prepare_kernel(spectra, rows, columns, radius2.numpy(), cos_sample2.numpy(), sin_sample2.numpy(),
+                    samples.multiplicity.numpy(), phase_y, phase_x, bool(apply_ctf),
+                    (1.0 / (box * batch["pixel_size"]) ** 2).numpy(),
+                    ((batch["defocus_u"] + batch["defocus_v"]) / 2).numpy(),
+                    ((batch["defocus_u"] - batch["defocus_v"]) / 2).numpy(),
+                    torch.cos(angle2).numpy(), torch.sin(angle2).numpy(),
+                    (math.pi * wavelength).numpy(),
+                    (0.5 * math.pi * batch["spherical_aberration"] * 1e7 * wavelength ** 3).numpy(),
+                    (torch.deg2rad(batch["phase_shift"]) + torch.atan(q0 / torch.sqrt(1 - q0 * q0))).numpy(),
+                    batch["ctf_bfactor"].numpy(), batch["ctf_scalefactor"].numpy(), values)
+    return torch.from_numpy(values)
+
+
+def insert_slices_cpu(grid: torch.Tensor, rotations: torch.Tensor, frequency_y: torch.Tensor,
+                      frequency_x: torch.Tensor, values: torch.Tensor, pad_factor: int) -> None:
+    """Trilinear insertion on the CPU with the fused numba kernel (in place).
+
+    ``grid``: ``(P + 1, P + 1, P // 2 + 2, 3)`` float64 (see :func:`insert_slices_torch`);
+    ``values``: ``(b, p, 3)`` float64 from :func:`prepare_slices_cpu`. Uses
+    ``numba.get_num_threads()`` threads, each owning every ``threads``-th z plane.
+    """
+    half = (grid.shape[0] - 1) // 2
+    scaled = np.ascontiguousarray((rotations.to(torch.float64) * pad_factor).cpu().numpy())
+    _scatter_kernel(grid.numpy(), half, scaled, np.ascontiguousarray(frequency_y.cpu().numpy()),
+                    np.ascontiguousarray(frequency_x.cpu().numpy()), np.ascontiguousarray(values.numpy()),
+                    numba.get_num_threads(), PREFETCH_DISTANCE)
+
+
+def _use_numba(grid: torch.Tensor) -> bool:
+    return numba is not None and grid.device.type == "cpu" and grid.dtype == torch.float64
+
+
+def insert_slices(grid: torch.Tensor, rotations: torch.Tensor, frequency_y: torch.Tensor,
+                  frequency_x: torch.Tensor, values: torch.Tensor, pad_factor: int) -> None:
+    """Trilinear insertion of ``b`` central slices into ``grid`` (in place).
+
+    ``values``: ``(b, p, 3)`` real part, imaginary part and weight of each sample. On the
+    CPU (float64 grid) the fused numba kernel runs, elsewhere the ``index_add_`` path.
+    """
+    if _use_numba(grid):
+        insert_slices_cpu(grid, rotations, frequency_y, frequency_x, values, pad_factor)
+    else:
+        insert_slices_torch(grid, rotations, frequency_y, frequency_x, values[..., 0], values[..., 1],
+                            values[..., 2], pad_factor)
+
+
+# ---------------------------------------------------------------------------------------
+# Accumulated grid -> map
+# ---------------------------------------------------------------------------------------
+
+
+def enforce_hermitian(grid: torch.Tensor) -> None:
+    """Add each ``x = 0`` plane sample's Friedel mate (in place).
+
+    ``grid`` is ``(P + 1, P + 1, X, 3)``; frequency ``(0, Ky, Kz)`` and ``(0, -Ky, -Kz)``
+    both become the sum of the two (conjugated for the imaginary part), which is what a
+    full (both halves) Hermitian insertion would have accumulated there.
+    """
+    plane = grid[:, :, 0, :].clone()
+    mirror = plane.flip(0).flip(1)
+    grid[:, :, 0, 0] = plane[..., 0] + mirror[..., 0]
+    grid[:, :, 0, 1] = plane[..., 1] - mirror[..., 1]
+    grid[:, :, 0, 2] = plane[..., 2] + mirror[..., 2]
+
+
+def symmetrise_grid_torch(grid: torch.Tensor, rotations: torch.Tensor, chunk_planes: int = 8) -> torch.Tensor:
+    """``D(K) <- sum_R D(R K)`` by trilinear interpolation, for every ``|K| < P/2`` (any device).
+
+    ``grid``: ``(P + 1, P + 1, P // 2 + 2, 3)`` (Hermitian on ``x = 0``);
+    ``rotations``: ``(m, 3, 3)`` acting on ``(x, y, z)``. Returns a new grid, zero outside
+    the sphere.
+    """
+    half = (grid.shape[0] - 1) // 2
+    nz, ny, nx = grid.shape[:3]
+    device, real = grid.device, grid.dtype
+    flat = grid.view(-1, 3)
+    out = torch.zeros_like(grid)
+    ky = torch.arange(ny, device=device, dtype=real) - half
+    kx = torch.arange(nx, device=device, dtype=real)
+    matrices = rotations.to(device=device, dtype=real)
+    for start in range(0, nz, chunk_planes):
+        kz = torch.arange(start, min(start + chunk_planes, nz), device=device, dtype=real) - half
+        z, y, x = torch.meshgrid(kz, ky, kx, indexing="ij")
+        inside = x * x + y * y + z * z < half * half
+        px, py, pz = x[inside], y[inside], z[inside]
+        total = torch.zeros((px.numel(), 3), device=device, dtype=real)
+        for matrix in matrices:
+            rx = matrix[0, 0] * px + matrix[0, 1] * py + matrix[0, 2] * pz
+            ry = matrix[1, 0] * px + matrix[1, 1] * py + matrix[1, 2] * pz
+            rz = matrix[2, 0] * px + matrix[2, 1] * py + matrix[2, 2] * pz
+            sign = torch.where(rx < 0, -1.0, 1.0).to(real)
+            rx, ry, rz = rx * sign, ry * sign, rz * sign
+            x0, y0, z0 = torch.floor(rx), torch.floor(ry), torch.floor(rz)
+            fx, fy, fz = rx - x0, ry - y0, rz - z0
+            base = ((z0.long() + half) * ny + (y0.long() + half)) * nx + x0.long()
+            sample = torch.zeros_like(total)
+            for dz, wz in ((0, 1 - fz), (1, fz)):
+                for dy, wy in ((0, 1 - fy), (1, fy)):
+                    for dx, wx in ((0, 1 - fx), (1, fx)):
+                        sample += (wz * wy * wx)[:, None] * flat[base + (dz * ny + dy) * nx + dx]
+            sample[:, 1] *= sign
+            total += sample
+        block = out[start:start + kz.numel()]
+        block[inside] = total
+    return out
+
+
+def symmetrise_grid(grid: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Point-group symmetrisation of the accumulated grid; see :func:`symmetrise_grid_torch`."""
+    if not _use_numba(grid):
+        return symmetrise_grid_torch(grid, rotations)
+    out = torch.zeros_like(grid)
+    half = (grid.shape[0] - 1) // 2
+    _symmetrise_kernel(grid.numpy(), out.numpy(), half, rotations.to(torch.float64).contiguous().numpy())
+    return out
+
+
+def _sphere_mean_weight(grid: torch.Tensor) -> float:
+    """Mean accumulated weight over ``|K| < P/2``."""
+    half = (grid.shape[0] - 1) // 2
+    if _use_numba(grid):
+        total, voxels = _sphere_weight_kernel(grid.numpy(), half)
+        return float(total) / max(int(voxels), 1)
+    device, real = grid.device, grid.dtype
+    ky = (torch.arange(2 * half, device=device, dtype=real) - half)[:, None]
+    kx = torch.arange(half + 1, device=device, dtype=real)[None, :]
+    total, voxels = 0.0, 0
+    for iz in range(2 * half):
+        inside = (ky * ky + kx * kx + (iz - half) ** 2) < half * half
+        total += float(grid[iz, :2 * half, :half + 1, 2][inside].sum())
+        voxels += int(inside.sum())
+    return total / max(voxels, 1)
+
+
+def _divided_columns(grid: torch.Tensor, regularisation: float, x_start: int, x_end: int) -> torch.Tensor:
+    """Columns ``x_start <= Kx < x_end`` of the centred-shift spectrum ``D / (W + lambda)``.
+
+    Returns ``(P, P, x_end - x_start)`` complex128 in FFT order along z and y, multiplied by
+    ``(-1)^(Kx+Ky+Kz)`` (so the inverse transform comes out centred at ``P/2``), zero
+    outside ``|K| < P/2``.
+    """
+    padded = grid.shape[0] - 1
+    half = padded // 2
+    if _use_numba(grid):
+        spectrum = np.empty((padded, padded, x_end - x_start), dtype=np.complex128)
+        _divide_kernel(grid.numpy(), half, regularisation, x_start, spectrum)
+        return torch.from_numpy(spectrum)
+    device, real = grid.device, grid.dtype
+    block = grid[:padded, :padded, x_start:x_end]
+    k = torch.arange(padded, device=device, dtype=real) - half
+    kx = torch.arange(x_start, x_end, device=device, dtype=real)
+    radius2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+    parity = (torch.arange(padded, device=device)[:, None, None] + torch.arange(padded, device=device)[None, :, None]
+              + torch.arange(x_start, x_end, device=device)[None, None, :]) % 2
+    factor = torch.where(parity == 0, 1.0, -1.0).to(real) / (block[..., 2] + regularisation)
+    factor = torch.where(radius2 < half * half, factor, torch.zeros_like(factor))
+    spectrum = torch.complex(block[..., 0] * factor, block[..., 1] * factor)
+    return torch.fft.ifftshift(spectrum, dim=(0, 1))
+
+
+def grid_to_map(grid: torch.Tensor, size: int, pad_factor: int,
+                relative_regularisation: float | None = None, column_chunk: int = 16) -> torch.Tensor:
+    """Divide data by weight, inverse FFT, crop, mask outside the sphere and gridding-correct.
+
+    Parameters
+    ----------
+    grid:
+        ``(P + 1, P + 1, P // 2 + 2, 3)`` accumulated (Hermitian, symmetrised) grid.
+    size:
+        Box ``n`` of the map.
+    relative_regularisation:
+        ``lambda`` in ``D / (W + lambda)`` as a fraction of the mean weight over the
+        sphere ``|K| < P/2`` (keeps voxels that no slice reached at zero and tames
+        nearly empty ones); default :data:`RELATIVE_REGULARISATION`.
+    column_chunk:
+        ``Kx`` columns divided and transformed along z at a time (bounds the memory to
+        the grid plus a ``(n, P, P/2 + 1)`` complex array).
+
+    Returns
+    -------
+    ``(n, n, n)`` float64 map ``[z, y, x]`` centred at voxel ``n // 2``.
+    """
+    if relative_regularisation is None:
+        relative_regularisation = RELATIVE_REGULARISATION
+    padded = grid.shape[0] - 1
+    half = padded // 2
+    device = grid.device
+    regularisation = relative_regularisation * _sphere_mean_weight(grid) + 1e-300
+    start = half - size // 2
+    # Inverse transform one axis at a time, keeping only the n central real-space planes
+    # of each axis as soon as it is transformed.
+    partial = torch.empty((size, padded, half + 1), dtype=torch.complex128, device=device)
+    for x_start in range(0, half + 1, column_chunk):
+        x_end = min(half + 1, x_start + column_chunk)
+        columns = _divided_columns(grid, regularisation, x_start, x_end).to(device)
+        partial[:, :, x_start:x_end] = torch.fft.ifft(columns, dim=0)[start:start + size]
+    partial = torch.fft.ifft(partial, dim=1)[:, start:start + size]
+    volume = torch.fft.irfft(partial, n=padded, dim=2)[:, :, start:start + size]
+    volume = soft_mask_outside(volume, size / 2, MASK_EDGE_WIDTH)
+    return volume / gridding_correction(size, padded, dtype=volume.dtype, device=device)
+
+
+def soft_mask_outside(volume: torch.Tensor, radius: float, width: float) -> torch.Tensor:
+    """RELION's ``softMaskOutsideMap``: replace the map outside a sphere by its mean there.
+
+    Voxels within ``radius`` (voxels, from the centre voxel ``n // 2``) are unchanged;
+    beyond ``radius + width`` they become the background average; in between they are
+    blended with a raised cosine. The background average is taken over the outside,
+    weighted by the same raised cosine. ``volume``: ``(n, n, n)``; returns a new tensor.
+    """
+    size = volume.shape[-1]
+    axis = torch.arange(size, device=volume.device, dtype=volume.dtype) - size // 2
+    distance = torch.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+    outer = radius + width
+    blend = 0.5 + 0.5 * torch.cos(math.pi * (outer - distance) / width)
+    blend = torch.where(distance < radius, torch.zeros_like(blend), blend)
+    blend = torch.where(distance > outer, torch.ones_like(blend), blend)
+    total = blend.sum()
+    if float(total) <= 0:
+        return volume.clone()
+    background = (blend * volume).sum() / total
+    return (1 - blend) * volume + blend * background
+
+
+# ---------------------------------------------------------------------------------------
+# Stack -> maps
+# ---------------------------------------------------------------------------------------
+
+_BATCH_COLUMNS = ("origin_x", "origin_y", "pixel_size", "defocus_u", "defocus_v", "defocus_angle", "voltage",
+                  "spherical_aberration", "amplitude_contrast", "phase_shift", "ctf_bfactor", "ctf_scalefactor")
+
+
+def _batch_parameters(table: ParticleTable, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    parameters = {name: torch.as_tensor(getattr(table, name)[rows], dtype=torch.float64, device=device)
+                  for name in _BATCH_COLUMNS + ("rot", "tilt", "psi")}
+    return parameters
+
+
+def _selected_rows(table: ParticleTable, rows: np.ndarray | None) -> np.ndarray:
+    if rows is None:
+        return np.arange(len(table), dtype=np.int64)
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (len(table),):
+            raise CryoSieveInputError(f"{table.path}: row mask has {rows.size} entries for {len(table)} particles")
+        return np.flatnonzero(rows)
+    rows = rows.astype(np.int64, copy=False).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(table)):
+        raise CryoSieveInputError(f"{table.path}: selected row outside the {len(table)} particles")
+    return rows
+
+
+def _check_pixel_size(table: ParticleTable, rows: np.ndarray) -> float:
+    pixel = table.pixel_size[rows]
+    if np.any(np.abs(pixel - pixel[0]) > 1e-6 * pixel[0]):
+        raise CryoSieveInputError(
+            f"{table.path}: particles have different pixel sizes ({pixel.min():g} to {pixel.max():g} Å); "
+            "reconstruct each optics group separately"
+        )
+    return float(pixel[0])
+
+
+def reconstruct_subsets(table: ParticleTable, reader: StackReader, *, subsets: Sequence[int] = (1, 2),
+                        rows: np.ndarray | None = None, symmetry: str = "C1", apply_ctf: bool = True,
+                        pad_factor: int = 2, batch_size: int = 128, device: torch.device | str = "cpu",
+                        progress: Callable[[int], None] | None = None) -> dict[int, np.ndarray]:
+    """One map per half-set (``rlnRandomSubset``), reading the stack once.
+
+    Parameters
+    ----------
+    table, reader:
+        The particles and their images.
+    subsets:
+        ``rlnRandomSubset`` values to reconstruct; each must select at least one particle.
+    rows:
+        Optional selection (integer rows or boolean mask) of the table; default all.
+    symmetry:
+        RELION point group (:func:`cryosieve.symmetry.symmetry_matrices`).
+    apply_ctf:
+        CTF correction (``relion_reconstruct --ctf``).
+    pad_factor:
+        Oversampling of the Fourier grid (2, as RELION).
+    batch_size:
+        Images per batch.
+    device:
+        Where to compute.
+    progress:
+        Called with the number of particles just inserted, after each batch.
+
+    Returns
+    -------
+    ``{subset: (n, n, n) float32 map [z, y, x]}``, voxel size = the particles' pixel size.
+    """
+    selected = _selected_rows(table, rows)
+    if table.random_subset is None:
+        raise CryoSieveInputError(f"{table.path}: column rlnRandomSubset missing (needed for half-set maps)")
+    subsets = [int(value) for value in subsets]
+    members = {value: selected[table.random_subset[selected] == value] for value in subsets}
+    for value, chosen in members.items():
+        if chosen.size == 0:
+            raise CryoSieveInputError(f"{table.path}: no particles with rlnRandomSubset {value}")
+    keep = np.isin(table.random_subset[selected], subsets)
+    return _reconstruct(table, reader, selected[keep], table.random_subset[selected[keep]], subsets,
+                        symmetry=symmetry, apply_ctf=apply_ctf, pad_factor=pad_factor, batch_size=batch_size,
+                        device=device, progress=progress)
+
+
+def reconstruct(table: ParticleTable, reader: StackReader, *, rows: np.ndarray | None = None,
+                symmetry: str = "C1", apply_ctf: bool = True, pad_factor: int = 2, batch_size: int = 128,
+                device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Reconstruct one map from the selected particles (all by default).
+
+    Same keywords as :func:`reconstruct_subsets`. Returns a ``(n, n, n)`` float32 map
+    ``[z, y, x]`` centred at voxel ``n // 2`` whose projections match the images (same
+    scale as ``relion_reconstruct``); the voxel size is the particles' pixel size.
+    """
+    selected = _selected_rows(table, rows)
+    if selected.size == 0:
+        raise CryoSieveInputError(f"{table.path}: no particles selected for reconstruction")
+    labels = np.zeros(selected.size, dtype=np.int64)
+    return _reconstruct(table, reader, selected, labels, [0], symmetry=symmetry, apply_ctf=apply_ctf,
+                        pad_factor=pad_factor, batch_size=batch_size, device=device, progress=progress)[0]
+
+
+def _reconstruct(table: ParticleTable, reader: StackReader, rows: np.ndarray, labels: np.ndarray,
+                 groups: Sequence[int], *, symmetry: str, apply_ctf: bool, pad_factor: int, batch_size: int,
+                 device: torch.device | str, progress: Callable[[int], None] | None) -> dict[int, np.ndarray]:
+    if rows.size == 0:
+        raise CryoSieveInputError(f"{table.path}: no particles selected for reconstruction")
+    if pad_factor < 1:
+        raise CryoSieveInputError(f"pad factor must be >= 1, got {pad_factor}")
+    if batch_size < 1:
+        raise CryoSieveInputError(f"--batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    rotations_group = symmetry_matrices(symmetry)
+    _check_pixel_size(table, rows)
+    box = reader.validate()
+    padded = pad_factor * box
+    samples = SliceSamples.for_box(box, device)
+    shape = (padded + 1, padded + 1, padded // 2 + 2, 3)
+    grids = {group: torch.zeros(shape, dtype=torch.float64, device=device) for group in groups}
+    batches = [rows[start:start + batch_size] for start in range(0, rows.size, batch_size)]
+    label_of = dict(zip(rows.tolist(), labels.tolist()))
+    for batch_rows, images in prefetch_batches(reader, batches):
+        parameters = _batch_parameters(table, batch_rows, device)
+        image_tensor = torch.from_numpy(images).to(device)
+        if _use_numba(next(iter(grids.values()))):
+            values = prepare_slices_cpu(image_tensor, parameters, samples, apply_ctf)
+        else:
+            spectrum_values, weights = prepare_slices(image_tensor, parameters, samples, apply_ctf)
+            values = torch.stack([spectrum_values.real, spectrum_values.imag, weights], dim=-1)
+        matrices = euler_to_matrix(parameters["rot"], parameters["tilt"], parameters["psi"])
+        batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
+        for group in groups:
+            where = np.flatnonzero(batch_labels == group)
+            if where.size == 0:
+                continue
+            if where.size == len(batch_rows):
+                insert_slices(grids[group], matrices, samples.frequency_y, samples.frequency_x, values, pad_factor)
+            else:
+                index = torch.as_tensor(where, device=device)
+                insert_slices(grids[group], matrices[index], samples.frequency_y, samples.frequency_x,
+                              values[index], pad_factor)
+        if progress is not None:
+            progress(len(batch_rows))
+    maps = {}
+    for group in groups:
+        grid = grids.pop(group)
+        enforce_hermitian(grid)
+        if rotations_group.shape[0] > 1:
+            grid = symmetrise_grid(grid, rotations_group.to(device))
+        maps[group] = grid_to_map(grid, box, pad_factor).to(torch.float32).cpu().numpy()
+        del grid
+    return maps

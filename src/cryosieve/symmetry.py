@@ -1,0 +1,147 @@
+"""Point-group symmetry in RELION's conventions and names.
+
+RELION (``SymList::fill_symmetry_class`` in ``symmetries.cpp``) defines every point
+group by generator axes in (x, y, z) map coordinates and closes the set under
+multiplication:
+
+* ``Cn``: an n-fold axis along z.
+* ``Dn``: an n-fold axis along z and a 2-fold axis along x.
+* ``T``: a 3-fold axis along z and a 2-fold axis along (0, 0.816496, 0.577350).
+* ``O``: a 3-fold axis along (1, 1, 1)/sqrt(3) and a 4-fold axis along z.
+* ``I`` = ``I2`` (RELION's default): 2-fold along z, 5-fold along (0.5257, 0, 0.8507),
+  3-fold along (0, 0.3568, 0.9342); ``I1``, ``I3`` and ``I4`` are the other standard
+  icosahedral orientations (Heymann, Chagoyen and Belnap 2005), same generators as RELION.
+
+Only proper rotations are supported (the groups above); RELION's groups with mirror
+planes or inversion (Ci, Cs, Cnv, Cnh, Sn, Dnv, Dnh, Td, Th, Oh, Ih...) are rejected,
+as is ``I5`` (which RELION does not implement either). The matrices agree with
+``relion_refine --print_symmetry_ops`` (checked in ``tests/test_symmetry.py``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from cryosieve.errors import CryoSieveInputError
+
+SUPPORTED = "Cn, Dn (n = 1..99), T, O, I (= I2), I1, I2, I3, I4"
+
+_ICOSAHEDRAL_GENERATORS: dict[str, list[tuple[int, tuple[float, float, float]]]] = {
+    "I1": [(2, (1.0, 0.0, 0.0)),
+           (5, (0.85065080702670, 0.0, -0.5257311142635)),
+           (3, (0.9341723640, 0.3568220765, 0.0))],
+    "I2": [(2, (0.0, 0.0, 1.0)),
+           (5, (0.525731114, 0.0, 0.850650807)),
+           (3, (0.0, 0.356822076, 0.934172364))],
+    "I3": [(2, (-0.5257311143, 0.0, 0.8506508070)),
+           (5, (0.0, 0.0, 1.0)),
+           (3, (-0.4911234778630044, 0.3568220764705179, 0.7946544753759428))],
+    "I4": [(2, (0.5257311143, 0.0, 0.8506508070)),
+           (5, (0.8944271932547096, 0.0, 0.4472135909903704)),
+           (3, (0.4911234778630044, 0.3568220764705179, 0.7946544753759428))],
+}
+
+
+def axis_rotation(fold: int, axis: tuple[float, float, float], step: int = 1) -> np.ndarray:
+    """``(3, 3)`` float64 rotation by ``step * 360 / fold`` degrees about ``axis`` (x, y, z)."""
+    direction = np.asarray(axis, dtype=np.float64)
+    direction = direction / np.linalg.norm(direction)
+    angle = 2.0 * np.pi * step / fold
+    cross = np.array([[0.0, -direction[2], direction[1]],
+                      [direction[2], 0.0, -direction[0]],
+                      [-direction[1], direction[0], 0.0]])
+    return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * (cross @ cross)
+
+
+def _generators(name: str) -> list[tuple[int, tuple[float, float, float]]]:
+    """RELION's generator axes ``(fold, axis)`` for a normalised group name."""
+    match = re.fullmatch(r"([CD])(\d{1,2})", name)
+    if match:
+        order = int(match.group(2))
+        if order < 1:
+            raise KeyError(name)
+        axes = [(order, (0.0, 0.0, 1.0))]
+        if match.group(1) == "D":
+            axes.append((2, (1.0, 0.0, 0.0)))
+        return axes
+    if name == "T":
+        return [(3, (0.0, 0.0, 1.0)), (2, (0.0, 0.816496, 0.577350))]
+    if name == "O":
+        return [(3, (0.5773502, 0.5773502, 0.5773502)), (4, (0.0, 0.0, 1.0))]
+    if name == "I":
+        return _ICOSAHEDRAL_GENERATORS["I2"]
+    if name in _ICOSAHEDRAL_GENERATORS:
+        return _ICOSAHEDRAL_GENERATORS[name]
+    raise KeyError(name)
+
+
+def _close_group(generators: list[np.ndarray], tolerance: float = 1e-4) -> list[np.ndarray]:
+    """Every product of the generators (the identity first), each rotation once.
+
+    The generator axes are given to 6-10 digits (as in RELION), so products are
+    matched with ``tolerance`` and the final matrices re-orthonormalised.
+    """
+    elements = [np.eye(3)]
+    frontier = [np.eye(3)]
+    while frontier:
+        found = []
+        for element in frontier:
+            for generator in generators:
+                product = generator @ element
+                if not any(np.abs(product - known).max() < tolerance for known in elements):
+                    elements.append(product)
+                    found.append(product)
+        frontier = found
+        if len(elements) > 200:  # the largest supported group has 60 elements
+            raise ValueError("symmetry generators do not close into a finite group")
+    cleaned = []
+    for element in elements:
+        u, _, vt = np.linalg.svd(element)
+        rotation = u @ vt
+        rotation[np.abs(rotation) < 1e-12] = 0.0
+        cleaned.append(rotation)
+    return cleaned
+
+
+def normalise_name(name: str) -> str:
+    """Upper-case, stripped symmetry name (RELION accepts ``c1``, ``d2``...)."""
+    return name.strip().upper()
+
+
+def symmetry_matrices(name: str) -> torch.Tensor:
+    """Rotation matrices of a point group in RELION's orientation.
+
+    Parameters
+    ----------
+    name:
+        RELION's symmetry name, case-insensitive: ``C1``, ``C4``, ``D2``, ``T``, ``O``,
+        ``I`` (= ``I2``), ``I1``..``I4``.
+
+    Returns
+    -------
+    ``(m, 3, 3)`` float64 matrices acting on ``(x, y, z)`` column vectors, the identity
+    first; ``m`` is the group order (n for Cn, 2n for Dn, 12, 24, 60).
+
+    Raises
+    ------
+    CryoSieveInputError
+        For a name that is not one of the supported groups.
+    """
+    key = normalise_name(name)
+    try:
+        axes = _generators(key)
+    except KeyError:
+        raise CryoSieveInputError(
+            f"--sym {name}: unknown symmetry (supported: {SUPPORTED}; groups with mirror planes "
+            "or inversion are not)"
+        ) from None
+    generators = [axis_rotation(fold, axis) for fold, axis in axes if fold > 1]
+    return torch.from_numpy(np.stack(_close_group(generators)))
+
+
+def group_order(name: str) -> int:
+    """Number of rotations in the group ``name``."""
+    return int(symmetry_matrices(name).shape[0])
