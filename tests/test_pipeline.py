@@ -210,10 +210,13 @@ def test_relion_backend(relion_run, builtin_run, known_truth):
 def test_external_reconstruction_with_builtin_postprocess_and_failures(known_truth, unbalanced, tmp_path, capsys):
     arguments = common_arguments(known_truth, unbalanced)
     arguments[arguments.index("--num_iters") + 1] = "1"
+    arguments.remove("--balance")
     prefix = str(tmp_path / "mixed")
     assert main(arguments + ["--o", prefix, "--reconstruct_software", "relion_reconstruct", "--no-report"]) == 0
     assert Path(f"{prefix}_postprocess_iter0/iter0.json").is_file()  # built-in post-processing
-    assert Path(f"{prefix}_iter1.star").is_file()
+    # without --balance, _iter0.star is the input as it is, and each half-set keeps round(0.8 n)
+    assert Path(f"{prefix}_iter0.star").read_bytes() == unbalanced.read_bytes()
+    assert half_set_counts(f"{prefix}_iter1.star") == (800, 720)
     assert Path(f"{prefix}_summary.csv").is_file() and not Path(f"{prefix}_report.html").exists()
     capsys.readouterr()
     # a failing program stops the run with its exit code and names the command and its log
@@ -336,3 +339,46 @@ def test_bad_input(known_truth, unbalanced, tmp_path, capsys, change, expected):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("cryosieve: error:") and expected in error[0], error
     assert not (tmp_path / "out").exists()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command and "pytest" not in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_kill_during_external_reconstruction(relion_run, known_truth, unbalanced, tmp_path):
+    """SIGKILL while relion_reconstruct runs: no orphaned program, and --continue gives RELION's result."""
+    prefix = str(tmp_path / "external")
+    arguments = common_arguments(known_truth, unbalanced)
+    arguments[arguments.index("--num_iters") + 1] = "1"  # round 0 has the same 40 Å cut-off as the 3-round run
+    command = [sys.executable, "-m", "cryosieve.cli.pipeline", *arguments, "--o", prefix,
+               "--reconstruct_software", "relion_reconstruct", "--postprocess_software", "relion_postprocess"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = Path(f"{prefix}_iter0_reconstruct_half2.txt")
+    deadline = time.monotonic() + 120
+    while not log_path.exists() and time.monotonic() < deadline:
+        assert process.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(0.5)
+    assert not _processes_mentioning(prefix), "relion_reconstruct outlived the killed run"
+    assert not Path(f"{prefix}_iter0_half1.mrc").exists()
+    finished = subprocess.run([*command, "--continue"], capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    for name in ("_iter0_half1.mrc", "_iter0_half2.mrc"):
+        np.testing.assert_array_equal(mrcfile.read(prefix + name), mrcfile.read(relion_run + name))
+    for name in ("_iter1.star", "_iter1_sieved.star", "_iter1_scores.csv"):
+        assert without_timestamp(prefix + name) == without_timestamp(relion_run + name), name
+    assert not [path for path in tmp_path.iterdir() if "partial" in path.name]
