@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up, simulate the demo data set (2,000 particles of a T-cell receptor-MHC complex with
-# 10 % HIV-protease junk, per-particle B-factors and noise; box 64, 2.5 Å/px), sieve it once with
+# Set everything up, simulate the demo data set (3,000 particles of a T-cell receptor-MHC complex with
+# 10 % HIV-protease junk, per-particle B-factors and noise; box 112, 1.5 Å/px), sieve it once with
 # cryosieve-core and report how much of the junk was found, then run the iterative cryosieve pipeline
 # with the built-in reconstruction and post-processing and print where the report is.
 set -euo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 if [ ! -f demo_data/particles.star ]; then
-  cryosieve-simulate --o demo_data --num_particles 2000 --box 64 --angpix 2.5 --seed 0
+  cryosieve-simulate --o demo_data --num_particles 3000 --box 112 --angpix 1.5 --bfactor_max 400 --seed 0
 fi
 
 echo "== one sieve: cryosieve-core at a 20 Å cut-off, keeping 80 % of each half-set"
@@ -26,7 +26,7 @@ print(f"junk particles sieved out: {(junk & (scores.kept == 0)).sum()} of {junk.
       f"particles sieved in all: {(scores.kept == 0).sum()} of {len(scores)}")
 PY
 
-echo "== the iterative pipeline: cryosieve, 3 rounds from 40 Å to 10 Å, built-in back-end"
+echo "== the iterative pipeline: cryosieve, 3 rounds from 40 Å to 8 Å, built-in back-end"
 rm -rf demo_output
-cryosieve --i demo_data/particles.star --o demo_output/ --angpix 2.5 --mask demo_data/mask.mrc \
-  --directory demo_data --num_iters 3 --frequency_start 40 --frequency_end 10 --retention_ratio 0.8
+cryosieve --i demo_data/particles.star --o demo_output/ --angpix 1.5 --mask demo_data/mask.mrc \
+  --directory demo_data --num_iters 3 --frequency_start 40 --frequency_end 8 --retention_ratio 0.8
