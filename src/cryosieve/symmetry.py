@@ -20,6 +20,7 @@ as is ``I5`` (which RELION does not implement either). The matrices agree with
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -29,19 +30,21 @@ from cryosieve.errors import CryoSieveInputError
 
 SUPPORTED = "Cn, Dn (n = 1..99), T, O, I (= I2), I1, I2, I3, I4"
 
+_GOLDEN = (1.0 + math.sqrt(5.0)) / 2.0
+_NORM = math.sqrt(1.0 + _GOLDEN * _GOLDEN)
+
+# RELION's generator axes for the icosahedral orientations (fill_symmetry_class), given
+# there to 9-10 digits, here exactly: a 2-fold and a 5-fold axis 31.72 degrees apart
+# generate the whole group (RELION also lists a 3-fold axis, which they generate).
+#   I1: 2-fold (1, 0, 0), 5-fold (0.85065080702670, 0, -0.5257311142635)
+#   I2: 2-fold (0, 0, 1), 5-fold (0.525731114, 0, 0.850650807)
+#   I3: 2-fold (-0.5257311143, 0, 0.8506508070), 5-fold (0, 0, 1)
+#   I4: 2-fold (0.5257311143, 0, 0.8506508070), 5-fold (0.8944271932547096, 0, 0.4472135909903704)
 _ICOSAHEDRAL_GENERATORS: dict[str, list[tuple[int, tuple[float, float, float]]]] = {
-    "I1": [(2, (1.0, 0.0, 0.0)),
-           (5, (0.85065080702670, 0.0, -0.5257311142635)),
-           (3, (0.9341723640, 0.3568220765, 0.0))],
-    "I2": [(2, (0.0, 0.0, 1.0)),
-           (5, (0.525731114, 0.0, 0.850650807)),
-           (3, (0.0, 0.356822076, 0.934172364))],
-    "I3": [(2, (-0.5257311143, 0.0, 0.8506508070)),
-           (5, (0.0, 0.0, 1.0)),
-           (3, (-0.4911234778630044, 0.3568220764705179, 0.7946544753759428))],
-    "I4": [(2, (0.5257311143, 0.0, 0.8506508070)),
-           (5, (0.8944271932547096, 0.0, 0.4472135909903704)),
-           (3, (0.4911234778630044, 0.3568220764705179, 0.7946544753759428))],
+    "I1": [(2, (1.0, 0.0, 0.0)), (5, (_GOLDEN / _NORM, 0.0, -1.0 / _NORM))],
+    "I2": [(2, (0.0, 0.0, 1.0)), (5, (1.0 / _NORM, 0.0, _GOLDEN / _NORM))],
+    "I3": [(2, (-1.0 / _NORM, 0.0, _GOLDEN / _NORM)), (5, (0.0, 0.0, 1.0))],
+    "I4": [(2, (1.0 / _NORM, 0.0, _GOLDEN / _NORM)), (5, (2.0 / math.sqrt(5.0), 0.0, 1.0 / math.sqrt(5.0)))],
 }
 
 
@@ -68,9 +71,10 @@ def _generators(name: str) -> list[tuple[int, tuple[float, float, float]]]:
             axes.append((2, (1.0, 0.0, 0.0)))
         return axes
     if name == "T":
-        return [(3, (0.0, 0.0, 1.0)), (2, (0.0, 0.816496, 0.577350))]
+        # RELION writes (0, 0.816496, 0.577350): (0, sqrt(2/3), sqrt(1/3)) to 6 digits.
+        return [(3, (0.0, 0.0, 1.0)), (2, (0.0, math.sqrt(2.0 / 3.0), math.sqrt(1.0 / 3.0)))]
     if name == "O":
-        return [(3, (0.5773502, 0.5773502, 0.5773502)), (4, (0.0, 0.0, 1.0))]
+        return [(3, (1.0, 1.0, 1.0)), (4, (0.0, 0.0, 1.0))]  # RELION: (.5773502, .5773502, .5773502)
     if name == "I":
         return _ICOSAHEDRAL_GENERATORS["I2"]
     if name in _ICOSAHEDRAL_GENERATORS:
@@ -81,8 +85,7 @@ def _generators(name: str) -> list[tuple[int, tuple[float, float, float]]]:
 def _close_group(generators: list[np.ndarray], tolerance: float = 1e-4) -> list[np.ndarray]:
     """Every product of the generators (the identity first), each rotation once.
 
-    The generator axes are given to 6-10 digits (as in RELION), so products are
-    matched with ``tolerance`` and the final matrices re-orthonormalised.
+    Products are matched with ``tolerance`` and the matrices re-orthonormalised.
     """
     elements = [np.eye(3)]
     frontier = [np.eye(3)]
@@ -101,7 +104,7 @@ def _close_group(generators: list[np.ndarray], tolerance: float = 1e-4) -> list[
     for element in elements:
         u, _, vt = np.linalg.svd(element)
         rotation = u @ vt
-        rotation[np.abs(rotation) < 1e-12] = 0.0
+        rotation[np.abs(rotation) < 1e-14] = 0.0
         cleaned.append(rotation)
     return cleaned
 
@@ -145,3 +148,39 @@ def symmetry_matrices(name: str) -> torch.Tensor:
 def group_order(name: str) -> int:
     """Number of rotations in the group ``name``."""
     return int(symmetry_matrices(name).shape[0])
+
+
+def symmetrise_volume(volume: torch.Tensor, name: str) -> torch.Tensor:
+    """Average of the map's rotated copies, as ``relion_image_handler --sym`` does.
+
+    Each copy is resampled by trilinear interpolation about the centre voxel ``n // 2``
+    (zero outside the box), like RELION's ``symmetriseMap``.
+
+    Parameters
+    ----------
+    volume:
+        ``(n, n, n)`` real map indexed ``[z, y, x]``.
+    name:
+        Point group (see :func:`symmetry_matrices`).
+
+    Returns
+    -------
+    ``(n, n, n)`` float64 map on the same device.
+    """
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise ValueError(f"volume must be cubic, got shape {tuple(volume.shape)}")
+    matrices = symmetry_matrices(name).to(volume.device)
+    size = volume.shape[-1]
+    centre = size // 2
+    axis = torch.arange(size, dtype=torch.float64, device=volume.device) - centre
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+    points = torch.stack([x, y, z], dim=-1)  # (n, n, n, 3) as (x, y, z)
+    source = volume.to(torch.float64)[None, None]
+    total = torch.zeros((size,) * 3, dtype=torch.float64, device=volume.device)
+    for matrix in matrices:
+        # grid_sample wants normalised (x, y, z) with -1 and 1 at the edge voxels' centres
+        position = points @ matrix.T + centre
+        grid = 2 * position / (size - 1) - 1
+        total += torch.nn.functional.grid_sample(source, grid[None], mode="bilinear", padding_mode="zeros",
+                                                 align_corners=True)[0, 0]
+    return total / matrices.shape[0]
