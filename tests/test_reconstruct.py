@@ -254,6 +254,63 @@ def test_torch_path_equals_cpu_kernels(small: Simulated, monkeypatch: pytest.Mon
     np.testing.assert_allclose(generic, cpu, rtol=0, atol=1e-5 * np.abs(cpu).max())
 
 
+def brute_force_full_insertion(image: np.ndarray, rotations: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear insertion of every sample of the full 2D transform (both Friedel halves)
+    into a full complex 3D grid indexed ``K + P/2`` on all three axes; weight ``1 + |k|^2/10``."""
+    box = image.shape[0]
+    padded = pad * box
+    spectrum = np.fft.fft2(image)
+    data = np.zeros((padded + 2,) * 3, dtype=np.complex128)
+    weight = np.zeros((padded + 2,) * 3)
+    frequencies = np.fft.fftfreq(box, 1.0 / box)
+    for matrix in rotations:
+        for row, ky in enumerate(frequencies):
+            for column, kx in enumerate(frequencies):
+                if kx * kx + ky * ky >= (box / 2) ** 2:
+                    continue
+                point = pad * (matrix.T @ np.array([kx, ky, 0.0]))  # (x, y, z)
+                base = np.floor(point)
+                fraction = point - base
+                for corner in np.ndindex(2, 2, 2):  # (dx, dy, dz)
+                    share = np.prod([fraction[a] if corner[a] else 1 - fraction[a] for a in range(3)])
+                    x, y, z = (int(base[a]) + corner[a] + padded // 2 for a in range(3))
+                    data[z, y, x] += share * spectrum[row, column]
+                    weight[z, y, x] += share * (1 + (kx * kx + ky * ky) / 10)
+    return data, weight
+
+
+@pytest.mark.parametrize("path", ["numba", "torch"])
+def test_half_grid_insertion_equals_full_hermitian_insertion(path: str) -> None:
+    """Friedel folding, the zero frequency's multiplicity and the x = 0 plane's Hermitian
+    completion reproduce exactly what inserting both halves of each image would give."""
+    box, pad = 8, 2
+    padded = pad * box
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(box, box))
+    rotations = reconstruction.euler_to_matrix(*(torch.from_numpy(rng.uniform(-180, 180, 3)) for _ in range(3)))
+    rotations[0] = reconstruction.euler_to_matrix(torch.tensor(0.0), torch.tensor(90.0), torch.tensor(0.0))
+    samples = reconstruction.SliceSamples.for_box(box)
+    spectrum = torch.fft.rfft2(torch.from_numpy(image)).reshape(-1)[samples.flat_index]
+    radius2 = samples.frequency_x ** 2 + samples.frequency_y ** 2
+    values = torch.stack([spectrum.real * samples.multiplicity, spectrum.imag * samples.multiplicity,
+                          (1 + radius2 / 10) * samples.multiplicity], dim=-1)
+    values = values[None].expand(len(rotations), -1, -1).contiguous()
+    grid = torch.zeros((padded + 1, padded + 1, padded // 2 + 2, 3), dtype=torch.float64)
+    if path == "numba":
+        reconstruction.insert_slices(grid, rotations, samples.frequency_y, samples.frequency_x, values, pad)
+    else:
+        reconstruction.insert_slices_torch(grid, rotations, samples.frequency_y, samples.frequency_x,
+                                           values[..., 0], values[..., 1], values[..., 2], pad)
+    reconstruction.enforce_hermitian(grid)
+    data, weight = brute_force_full_insertion(image, rotations.numpy(), pad)
+    half = padded // 2
+    expected = data[:padded + 1, :padded + 1, half:half + half + 1]
+    np.testing.assert_allclose(grid[:, :, :half + 1, 0].numpy(), expected.real, atol=1e-9)
+    np.testing.assert_allclose(grid[:, :, :half + 1, 1].numpy(), expected.imag, atol=1e-9)
+    np.testing.assert_allclose(grid[:, :, :half + 1, 2].numpy(), weight[:padded + 1, :padded + 1, half:2 * half + 1],
+                               atol=1e-9)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_equals_cpu(small: Simulated) -> None:
     cpu = ours(small, symmetry="D2")
