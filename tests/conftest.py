@@ -30,13 +30,19 @@ def require(program: str) -> str:
     return path
 
 
-def model_map(model: str, box: int, voxel: float) -> np.ndarray:
-    """Electron-scattering map of an atomic model centred in the box, float32 [z, y, x]."""
+def model_map(model: str, box: int, voxel: float, chains: tuple[str, ...] | None = None) -> np.ndarray:
+    """Electron-scattering map of an atomic model (optionally some chains) centred in the box, float32 [z, y, x].
+
+    Sampled directly on the box grid (gemmi), independently of ``cryosieve.simulate``.
+    """
     with gzip.open(DATA / model, "rt") as handle:
         structure = gemmi.read_pdb_string(handle.read())
     structure.setup_entities()
     structure.remove_ligands_and_waters()
     structure.remove_hydrogens()
+    if chains is not None:
+        for name in [chain.name for chain in structure[0] if chain.name not in chains]:
+            structure[0].remove_chain(name)
     positions = np.array([atom.pos.tolist() for chain in structure[0] for residue in chain for atom in residue])
     centre = positions.mean(axis=0)
     shift = box * voxel / 2 - centre

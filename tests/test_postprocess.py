@@ -16,7 +16,6 @@ RELION's own run-to-run (seed-to-seed) variation respects.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -26,7 +25,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import gemmi
 import mrcfile
 import numpy as np
 import pandas as pd
@@ -34,6 +32,7 @@ import pytest
 import starfile
 import torch
 
+from conftest import model_map, require, write_map
 from cryosieve.cli.postprocess import main
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.postprocess import (
@@ -60,42 +59,9 @@ RELION_SEEDS = (0, 1, 2, 3, 4, 5)
 # --------------------------------------------------------------------------- fixture helpers
 
 
-def require(program: str) -> str:
-    path = shutil.which(program)
-    assert path, f"{program} not found: install RELION 3.1 (relion_project, relion_reconstruct, relion_postprocess)"
-    return path
-
-
 def receptor_map(box: int, voxel: float) -> np.ndarray:
     """Electron-scattering map of 1BD2 chains D and E (about 80 Å across) centred in the box, [z, y, x]."""
-    with gzip.open(DATA / "1BD2.pdb.gz", "rt") as handle:
-        structure = gemmi.read_pdb_string(handle.read())
-    structure.setup_entities()
-    structure.remove_ligands_and_waters()
-    structure.remove_hydrogens()
-    for name in [chain.name for chain in structure[0] if chain.name not in ("D", "E")]:
-        structure[0].remove_chain(name)
-    positions = np.array([atom.pos.tolist() for chain in structure[0] for residue in chain for atom in residue])
-    shift = box * voxel / 2 - positions.mean(axis=0)
-    for chain in structure[0]:
-        for residue in chain:
-            for atom in residue:
-                atom.pos = gemmi.Position(*(np.array(atom.pos.tolist()) + shift))
-    structure.cell = gemmi.UnitCell(box * voxel, box * voxel, box * voxel, 90, 90, 90)
-    structure.spacegroup_hm = "P 1"
-    calculator = gemmi.DensityCalculatorE()
-    calculator.d_min = 2 * voxel
-    calculator.set_grid_cell_and_spacegroup(structure)
-    calculator.grid.set_size(box, box, box)
-    calculator.grid.fill(0.0)
-    calculator.add_model_density_to_grid(structure[0])
-    return np.ascontiguousarray(np.array(calculator.grid, copy=True).transpose(2, 1, 0), dtype=np.float32)
-
-
-def write_map(path: Path, data: np.ndarray, voxel: float) -> None:
-    with mrcfile.new(str(path), overwrite=True) as handle:
-        handle.set_data(np.ascontiguousarray(data, dtype=np.float32))
-        handle.voxel_size = voxel
+    return model_map("1BD2.pdb.gz", box, voxel, chains=("D", "E"))
 
 
 def soft_sphere_mask(box: int, radius: float, edge: float) -> np.ndarray:

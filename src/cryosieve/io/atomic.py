@@ -22,6 +22,16 @@ def _publish(temporary: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
+def _temporary_beside(target: Path) -> Path:
+    """Create an empty hidden temporary file in ``target``'s folder (made if missing)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent
+    )
+    os.close(handle)
+    return Path(temporary_name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
@@ -29,12 +39,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent
-    )
-    os.close(handle)
-    temporary = Path(temporary_name)
+    temporary = _temporary_beside(target)
     try:
         yield temporary
         _publish(temporary, target)
@@ -68,12 +73,7 @@ class OutputGroup:
     def path_for(self, path: str | os.PathLike[str]) -> Path:
         """Return a temporary path to write instead of ``path``."""
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent
-        )
-        os.close(handle)
-        temporary = Path(temporary_name)
+        temporary = _temporary_beside(target)
         self._pending.append((temporary, target))
         return temporary
 
