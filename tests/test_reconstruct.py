@@ -233,14 +233,16 @@ def test_half_sets_in_one_pass_equal_single_subset_maps(small: Simulated) -> Non
 
 
 def test_batch_size_and_thread_count_do_not_change_the_map(small: Simulated) -> None:
+    """Only the order of the float64 sums changes (threads fill separate grid copies)."""
     import numba
 
     reference = ours(small, batch_size=128)
-    np.testing.assert_array_equal(ours(small, batch_size=7), reference)
+    tolerance = 1e-6 * np.abs(reference).max()
+    np.testing.assert_allclose(ours(small, batch_size=7), reference, rtol=0, atol=tolerance)
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        np.testing.assert_array_equal(ours(small, batch_size=50), reference)
+        np.testing.assert_allclose(ours(small, batch_size=50), reference, rtol=0, atol=tolerance)
     finally:
         numba.set_num_threads(threads)
 

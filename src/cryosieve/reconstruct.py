@@ -210,6 +210,10 @@ def insert_slices_torch(grid: torch.Tensor, rotations: torch.Tensor, frequency_y
 
 #: How many samples ahead the CPU scatter prefetches its grid rows.
 PREFETCH_DISTANCE = 16
+#: Memory (bytes) the CPU accumulation grids may take when they are copied per thread
+#: (one grid per map is always allocated; beyond that threads share a grid by planes):
+#: box 128 needs 0.2 GB per grid, box 256 1.6 GB.
+ACCUMULATION_MEMORY = 2 * 1024**3
 
 if numba is not None:
     from llvmlite import binding as _llvm_binding
@@ -266,76 +270,93 @@ if numba is not None:
                     values[i, j, 2] = m
 
     @numba.njit(parallel=True, cache=True)
-    def _scatter_kernel(grid, half, rotations, frequency_y, frequency_x, values, threads,
-                        distance):  # pragma: no cover - compiled
-        # Thread ``owner`` walks every sample but only updates the z planes it owns
-        # (z % threads == owner): no write races, one grid. Each sample's grid rows are
-        # prefetched ``distance`` samples ahead (the scatter is otherwise bound by cache
-        # misses: ~70 ns per sample at box 128 without, ~25 ns with, on one core).
+    def _locate_kernel(half, size_y, size_x, rotations, frequency_y, frequency_x, values, sharers, base,
+                       record, plane_owner):  # pragma: no cover - compiled
+        # Where each sample lands: flat index of its lower trilinear corner in a
+        # (size_z, size_y, size_x) grid, its fractional offsets, its value (conjugated
+        # when the sample is stored as its Friedel mate, x < 0), and which of ``sharers``
+        # threads owns the plane of its lower corner.
         count = values.shape[0]
         points = frequency_x.shape[0]
-        size_y = grid.shape[1]
-        size_x = grid.shape[2]
+        for i in numba.prange(count):
+            a00 = rotations[i, 0, 0]
+            a01 = rotations[i, 0, 1]
+            a02 = rotations[i, 0, 2]
+            a10 = rotations[i, 1, 0]
+            a11 = rotations[i, 1, 1]
+            a12 = rotations[i, 1, 2]
+            for j in range(points):
+                kx = frequency_x[j]
+                ky = frequency_y[j]
+                x = a00 * kx + a10 * ky
+                y = a01 * kx + a11 * ky
+                z = a02 * kx + a12 * ky
+                sign = 1.0
+                if x < 0:
+                    sign = -1.0
+                    x = -x
+                    y = -y
+                    z = -z
+                x0 = math.floor(x)
+                y0 = math.floor(y)
+                z0 = math.floor(z)
+                base[i, j] = ((int(z0) + half) * size_y + int(y0) + half) * size_x + int(x0)
+                plane_owner[i, j] = (int(z0) + half) % sharers
+                record[i, j, 0] = values[i, j, 0]
+                record[i, j, 1] = sign * values[i, j, 1]
+                record[i, j, 2] = values[i, j, 2]
+                record[i, j, 3] = x - x0
+                record[i, j, 4] = y - y0
+                record[i, j, 5] = z - z0
+
+    @numba.njit(parallel=True, cache=True)
+    def _scatter_kernel(grids, base, record, plane_owner, particle_lists, tasks,
+                        distance):  # pragma: no cover - compiled
+        # Task t = (grid g, owner r, sharers k) scatters the particles particle_lists[g]
+        # (-1 ends a list) into grids[g], writing only the z planes with z % k == r: the
+        # threads of a grid never write to the same plane, so there are no races. The grid
+        # rows of the sample ``distance`` ahead are prefetched: without, the scatter waits
+        # on cache misses (~70 ns per sample at box 128 on one core; ~15 ns with).
+        points = base.shape[1]
+        size_y = grids.shape[2]
+        size_x = grids.shape[3]
         plane = size_y * size_x
-        flat = grid.reshape(-1)
-        for owner in numba.prange(threads):
-            for i in range(count):
-                a00 = rotations[i, 0, 0]
-                a01 = rotations[i, 0, 1]
-                a02 = rotations[i, 0, 2]
-                a10 = rotations[i, 1, 0]
-                a11 = rotations[i, 1, 1]
-                a12 = rotations[i, 1, 2]
+        for t in numba.prange(tasks.shape[0]):
+            g = tasks[t, 0]
+            owner = tasks[t, 1]
+            sharers = tasks[t, 2]
+            flat = grids[g].reshape(-1)
+            for slot in range(particle_lists.shape[1]):
+                i = particle_lists[g, slot]
+                if i < 0:
+                    break
                 for j in range(points):
-                    ahead = j + distance
-                    if ahead < points:
-                        kx = frequency_x[ahead]
-                        ky = frequency_y[ahead]
-                        x = a00 * kx + a10 * ky
-                        y = a01 * kx + a11 * ky
-                        z = a02 * kx + a12 * ky
-                        if x < 0:
-                            x = -x
-                            y = -y
-                            z = -z
-                        pz = int(math.floor(z)) + half
-                        base = (pz * size_y + int(math.floor(y)) + half) * size_x + int(math.floor(x))
-                        if pz % threads == owner:
-                            _prefetch_for_write(flat, base * 3)
-                            _prefetch_for_write(flat, base * 3 + 5)
-                            _prefetch_for_write(flat, (base + size_x) * 3)
-                            _prefetch_for_write(flat, (base + size_x) * 3 + 5)
-                        if (pz + 1) % threads == owner:
-                            _prefetch_for_write(flat, (base + plane) * 3)
-                            _prefetch_for_write(flat, (base + plane) * 3 + 5)
-                            _prefetch_for_write(flat, (base + plane + size_x) * 3)
-                            _prefetch_for_write(flat, (base + plane + size_x) * 3 + 5)
-                    kx = frequency_x[j]
-                    ky = frequency_y[j]
-                    x = a00 * kx + a10 * ky
-                    z = a02 * kx + a12 * ky
-                    sign = 1.0
-                    if x < 0:
-                        sign = -1.0
-                        x = -x
-                        z = -z
-                    z0 = math.floor(z)
-                    iz = int(z0) + half
-                    own_low = iz % threads == owner
-                    own_high = (iz + 1) % threads == owner
+                    if j + distance < points:
+                        ahead = base[i, j + distance]
+                        low_ahead = plane_owner[i, j + distance]
+                        high_ahead = low_ahead + 1 if low_ahead + 1 < sharers else 0
+                        if low_ahead == owner:
+                            _prefetch_for_write(flat, ahead * 3)
+                            _prefetch_for_write(flat, ahead * 3 + 5)
+                            _prefetch_for_write(flat, (ahead + size_x) * 3)
+                            _prefetch_for_write(flat, (ahead + size_x) * 3 + 5)
+                        if high_ahead == owner:
+                            _prefetch_for_write(flat, (ahead + plane) * 3)
+                            _prefetch_for_write(flat, (ahead + plane) * 3 + 5)
+                            _prefetch_for_write(flat, (ahead + plane + size_x) * 3)
+                            _prefetch_for_write(flat, (ahead + plane + size_x) * 3 + 5)
+                    corner = base[i, j]
+                    low = plane_owner[i, j]
+                    own_low = low == owner
+                    own_high = (low + 1 if low + 1 < sharers else 0) == owner
                     if not (own_low or own_high):
                         continue
-                    y = sign * (a01 * kx + a11 * ky)
-                    x0 = math.floor(x)
-                    y0 = math.floor(y)
-                    fx = x - x0
-                    fy = y - y0
-                    fz = z - z0
-                    ix = int(x0)
-                    iy = int(y0) + half
-                    re = values[i, j, 0]
-                    im = sign * values[i, j, 1]
-                    w = values[i, j, 2]
+                    re = record[i, j, 0]
+                    im = record[i, j, 1]
+                    w = record[i, j, 2]
+                    fx = record[i, j, 3]
+                    fy = record[i, j, 4]
+                    fz = record[i, j, 5]
                     for dz in range(2):
                         if dz == 0:
                             if not own_low:
@@ -349,14 +370,13 @@ if numba is not None:
                             wzy = wz * (fy if dy == 1 else 1.0 - fy)
                             w0 = wzy * (1.0 - fx)
                             w1 = wzy * fx
-                            jz = iz + dz
-                            jy = iy + dy
-                            grid[jz, jy, ix, 0] += w0 * re
-                            grid[jz, jy, ix, 1] += w0 * im
-                            grid[jz, jy, ix, 2] += w0 * w
-                            grid[jz, jy, ix + 1, 0] += w1 * re
-                            grid[jz, jy, ix + 1, 1] += w1 * im
-                            grid[jz, jy, ix + 1, 2] += w1 * w
+                            o = (corner + dz * plane + dy * size_x) * 3
+                            flat[o] += w0 * re
+                            flat[o + 1] += w0 * im
+                            flat[o + 2] += w0 * w
+                            flat[o + 3] += w1 * re
+                            flat[o + 4] += w1 * im
+                            flat[o + 5] += w1 * w
 
     @numba.njit(parallel=True, cache=True)
     def _symmetrise_kernel(source, target, half, rotations):  # pragma: no cover - compiled
@@ -454,11 +474,46 @@ if numba is not None:
                     spectrum[oz, oy, c] = complex(grid[iz, iy, ix, 0] * factor, grid[iz, iy, ix, 1] * factor)
 
 
+    @numba.njit(parallel=True, cache=True)
+    def _finish_kernel(volume, radius, width, padded):  # pragma: no cover - compiled
+        # In place: RELION's softMaskOutsideMap (outside ``radius`` blend to the raised-cosine
+        # weighted mean over the outside) then division by sinc^2(r / padded).
+        size = volume.shape[0]
+        centre = size // 2
+        outer = radius + width
+        total = 0.0
+        weight_sum = 0.0
+        for z in numba.prange(size):
+            for y in range(size):
+                for x in range(size):
+                    r = math.sqrt((z - centre) ** 2 + (y - centre) ** 2 + (x - centre) ** 2)
+                    if r < radius:
+                        continue
+                    blend = 1.0 if r > outer else 0.5 + 0.5 * math.cos(math.pi * (outer - r) / width)
+                    total += blend * volume[z, y, x]
+                    weight_sum += blend
+        background = total / weight_sum if weight_sum > 0 else 0.0
+        for z in numba.prange(size):
+            for y in range(size):
+                for x in range(size):
+                    r = math.sqrt((z - centre) ** 2 + (y - centre) ** 2 + (x - centre) ** 2)
+                    value = volume[z, y, x]
+                    if r >= radius and weight_sum > 0:
+                        blend = 1.0 if r > outer else 0.5 + 0.5 * math.cos(math.pi * (outer - r) / width)
+                        value = (1.0 - blend) * value + blend * background
+                    argument = math.pi * r / padded
+                    if argument > 0:
+                        sinc = math.sin(argument) / argument
+                        value /= sinc * sinc
+                    volume[z, y, x] = value
+
+
 def prepare_slices_cpu(images: torch.Tensor, batch: dict[str, torch.Tensor], samples: SliceSamples,
-                       apply_ctf: bool) -> torch.Tensor:
+                       apply_ctf: bool, out: np.ndarray | None = None) -> torch.Tensor:
     """:func:`prepare_slices` as one fused numba pass (CPU).
 
-    Returns ``(b, p, 3)`` float64: real part, imaginary part and weight of each sample.
+    Returns ``(b, p, 3)`` float64: real part, imaginary part and weight of each sample
+    (written into ``out[:b]`` when given, to reuse memory from batch to batch).
     """
     box = images.shape[-1]
     spectra = torch.fft.rfft2(images.to(torch.float32)).numpy()  # complex64: the images are float32
@@ -480,7 +535,7 @@ def prepare_slices_cpu(images: torch.Tensor, batch: dict[str, torch.Tensor], sam
     wavelength = electron_wavelength(batch["voltage"])
     q0 = batch["amplitude_contrast"]
     angle2 = 2 * torch.deg2rad(batch["defocus_angle"])
-    values = np.empty((count, rows.size, 3), dtype=np.float64)
+    values = np.empty((count, rows.size, 3), dtype=np.float64) if out is None else out[:count]
     _prepare_kernel(spectra, rows, columns, radius2.numpy(), cos_sample2.numpy(), sin_sample2.numpy(),
                     samples.multiplicity.numpy(), phase_y, phase_x, bool(apply_ctf),
                     (1.0 / (box * batch["pixel_size"]) ** 2).numpy(),
@@ -494,19 +549,103 @@ def prepare_slices_cpu(images: torch.Tensor, batch: dict[str, torch.Tensor], sam
     return torch.from_numpy(values)
 
 
+def locate_samples(grid_shape: tuple[int, ...], rotations: torch.Tensor, frequency_y: torch.Tensor,
+                   frequency_x: torch.Tensor, values: torch.Tensor, pad_factor: int, sharers: int = 1,
+                   buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower trilinear corner and offsets of every sample (CPU, numba).
+
+    Returns ``(base, record, plane_owner)``: ``(b, p)`` int64 flat voxel indices into a
+    grid of ``grid_shape[:3]``, ``(b, p, 6)`` float64 (real, imaginary, weight, fx, fy,
+    fz), and ``(b, p)`` int8 ``z % sharers`` of the lower corner; written into ``buffers``
+    (sliced to ``b``) when given.
+    """
+    half = (grid_shape[0] - 1) // 2
+    count, points = values.shape[0], values.shape[1]
+    scaled = np.ascontiguousarray((rotations.to(torch.float64) * pad_factor).cpu().numpy())
+    if buffers is None:
+        base = np.empty((count, points), dtype=np.int64)
+        record = np.empty((count, points, 6), dtype=np.float64)
+        plane_owner = np.empty((count, points), dtype=np.int8)
+    else:
+        base, record, plane_owner = buffers[0][:count], buffers[1][:count], buffers[2][:count]
+    _locate_kernel(half, grid_shape[1], grid_shape[2], scaled, np.ascontiguousarray(frequency_y.cpu().numpy()),
+                   np.ascontiguousarray(frequency_x.cpu().numpy()), np.ascontiguousarray(values.numpy()), sharers,
+                   base, record, plane_owner)
+    return base, record, plane_owner
+
+
 def insert_slices_cpu(grid: torch.Tensor, rotations: torch.Tensor, frequency_y: torch.Tensor,
                       frequency_x: torch.Tensor, values: torch.Tensor, pad_factor: int) -> None:
-    """Trilinear insertion on the CPU with the fused numba kernel (in place).
+    """Trilinear insertion into one grid on the CPU with the numba kernels (in place, one thread).
 
     ``grid``: ``(P + 1, P + 1, P // 2 + 2, 3)`` float64 (see :func:`insert_slices_torch`);
-    ``values``: ``(b, p, 3)`` float64 from :func:`prepare_slices_cpu`. Uses
-    ``numba.get_num_threads()`` threads, each owning every ``threads``-th z plane.
+    ``values``: ``(b, p, 3)`` float64 from :func:`prepare_slices_cpu`. The reconstruction
+    itself uses :class:`GridAccumulators`, which scatters with one thread per grid copy.
     """
-    half = (grid.shape[0] - 1) // 2
-    scaled = np.ascontiguousarray((rotations.to(torch.float64) * pad_factor).cpu().numpy())
-    _scatter_kernel(grid.numpy(), half, scaled, np.ascontiguousarray(frequency_y.cpu().numpy()),
-                    np.ascontiguousarray(frequency_x.cpu().numpy()), np.ascontiguousarray(values.numpy()),
-                    numba.get_num_threads(), PREFETCH_DISTANCE)
+    base, record, plane_owner = locate_samples(tuple(grid.shape), rotations, frequency_y, frequency_x, values,
+                                               pad_factor)
+    lists = np.arange(values.shape[0], dtype=np.int64)[None]
+    tasks = np.array([[0, 0, 1]], dtype=np.int64)
+    _scatter_kernel(grid.numpy()[None], base, record, plane_owner, lists, tasks, PREFETCH_DISTANCE)
+
+
+class GridAccumulators:
+    """The CPU accumulation grids of one reconstruction.
+
+    Each map (half-set) gets ``copies`` float64 grids of shape ``(P + 1, P + 1, P/2 + 2, 3)``
+    (summed at the end), each filled with its share of every batch by ``sharers`` threads
+    that split its z planes (plane ``z`` belongs to thread ``z % sharers``). So threads
+    never write to the same memory. Copies are preferred (no thread re-reads another's
+    samples) as long as all grids fit in ``memory_budget`` bytes; two half maps on two
+    threads need one grid each and no sharing at all.
+    """
+
+    def __init__(self, shape: tuple[int, ...], groups: Sequence[int], threads: int, memory_budget: int,
+                 batch_size: int, points: int) -> None:
+        grid_bytes = int(np.prod(shape)) * 8
+        maps = len(groups)
+        threads_per_map = max(1, threads // maps)
+        copies = max(1, min(threads_per_map, memory_budget // (grid_bytes * maps)))
+        self.shape = shape
+        self.groups = list(groups)
+        self.copies = copies
+        self.sharers = max(1, threads_per_map // copies)
+        self.grids = np.zeros((maps * copies, *shape), dtype=np.float64)
+        self.tasks = np.array([[grid, owner, self.sharers] for grid in range(maps * copies)
+                               for owner in range(self.sharers)], dtype=np.int64)
+        # Work space reused by every batch (fresh large arrays cost a page fault per 4 kB).
+        self.values = np.empty((batch_size, points, 3), dtype=np.float64)
+        self.base = np.empty((batch_size, points), dtype=np.int64)
+        self.record = np.empty((batch_size, points, 6), dtype=np.float64)
+        self.plane_owner = np.empty((batch_size, points), dtype=np.int8)
+
+    def insert(self, rotations: torch.Tensor, frequency_y: torch.Tensor, frequency_x: torch.Tensor,
+               values: torch.Tensor, labels: np.ndarray, pad_factor: int) -> None:
+        """Insert a batch: ``values`` ``(b, p, 3)``, ``labels`` ``(b,)`` the map of each particle."""
+        base, record, plane_owner = locate_samples(self.shape, rotations, frequency_y, frequency_x, values,
+                                                   pad_factor, self.sharers,
+                                                   (self.base, self.record, self.plane_owner))
+        shares: list[np.ndarray] = []
+        for group in self.groups:
+            members = np.flatnonzero(labels == group)
+            shares.extend(np.array_split(members, self.copies))
+        width = max(1, max(share.size for share in shares))
+        lists = np.full((len(shares), width), -1, dtype=np.int64)
+        for index, share in enumerate(shares):
+            lists[index, :share.size] = share
+        _scatter_kernel(self.grids, base, record, plane_owner, lists, self.tasks, PREFETCH_DISTANCE)
+
+    def pop(self, group: int) -> torch.Tensor:
+        """The grid of one map, its copies summed in place (a view; valid until the next pop)."""
+        first = self.groups.index(group) * self.copies
+        for copy in range(1, self.copies):
+            np.add(self.grids[first], self.grids[first + copy], out=self.grids[first])
+        return torch.from_numpy(self.grids[first])
+
+    def release(self) -> None:
+        """Drop the grids and work space."""
+        self.grids = self.values = self.base = self.record = self.plane_owner = np.empty(0)
 
 
 def _use_numba(grid: torch.Tensor) -> bool:
@@ -679,6 +818,10 @@ def grid_to_map(grid: torch.Tensor, size: int, pad_factor: int,
         partial[:, :, x_start:x_end] = torch.fft.ifft(columns, dim=0)[start:start + size]
     partial = torch.fft.ifft(partial, dim=1)[:, start:start + size]
     volume = torch.fft.irfft(partial, n=padded, dim=2)[:, :, start:start + size]
+    if _use_numba(grid):
+        volume = volume.contiguous()
+        _finish_kernel(volume.numpy(), size / 2, MASK_EDGE_WIDTH, float(padded))
+        return volume
     volume = soft_mask_outside(volume, size / 2, MASK_EDGE_WIDTH)
     return volume / gridding_correction(size, padded, dtype=volume.dtype, device=device)
 
@@ -821,37 +964,41 @@ def _reconstruct(table: ParticleTable, reader: StackReader, rows: np.ndarray, la
     padded = pad_factor * box
     samples = SliceSamples.for_box(box, device)
     shape = (padded + 1, padded + 1, padded // 2 + 2, 3)
-    grids = {group: torch.zeros(shape, dtype=torch.float64, device=device) for group in groups}
+    on_cpu = numba is not None and device.type == "cpu"
+    if on_cpu:
+        accumulators = GridAccumulators(shape, groups, numba.get_num_threads(), ACCUMULATION_MEMORY, batch_size,
+                                        samples.flat_index.numel())
+    else:
+        grids = {group: torch.zeros(shape, dtype=torch.float64, device=device) for group in groups}
     batches = [rows[start:start + batch_size] for start in range(0, rows.size, batch_size)]
     label_of = dict(zip(rows.tolist(), labels.tolist()))
     for batch_rows, images in prefetch_batches(reader, batches):
         parameters = _batch_parameters(table, batch_rows, device)
         image_tensor = torch.from_numpy(images).to(device)
-        if _use_numba(next(iter(grids.values()))):
-            values = prepare_slices_cpu(image_tensor, parameters, samples, apply_ctf)
+        matrices = euler_to_matrix(parameters["rot"], parameters["tilt"], parameters["psi"])
+        batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
+        if on_cpu:
+            values = prepare_slices_cpu(image_tensor, parameters, samples, apply_ctf, out=accumulators.values)
+            accumulators.insert(matrices, samples.frequency_y, samples.frequency_x, values, batch_labels,
+                                pad_factor)
         else:
             spectrum_values, weights = prepare_slices(image_tensor, parameters, samples, apply_ctf)
             values = torch.stack([spectrum_values.real, spectrum_values.imag, weights], dim=-1)
-        matrices = euler_to_matrix(parameters["rot"], parameters["tilt"], parameters["psi"])
-        batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
-        for group in groups:
-            where = np.flatnonzero(batch_labels == group)
-            if where.size == 0:
-                continue
-            if where.size == len(batch_rows):
-                insert_slices(grids[group], matrices, samples.frequency_y, samples.frequency_x, values, pad_factor)
-            else:
-                index = torch.as_tensor(where, device=device)
-                insert_slices(grids[group], matrices[index], samples.frequency_y, samples.frequency_x,
-                              values[index], pad_factor)
+            for group in groups:
+                index = torch.as_tensor(np.flatnonzero(batch_labels == group), device=device)
+                if index.numel():
+                    insert_slices(grids[group], matrices[index], samples.frequency_y, samples.frequency_x,
+                                  values[index], pad_factor)
         if progress is not None:
             progress(len(batch_rows))
     maps = {}
     for group in groups:
-        grid = grids.pop(group)
+        grid = accumulators.pop(group) if on_cpu else grids.pop(group)
         enforce_hermitian(grid)
         if rotations_group.shape[0] > 1:
             grid = symmetrise_grid(grid, rotations_group.to(device))
         maps[group] = grid_to_map(grid, box, pad_factor).to(torch.float32).cpu().numpy()
         del grid
+    if on_cpu:
+        accumulators.release()
     return maps
