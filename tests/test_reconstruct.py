@@ -251,7 +251,7 @@ def test_batch_size_and_thread_count_do_not_change_the_map(small: Simulated) -> 
 def test_torch_path_equals_cpu_kernels(small: Simulated, monkeypatch: pytest.MonkeyPatch, symmetry: str) -> None:
     """The ``index_add_`` path (used on CUDA) computes the same map as the numba kernels."""
     cpu = ours(small, symmetry=symmetry)
-    monkeypatch.setattr(reconstruction, "_use_numba", lambda grid: False)
+    monkeypatch.setattr(reconstruction, "_numba_for", lambda device: False)
     generic = ours(small, symmetry=symmetry)
     np.testing.assert_allclose(generic, cpu, rtol=0, atol=1e-5 * np.abs(cpu).max())
 

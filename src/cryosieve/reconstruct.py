@@ -652,8 +652,13 @@ class GridAccumulators:
         self.grids = self.values = self.base = self.record = self.plane_owner = np.empty(0)
 
 
+def _numba_for(device: torch.device) -> bool:
+    """Whether the numba CPU kernels run for data on ``device`` (else the torch code)."""
+    return numba is not None and device.type == "cpu"
+
+
 def _use_numba(grid: torch.Tensor) -> bool:
-    return numba is not None and grid.device.type == "cpu" and grid.dtype == torch.float64
+    return _numba_for(grid.device) and grid.dtype == torch.float64
 
 
 def insert_slices(grid: torch.Tensor, rotations: torch.Tensor, frequency_y: torch.Tensor,
@@ -968,7 +973,7 @@ def _reconstruct(table: ParticleTable, reader: StackReader, rows: np.ndarray, la
     padded = pad_factor * box
     samples = SliceSamples.for_box(box, device)
     shape = (padded + 1, padded + 1, padded // 2 + 2, 3)
-    on_cpu = numba is not None and device.type == "cpu"
+    on_cpu = _numba_for(device)
     if on_cpu:
         accumulators = GridAccumulators(shape, groups, numba.get_num_threads(), ACCUMULATION_MEMORY, batch_size,
                                         samples.flat_index.numel())
