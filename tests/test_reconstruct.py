@@ -388,6 +388,28 @@ def test_command_line_writes_the_same_map(small: Simulated, tmp_path: Path) -> N
                                   reconstruct(table, StackReader(table, small.folder), apply_ctf=False))
 
 
+def test_relion_30_star_with_angpix(small: Simulated, tmp_path: Path) -> None:
+    """A RELION 3.0 STAR file (origins in pixels, optics per particle) gives the same map."""
+    frame = starfile.read(small.star, always_dict=True)
+    particles = frame["particles"].copy()
+    particles["rlnOriginX"] = particles.pop("rlnOriginXAngst") / VOXEL
+    particles["rlnOriginY"] = particles.pop("rlnOriginYAngst") / VOXEL
+    particles = particles.drop(columns=["rlnOpticsGroup"]).assign(
+        rlnVoltage=300.0, rlnSphericalAberration=2.7, rlnAmplitudeContrast=0.1)
+    old_star = tmp_path / "relion30.star"
+    starfile.write({"images": particles}, old_star, overwrite=True)
+    output = tmp_path / "old.mrc"
+    assert main(["--i", str(old_star), "--o", str(output), "--ctf", "--angpix", str(VOXEL),
+                 "--directory", str(small.folder), "--quiet"]) == 0
+    table = read_particles(small.star)
+    expected = reconstruct(table, StackReader(table, small.folder))
+    np.testing.assert_allclose(mrcfile.read(output), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    assert mrcfile.open(output).voxel_size.x == pytest.approx(VOXEL)
+    missing = tmp_path / "no_angpix.mrc"
+    assert main(["--i", str(old_star), "--o", str(missing), "--directory", str(small.folder), "--quiet"]) == 2
+    assert not missing.exists()
+
+
 def _bad_inputs(small: Simulated, folder: Path) -> dict[str, tuple[list[str], str]]:
     frame = starfile.read(small.star, always_dict=True)
     no_angle = folder / "no_angle.star"
