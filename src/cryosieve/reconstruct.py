@@ -226,7 +226,9 @@ if numba is not None:
     from numba.core import cgutils as _cgutils
     from numba.extending import intrinsic as _intrinsic
 
-    _PREFETCH_NAME = "llvm.prefetch.p0" if _llvm_binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+    # LLVM 17+ has only opaque pointers (intrinsic suffix p0); llvmlite's builds of LLVM 14
+    # to 16 use typed pointers (suffix p0i8).
+    _PREFETCH_NAME = "llvm.prefetch.p0" if _llvm_binding.llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"
 
     @_intrinsic
     def _prefetch_for_write(typingctx, array, index):  # pragma: no cover - compiled
