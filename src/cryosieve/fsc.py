@@ -56,3 +56,18 @@ def resolution_at_threshold(fsc: torch.Tensor, box: int, voxel_size: float, thre
             crossing = shell - 1 + fraction
             return box * voxel_size / max(crossing, 1e-6)
     return 2.0 * voxel_size
+
+
+def filter_by_shell(volume: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Multiply a ``(n, n, n)`` map's transform by a per-shell weight.
+
+    ``weight``: ``(n // 2 + 1,)`` values for the shells of :func:`shell_index`; shells beyond
+    them (the corners of the cube) get zero. Returns a map of the input's dtype.
+    """
+    size = volume.shape[-1]
+    shells = shell_index(size, volume.device)
+    weight = torch.as_tensor(weight, device=volume.device)
+    values = torch.cat([weight.to(volume.dtype), torch.zeros(1, dtype=volume.dtype, device=volume.device)])
+    values = values[shells.clamp_max(weight.numel())]
+    return torch.fft.irfftn(torch.fft.rfftn(volume, dim=(-3, -2, -1)) * values, s=volume.shape[-3:],
+                            dim=(-3, -2, -1))

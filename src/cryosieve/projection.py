@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from cryosieve.fsc import filter_by_shell
 from cryosieve.geometry import published_quaternions
 
 
@@ -31,9 +32,9 @@ def gridding_correction(size: int, padded_size: int, dtype: torch.dtype = torch.
     Returns ``(size, size, size)`` values ``sinc^2(r / padded_size)`` with ``r`` the
     distance in voxels from the centre voxel ``size // 2``; divide the volume by it.
     """
-    coordinate = torch.arange(size, dtype=dtype, device=device) - size // 2
-    radius = torch.sqrt(coordinate[:, None, None] ** 2 + coordinate[None, :, None] ** 2
-                        + coordinate[None, None, :] ** 2) / padded_size
+    coordinate = (torch.arange(size, dtype=torch.float64, device=device) - size // 2) ** 2
+    radius = torch.sqrt(coordinate[:, None, None] + coordinate[None, :, None] + coordinate[None, None, :])
+    radius = (radius / padded_size).to(dtype)
     sinc = torch.where(radius > 0, torch.sin(math.pi * radius) / (math.pi * radius).clamp_min(1e-30),
                        torch.ones_like(radius))
     return sinc * sinc
@@ -60,8 +61,9 @@ class FourierSliceProjector:
     pad_factor:
         Zero-padding factor before the 3D FFT (2, as RELION).
     spectrum_weight:
-        Optional ``(n // 2 + 1,)`` real weight per Fourier shell (cycles per box,
-        rounded radius) applied to the volume's transform, e.g. FSC weighting.
+        Optional ``(n // 2 + 1,)`` real weight per Fourier shell of the volume (rounded
+        radius in cycles per box, as :func:`cryosieve.fsc.fourier_shell_correlation`),
+        e.g. FSC weighting; applied with :func:`cryosieve.fsc.filter_by_shell`.
     dtype:
         Complex dtype of the stored grid (``torch.complex64`` by default).
     """
@@ -74,35 +76,39 @@ class FourierSliceProjector:
         device = volume.device
         size = volume.shape[-1]
         padded = pad_factor * size
+        half = padded // 2
         self.size, self.padded_size, self.pad_factor = size, padded, pad_factor
         real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
-        real = (volume.to(torch.float64) / gridding_correction(size, padded, device=device)).to(real_dtype)
-        start = padded // 2 - size // 2
-        grid = torch.zeros((padded,) * 3, dtype=real_dtype, device=device)
-        grid[start:start + size, start:start + size, start:start + size] = real
-        spectrum = torch.fft.rfftn(torch.fft.ifftshift(grid), dim=(0, 1, 2))
-        del grid
-        spectrum = torch.fft.fftshift(spectrum, dim=(0, 1))  # zero frequency at [P/2, P/2, 0]
+        real = volume.to(real_dtype)
         if spectrum_weight is not None:
-            spectrum = spectrum * self._shell_weights(spectrum_weight, device).to(real_dtype)
-        # Append the periodic copy of the -P/2 planes at +P/2 and one zero column in x,
-        # so the 8 trilinear neighbours of any point with |k| < P/2 are in range.
-        spectrum = torch.cat([spectrum, spectrum[:1]], dim=0)
-        spectrum = torch.cat([spectrum, spectrum[:, :1]], dim=1)
-        spectrum = torch.nn.functional.pad(torch.view_as_real(spectrum), (0, 0, 0, 1))
-        self.grid = torch.view_as_complex(spectrum.contiguous()).to(dtype).reshape(-1)
-        self.shape = (padded + 1, padded + 1, padded // 2 + 2)
+            real = filter_by_shell(real, spectrum_weight)
+        real = real / gridding_correction(size, padded, dtype=real_dtype, device=device)
+        # Zero-pad with the centre voxel (size // 2) at the array origin, octant by octant
+        # (the same as padding, then ifftshift, without the extra full-size copies).
+        centre = size // 2
+        grid = torch.zeros((padded,) * 3, dtype=real_dtype, device=device)
+        pieces = ((slice(centre, size), slice(0, size - centre)), (slice(0, centre), slice(padded - centre, padded)))
+        for source_z, target_z in pieces:
+            for source_y, target_y in pieces:
+                for source_x, target_x in pieces:
+                    grid[target_z, target_y, target_x] = real[source_z, source_y, source_x]
+        spectrum = torch.fft.rfftn(grid, dim=(0, 1, 2))
+        del grid
+        # Store with zero frequency at [P/2, P/2, 0] (fftshift along z and y, quadrant by
+        # quadrant), plus the periodic copy of the -P/2 planes at +P/2 and one zero column
+        # in x, so the 8 trilinear neighbours of any point with |k| < P/2 are in range.
+        stored = torch.zeros((padded + 1, padded + 1, half + 2), dtype=dtype, device=device)
+        width = half + 1
+        stored[half:padded, half:padded, :width] = spectrum[:half, :half]
+        stored[:half, half:padded, :width] = spectrum[half:, :half]
+        stored[half:padded, :half, :width] = spectrum[:half, half:]
+        stored[:half, :half, :width] = spectrum[half:, half:]
+        del spectrum
+        stored[padded, :padded] = stored[0, :padded]
+        stored[:, padded] = stored[:, 0]
+        self.grid = stored.reshape(-1)
+        self.shape = (padded + 1, padded + 1, half + 2)
         self.device = device
-
-    def _shell_weights(self, weight: torch.Tensor, device: torch.device) -> torch.Tensor:
-        padded = self.padded_size
-        kz = torch.arange(padded, device=device, dtype=torch.float64) - padded // 2
-        kx = torch.arange(padded // 2 + 1, device=device, dtype=torch.float64)
-        radius = torch.sqrt(kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2)
-        shell = torch.round(radius / self.pad_factor).long().clamp_max(weight.numel() - 1)
-        values = weight.to(device=device, dtype=torch.float64)[shell]
-        values[radius / self.pad_factor > weight.numel() - 1] = 0.0
-        return values
 
     def sample(self, rotations: torch.Tensor, frequency_y: torch.Tensor, frequency_x: torch.Tensor,
                scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.fsc import fourier_shell_correlation
+from cryosieve.fsc import filter_by_shell, fourier_shell_correlation
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.stack import StackReader, prefetch_batches
 from cryosieve.io.star import ParticleTable
@@ -169,17 +169,6 @@ def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting
     return masked, None, "none"
 
 
-def _apply_shell_weight(volume: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Filter a map by a per-shell weight (for the real-space projector)."""
-    from cryosieve.fsc import shell_index
-
-    tensor = torch.from_numpy(volume).to(torch.float64)
-    spectrum = torch.fft.rfftn(tensor)
-    shells = shell_index(volume.shape[-1]).clamp_max(len(weight))
-    values = torch.cat([torch.from_numpy(weight), torch.zeros(1, dtype=torch.float64)])[shells]
-    return torch.fft.irfftn(spectrum * values, s=volume.shape).to(torch.float32).numpy()
-
-
 def shard_batches(rows: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
     """Batches of ``rows`` for one worker: batch ``j`` goes to worker ``j % world_size``.
 
@@ -210,8 +199,9 @@ def score_rows(table: ParticleTable, reader: StackReader, references: Sequence[n
         if settings.projector == "fourier":
             projector = FourierSliceProjector(torch.from_numpy(reference).to(device), spectrum_weight=weight)
         else:
-            volume = reference if weight is None else _apply_shell_weight(reference, weight.numpy())
-            volume_tensor = torch.from_numpy(volume).to(device=device, dtype=torch.float64)
+            volume_tensor = torch.from_numpy(reference).to(device=device, dtype=torch.float64)
+            if weight is not None:
+                volume_tensor = filter_by_shell(volume_tensor, weight.to(device))
         for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank,
                                                                          world_size)):
             batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
