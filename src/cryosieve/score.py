@@ -167,13 +167,14 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, spectra: torch.Tensor,
     angle = torch.deg2rad(batch.defocus_angle)
     out = np.zeros(count, dtype=np.float64)
     _kernels.fourier_scores_kernel(
-        projector.grid.numpy(), projector.shape[1], projector.shape[2], projector.padded_size // 2,
-        float(projector.pad_factor),
-        array(spectra, np.complex64), array(samples.flat_index, np.int64), array(samples.ky), array(samples.kx),
+        torch.view_as_real(projector.grid).reshape(-1).numpy(), projector.shape[1], projector.shape[2],
+        projector.padded_size // 2, float(projector.pad_factor),
+        array(torch.view_as_real(spectra).reshape(count, -1), np.float32), array(samples.flat_index, np.int64), array(samples.ky), array(samples.kx),
         array(samples.row, np.int64), array(samples.column, np.int64), array(samples.weight),
         array(samples.radius_cycles_per_pixel),
         array(rotations), array(scale) if scale is not None else np.ones(count),
-        array(phase_x, np.complex64), array(phase_y, np.complex64),
+        array(torch.view_as_real(phase_x).reshape(count, -1), np.float32),
+        array(torch.view_as_real(phase_y).reshape(count, -1), np.float32),
         array((batch.defocus_u + batch.defocus_v) / 2), array((batch.defocus_u - batch.defocus_v) / 2),
         array(torch.cos(2 * angle)), array(torch.sin(2 * angle)),
         array(wavelength), array(batch.spherical_aberration * 1e7),
