@@ -5,8 +5,11 @@ torch path spends ~0.21 s per batch in eight separate advanced-indexing gathers 
 trilinear neighbours (~130 ns per sample), about 900 particles/s. This kernel fuses
 rotation, Friedel folding, trilinear interpolation, the CTF, the origin phase and the
 score sum in one pass per particle, touching each neighbour once in cache-coherent
-order. It is compiled on first use (cached on disk) and used on the CPU only; CUDA
-uses the batched torch path in :mod:`cryosieve.score`.
+order, reading the grid as interleaved float32 pairs and prefetching the grid rows of
+the sample 32 ahead (the reads are cache misses: a plane through a grid far larger than
+the caches). Measured on the same 2 cores: about 6,800 particles/s at box 128 and 1,200
+at box 256 (without the prefetch 4,400 and 750). It is compiled on first use (cached on
+disk) and used on the CPU only; CUDA uses the batched torch path in :mod:`cryosieve.score`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,41 @@ except ImportError:  # pragma: no cover - numba is a dependency, but keep the to
 
 AVAILABLE = numba is not None
 
+#: How many band samples ahead the scoring kernel prefetches the grid rows it will read.
+PREFETCH_DISTANCE = 32
+
 if AVAILABLE:
+    from llvmlite import binding as _llvm_binding
+    from llvmlite import ir as _llvm_ir
+    from numba import types as _numba_types
+    from numba.core import cgutils as _cgutils
+    from numba.extending import intrinsic as _intrinsic
+
+    # LLVM 17+ has only opaque pointers (intrinsic suffix p0); older ones typed pointers.
+    _PREFETCH_NAME = "llvm.prefetch.p0" if _llvm_binding.llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"
+
+    def _prefetch_intrinsic(write: int):
+        def prefetch(typingctx, array, index):  # pragma: no cover - compiled
+            signature = _numba_types.void(array, _numba_types.intp)
+
+            def codegen(context, builder, sig, args):
+                data = context.make_array(sig.args[0])(context, builder, args[0]).data
+                pointer = builder.bitcast(builder.gep(data, [args[1]]), _llvm_ir.IntType(8).as_pointer())
+                int32 = _llvm_ir.IntType(32)
+                function = _cgutils.get_or_insert_function(
+                    builder.module,
+                    _llvm_ir.FunctionType(_llvm_ir.VoidType(), [pointer.type, int32, int32, int32]),
+                    _PREFETCH_NAME)
+                builder.call(function, [pointer, int32(write), int32(3), int32(1)])
+                return context.get_dummy_value()
+
+            return signature, codegen
+
+        return _intrinsic(prefetch)
+
+    #: Hint the CPU to fetch ``array.flat[index]``'s cache line for reading / for writing.
+    prefetch_for_read = _prefetch_intrinsic(0)
+    prefetch_for_write = _prefetch_intrinsic(1)
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def fourier_scores_kernel(grid, shape_y, shape_x, half, pad_factor,
@@ -45,7 +82,26 @@ if AVAILABLE:
             k1 = math.pi * wavelength[i]
             k2 = 0.5 * math.pi * cs_angstrom[i] * wavelength[i] ** 3
             total = 0.0
+            plane2 = 2 * shape_y * shape_x
             for j in range(points):
+                # The grid reads are cache misses (a plane through a grid far larger than the
+                # caches): ask for the rows of the sample PREFETCH_DISTANCE ahead now.
+                ahead = j + PREFETCH_DISTANCE
+                if ahead < points:
+                    ax = a00 * freq_x[ahead] + a10 * freq_y[ahead]
+                    ay = a01 * freq_x[ahead] + a11 * freq_y[ahead]
+                    az = a02 * freq_x[ahead] + a12 * freq_y[ahead]
+                    if ax < 0:
+                        ax, ay, az = -ax, -ay, -az
+                    jx = int(math.floor(ax))
+                    jy = int(math.floor(ay)) + half
+                    jz = int(math.floor(az)) + half
+                    if jx < half and 0 <= jy < 2 * half and 0 <= jz < 2 * half:
+                        p000 = 2 * ((jz * shape_y + jy) * shape_x + jx)
+                        prefetch_for_read(grid, p000)
+                        prefetch_for_read(grid, p000 + 2 * shape_x)
+                        prefetch_for_read(grid, p000 + plane2)
+                        prefetch_for_read(grid, p000 + plane2 + 2 * shape_x)
                 if radius[j] < highpass[i]:
                     continue
                 ky = freq_y[j]

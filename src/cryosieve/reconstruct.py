@@ -220,32 +220,7 @@ PREFETCH_DISTANCE = 16
 ACCUMULATION_MEMORY = 2 * 1024**3
 
 if numba is not None:
-    from llvmlite import binding as _llvm_binding
-    from llvmlite import ir as _llvm_ir
-    from numba import types as _numba_types
-    from numba.core import cgutils as _cgutils
-    from numba.extending import intrinsic as _intrinsic
-
-    # LLVM 17+ has only opaque pointers (intrinsic suffix p0); llvmlite's builds of LLVM 14
-    # to 16 use typed pointers (suffix p0i8).
-    _PREFETCH_NAME = "llvm.prefetch.p0" if _llvm_binding.llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"
-
-    @_intrinsic
-    def _prefetch_for_write(typingctx, array, index):  # pragma: no cover - compiled
-        """Hint the CPU to fetch ``array.flat[index]``'s cache line for writing."""
-        signature = _numba_types.void(array, _numba_types.intp)
-
-        def codegen(context, builder, sig, args):
-            data = context.make_array(sig.args[0])(context, builder, args[0]).data
-            pointer = builder.bitcast(builder.gep(data, [args[1]]), _llvm_ir.IntType(8).as_pointer())
-            int32 = _llvm_ir.IntType(32)
-            function = _cgutils.get_or_insert_function(
-                builder.module, _llvm_ir.FunctionType(_llvm_ir.VoidType(), [pointer.type, int32, int32, int32]),
-                _PREFETCH_NAME)
-            builder.call(function, [pointer, int32(1), int32(3), int32(1)])
-            return context.get_dummy_value()
-
-        return signature, codegen
+    from cryosieve._kernels import prefetch_for_write as _prefetch_for_write
 
     @numba.njit(parallel=True, cache=True)
     def _prepare_kernel(spectra, rows, columns, radius2, cos_sample2, sin_sample2, multiplicity, phase_y,
