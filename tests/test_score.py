@@ -157,6 +157,31 @@ def test_published_scorer_highpass_and_ctf_against_numpy():
         assert scores[i] == pytest.approx(expected, rel=1e-9)
 
 
+def test_viewing_direction_order_is_a_permutation_and_leaves_scores_unchanged(known_truth, monkeypatch):
+    from cryosieve import sieve as sieve_module
+
+    rng = np.random.default_rng(9)
+    rot, tilt, _ = uniform_random_euler(1000, rng)
+    order = sieve_module.viewing_direction_order(rot, tilt, chunk=300)
+    assert sorted(order.tolist()) == list(range(1000))
+    assert all(set(order[start:start + 300]) == set(range(start, min(start + 300, 1000)))
+               for start in range(0, 1000, 300))
+    # Neighbours in the new order are closer in viewing direction than in the input order.
+    def step(indices):
+        z = np.cos(np.radians(tilt[indices]))
+        return np.mean(np.abs(np.diff(z)) + np.abs(np.diff(np.radians(rot[indices]))) / np.pi)
+    assert step(order[:300]) < 0.5 * step(np.arange(300))
+
+    table = read_particles(known_truth.star)
+    settings = SieveSettings(retention_ratio=0.8, highpass_angstrom=20.0)
+    paths = [str(known_truth.half1), str(known_truth.half2)]
+    reader, volumes, mask, half_set = load_inputs(table, known_truth.folder, paths, str(known_truth.mask), settings)
+    ordered = sieve(table, reader, volumes, mask, half_set, settings).scores
+    monkeypatch.setattr(sieve_module, "viewing_direction_order", lambda rot, tilt: np.arange(len(rot)))
+    unordered = sieve(table, reader, volumes, mask, half_set, settings).scores
+    assert np.array_equal(ordered, unordered)
+
+
 def test_select_lowest_rounds_and_breaks_ties_by_input_order():
     scores = np.array([3.0, 1.0, 1.0, 2.0, 5.0, 0.0, 0.0, 0.0])
     groups = np.array([1, 1, 1, 1, 1, 2, 2, 2])
