@@ -53,7 +53,7 @@ from cryosieve.backends.relion import (
     with_launcher,
 )
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.atomic import OutputGroup, atomic_path, write_text_atomic
+from cryosieve.io.atomic import OutputGroup, atomic_directory, atomic_path, write_text_atomic
 from cryosieve.io.mrc import Volume, read_volume, write_volume_to
 from cryosieve.io.stack import StackReader
 from cryosieve.io.star import ParticleTable, read_particles
@@ -507,17 +507,8 @@ def _postprocess_builtin(prepared: _Prepared, iteration: int) -> None:
     result = postprocess(half1.data, half2.data, prepared.mask.data, prepared.settings.angpix, auto_bfactor=True,
                          autob_lowres=10.0, device=prepared.device)
     directory = names.postprocess_directory(iteration)
-    partial = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    try:
+    with atomic_directory(directory) as partial:
         write_postprocess(result, str(partial / names.postprocess_root_name(iteration)), prepared.settings.angpix)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(partial, directory)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _postprocess_external(prepared: _Prepared, iteration: int) -> None:

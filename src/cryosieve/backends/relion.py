@@ -40,6 +40,7 @@ import pandas as pd
 import starfile
 
 from cryosieve.errors import CryoSieveInputError
+from cryosieve.io.atomic import atomic_directory
 
 log = logging.getLogger("cryosieve")
 
@@ -182,22 +183,11 @@ def run_postprocess(program: Sequence[str], half1: Path, half2: Path, mask: Path
     Returns the path of ``root_name.star``.
     """
     directory = Path(directory)
-    partial = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    command = postprocess_command(program, half1, half2, mask, angpix, partial / root_name)
-    try:
+    with atomic_directory(directory) as partial:
+        command = postprocess_command(program, half1, half2, mask, angpix, partial / root_name)
         run_in_parallel([command], [log_path])
-        star = partial / f"{root_name}.star"
-        if not star.is_file():
+        if not (partial / f"{root_name}.star").is_file():
             raise ExternalCommandError(shlex.join(command), str(log_path), 1)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(partial, directory)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
     return directory / f"{root_name}.star"
 
 
