@@ -34,6 +34,7 @@ import starfile
 import torch
 from conftest import model_map, optics_table, require, write_map
 
+import cryosieve._reconstruct_torch as reconstruction_torch
 import cryosieve.reconstruct as reconstruction
 from cryosieve.cli.reconstruct import main
 from cryosieve.errors import CryoSieveInputError
@@ -289,27 +290,34 @@ def test_half_grid_insertion_equals_full_hermitian_insertion(path: str) -> None:
     padded = pad * box
     rng = np.random.default_rng(4)
     image = rng.normal(size=(box, box))
-    rotations = reconstruction.euler_to_matrix(*(torch.from_numpy(rng.uniform(-180, 180, 3)) for _ in range(3)))
-    rotations[0] = reconstruction.euler_to_matrix(torch.tensor(0.0), torch.tensor(90.0), torch.tensor(0.0))
+    rotations = reconstruction.euler_to_matrix(*(rng.uniform(-180, 180, 3) for _ in range(3)))
+    rotations[0] = reconstruction.euler_to_matrix(np.array(0.0), np.array(90.0), np.array(0.0))
     samples = reconstruction.SliceSamples.for_box(box)
-    spectrum = torch.fft.rfft2(torch.from_numpy(image)).reshape(-1)[samples.flat_index]
+    spectrum = np.fft.rfft2(image).reshape(-1)[samples.flat_index]
     radius2 = samples.frequency_x ** 2 + samples.frequency_y ** 2
-    values = torch.stack([spectrum.real * samples.multiplicity, spectrum.imag * samples.multiplicity,
-                          (1 + radius2 / 10) * samples.multiplicity], dim=-1)
-    values = values[None].expand(len(rotations), -1, -1).contiguous()
-    grid = torch.zeros((padded + 1, padded + 1, padded // 2 + 2, 3), dtype=torch.float64)
+    values = np.stack([spectrum.real * samples.multiplicity, spectrum.imag * samples.multiplicity,
+                       (1 + radius2 / 10) * samples.multiplicity], axis=-1)
+    values = np.ascontiguousarray(np.broadcast_to(values[None], (len(rotations), *values.shape)))
+    shape = (padded + 1, padded + 1, padded // 2 + 2, 3)
     if path == "numba":
-        reconstruction.insert_slices(grid, rotations, samples.frequency_y, samples.frequency_x, values, pad)
+        grid = np.zeros(shape)
+        reconstruction.insert_slices_cpu(grid, rotations, samples.frequency_y, samples.frequency_x, values, pad)
+        reconstruction.enforce_hermitian(grid)
     else:
-        reconstruction.insert_slices_torch(grid, rotations, samples.frequency_y, samples.frequency_x,
-                                           values[..., 0], values[..., 1], values[..., 2], pad)
-    reconstruction.enforce_hermitian(grid)
-    data, weight = brute_force_full_insertion(image, rotations.numpy(), pad)
+        tensor = torch.zeros(shape, dtype=torch.float64)
+        torch_samples = reconstruction_torch.TorchSamples.from_samples(samples)
+        values_tensor = torch.from_numpy(values)
+        reconstruction_torch.insert_slices_torch(tensor, torch.from_numpy(rotations), torch_samples.frequency_y,
+                                                 torch_samples.frequency_x, values_tensor[..., 0],
+                                                 values_tensor[..., 1], values_tensor[..., 2], pad)
+        reconstruction_torch.enforce_hermitian_torch(tensor)
+        grid = tensor.numpy()
+    data, weight = brute_force_full_insertion(image, rotations, pad)
     half = padded // 2
     expected = data[:padded + 1, :padded + 1, half:half + half + 1]
-    np.testing.assert_allclose(grid[:, :, :half + 1, 0].numpy(), expected.real, atol=1e-9)
-    np.testing.assert_allclose(grid[:, :, :half + 1, 1].numpy(), expected.imag, atol=1e-9)
-    np.testing.assert_allclose(grid[:, :, :half + 1, 2].numpy(), weight[:padded + 1, :padded + 1, half:2 * half + 1],
+    np.testing.assert_allclose(grid[:, :, :half + 1, 0], expected.real, atol=1e-9)
+    np.testing.assert_allclose(grid[:, :, :half + 1, 1], expected.imag, atol=1e-9)
+    np.testing.assert_allclose(grid[:, :, :half + 1, 2], weight[:padded + 1, :padded + 1, half:2 * half + 1],
                                atol=1e-9)
 
 

@@ -48,7 +48,7 @@ def same_set(ours: np.ndarray, theirs: np.ndarray, tolerance: float) -> bool:
 
 @pytest.mark.parametrize("name", GROUPS)
 def test_matrices_match_relion(name: str) -> None:
-    ours = symmetry_matrices(name).numpy()
+    ours = symmetry_matrices(name)
     theirs = relion_symmetry_operators(name)
     assert ours.shape == (ORDERS[name], 3, 3) == theirs.shape
     # RELION prints 5-8 significant digits.
@@ -59,17 +59,17 @@ def test_a_misoriented_group_does_not_match_relion() -> None:
     """Control: the comparison above detects an orientation error of a few degrees."""
     tilt = axis_rotation(120, (1.0, 2.0, 3.0))  # 3 degrees
     for name in ("D2", "I", "T"):
-        ours = symmetry_matrices(name).numpy()
+        ours = symmetry_matrices(name)
         rotated = np.einsum("ij,mjk,lk->mil", tilt, ours, tilt)
         assert not same_set(rotated, relion_symmetry_operators(name), 1e-4)
     # I1 and I3 are other orientations of the same group as I (= I2)
-    assert not same_set(symmetry_matrices("I1").numpy(), relion_symmetry_operators("I2"), 1e-4)
-    assert not same_set(symmetry_matrices("I3").numpy(), relion_symmetry_operators("I4"), 1e-4)
+    assert not same_set(symmetry_matrices("I1"), relion_symmetry_operators("I2"), 1e-4)
+    assert not same_set(symmetry_matrices("I3"), relion_symmetry_operators("I4"), 1e-4)
 
 
 @pytest.mark.parametrize("name", GROUPS)
 def test_group_properties(name: str) -> None:
-    matrices = symmetry_matrices(name)
+    matrices = torch.from_numpy(symmetry_matrices(name))
     assert matrices.dtype == torch.float64
     assert torch.equal(matrices[0], torch.eye(3, dtype=torch.float64))
     assert group_order(name) == ORDERS[name]
@@ -82,9 +82,9 @@ def test_group_properties(name: str) -> None:
 
 
 def test_names_are_case_insensitive() -> None:
-    assert torch.equal(symmetry_matrices("d2"), symmetry_matrices("D2"))
-    assert torch.equal(symmetry_matrices(" c4 "), symmetry_matrices("C4"))
-    assert torch.equal(symmetry_matrices("i"), symmetry_matrices("I2"))
+    assert np.array_equal(symmetry_matrices("d2"), symmetry_matrices("D2"))
+    assert np.array_equal(symmetry_matrices(" c4 "), symmetry_matrices("C4"))
+    assert np.array_equal(symmetry_matrices("i"), symmetry_matrices("I2"))
 
 
 @pytest.mark.parametrize("name", ["XYZ", "C0", "D0", "Cs", "Ci", "C2v", "D2h", "Oh", "I5", "Ih", "C100", ""])
@@ -127,7 +127,7 @@ def test_symmetrised_map_matches_relion_image_handler(asymmetric_map: Path, name
     # Control: the same group turned by 10 degrees about a generic axis is far off.
     turn = torch.from_numpy(axis_rotation(36, (1.0, 2.0, 3.0)))
     volume_turned_group = torch.zeros_like(volume, dtype=torch.float64)
-    matrices = symmetry_matrices(name)
+    matrices = torch.from_numpy(symmetry_matrices(name))
     centre = volume.shape[0] // 2
     axis = torch.arange(volume.shape[0], dtype=torch.float64) - centre
     z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")

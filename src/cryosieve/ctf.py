@@ -10,14 +10,20 @@ frequency, so particles are bright on a dark background).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+Array = TypeVar("Array", np.ndarray, "torch.Tensor")
 
 
-def electron_wavelength(voltage_kv: torch.Tensor) -> torch.Tensor:
-    """Relativistic electron wavelength in Å for an acceleration voltage in kV."""
+def electron_wavelength(voltage_kv: Array) -> Array:
+    """Relativistic electron wavelength in Å for an acceleration voltage in kV (tensor or array)."""
     volts = voltage_kv * 1000.0
-    return 12.2643247 / torch.sqrt(volts * (1.0 + volts * 0.978466e-6))
+    return 12.2643247 / (volts * (1.0 + volts * 0.978466e-6)) ** 0.5
 
 
 def ctf_2d(
@@ -58,6 +64,8 @@ def ctf_2d(
     -------
     ``(b, p)`` real CTF values, dtype of ``frequency_x``.
     """
+    import torch
+
     dtype = frequency_x.dtype
 
     def column(value: torch.Tensor) -> torch.Tensor:

@@ -7,31 +7,46 @@ central slice of that particle (``Euler_angles2matrix`` in RELION's ``euler.cpp`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeVar
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+Array = TypeVar("Array", np.ndarray, "torch.Tensor")
 
 
-def euler_to_matrix(rot: torch.Tensor, tilt: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+def euler_to_matrix(rot: Array, tilt: Array, psi: Array) -> Array:
     """RELION's rotation matrices.
 
     Parameters
     ----------
     rot, tilt, psi:
-        ``(...)`` Euler angles in degrees.
+        ``(...)`` Euler angles in degrees: torch tensors (any device) or numpy arrays
+        (numpy in, numpy out: the CPU reconstruction does not load torch at all).
 
     Returns
     -------
     ``(..., 3, 3)`` matrices ``A`` acting on ``(x, y, z)`` column vectors, same dtype.
     """
-    a, b, g = (torch.deg2rad(angle) for angle in (rot, tilt, psi))
-    ca, sa, cb, sb, cg, sg = a.cos(), a.sin(), b.cos(), b.sin(), g.cos(), g.sin()
+    if isinstance(rot, np.ndarray):
+        a, b, g = (np.deg2rad(np.asarray(angle)) for angle in (rot, tilt, psi))
+        ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
+        stack = np.stack
+    else:
+        import torch
+
+        a, b, g = (torch.deg2rad(angle) for angle in (rot, tilt, psi))
+        ca, sa, cb, sb, cg, sg = a.cos(), a.sin(), b.cos(), b.sin(), g.cos(), g.sin()
+        stack = torch.stack
     cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
     rows = [
-        torch.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], dim=-1),
-        torch.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], dim=-1),
-        torch.stack([sc, ss, cb], dim=-1),
+        stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], -1),
+        stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], -1),
+        stack([sc, ss, cb], -1),
     ]
-    return torch.stack(rows, dim=-2)
+    return stack(rows, -2)
 
 
 def matrix_to_euler(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -33,9 +33,12 @@ are no write races and no atomics. The scatter prefetches the grid rows of the s
 16 ahead; without that it waits on a cache miss at nearly every update. Measured on 2
 cores at box 128 (128 random-pose slices of 6,434 samples): 0.09 ms per particle, against
 3.2 ms for the batched ``index_add_`` path (eight index/weight tensors per sample; kept
-for CUDA and as a reference, :func:`insert_slices_torch`) and 3.9 ms for
+for CUDA and as a reference in :mod:`cryosieve._reconstruct_torch`) and 3.9 ms for
 ``torch_fourier_slice.insert_central_slices_rfft_3d`` (whole padded slices, no CTF
 weight, generic ``index_put_``), which was therefore not used.
+
+The CPU path is numpy, scipy's FFT and numba only: it does not import torch (about a
+second of start-up, a quarter of the whole run at box 128 with 5,000 particles).
 
 The stack is streamed in batches through :func:`~cryosieve.io.stack.prefetch_batches`;
 memory is bounded by the padded grids (``(2n+1)^2 (n+2)`` voxels of 3 float64 each:
@@ -47,22 +50,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+import scipy.fft
 
-from cryosieve.ctf import ctf_2d, electron_wavelength
+from cryosieve.ctf import electron_wavelength
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import StackReader, prefetch_batches
 from cryosieve.io.star import ParticleTable
-from cryosieve.projection import gridding_correction
 from cryosieve.symmetry import symmetry_matrices
 
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency; keep the torch path usable
     numba = None
+
+if TYPE_CHECKING:
+    import torch
 
 #: Regularisation of the division, relative to the mean weight inside the sphere.
 RELATIVE_REGULARISATION = 1e-3
@@ -94,122 +100,28 @@ class SliceSamples:
     """
 
     box: int
-    flat_index: torch.Tensor
-    frequency_y: torch.Tensor
-    frequency_x: torch.Tensor
-    multiplicity: torch.Tensor
+    flat_index: np.ndarray
+    frequency_y: np.ndarray
+    frequency_x: np.ndarray
+    multiplicity: np.ndarray
 
     @classmethod
-    def for_box(cls, box: int, device: torch.device | str = "cpu") -> "SliceSamples":
-        ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
-        kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
-        grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
+    def for_box(cls, box: int) -> "SliceSamples":
+        ky = np.fft.fftfreq(box, d=1.0 / box)
+        kx = np.fft.rfftfreq(box, d=1.0 / box)
+        grid_y, grid_x = np.meshgrid(ky, kx, indexing="ij")
         grid_y, grid_x = grid_y.reshape(-1), grid_x.reshape(-1)
         keep = (grid_x * grid_x + grid_y * grid_y < (box / 2) ** 2) & ((grid_x > 0) | (grid_y >= 0))
-        flat_index = torch.nonzero(keep).squeeze(1)
-        multiplicity = torch.ones(flat_index.numel(), dtype=torch.float64)
+        flat_index = np.flatnonzero(keep).astype(np.int64)
+        multiplicity = np.ones(flat_index.size, dtype=np.float64)
         multiplicity[(grid_x[flat_index] == 0) & (grid_y[flat_index] == 0)] = 0.5
-        return cls(box=box, flat_index=flat_index.to(device), frequency_y=grid_y[flat_index].to(device),
-                   frequency_x=grid_x[flat_index].to(device), multiplicity=multiplicity.to(device))
-
-
-def prepare_slices(images: torch.Tensor, batch: dict[str, torch.Tensor], samples: SliceSamples,
-                   apply_ctf: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values and weights to insert for a batch of images.
-
-    Parameters
-    ----------
-    images:
-        ``(b, n, n)`` real images ``[y, x]``.
-    batch:
-        ``(b,)`` float64 tensors: ``origin_x``, ``origin_y`` (pixels), ``pixel_size`` (Å)
-        and the CTF parameters of :func:`cryosieve.ctf.ctf_2d` (``defocus_u``,
-        ``defocus_v`` Å, ``defocus_angle`` degrees, ``voltage`` kV,
-        ``spherical_aberration`` mm, ``amplitude_contrast``, ``phase_shift`` degrees,
-        ``ctf_bfactor`` Å^2, ``ctf_scalefactor``).
-    samples:
-        Which ``rfft2`` samples to keep.
-    apply_ctf:
-        Multiply by the CTF (and weigh by its square); otherwise weight 1.
-
-    Returns
-    -------
-    ``(values, weights)``: ``(b, p)`` complex128 ``C * S`` and ``(b, p)`` float64 ``C^2``,
-    both times the samples' multiplicity. ``S`` is the image's DFT, centred at pixel
-    ``n // 2`` and shifted by the origin.
-    """
-    box = images.shape[-1]
-    spectra = torch.fft.rfft2(images.to(torch.float64)).reshape(images.shape[0], -1)[:, samples.flat_index]
-    centre = box // 2
-    # S(k) = FT(I)(k) * exp(2 pi i k . (centre - origin) / n)
-    angle = (2 * math.pi / box) * (samples.frequency_x * (centre - batch["origin_x"])[:, None]
-                                   + samples.frequency_y * (centre - batch["origin_y"])[:, None])
-    values = spectra * torch.polar(torch.ones_like(angle), angle)
-    if apply_ctf:
-        scale = 1.0 / (box * batch["pixel_size"][:, None])
-        ctf = ctf_2d(samples.frequency_x * scale, samples.frequency_y * scale, batch["defocus_u"],
-                     batch["defocus_v"], batch["defocus_angle"], batch["voltage"],
-                     batch["spherical_aberration"], batch["amplitude_contrast"], batch["phase_shift"],
-                     bfactor=batch["ctf_bfactor"], scale=batch["ctf_scalefactor"])
-        values = values * ctf
-        weights = ctf * ctf * samples.multiplicity
-    else:
-        weights = samples.multiplicity.expand(values.shape[0], -1)
-    return values * samples.multiplicity, weights.contiguous()
+        return cls(box=box, flat_index=flat_index, frequency_y=grid_y[flat_index].copy(),
+                   frequency_x=grid_x[flat_index].copy(), multiplicity=multiplicity)
 
 
 # ---------------------------------------------------------------------------------------
 # Insertion kernels
 # ---------------------------------------------------------------------------------------
-
-
-def insert_slices_torch(grid: torch.Tensor, rotations: torch.Tensor, frequency_y: torch.Tensor,
-                        frequency_x: torch.Tensor, values_real: torch.Tensor, values_imag: torch.Tensor,
-                        weights: torch.Tensor, pad_factor: int, chunk_points: int = 1 << 21) -> None:
-    """Trilinear insertion with ``index_add_`` (any device; used on CUDA).
-
-    Parameters
-    ----------
-    grid:
-        ``(P + 1, P + 1, P // 2 + 2, 3)`` float accumulator ``[z, y, x, (re, im, weight)]``
-        with ``P = pad_factor * n``; frequency ``K`` (padded cycles per box) lives at
-        index ``(Kz + P/2, Ky + P/2, Kx)``. Updated in place.
-    rotations:
-        ``(b, 3, 3)`` RELION matrices ``A``.
-    frequency_y, frequency_x:
-        ``(p,)`` image frequencies in cycles per box (``|k| < n/2``).
-    values_real, values_imag, weights:
-        ``(b, p)`` real and imaginary parts of the values, and the weights, to insert.
-    """
-    half = (grid.shape[0] - 1) // 2
-    ny, nx = grid.shape[1], grid.shape[2]
-    flat = grid.view(-1, 3)
-    real = grid.dtype
-    count, points = values_real.shape
-    per_chunk = max(1, chunk_points // max(points, 1))
-    kx = frequency_x.to(real) * pad_factor
-    ky = frequency_y.to(real) * pad_factor
-    for start in range(0, count, per_chunk):
-        a = rotations[start:start + per_chunk].to(real)
-        x = a[:, 0, 0, None] * kx + a[:, 1, 0, None] * ky
-        y = a[:, 0, 1, None] * kx + a[:, 1, 1, None] * ky
-        z = a[:, 0, 2, None] * kx + a[:, 1, 2, None] * ky
-        sign = torch.where(x < 0, -1.0, 1.0).to(real)
-        x, y, z = x * sign, y * sign, z * sign
-        re = values_real[start:start + per_chunk].to(real)
-        im = values_imag[start:start + per_chunk].to(real) * sign
-        weight = weights[start:start + per_chunk].to(real)
-        x0, y0, z0 = torch.floor(x), torch.floor(y), torch.floor(z)
-        fx, fy, fz = x - x0, y - y0, z - z0
-        base = ((z0.long() + half) * ny + (y0.long() + half)) * nx + x0.long()
-        indices, sources = [], []
-        for dz, wz in ((0, 1 - fz), (1, fz)):
-            for dy, wy in ((0, 1 - fy), (1, fy)):
-                for dx, wx in ((0, 1 - fx), (1, fx)):
-                    corner = wz * wy * wx
-                    indices.append((base + (dz * ny + dy) * nx + dx).reshape(-1))
-                    sources.append(torch.stack([re * corner, im * corner, weight * corner], dim=-1).reshape(-1, 3))
-        flat.index_add_(0, torch.cat(indices), torch.cat(sources))
 
 
 #: How many samples ahead the CPU scatter prefetches its grid rows.
@@ -489,53 +401,77 @@ if numba is not None:
                     volume[z, y, x] = value
 
 
-def prepare_slices_cpu(images: torch.Tensor, batch: dict[str, torch.Tensor], samples: SliceSamples,
-                       apply_ctf: bool, out: np.ndarray | None = None) -> torch.Tensor:
-    """:func:`prepare_slices` as one fused numba pass (CPU).
+def _fft_workers() -> int:
+    return numba.get_num_threads() if numba is not None else 1
 
-    Returns ``(b, p, 3)`` float64: real part, imaginary part and weight of each sample
-    (written into ``out[:b]`` when given, to reuse memory from batch to batch).
+
+def prepare_slices_cpu(images: np.ndarray, batch: dict[str, np.ndarray], samples: SliceSamples,
+                       apply_ctf: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """Values and weights to insert for a batch of images, as one fused numba pass (CPU).
+
+    Parameters
+    ----------
+    images:
+        ``(b, n, n)`` real images ``[y, x]``.
+    batch:
+        ``(b,)`` float64 arrays: ``origin_x``, ``origin_y`` (pixels), ``pixel_size`` (Å),
+        ``defocus_u``, ``defocus_v`` (Å), ``defocus_angle`` (degrees), ``voltage`` (kV),
+        ``spherical_aberration`` (mm), ``amplitude_contrast``, ``phase_shift``
+        (degrees), ``ctf_bfactor`` (Å^2), ``ctf_scalefactor``.
+    samples:
+        Which ``rfft2`` samples to keep.
+    apply_ctf:
+        Multiply by RELION's CTF (:func:`cryosieve.ctf.ctf_2d`) and weigh by its square;
+        otherwise weight 1.
+    out:
+        Optional ``(>= b, p, 3)`` float64 work space (reused from batch to batch).
+
+    Returns
+    -------
+    ``(b, p, 3)`` float64: real and imaginary parts of ``C * S`` and ``C^2``, times the
+    samples' multiplicity. ``S`` is the image's DFT, centred at pixel ``n // 2`` and
+    shifted by the origin.
     """
     box = images.shape[-1]
-    spectra = torch.fft.rfft2(images.to(torch.float32)).numpy()  # complex64: the images are float32
     count = images.shape[0]
+    # complex64 (the images are float32); scipy's FFT runs on several threads
+    spectra = scipy.fft.rfft2(np.asarray(images, dtype=np.float32), workers=_fft_workers())
     centre = box // 2
-    ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
-    phase_y = torch.polar(torch.ones(count, box, dtype=torch.float64),
-                          (2 * math.pi / box) * ky * (centre - batch["origin_y"])[:, None]).numpy()
-    phase_x = torch.polar(torch.ones(count, kx.numel(), dtype=torch.float64),
-                          (2 * math.pi / box) * kx * (centre - batch["origin_x"])[:, None]).numpy()
+    ky = np.fft.fftfreq(box, d=1.0 / box)
+    kx = np.fft.rfftfreq(box, d=1.0 / box)
+    # S(k) = FT(I)(k) * exp(2 pi i k . (centre - origin) / n), split into y and x factors
+    phase_y = np.exp(1j * (2 * math.pi / box) * ky * (centre - batch["origin_y"])[:, None])
+    phase_x = np.exp(1j * (2 * math.pi / box) * kx * (centre - batch["origin_x"])[:, None])
     width = box // 2 + 1
-    rows = (samples.flat_index // width).numpy()
-    columns = (samples.flat_index % width).numpy()
+    rows = samples.flat_index // width
+    columns = samples.flat_index % width
     radius2 = samples.frequency_x ** 2 + samples.frequency_y ** 2
-    safe = torch.where(radius2 > 0, radius2, torch.ones_like(radius2))
-    cos_sample2 = torch.where(radius2 > 0, (samples.frequency_x ** 2 - samples.frequency_y ** 2) / safe, 1.0)
-    sin_sample2 = torch.where(radius2 > 0, 2 * samples.frequency_x * samples.frequency_y / safe, 0.0)
+    safe = np.where(radius2 > 0, radius2, 1.0)
+    cos_sample2 = np.where(radius2 > 0, (samples.frequency_x ** 2 - samples.frequency_y ** 2) / safe, 1.0)
+    sin_sample2 = np.where(radius2 > 0, 2 * samples.frequency_x * samples.frequency_y / safe, 0.0)
     wavelength = electron_wavelength(batch["voltage"])
     q0 = batch["amplitude_contrast"]
-    angle2 = 2 * torch.deg2rad(batch["defocus_angle"])
+    angle2 = 2 * np.deg2rad(batch["defocus_angle"])
     values = np.empty((count, rows.size, 3), dtype=np.float64) if out is None else out[:count]
-    _prepare_kernel(spectra, rows, columns, radius2.numpy(), cos_sample2.numpy(), sin_sample2.numpy(),
-                    samples.multiplicity.numpy(), phase_y, phase_x, bool(apply_ctf),
-                    (1.0 / (box * batch["pixel_size"]) ** 2).numpy(),
-                    ((batch["defocus_u"] + batch["defocus_v"]) / 2).numpy(),
-                    ((batch["defocus_u"] - batch["defocus_v"]) / 2).numpy(),
-                    torch.cos(angle2).numpy(), torch.sin(angle2).numpy(),
-                    (math.pi * wavelength).numpy(),
-                    (0.5 * math.pi * batch["spherical_aberration"] * 1e7 * wavelength ** 3).numpy(),
-                    (torch.deg2rad(batch["phase_shift"]) + torch.atan(q0 / torch.sqrt(1 - q0 * q0))).numpy(),
-                    batch["ctf_bfactor"].numpy(), batch["ctf_scalefactor"].numpy(), values)
-    return torch.from_numpy(values)
+    _prepare_kernel(spectra, rows, columns, radius2, cos_sample2, sin_sample2, samples.multiplicity,
+                    phase_y, phase_x, bool(apply_ctf), 1.0 / (box * batch["pixel_size"]) ** 2,
+                    (batch["defocus_u"] + batch["defocus_v"]) / 2, (batch["defocus_u"] - batch["defocus_v"]) / 2,
+                    np.cos(angle2), np.sin(angle2), math.pi * wavelength,
+                    0.5 * math.pi * batch["spherical_aberration"] * 1e7 * wavelength ** 3,
+                    np.deg2rad(batch["phase_shift"]) + np.arctan(q0 / np.sqrt(1 - q0 * q0)),
+                    np.ascontiguousarray(batch["ctf_bfactor"]), np.ascontiguousarray(batch["ctf_scalefactor"]),
+                    values)
+    return values
 
 
-def locate_samples(grid_shape: tuple[int, ...], rotations: torch.Tensor, frequency_y: torch.Tensor,
-                   frequency_x: torch.Tensor, values: torch.Tensor, pad_factor: int, sharers: int = 1,
+def locate_samples(grid_shape: tuple[int, ...], rotations: np.ndarray, frequency_y: np.ndarray,
+                   frequency_x: np.ndarray, values: np.ndarray, pad_factor: int, sharers: int = 1,
                    buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lower trilinear corner and offsets of every sample (CPU, numba).
 
+    ``rotations``: ``(b, 3, 3)`` RELION matrices; ``frequency_y``, ``frequency_x``:
+    ``(p,)`` cycles per box; ``values``: ``(b, p, 3)`` from :func:`prepare_slices_cpu`.
     Returns ``(base, record, plane_owner)``: ``(b, p)`` int64 flat voxel indices into a
     grid of ``grid_shape[:3]``, ``(b, p, 6)`` float64 (real, imaginary, weight, fx, fy,
     fz), and ``(b, p)`` int8 ``z % sharers`` of the lower corner; written into ``buffers``
@@ -543,32 +479,34 @@ def locate_samples(grid_shape: tuple[int, ...], rotations: torch.Tensor, frequen
     """
     half = (grid_shape[0] - 1) // 2
     count, points = values.shape[0], values.shape[1]
-    scaled = np.ascontiguousarray((rotations.to(torch.float64) * pad_factor).cpu().numpy())
+    scaled = np.ascontiguousarray(np.asarray(rotations, dtype=np.float64) * pad_factor)
     if buffers is None:
         base = np.empty((count, points), dtype=np.int64)
         record = np.empty((count, points, 6), dtype=np.float64)
         plane_owner = np.empty((count, points), dtype=np.int8)
     else:
         base, record, plane_owner = buffers[0][:count], buffers[1][:count], buffers[2][:count]
-    _locate_kernel(half, grid_shape[1], grid_shape[2], scaled, np.ascontiguousarray(frequency_y.cpu().numpy()),
-                   np.ascontiguousarray(frequency_x.cpu().numpy()), np.ascontiguousarray(values.numpy()), sharers,
+    _locate_kernel(half, grid_shape[1], grid_shape[2], scaled, np.ascontiguousarray(frequency_y, dtype=np.float64),
+                   np.ascontiguousarray(frequency_x, dtype=np.float64), np.ascontiguousarray(values), sharers,
                    base, record, plane_owner)
     return base, record, plane_owner
 
 
-def insert_slices_cpu(grid: torch.Tensor, rotations: torch.Tensor, frequency_y: torch.Tensor,
-                      frequency_x: torch.Tensor, values: torch.Tensor, pad_factor: int) -> None:
+def insert_slices_cpu(grid: np.ndarray, rotations: np.ndarray, frequency_y: np.ndarray,
+                      frequency_x: np.ndarray, values: np.ndarray, pad_factor: int) -> None:
     """Trilinear insertion into one grid on the CPU with the numba kernels (in place, one thread).
 
-    ``grid``: ``(P + 1, P + 1, P // 2 + 2, 3)`` float64 (see :func:`insert_slices_torch`);
+    ``grid``: ``(P + 1, P + 1, P // 2 + 2, 3)`` float64 accumulator ``[z, y, x, (re, im,
+    weight)]`` with ``P = pad_factor * n``; frequency ``K`` (padded cycles per box) lives
+    at index ``(Kz + P/2, Ky + P/2, Kx)``. ``rotations``: ``(b, 3, 3)`` RELION matrices;
     ``values``: ``(b, p, 3)`` float64 from :func:`prepare_slices_cpu`. The reconstruction
     itself uses :class:`GridAccumulators`, which scatters with one thread per grid copy.
     """
-    base, record, plane_owner = locate_samples(tuple(grid.shape), rotations, frequency_y, frequency_x, values,
+    base, record, plane_owner = locate_samples(grid.shape, rotations, frequency_y, frequency_x, values,
                                                pad_factor)
     lists = np.arange(values.shape[0], dtype=np.int64)[None]
     tasks = np.array([[0, 0, 1]], dtype=np.int64)
-    _scatter_kernel(grid.numpy()[None], base, record, plane_owner, lists, tasks, PREFETCH_DISTANCE)
+    _scatter_kernel(grid[None], base, record, plane_owner, lists, tasks, PREFETCH_DISTANCE)
 
 
 class GridAccumulators:
@@ -601,8 +539,8 @@ class GridAccumulators:
         self.record = np.empty((batch_size, points, 6), dtype=np.float64)
         self.plane_owner = np.empty((batch_size, points), dtype=np.int8)
 
-    def insert(self, rotations: torch.Tensor, frequency_y: torch.Tensor, frequency_x: torch.Tensor,
-               values: torch.Tensor, labels: np.ndarray, pad_factor: int) -> None:
+    def insert(self, rotations: np.ndarray, frequency_y: np.ndarray, frequency_x: np.ndarray,
+               values: np.ndarray, labels: np.ndarray, pad_factor: int) -> None:
         """Insert a batch: ``values`` ``(b, p, 3)``, ``labels`` ``(b,)`` the map of each particle."""
         base, record, plane_owner = locate_samples(self.shape, rotations, frequency_y, frequency_x, values,
                                                    pad_factor, self.sharers,
@@ -617,39 +555,22 @@ class GridAccumulators:
             lists[index, :share.size] = share
         _scatter_kernel(self.grids, base, record, plane_owner, lists, self.tasks, PREFETCH_DISTANCE)
 
-    def pop(self, group: int) -> torch.Tensor:
+    def pop(self, group: int) -> np.ndarray:
         """The grid of one map, its copies summed in place (a view; valid until the next pop)."""
         first = self.groups.index(group) * self.copies
         for copy in range(1, self.copies):
             np.add(self.grids[first], self.grids[first + copy], out=self.grids[first])
-        return torch.from_numpy(self.grids[first])
+        return self.grids[first]
 
     def release(self) -> None:
         """Drop the grids and work space."""
         self.grids = self.values = self.base = self.record = self.plane_owner = np.empty(0)
 
 
-def _numba_for(device: torch.device) -> bool:
-    """Whether the numba CPU kernels run for data on ``device`` (else the torch code)."""
-    return numba is not None and device.type == "cpu"
-
-
-def _use_numba(grid: torch.Tensor) -> bool:
-    return _numba_for(grid.device) and grid.dtype == torch.float64
-
-
-def insert_slices(grid: torch.Tensor, rotations: torch.Tensor, frequency_y: torch.Tensor,
-                  frequency_x: torch.Tensor, values: torch.Tensor, pad_factor: int) -> None:
-    """Trilinear insertion of ``b`` central slices into ``grid`` (in place).
-
-    ``values``: ``(b, p, 3)`` real part, imaginary part and weight of each sample. On the
-    CPU (float64 grid) the fused numba kernel runs, elsewhere the ``index_add_`` path.
-    """
-    if _use_numba(grid):
-        insert_slices_cpu(grid, rotations, frequency_y, frequency_x, values, pad_factor)
-    else:
-        insert_slices_torch(grid, rotations, frequency_y, frequency_x, values[..., 0], values[..., 1],
-                            values[..., 2], pad_factor)
+def _numba_for(device: torch.device | str) -> bool:
+    """Whether the numba CPU kernels run for ``device`` (else the torch code of
+    :mod:`cryosieve._reconstruct_torch`)."""
+    return numba is not None and str(device).split(":")[0] == "cpu"
 
 
 # ---------------------------------------------------------------------------------------
@@ -657,123 +578,41 @@ def insert_slices(grid: torch.Tensor, rotations: torch.Tensor, frequency_y: torc
 # ---------------------------------------------------------------------------------------
 
 
-def enforce_hermitian(grid: torch.Tensor) -> None:
+def enforce_hermitian(grid: np.ndarray) -> None:
     """Add each ``x = 0`` plane sample's Friedel mate (in place).
 
     ``grid`` is ``(P + 1, P + 1, X, 3)``; frequency ``(0, Ky, Kz)`` and ``(0, -Ky, -Kz)``
     both become the sum of the two (conjugated for the imaginary part), which is what a
     full (both halves) Hermitian insertion would have accumulated there.
     """
-    plane = grid[:, :, 0, :].clone()
-    mirror = plane.flip(0).flip(1)
+    plane = grid[:, :, 0, :].copy()
+    mirror = plane[::-1, ::-1]
     grid[:, :, 0, 0] = plane[..., 0] + mirror[..., 0]
     grid[:, :, 0, 1] = plane[..., 1] - mirror[..., 1]
     grid[:, :, 0, 2] = plane[..., 2] + mirror[..., 2]
 
 
-def symmetrise_grid_torch(grid: torch.Tensor, rotations: torch.Tensor, chunk_planes: int = 8) -> torch.Tensor:
-    """``D(K) <- sum_R D(R K)`` by trilinear interpolation, for every ``|K| < P/2`` (any device).
+def symmetrise_grid(grid: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """``D(K) <- sum_R D(R K)`` by trilinear interpolation, for every ``|K| < P/2``.
 
-    ``grid``: ``(P + 1, P + 1, P // 2 + 2, 3)`` (Hermitian on ``x = 0``);
+    ``grid``: ``(P + 1, P + 1, P // 2 + 2, 3)`` float64 (Hermitian on ``x = 0``);
     ``rotations``: ``(m, 3, 3)`` acting on ``(x, y, z)``. Returns a new grid, zero outside
-    the sphere.
+    the sphere (RELION's ``BackProjector::applyPointGroupSymmetry``).
     """
+    out = np.zeros_like(grid)
     half = (grid.shape[0] - 1) // 2
-    nz, ny, nx = grid.shape[:3]
-    device, real = grid.device, grid.dtype
-    flat = grid.view(-1, 3)
-    out = torch.zeros_like(grid)
-    ky = torch.arange(ny, device=device, dtype=real) - half
-    kx = torch.arange(nx, device=device, dtype=real)
-    matrices = rotations.to(device=device, dtype=real)
-    for start in range(0, nz, chunk_planes):
-        kz = torch.arange(start, min(start + chunk_planes, nz), device=device, dtype=real) - half
-        z, y, x = torch.meshgrid(kz, ky, kx, indexing="ij")
-        inside = x * x + y * y + z * z < half * half
-        px, py, pz = x[inside], y[inside], z[inside]
-        total = torch.zeros((px.numel(), 3), device=device, dtype=real)
-        for matrix in matrices:
-            rx = matrix[0, 0] * px + matrix[0, 1] * py + matrix[0, 2] * pz
-            ry = matrix[1, 0] * px + matrix[1, 1] * py + matrix[1, 2] * pz
-            rz = matrix[2, 0] * px + matrix[2, 1] * py + matrix[2, 2] * pz
-            sign = torch.where(rx < 0, -1.0, 1.0).to(real)
-            rx, ry, rz = rx * sign, ry * sign, rz * sign
-            x0, y0, z0 = torch.floor(rx), torch.floor(ry), torch.floor(rz)
-            fx, fy, fz = rx - x0, ry - y0, rz - z0
-            base = ((z0.long() + half) * ny + (y0.long() + half)) * nx + x0.long()
-            sample = torch.zeros_like(total)
-            for dz, wz in ((0, 1 - fz), (1, fz)):
-                for dy, wy in ((0, 1 - fy), (1, fy)):
-                    for dx, wx in ((0, 1 - fx), (1, fx)):
-                        sample += (wz * wy * wx)[:, None] * flat[base + (dz * ny + dy) * nx + dx]
-            sample[:, 1] *= sign
-            total += sample
-        block = out[start:start + kz.numel()]
-        block[inside] = total
+    _symmetrise_kernel(grid, out, half, np.ascontiguousarray(rotations, dtype=np.float64))
     return out
 
 
-def symmetrise_grid(grid: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Point-group symmetrisation of the accumulated grid; see :func:`symmetrise_grid_torch`."""
-    if not _use_numba(grid):
-        return symmetrise_grid_torch(grid, rotations)
-    out = torch.zeros_like(grid)
-    half = (grid.shape[0] - 1) // 2
-    _symmetrise_kernel(grid.numpy(), out.numpy(), half, rotations.to(torch.float64).contiguous().numpy())
-    return out
-
-
-def _sphere_mean_weight(grid: torch.Tensor) -> float:
-    """Mean accumulated weight over ``|K| < P/2``."""
-    half = (grid.shape[0] - 1) // 2
-    if _use_numba(grid):
-        total, voxels = _sphere_weight_kernel(grid.numpy(), half)
-        return float(total) / max(int(voxels), 1)
-    device, real = grid.device, grid.dtype
-    ky = (torch.arange(2 * half, device=device, dtype=real) - half)[:, None]
-    kx = torch.arange(half + 1, device=device, dtype=real)[None, :]
-    total, voxels = 0.0, 0
-    for iz in range(2 * half):
-        inside = (ky * ky + kx * kx + (iz - half) ** 2) < half * half
-        total += float(grid[iz, :2 * half, :half + 1, 2][inside].sum())
-        voxels += int(inside.sum())
-    return total / max(voxels, 1)
-
-
-def _divided_columns(grid: torch.Tensor, regularisation: float, x_start: int, x_end: int) -> torch.Tensor:
-    """Columns ``x_start <= Kx < x_end`` of the centred-shift spectrum ``D / (W + lambda)``.
-
-    Returns ``(P, P, x_end - x_start)`` complex128 in FFT order along z and y, multiplied by
-    ``(-1)^(Kx+Ky+Kz)`` (so the inverse transform comes out centred at ``P/2``), zero
-    outside ``|K| < P/2``.
-    """
-    padded = grid.shape[0] - 1
-    half = padded // 2
-    if _use_numba(grid):
-        spectrum = np.empty((padded, padded, x_end - x_start), dtype=np.complex128)
-        _divide_kernel(grid.numpy(), half, regularisation, x_start, spectrum)
-        return torch.from_numpy(spectrum)
-    device, real = grid.device, grid.dtype
-    block = grid[:padded, :padded, x_start:x_end]
-    k = torch.arange(padded, device=device, dtype=real) - half
-    kx = torch.arange(x_start, x_end, device=device, dtype=real)
-    radius2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
-    parity = (torch.arange(padded, device=device)[:, None, None] + torch.arange(padded, device=device)[None, :, None]
-              + torch.arange(x_start, x_end, device=device)[None, None, :]) % 2
-    factor = torch.where(parity == 0, 1.0, -1.0).to(real) / (block[..., 2] + regularisation)
-    factor = torch.where(radius2 < half * half, factor, torch.zeros_like(factor))
-    spectrum = torch.complex(block[..., 0] * factor, block[..., 1] * factor)
-    return torch.fft.ifftshift(spectrum, dim=(0, 1))
-
-
-def grid_to_map(grid: torch.Tensor, size: int, pad_factor: int,
-                relative_regularisation: float | None = None, column_chunk: int = 16) -> torch.Tensor:
+def grid_to_map(grid: np.ndarray, size: int, pad_factor: int,
+                relative_regularisation: float | None = None, column_chunk: int = 16) -> np.ndarray:
     """Divide data by weight, inverse FFT, crop, mask outside the sphere and gridding-correct.
 
     Parameters
     ----------
     grid:
-        ``(P + 1, P + 1, P // 2 + 2, 3)`` accumulated (Hermitian, symmetrised) grid.
+        ``(P + 1, P + 1, P // 2 + 2, 3)`` float64 accumulated (Hermitian, symmetrised) grid.
     size:
         Box ``n`` of the map.
     relative_regularisation:
@@ -792,60 +631,38 @@ def grid_to_map(grid: torch.Tensor, size: int, pad_factor: int,
         relative_regularisation = RELATIVE_REGULARISATION
     padded = grid.shape[0] - 1
     half = padded // 2
-    device = grid.device
-    regularisation = relative_regularisation * _sphere_mean_weight(grid) + 1e-300
+    total, voxels = _sphere_weight_kernel(grid, half)
+    regularisation = relative_regularisation * float(total) / max(int(voxels), 1) + 1e-300
     start = half - size // 2
+    workers = _fft_workers()
     # Inverse transform one axis at a time, keeping only the n central real-space planes
-    # of each axis as soon as it is transformed.
-    partial = torch.empty((size, padded, half + 1), dtype=torch.complex128, device=device)
+    # of each axis as soon as it is transformed. The divided spectrum is multiplied by
+    # (-1)^(Kx+Ky+Kz) (so the transform comes out centred at P/2) and is in FFT order.
+    partial = np.empty((size, padded, half + 1), dtype=np.complex128)
     for x_start in range(0, half + 1, column_chunk):
         x_end = min(half + 1, x_start + column_chunk)
-        columns = _divided_columns(grid, regularisation, x_start, x_end).to(device)
-        partial[:, :, x_start:x_end] = torch.fft.ifft(columns, dim=0)[start:start + size]
-    partial = torch.fft.ifft(partial, dim=1)[:, start:start + size]
-    volume = torch.fft.irfft(partial, n=padded, dim=2)[:, :, start:start + size]
-    if _use_numba(grid):
-        volume = volume.contiguous()
-        _finish_kernel(volume.numpy(), size / 2, MASK_EDGE_WIDTH, float(padded))
-        return volume
-    volume = soft_mask_outside(volume, size / 2, MASK_EDGE_WIDTH)
-    return volume / gridding_correction(size, padded, dtype=volume.dtype, device=device)
-
-
-def soft_mask_outside(volume: torch.Tensor, radius: float, width: float) -> torch.Tensor:
-    """RELION's ``softMaskOutsideMap``: replace the map outside a sphere by its mean there.
-
-    Voxels within ``radius`` (voxels, from the centre voxel ``n // 2``) are unchanged;
-    beyond ``radius + width`` they become the background average; in between they are
-    blended with a raised cosine. The background average is taken over the outside,
-    weighted by the same raised cosine. ``volume``: ``(n, n, n)``; returns a new tensor.
-    """
-    size = volume.shape[-1]
-    axis = torch.arange(size, device=volume.device, dtype=volume.dtype) - size // 2
-    distance = torch.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
-    outer = radius + width
-    blend = 0.5 + 0.5 * torch.cos(math.pi * (outer - distance) / width)
-    blend = torch.where(distance < radius, torch.zeros_like(blend), blend)
-    blend = torch.where(distance > outer, torch.ones_like(blend), blend)
-    total = blend.sum()
-    if float(total) <= 0:
-        return volume.clone()
-    background = (blend * volume).sum() / total
-    return (1 - blend) * volume + blend * background
+        columns = np.empty((padded, padded, x_end - x_start), dtype=np.complex128)
+        _divide_kernel(grid, half, regularisation, x_start, columns)
+        partial[:, :, x_start:x_end] = scipy.fft.ifft(columns, axis=0, workers=workers,
+                                                      overwrite_x=True)[start:start + size]
+    partial = scipy.fft.ifft(partial, axis=1, workers=workers, overwrite_x=True)[:, start:start + size]
+    volume = np.ascontiguousarray(scipy.fft.irfft(partial, n=padded, axis=2, workers=workers)[:, :, start:start + size])
+    _finish_kernel(volume, size / 2, MASK_EDGE_WIDTH, float(padded))
+    return volume
 
 
 # ---------------------------------------------------------------------------------------
 # Stack -> maps
 # ---------------------------------------------------------------------------------------
 
-_BATCH_COLUMNS = ("origin_x", "origin_y", "pixel_size", "defocus_u", "defocus_v", "defocus_angle", "voltage",
-                  "spherical_aberration", "amplitude_contrast", "phase_shift", "ctf_bfactor", "ctf_scalefactor")
+#: The per-particle columns of :class:`~cryosieve.io.star.ParticleTable` a batch needs.
+BATCH_COLUMNS = ("origin_x", "origin_y", "pixel_size", "defocus_u", "defocus_v", "defocus_angle", "voltage",
+                 "spherical_aberration", "amplitude_contrast", "phase_shift", "ctf_bfactor", "ctf_scalefactor",
+                 "rot", "tilt", "psi")
 
 
-def _batch_parameters(table: ParticleTable, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    parameters = {name: torch.as_tensor(getattr(table, name)[rows], dtype=torch.float64, device=device)
-                  for name in _BATCH_COLUMNS + ("rot", "tilt", "psi")}
-    return parameters
+def _batch_parameters(table: ParticleTable, rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.ascontiguousarray(getattr(table, name)[rows], dtype=np.float64) for name in BATCH_COLUMNS}
 
 
 def _selected_rows(table: ParticleTable, rows: np.ndarray | None) -> np.ndarray:
@@ -943,48 +760,37 @@ def _reconstruct(table: ParticleTable, reader: StackReader, rows: np.ndarray, la
         raise CryoSieveInputError(f"pad factor must be >= 1, got {pad_factor}")
     if batch_size < 1:
         raise CryoSieveInputError(f"--batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
     rotations_group = symmetry_matrices(symmetry)
     _check_pixel_size(table, rows)
+    if not _numba_for(device):
+        from cryosieve._reconstruct_torch import reconstruct_groups
+
+        return reconstruct_groups(table, reader, rows, labels, groups, symmetry_rotations=rotations_group,
+                                  apply_ctf=apply_ctf, pad_factor=pad_factor, batch_size=batch_size,
+                                  device=device, progress=progress)
     box = reader.validate()
     padded = pad_factor * box
-    samples = SliceSamples.for_box(box, device)
+    samples = SliceSamples.for_box(box)
     shape = (padded + 1, padded + 1, padded // 2 + 2, 3)
-    on_cpu = _numba_for(device)
-    if on_cpu:
-        accumulators = GridAccumulators(shape, groups, numba.get_num_threads(), ACCUMULATION_MEMORY, batch_size,
-                                        samples.flat_index.numel())
-    else:
-        grids = {group: torch.zeros(shape, dtype=torch.float64, device=device) for group in groups}
+    accumulators = GridAccumulators(shape, groups, numba.get_num_threads(), ACCUMULATION_MEMORY, batch_size,
+                                    samples.flat_index.size)
     batches = [rows[start:start + batch_size] for start in range(0, rows.size, batch_size)]
     label_of = dict(zip(rows.tolist(), labels.tolist()))
     for batch_rows, images in prefetch_batches(reader, batches):
-        parameters = _batch_parameters(table, batch_rows, device)
-        image_tensor = torch.from_numpy(images).to(device)
+        parameters = _batch_parameters(table, batch_rows)
         matrices = euler_to_matrix(parameters["rot"], parameters["tilt"], parameters["psi"])
         batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
-        if on_cpu:
-            values = prepare_slices_cpu(image_tensor, parameters, samples, apply_ctf, out=accumulators.values)
-            accumulators.insert(matrices, samples.frequency_y, samples.frequency_x, values, batch_labels,
-                                pad_factor)
-        else:
-            spectrum_values, weights = prepare_slices(image_tensor, parameters, samples, apply_ctf)
-            values = torch.stack([spectrum_values.real, spectrum_values.imag, weights], dim=-1)
-            for group in groups:
-                index = torch.as_tensor(np.flatnonzero(batch_labels == group), device=device)
-                if index.numel():
-                    insert_slices(grids[group], matrices[index], samples.frequency_y, samples.frequency_x,
-                                  values[index], pad_factor)
+        values = prepare_slices_cpu(images, parameters, samples, apply_ctf, out=accumulators.values)
+        accumulators.insert(matrices, samples.frequency_y, samples.frequency_x, values, batch_labels, pad_factor)
         if progress is not None:
             progress(len(batch_rows))
     maps = {}
     for group in groups:
-        grid = accumulators.pop(group) if on_cpu else grids.pop(group)
+        grid = accumulators.pop(group)
         enforce_hermitian(grid)
         if rotations_group.shape[0] > 1:
-            grid = symmetrise_grid(grid, rotations_group.to(device))
-        maps[group] = grid_to_map(grid, box, pad_factor).to(torch.float32).cpu().numpy()
+            grid = symmetrise_grid(grid, rotations_group)
+        maps[group] = grid_to_map(grid, box, pad_factor).astype(np.float32)
         del grid
-    if on_cpu:
-        accumulators.release()
+    accumulators.release()
     return maps

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from cryosieve.errors import CryoSieveInputError
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED = "Cn, Dn (n = 1..99), T, O, I (= I2), I1, I2, I3, I4"
 
@@ -114,7 +117,7 @@ def normalise_name(name: str) -> str:
     return name.strip().upper()
 
 
-def symmetry_matrices(name: str) -> torch.Tensor:
+def symmetry_matrices(name: str) -> np.ndarray:
     """Rotation matrices of a point group in RELION's orientation.
 
     Parameters
@@ -142,7 +145,7 @@ def symmetry_matrices(name: str) -> torch.Tensor:
             "or inversion are not)"
         ) from None
     generators = [axis_rotation(fold, axis) for fold, axis in axes if fold > 1]
-    return torch.from_numpy(np.stack(_close_group(generators)))
+    return np.stack(_close_group(generators))
 
 
 def group_order(name: str) -> int:
@@ -169,7 +172,9 @@ def symmetrise_volume(volume: torch.Tensor, name: str) -> torch.Tensor:
     """
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
         raise ValueError(f"volume must be cubic, got shape {tuple(volume.shape)}")
-    matrices = symmetry_matrices(name).to(volume.device)
+    import torch
+
+    matrices = torch.from_numpy(symmetry_matrices(name)).to(volume.device)
     size = volume.shape[-1]
     centre = size // 2
     axis = torch.arange(size, dtype=torch.float64, device=volume.device) - centre

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from cryosieve.cli._common import add_device_argument, choose_device, run_command, setup_logging
+from cryosieve.cli._common import add_device_argument, choose_device_name, run_command, setup_logging
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.io.mrc import write_volume
 from cryosieve.io.stack import StackReader
@@ -76,7 +76,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.angpix is not None and args.angpix <= 0:
         raise CryoSieveInputError(f"--angpix {args.angpix}: must be positive")
     symmetry_matrices(args.sym)  # an unknown name fails before any reading
-    device = choose_device(args.device)
+    device = choose_device_name(args.device)
     table = read_particles(args.i, args.angpix)
     if args.angpix is not None and table.version != "3.0":
         pixel = float(table.pixel_size[0])
