@@ -85,6 +85,55 @@ def test_fourier_score_per_particle_pixel_size(monkeypatch):
     assert torch.allclose(ours, direct_scores(volume, images, batch), rtol=2e-5, atol=1e-2)
 
 
+@pytest.mark.parametrize("box, angstrom", [(16, math.inf), (17, 5.0), (32, 8.0), (65, 20.0)])
+def test_kernel_blocks_cover_each_band_sample_once(box: int, angstrom: float) -> None:
+    """The CPU kernel's block layout holds every band sample exactly once, with its Friedel
+    weight, and nothing else; blocks stay inside their row."""
+    samples = BandSamples(box, 1.0 / angstrom, "cpu")
+    blocks = samples.blocks
+    assert np.all(blocks.column >= 0) and np.all(blocks.column + _kernels.BLOCK <= blocks.width)
+    covered = np.zeros((box, blocks.width))
+    columns = blocks.column[:, None] + np.arange(_kernels.BLOCK)[None, :]
+    np.add.at(covered, (np.broadcast_to(blocks.row[:, None], columns.shape), columns),
+              blocks.weight.reshape(columns.shape))
+    expected = np.zeros((box, blocks.width))
+    expected[samples.row.numpy(), samples.column.numpy()] = samples.weight.numpy()
+    np.testing.assert_array_equal(covered, expected)
+    kx = columns.astype(float)
+    ky = np.fft.fftfreq(box, d=1.0 / box)[blocks.row][:, None]
+    np.testing.assert_allclose(blocks.u2_cycles.reshape(columns.shape), kx**2 + ky**2, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba not installed")
+def test_kernel_sine_is_accurate() -> None:
+    """The kernel's vectorisable sine agrees with libm's over the range of CTF phases."""
+    import numba
+
+    @numba.njit
+    def evaluate(values):
+        out = np.empty(values.size, dtype=np.float64)
+        for i in range(values.size):
+            out[i] = _kernels.fast_sin(values[i])
+        return out
+
+    values = np.concatenate([np.linspace(-3000.0, 3000.0, 2_000_001), np.arange(-50, 51) * math.pi,
+                             np.arange(-50, 51) * math.pi + math.pi / 2])
+    assert np.abs(evaluate(values) - np.sin(values)).max() < 5e-7
+
+
+@pytest.mark.parametrize("box", [16, 20])
+def test_fourier_score_small_boxes_without_cutoff(box: int) -> None:
+    """Boxes narrower than a kernel block (zero-padded spectra) and no high-pass at all."""
+    rng = np.random.default_rng(8)
+    volume = torch.from_numpy(rng.normal(size=(box, box, box))).float()
+    images = torch.from_numpy(rng.normal(size=(6, box, box))).float()
+    batch = make_batch(6, rng, 1.1, math.inf)
+    samples = BandSamples(box, 0.0, "cpu")
+    ours = fourier_scores(FourierSliceProjector(volume), images, batch, samples)
+    expected = direct_scores(volume, images, batch)
+    assert torch.allclose(ours, expected, rtol=2e-5, atol=1e-3 * float(expected.abs().mean()))
+
+
 def test_published_scorer_by_hand():
     """One voxel, a 90 degree in-plane turn, unit CTF, an integer origin: derived on paper.
 

@@ -4,12 +4,17 @@ Measured on 2 cores at box 128 (256 particles, 6,466 band samples each): the bat
 torch path spends ~0.21 s per batch in eight separate advanced-indexing gathers of the
 trilinear neighbours (~130 ns per sample), about 900 particles/s. This kernel fuses
 rotation, Friedel folding, trilinear interpolation, the CTF, the origin phase and the
-score sum in one pass per particle, touching each neighbour once in cache-coherent
-order, reading the grid as interleaved float32 pairs and prefetching the grid rows of
-the sample 32 ahead (the reads are cache misses: a plane through a grid far larger than
-the caches). Measured on the same 2 cores: about 6,800 particles/s at box 128 and 1,200
-at box 256 (without the prefetch 4,400 and 750). It is compiled on first use (cached on
-disk) and used on the CPU only; CUDA uses the batched torch path in :mod:`cryosieve.score`.
+score sum per particle. The band samples are laid out in blocks of :data:`BLOCK`
+consecutive columns of one ``rfft2`` row, so that the position pass and the CTF/score
+pass are fixed-length inner loops the compiler vectorises (with a polynomial sine,
+:func:`fast_sin`, instead of a libm call); only the trilinear gathers stay scalar, with
+the grid rows of the sample 32 ahead prefetched (the reads are cache misses: a plane
+through a grid far larger than the caches). Kernel alone, box 128, 4,096 particles in
+viewing-direction order on 2 cores (AMD EPYC, AVX-512): one fused scalar loop 8,600
+particles/s; blocked and vectorised 13,500 to 15,300 particles/s, of which the gathers
+are about two thirds. A 2x2x2-bricked grid layout (fewer cache lines per sample) was
+slower (12,000) and was not kept. Compiled on first use (cached on disk) and used on the
+CPU only; CUDA uses the batched torch path in :mod:`cryosieve.score`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,17 @@ AVAILABLE = numba is not None
 
 #: How many band samples ahead the scoring kernel prefetches the grid rows it will read.
 PREFETCH_DISTANCE = 32
+#: Band samples per block: consecutive columns of one rfft2 row, a fixed-length inner loop
+#: that the compiler vectorises (a loop over runs of varying length mostly ran its scalar
+#: remainder).
+BLOCK = 16
+_INVERSE_PI = 1.0 / math.pi
+# Taylor coefficients of sin (float32)
+_S3 = np.float32(-1.0 / 6.0)
+_S5 = np.float32(1.0 / 120.0)
+_S7 = np.float32(-1.0 / 5040.0)
+_S9 = np.float32(1.0 / 362880.0)
+_S11 = np.float32(-1.0 / 39916800.0)
 
 if AVAILABLE:
     from llvmlite import binding as _llvm_binding
@@ -62,124 +78,146 @@ if AVAILABLE:
     prefetch_for_read = _prefetch_intrinsic(0)
     prefetch_for_write = _prefetch_intrinsic(1)
 
+    @numba.njit(fastmath=True, inline="always", cache=True)
+    def fast_sin(x):  # pragma: no cover - compiled
+        # sin(x) for |x| < ~1e6 rad: reduction to [-pi/2, pi/2] in float64, then the
+        # float32 Taylor polynomial to x^11 (error < 6e-8 there). Plain arithmetic, so a
+        # loop calling it vectorises (a libm call does not).
+        n = math.floor(x * _INVERSE_PI + 0.5)
+        r = np.float32(x - n * math.pi)
+        r2 = r * r
+        p = r * (np.float32(1.0) + r2 * (_S3 + r2 * (_S5 + r2 * (_S7 + r2 * (_S9 + r2 * _S11)))))
+        half_turns = n * 0.5
+        odd = half_turns - math.floor(half_turns)  # 0 for even n, 0.5 for odd n
+        return p * np.float32(1.0 - 4.0 * odd)
+
     @numba.njit(parallel=True, fastmath=True, cache=True)
-    def fourier_scores_kernel(grid, shape_y, shape_x, half, pad_factor,
-                              spectra, flat_index, freq_y, freq_x, row, column, sample_weight, radius,
-                              rotations, scale, phase_x, phase_y,
+    def fourier_scores_kernel(grid, grid_complex, shape_y, shape_x, half, pad_factor, spectra, width,
+                              block_row, block_column, block_ky, u2_cycles, cos2_sample, sin2_sample,
+                              sample_weight, rotations, scale, phase_x, phase_y,
                               defocus_average, defocus_deviation, cos_angle2, sin_angle2,
-                              wavelength, cs_angstrom, phase_constant, pixel_size, highpass,
+                              wavelength, cs_angstrom, phase_constant, pixel_size, highpass2_cycles,
                               box, out):  # pragma: no cover - compiled
+        # Three passes per particle over its band samples, laid out in blocks of BLOCK
+        # consecutive columns of one rfft2 row (see BandSamples.blocks):
+        #   1. where each sample lands in the padded grid: lower trilinear corner, offsets,
+        #      Friedel sign (fixed-length inner loop: vectorised);
+        #   2. trilinear interpolation: gathers from the grid, whose rows are prefetched
+        #      PREFETCH_DISTANCE samples ahead (the grid is far larger than the caches);
+        #   3. RELION's CTF (fast_sin), the observed sample times the origin phase, and the
+        #      score sum (fixed-length inner loop: vectorised).
         count = spectra.shape[0]
-        points = flat_index.shape[0]
+        blocks = block_row.shape[0]
+        points = blocks * BLOCK
+        plane = np.int32(shape_y * shape_x)
+        row_length = np.int32(shape_x)
+        half32 = np.int32(half)
+        limit = np.int32(2 * half)
         for i in numba.prange(count):
-            a00 = rotations[i, 0, 0] * pad_factor * scale[i]
-            a01 = rotations[i, 0, 1] * pad_factor * scale[i]
-            a02 = rotations[i, 0, 2] * pad_factor * scale[i]
-            a10 = rotations[i, 1, 0] * pad_factor * scale[i]
-            a11 = rotations[i, 1, 1] * pad_factor * scale[i]
-            a12 = rotations[i, 1, 2] * pad_factor * scale[i]
-            inverse_size = 1.0 / (box * pixel_size[i])
-            k1 = math.pi * wavelength[i]
-            k2 = 0.5 * math.pi * cs_angstrom[i] * wavelength[i] ** 3
-            total = 0.0
-            plane2 = 2 * shape_y * shape_x
+            model_real = np.empty(points, dtype=np.float32)
+            model_imag = np.empty(points, dtype=np.float32)
+            offset_x = np.empty(points, dtype=np.float32)
+            offset_y = np.empty(points, dtype=np.float32)
+            offset_z = np.empty(points, dtype=np.float32)
+            sign_real = np.empty(points, dtype=np.float32)
+            sign_imag = np.empty(points, dtype=np.float32)
+            corner = np.empty(points, dtype=np.int32)
+            factor = pad_factor * scale[i]
+            a00 = rotations[i, 0, 0] * factor
+            a01 = rotations[i, 0, 1] * factor
+            a02 = rotations[i, 0, 2] * factor
+            a10 = rotations[i, 1, 0] * factor
+            a11 = rotations[i, 1, 1] * factor
+            a12 = rotations[i, 1, 2] * factor
+            # 1. positions (x >= 0 half of the Hermitian grid: a sample with x < 0 reads its
+            #    Friedel mate, conjugated)
+            for b in range(blocks):
+                ky = block_ky[b]
+                c0 = block_column[b]
+                bx = a10 * ky + a00 * c0
+                by = a11 * ky + a01 * c0
+                bz = a12 * ky + a02 * c0
+                o = b * BLOCK
+                for lane in range(BLOCK):
+                    x = bx + a00 * lane
+                    y = by + a01 * lane
+                    z = bz + a02 * lane
+                    flip = -1.0 if x < 0 else 1.0
+                    x *= flip
+                    y *= flip
+                    z *= flip
+                    x0 = math.floor(x)
+                    y0 = math.floor(y)
+                    z0 = math.floor(z)
+                    offset_x[o + lane] = np.float32(x - x0)
+                    offset_y[o + lane] = np.float32(y - y0)
+                    offset_z[o + lane] = np.float32(z - z0)
+                    ix = np.int32(x0)
+                    iy = np.int32(y0) + half32
+                    iz = np.int32(z0) + half32
+                    inside = (ix < half32) & (iy >= 0) & (iz >= 0) & (iy < limit) & (iz < limit)
+                    corner[o + lane] = ((iz * shape_y + iy) * row_length + ix) if inside else np.int32(0)
+                    sign_real[o + lane] = np.float32(1.0) if inside else np.float32(0.0)
+                    sign_imag[o + lane] = np.float32(flip) if inside else np.float32(0.0)
+            # 2. trilinear interpolation (complex64 loads)
             for j in range(points):
-                # The grid reads are cache misses (a plane through a grid far larger than the
-                # caches): ask for the rows of the sample PREFETCH_DISTANCE ahead now.
-                ahead = j + PREFETCH_DISTANCE
-                if ahead < points:
-                    ax = a00 * freq_x[ahead] + a10 * freq_y[ahead]
-                    ay = a01 * freq_x[ahead] + a11 * freq_y[ahead]
-                    az = a02 * freq_x[ahead] + a12 * freq_y[ahead]
-                    if ax < 0:
-                        ax, ay, az = -ax, -ay, -az
-                    jx = int(math.floor(ax))
-                    jy = int(math.floor(ay)) + half
-                    jz = int(math.floor(az)) + half
-                    if jx < half and 0 <= jy < 2 * half and 0 <= jz < 2 * half:
-                        p000 = 2 * ((jz * shape_y + jy) * shape_x + jx)
-                        prefetch_for_read(grid, p000)
-                        prefetch_for_read(grid, p000 + 2 * shape_x)
-                        prefetch_for_read(grid, p000 + plane2)
-                        prefetch_for_read(grid, p000 + plane2 + 2 * shape_x)
-                if radius[j] < highpass[i]:
-                    continue
-                ky = freq_y[j]
-                kx = freq_x[j]
-                x = a00 * kx + a10 * ky
-                y = a01 * kx + a11 * ky
-                z = a02 * kx + a12 * ky
-                conjugate = False
-                if x < 0:
-                    x, y, z = -x, -y, -z
-                    conjugate = True
-                x0 = math.floor(x)
-                y0 = math.floor(y)
-                z0 = math.floor(z)
-                fx = x - x0
-                fy = y - y0
-                fz = z - z0
-                ix = int(x0)
-                iy = int(y0) + half
-                iz = int(z0) + half
-                if ix >= half or iy < 0 or iz < 0 or iy >= 2 * half or iz >= 2 * half:
-                    continue
-                # The grid is read as interleaved float32 (real, imaginary) pairs: plain real
-                # arithmetic compiles to tighter code than numba's complex type.
-                plane = shape_y * shape_x
-                b000 = 2 * ((iz * shape_y + iy) * shape_x + ix)
-                b010 = b000 + 2 * shape_x
-                b100 = b000 + 2 * plane
-                b110 = b100 + 2 * shape_x
-                gx = np.float32(fx)
-                gy = np.float32(fy)
-                gz = np.float32(fz)
-                r00 = grid[b000] + gx * (grid[b000 + 2] - grid[b000])
-                i00 = grid[b000 + 1] + gx * (grid[b000 + 3] - grid[b000 + 1])
-                r01 = grid[b010] + gx * (grid[b010 + 2] - grid[b010])
-                i01 = grid[b010 + 1] + gx * (grid[b010 + 3] - grid[b010 + 1])
-                r10 = grid[b100] + gx * (grid[b100 + 2] - grid[b100])
-                i10 = grid[b100 + 1] + gx * (grid[b100 + 3] - grid[b100 + 1])
-                r11 = grid[b110] + gx * (grid[b110 + 2] - grid[b110])
-                i11 = grid[b110 + 1] + gx * (grid[b110 + 3] - grid[b110 + 1])
-                r0 = r00 + gy * (r01 - r00)
-                i0 = i00 + gy * (i01 - i00)
-                r1 = r10 + gy * (r11 - r10)
-                i1 = i10 + gy * (i11 - i10)
-                value_real = r0 + gz * (r1 - r0)
-                value_imag = i0 + gz * (i1 - i0)
-                if conjugate:
-                    value_imag = -value_imag
-                # RELION's CTF at this frequency (1/Å).
-                sx = kx * inverse_size
-                sy = ky * inverse_size
-                u2 = sx * sx + sy * sy
-                if u2 > 0:
-                    cos2 = (sx * sx - sy * sy) / u2
-                    sin2 = 2 * sx * sy / u2
-                else:
-                    cos2 = 1.0
-                    sin2 = 0.0
-                defocus = defocus_average[i] + defocus_deviation[i] * (cos2 * cos_angle2[i] + sin2 * sin_angle2[i])
-                chi = -k1 * defocus * u2 + k2 * u2 * u2 - phase_constant[i]
-                ctf = -math.sin(np.float32(chi))  # single precision: |chi| < ~10^3 rad keeps ~1e-4 rad
-                # Observed sample times the separable phase exp(-2 pi i k.(origin - N/2) / N).
-                spectrum_index = 2 * flat_index[j]
-                sr = spectra[i, spectrum_index]
-                si = spectra[i, spectrum_index + 1]
-                px_index = 2 * column[j]
-                py_index = 2 * row[j]
-                ar = phase_x[i, px_index]
-                ai = phase_x[i, px_index + 1]
-                br = phase_y[i, py_index]
-                bi = phase_y[i, py_index + 1]
-                pr = ar * br - ai * bi
-                pi = ar * bi + ai * br
-                observed_real = sr * pr - si * pi
-                observed_imag = sr * pi + si * pr
-                model_real = ctf * value_real
-                model_imag = ctf * value_imag
-                term = (model_real * (model_real - 2 * observed_real)
-                        + model_imag * (model_imag - 2 * observed_imag))
-                total += sample_weight[j] * term
+                if j + PREFETCH_DISTANCE < points:
+                    ahead = 2 * corner[j + PREFETCH_DISTANCE]
+                    prefetch_for_read(grid, ahead)
+                    prefetch_for_read(grid, ahead + 2 * row_length)
+                    prefetch_for_read(grid, ahead + 2 * plane)
+                    prefetch_for_read(grid, ahead + 2 * plane + 2 * row_length)
+                b000 = corner[j]
+                b010 = b000 + row_length
+                b100 = b000 + plane
+                b110 = b100 + row_length
+                fx = offset_x[j]
+                fy = offset_y[j]
+                fz = offset_z[j]
+                c00 = grid_complex[b000] + fx * (grid_complex[b000 + 1] - grid_complex[b000])
+                c01 = grid_complex[b010] + fx * (grid_complex[b010 + 1] - grid_complex[b010])
+                c10 = grid_complex[b100] + fx * (grid_complex[b100 + 1] - grid_complex[b100])
+                c11 = grid_complex[b110] + fx * (grid_complex[b110 + 1] - grid_complex[b110])
+                c0 = c00 + fy * (c01 - c00)
+                c1 = c10 + fy * (c11 - c10)
+                value = c0 + fz * (c1 - c0)
+                model_real[j] = value.real * sign_real[j]
+                model_imag[j] = value.imag * sign_imag[j]
+            # 3. CTF, observed sample and the score: sum of w (M^2 - 2 M . O), M = CTF * V
+            inverse_size2 = 1.0 / (box * pixel_size[i]) ** 2
+            k1 = math.pi * wavelength[i] * inverse_size2
+            k2 = 0.5 * math.pi * cs_angstrom[i] * wavelength[i] ** 3 * inverse_size2 * inverse_size2
+            cut2 = highpass2_cycles[i]
+            average = defocus_average[i]
+            deviation_cos = defocus_deviation[i] * cos_angle2[i]
+            deviation_sin = defocus_deviation[i] * sin_angle2[i]
+            constant = phase_constant[i]
+            total = 0.0
+            for b in range(blocks):
+                r = block_row[b]
+                pyr = phase_y[i, 2 * r]
+                pyi = phase_y[i, 2 * r + 1]
+                spectrum_start = 2 * (r * width + block_column[b])
+                phase_start = 2 * block_column[b]
+                o = b * BLOCK
+                block_total = np.float32(0.0)
+                for lane in range(BLOCK):
+                    j = o + lane
+                    u2 = u2_cycles[j]
+                    defocus = average + deviation_cos * cos2_sample[j] + deviation_sin * sin2_sample[j]
+                    ctf = -fast_sin(-k1 * defocus * u2 + k2 * u2 * u2 - constant)
+                    sr = spectra[i, spectrum_start + 2 * lane]
+                    si = spectra[i, spectrum_start + 2 * lane + 1]
+                    ar = phase_x[i, phase_start + 2 * lane]
+                    ai = phase_x[i, phase_start + 2 * lane + 1]
+                    pr = ar * pyr - ai * pyi
+                    pi = ar * pyi + ai * pyr
+                    observed_real = sr * pr - si * pi
+                    observed_imag = sr * pi + si * pr
+                    mr = ctf * model_real[j]
+                    mi = ctf * model_imag[j]
+                    term = mr * (mr - 2 * observed_real) + mi * (mi - 2 * observed_imag)
+                    weight = sample_weight[j] if u2 >= cut2 else np.float32(0.0)
+                    block_total += weight * term
+                total += block_total
             out[i] = total / (box * box)

@@ -94,6 +94,85 @@ class BandSamples:
         self.column = torch.nonzero(keep)[:, 1].to(device)  # index of kx
         self.radius_cycles_per_pixel = radius[keep].to(device) / box
         self.weight = torch.where(self.kx == 0, 1.0, 2.0).to(torch.float64).to(device)
+        self._blocks: SampleBlocks | None = None
+
+    @property
+    def blocks(self) -> "SampleBlocks":
+        """The same samples in the block layout of the CPU kernel (computed once)."""
+        if self._blocks is None:
+            self._blocks = SampleBlocks.from_band(self)
+        return self._blocks
+
+
+@dataclass(frozen=True)
+class SampleBlocks:
+    """Band samples as blocks of :data:`cryosieve._kernels.BLOCK` consecutive ``rfft2`` columns.
+
+    Each block is ``BLOCK`` consecutive columns of one row; together the blocks cover every
+    band sample exactly once (weight as in :class:`BandSamples`); the other entries of a
+    block (outside the band, or already covered by another block) have weight 0. Blocks
+    stay inside their row (``column + BLOCK <= width``), so the kernel reads no memory
+    beyond the spectra and phases it is given.
+
+    Attributes
+    ----------
+    row, column:
+        ``(m,)`` int64: row (``fftfreq`` order) and first column of each block.
+    ky:
+        ``(m,)`` float64 frequency of the row, cycles per box.
+    u2_cycles, cos2, sin2:
+        ``(m * BLOCK,)`` float64: ``|k|^2`` (cycles per box, squared) and ``cos``/``sin`` of
+        twice the sample's polar angle (for the astigmatic defocus).
+    weight:
+        ``(m * BLOCK,)`` float32 Friedel weight, 0 where the entry is not scored.
+    width:
+        Columns of the spectra and x phases the kernel reads: ``box // 2 + 1``, or more
+        (zero-padded by the caller) for boxes narrower than a block.
+    """
+
+    row: np.ndarray
+    column: np.ndarray
+    ky: np.ndarray
+    u2_cycles: np.ndarray
+    cos2: np.ndarray
+    sin2: np.ndarray
+    weight: np.ndarray
+    width: int
+
+    @classmethod
+    def from_band(cls, samples: BandSamples) -> "SampleBlocks":
+        block = _kernels.BLOCK
+        box = samples.box
+        width = max(box // 2 + 1, block)
+        weight = np.zeros((box, width), dtype=np.float32)
+        rows = samples.row.cpu().numpy()
+        columns = samples.column.cpu().numpy()
+        weight[rows, columns] = samples.weight.cpu().numpy()
+        block_rows, block_columns, block_weights = [], [], []
+        for r in range(box):
+            remaining = weight[r].copy()
+            while True:
+                band = np.flatnonzero(remaining)
+                if band.size == 0:
+                    break
+                start = min(int(band[0]), width - block)
+                block_rows.append(r)
+                block_columns.append(start)
+                block_weights.append(remaining[start:start + block].copy())
+                remaining[start:start + block] = 0.0
+        row = np.asarray(block_rows, dtype=np.int64)
+        column = np.asarray(block_columns, dtype=np.int64)
+        ky = np.fft.fftfreq(box, d=1.0 / box)[row]
+        kx = (column[:, None] + np.arange(block)[None, :]).astype(np.float64)
+        ky_full = np.broadcast_to(ky[:, None], kx.shape)
+        u2 = kx**2 + ky_full**2
+        safe = np.where(u2 > 0, u2, 1.0)
+        return cls(row=row, column=column, ky=ky, u2_cycles=u2.reshape(-1),
+                   cos2=np.where(u2 > 0, (kx**2 - ky_full**2) / safe, 1.0).reshape(-1),
+                   sin2=np.where(u2 > 0, 2 * kx * ky_full / safe, 0.0).reshape(-1),
+                   weight=np.concatenate(block_weights).astype(np.float32) if block_weights
+                   else np.zeros(0, dtype=np.float32),
+                   width=width)
 
 
 def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor, batch: ParticleBatch,
@@ -162,24 +241,35 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, spectra: torch.Tensor,
         return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
 
     count = spectra.shape[0]
+    blocks = samples.blocks
+    spectra_array = array(torch.view_as_real(spectra).reshape(count, box, -1), np.float32)
+    phase_x_array = array(torch.view_as_real(phase_x).reshape(count, -1), np.float32)
+    if blocks.width > box // 2 + 1:  # boxes narrower than a block: zero columns to read
+        padded = np.zeros((count, box, 2 * blocks.width), dtype=np.float32)
+        padded[:, :, :spectra_array.shape[2]] = spectra_array
+        spectra_array = padded
+        padded = np.zeros((count, 2 * blocks.width), dtype=np.float32)
+        padded[:, :phase_x_array.shape[1]] = phase_x_array
+        phase_x_array = padded
     wavelength = electron_wavelength(batch.voltage)
     amplitude = batch.amplitude_contrast
     angle = torch.deg2rad(batch.defocus_angle)
     out = np.zeros(count, dtype=np.float64)
+    # the high-pass as |k|^2 >= cut^2 (cycles per box); no cut: every |k|^2 >= -1
+    cut = array((batch.highpass_cycles_per_pixel - 1e-12) * box)
+    highpass2 = np.where(cut > 0, cut * cut, -1.0)
+    grid = torch.view_as_real(projector.grid).reshape(-1).numpy()
     _kernels.fourier_scores_kernel(
-        torch.view_as_real(projector.grid).reshape(-1).numpy(), projector.shape[1], projector.shape[2],
-        projector.padded_size // 2, float(projector.pad_factor),
-        array(torch.view_as_real(spectra).reshape(count, -1), np.float32), array(samples.flat_index, np.int64), array(samples.ky), array(samples.kx),
-        array(samples.row, np.int64), array(samples.column, np.int64), array(samples.weight),
-        array(samples.radius_cycles_per_pixel),
+        grid, grid.view(np.complex64), projector.shape[1], projector.shape[2], projector.padded_size // 2,
+        float(projector.pad_factor), spectra_array.reshape(count, -1), blocks.width,
+        blocks.row, blocks.column, blocks.ky, blocks.u2_cycles, blocks.cos2, blocks.sin2, blocks.weight,
         array(rotations), array(scale) if scale is not None else np.ones(count),
-        array(torch.view_as_real(phase_x).reshape(count, -1), np.float32),
-        array(torch.view_as_real(phase_y).reshape(count, -1), np.float32),
+        phase_x_array, array(torch.view_as_real(phase_y).reshape(count, -1), np.float32),
         array((batch.defocus_u + batch.defocus_v) / 2), array((batch.defocus_u - batch.defocus_v) / 2),
         array(torch.cos(2 * angle)), array(torch.sin(2 * angle)),
         array(wavelength), array(batch.spherical_aberration * 1e7),
         array(torch.deg2rad(batch.phase_shift) + torch.atan(amplitude / torch.sqrt(1 - amplitude * amplitude))),
-        array(batch.pixel_size), array(batch.highpass_cycles_per_pixel - 1e-12), box, out,
+        array(batch.pixel_size), highpass2, box, out,
     )
     return torch.from_numpy(out)
 
