@@ -229,27 +229,9 @@ def _divided_columns_torch(grid: torch.Tensor, regularisation: float, x_start: i
 
 
 def grid_to_map_torch(grid: torch.Tensor, size: int, pad_factor: int,
-                relative_regularisation: float | None = None, column_chunk: int = 16) -> torch.Tensor:
-    """Divide data by weight, inverse FFT, crop, mask outside the sphere and gridding-correct.
-
-    Parameters
-    ----------
-    grid:
-        ``(P + 1, P + 1, P // 2 + 2, 3)`` accumulated (Hermitian, symmetrised) grid.
-    size:
-        Box ``n`` of the map.
-    relative_regularisation:
-        ``lambda`` in ``D / (W + lambda)`` as a fraction of the mean weight over the
-        sphere ``|K| < P/2`` (keeps voxels that no slice reached at zero and tames
-        nearly empty ones); default :data:`RELATIVE_REGULARISATION`.
-    column_chunk:
-        ``Kx`` columns divided and transformed along z at a time (bounds the memory to
-        the grid plus a ``(n, P, P/2 + 1)`` complex array).
-
-    Returns
-    -------
-    ``(n, n, n)`` float64 map ``[z, y, x]`` centred at voxel ``n // 2``.
-    """
+                      relative_regularisation: float | None = None, column_chunk: int = 16) -> torch.Tensor:
+    """:func:`cryosieve.reconstruct.grid_to_map` on any device: same arguments, returns a
+    ``(n, n, n)`` float64 map ``[z, y, x]`` centred at voxel ``n // 2`` on the grid's device."""
     if relative_regularisation is None:
         relative_regularisation = RELATIVE_REGULARISATION
     padded = grid.shape[0] - 1
