@@ -134,6 +134,33 @@ def test_fourier_score_small_boxes_without_cutoff(box: int) -> None:
     assert torch.allclose(ours, expected, rtol=2e-5, atol=1e-3 * float(expected.abs().mean()))
 
 
+@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba not installed")
+def test_corner_layout_and_grid_reads_give_the_same_scores(monkeypatch) -> None:
+    """The kernel's 8-corner layout holds each voxel's trilinear neighbours, and scoring from
+    it equals scoring from the grid itself (used where the layout would not fit in memory)."""
+    rng = np.random.default_rng(9)
+    box = 24
+    volume = torch.from_numpy(rng.normal(size=(box, box, box))).float()
+    projector = FourierSliceProjector(volume)
+    grid = projector.grid.reshape(projector.shape).numpy()
+    corners = projector.corner_layout()
+    assert corners.ctypes.data % 64 == 0
+    layout = corners.reshape(grid.shape[0] - 1, grid.shape[1] - 1, grid.shape[2] - 1, 2, 2, 2)
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                np.testing.assert_array_equal(layout[..., dz, dy, dx],
+                                              grid[dz:dz + layout.shape[0], dy:dy + layout.shape[1],
+                                                   dx:dx + layout.shape[2]])
+    images = torch.from_numpy(rng.normal(size=(10, box, box))).float()
+    batch = make_batch(10, rng, 1.2, 10.0)
+    samples = BandSamples(box, 1.2 / 10.0, "cpu")
+    from_corners = fourier_scores(projector, images, batch, samples)
+    monkeypatch.setattr(_kernels, "CORNER_LAYOUT_MEMORY", 0)
+    from_grid = fourier_scores(FourierSliceProjector(volume), images, batch, samples)
+    assert torch.allclose(from_corners, from_grid, rtol=1e-5, atol=1e-5 * float(from_grid.abs().max()))
+
+
 def test_published_scorer_by_hand():
     """One voxel, a 90 degree in-plane turn, unit CTF, an integer origin: derived on paper.
 

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from cryosieve import _kernels
 from cryosieve.fsc import filter_by_shell
 from cryosieve.geometry import published_quaternions
 
@@ -109,6 +110,25 @@ class FourierSliceProjector:
         self.grid = stored.reshape(-1)
         self.shape = (padded + 1, padded + 1, half + 2)
         self.device = device
+        self._corners: np.ndarray | None = None
+
+    def corner_layout(self) -> np.ndarray | None:
+        """The grid in the CPU scoring kernel's 8-corner layout, built on first use.
+
+        ``None`` where that kernel cannot use it: a grid not complex64 on the CPU, or a
+        layout larger than :data:`cryosieve._kernels.CORNER_LAYOUT_MEMORY` (box above about
+        150 pixels), for which the kernel reads the grid itself. See
+        :func:`cryosieve._kernels.corner_layout`.
+        """
+        if self._corners is not None:
+            return self._corners
+        if not _kernels.AVAILABLE or self.device.type != "cpu" or self.grid.dtype != torch.complex64:
+            return None
+        voxels = (self.shape[0] - 1) * (self.shape[1] - 1) * (self.shape[2] - 1)
+        if voxels * 8 * 8 > _kernels.CORNER_LAYOUT_MEMORY:
+            return None
+        self._corners = _kernels.corner_layout(self.grid.reshape(self.shape).numpy())
+        return self._corners
 
     def sample(self, rotations: torch.Tensor, frequency_y: torch.Tensor, frequency_x: torch.Tensor,
                scale: torch.Tensor | None = None) -> torch.Tensor:

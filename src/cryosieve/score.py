@@ -235,8 +235,11 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor, batch
 
 def _fourier_scores_cpu(projector: FourierSliceProjector, spectra: torch.Tensor, batch: ParticleBatch,
                         samples: BandSamples, rotations: torch.Tensor, scale: torch.Tensor | None,
-                        phase_x: torch.Tensor, phase_y: torch.Tensor, box: int) -> torch.Tensor:
-    """The same score through the fused CPU kernel (see :mod:`cryosieve._kernels`)."""
+                        phase_x: torch.Tensor, phase_y: torch.Tensor, box: int,
+                        use_corner_layout: bool = True) -> torch.Tensor:
+    """The same score through the fused CPU kernel (see :mod:`cryosieve._kernels`); it reads
+    the projector's 8-corner layout where that fits in memory, else the grid itself
+    (``use_corner_layout=False``: always the grid)."""
     def array(tensor: torch.Tensor, dtype=np.float64) -> np.ndarray:
         return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
 
@@ -259,8 +262,10 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, spectra: torch.Tensor,
     cut = array((batch.highpass_cycles_per_pixel - 1e-12) * box)
     highpass2 = np.where(cut > 0, cut * cut, -1.0)
     grid = torch.view_as_real(projector.grid).reshape(-1).numpy()
+    corners = projector.corner_layout() if use_corner_layout else None
+    corners = np.zeros(0, dtype=np.float32) if corners is None else corners.view(np.float32)
     _kernels.fourier_scores_kernel(
-        grid, grid.view(np.complex64), projector.shape[1], projector.shape[2], projector.padded_size // 2,
+        grid, grid.view(np.complex64), corners, projector.shape[1], projector.shape[2], projector.padded_size // 2,
         float(projector.pad_factor), spectra_array.reshape(count, -1), blocks.width,
         blocks.row, blocks.column, blocks.ky, blocks.u2_cycles, blocks.cos2, blocks.sin2, blocks.weight,
         array(rotations), array(scale) if scale is not None else np.ones(count),
