@@ -96,7 +96,7 @@ if AVAILABLE:
         odd = half_turns - math.floor(half_turns)  # 0 for even n, 0.5 for odd n
         return p * np.float32(1.0 - 4.0 * odd)
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def fourier_scores_kernel(grid, grid_complex, corners, shape_y, shape_x, half, pad_factor, spectra, width,
                               block_row, block_column, block_ky, u2_cycles, cos2_sample, sin2_sample,
                               sample_weight, rotations, scale, phase_x, phase_y,

@@ -134,7 +134,7 @@ ACCUMULATION_MEMORY = 2 * 1024**3
 if numba is not None:
     from cryosieve._kernels import prefetch_for_write as _prefetch_for_write
 
-    @numba.njit(parallel=True, cache=True)
+    @numba.njit(parallel=True, cache=True, nogil=True)
     def _prepare_kernel(spectra, rows, columns, radius2, cos_sample2, sin_sample2, multiplicity, phase_y,
                         phase_x, apply_ctf, inverse_size2, defocus_average, defocus_deviation, cos_angle2,
                         sin_angle2, k1, k2, phase_constant, bfactor, scale, values):  # pragma: no cover - compiled
@@ -162,7 +162,7 @@ if numba is not None:
                     values[i, j, 1] = value.imag * m
                     values[i, j, 2] = m
 
-    @numba.njit(parallel=True, cache=True)
+    @numba.njit(parallel=True, cache=True, nogil=True)
     def _locate_kernel(half, size_y, size_x, rotations, frequency_y, frequency_x, values, sharers, base,
                        record, plane_owner):  # pragma: no cover - compiled
         # Where each sample lands: flat index of its lower trilinear corner in a
@@ -202,7 +202,7 @@ if numba is not None:
                 record[i, j, 4] = y - y0
                 record[i, j, 5] = z - z0
 
-    @numba.njit(parallel=True, cache=True)
+    @numba.njit(parallel=True, cache=True, nogil=True)
     def _scatter_kernel(grids, base, record, plane_owner, particle_lists, tasks,
                         distance):  # pragma: no cover - compiled
         # Task t = (grid g, owner r, sharers k) scatters the particles particle_lists[g]

@@ -200,7 +200,6 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor, batch
     box = images.shape[-1]
     real_dtype = torch.float32
     spectra = torch.fft.rfft2(images.to(real_dtype)).reshape(images.shape[0], -1)
-    observed = spectra[:, samples.flat_index]  # (b, p)
 
     # T(I) and the move of the image centre (pixel N/2) to the origin, as one phase:
     # exp(-2 pi i (kx (ox - N/2) + ky (oy - N/2)) / N), separable in x and y.
@@ -219,7 +218,7 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor, batch
         return _fourier_scores_cpu(projector, spectra, batch, samples, rotations, scale,
                                    phase_x.to(torch.complex64), phase_y.to(torch.complex64), box)
     phase = (phase_x[:, samples.column] * phase_y[:, samples.row]).to(torch.complex64)
-    observed = observed * phase
+    observed = spectra[:, samples.flat_index] * phase  # (b, p)
     projected = projector.sample(rotations, samples.ky.to(real_dtype), samples.kx.to(real_dtype), scale)
 
     pixel = batch.pixel_size.to(real_dtype)[:, None]
