@@ -167,7 +167,9 @@ if AVAILABLE:
                     ix = np.int32(x0)
                     iy = np.int32(y0) + half32
                     iz = np.int32(z0) + half32
-                    inside = (ix < half32) & (iy >= 0) & (iz >= 0) & (iy < limit) & (iz < limit)
+                    # entries of a block that are not scored read voxel 0 (cached) instead
+                    inside = ((ix < half32) & (iy >= 0) & (iz >= 0) & (iy < limit) & (iz < limit)
+                              & (sample_weight[o + lane] > 0))
                     corner[o + lane] = ((iz * index_y + iy) * index_x + ix) if inside else np.int32(0)
                     sign_real[o + lane] = np.float32(1.0) if inside else np.float32(0.0)
                     sign_imag[o + lane] = np.float32(flip) if inside else np.float32(0.0)
