@@ -121,11 +121,17 @@ class StackReader:
         first = self._view(files[0]) if len(rows) else None
         box = first.shape[-1] if first is not None else 0
         out = np.empty((len(rows), box, box), dtype=np.float32)
-        for file in dict.fromkeys(files.tolist()):
-            where = np.flatnonzero(files == file)
-            view = self._view(file)
-            out[where] = view[indices[where]]
-        bad = ~np.isfinite(out).all(axis=(1, 2))
+        unique_files = dict.fromkeys(files.tolist())
+        if len(unique_files) == 1 and first is not None and first.dtype == np.float32:
+            np.take(first, indices, axis=0, out=out)  # one copy straight from the mapped stack
+        else:
+            for file in unique_files:
+                where = np.flatnonzero(files == file)
+                view = self._view(file)
+                out[where] = view[indices[where]]
+        # A float64 sum of float32 pixels cannot overflow, and is finite exactly when every
+        # pixel is (one pass, no temporary array).
+        bad = ~np.isfinite(out.sum(axis=(1, 2), dtype=np.float64))
         if bad.any():
             row = rows[int(np.flatnonzero(bad)[0])]
             raise CryoSieveInputError(
