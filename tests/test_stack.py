@@ -1,0 +1,77 @@
+"""Lazy stack reading: batches equal the images they name, whatever the files' layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from cryosieve.errors import CryoSieveInputError
+from cryosieve.io.stack import StackReader, prefetch_batches
+from cryosieve.io.star import read_particles
+
+
+def write_stack(path: Path, images: np.ndarray, dtype: str = "<f4") -> None:
+    with mrcfile.new(str(path), overwrite=True) as handle:
+        handle.set_data(images.astype(np.float32))
+    if dtype != "<f4":  # rewrite the data block in another byte order / mode
+        with mrcfile.open(str(path), mode="r+") as handle:
+            handle.set_data(images.astype(dtype))
+
+
+def write_star(path: Path, names: list[str]) -> None:
+    count = len(names)
+    particles = pd.DataFrame({"rlnImageName": names, "rlnAngleRot": np.zeros(count),
+                              "rlnAngleTilt": np.zeros(count), "rlnAnglePsi": np.zeros(count),
+                              "rlnOriginXAngst": np.zeros(count), "rlnOriginYAngst": np.zeros(count),
+                              "rlnDefocusU": np.full(count, 10000.0), "rlnDefocusV": np.full(count, 10000.0),
+                              "rlnDefocusAngle": np.zeros(count), "rlnOpticsGroup": np.ones(count, int)})
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [1.0], "rlnImageSize": [8], "rlnImageDimensionality": [2]})
+    starfile.write({"optics": optics, "particles": particles}, path, overwrite=True)
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2"])
+def test_batches_equal_the_named_images(tmp_path: Path, dtype: str) -> None:
+    rng = np.random.default_rng(0)
+    first = np.round(rng.normal(size=(12, 8, 8)) * 100)
+    second = np.round(rng.normal(size=(5, 8, 8)) * 100)
+    write_stack(tmp_path / "a.mrcs", first, dtype)
+    write_stack(tmp_path / "b.mrcs", second, dtype)
+    order = [("a.mrcs", 7), ("a.mrcs", 0), ("a.mrcs", 11), ("a.mrcs", 3), ("b.mrcs", 4), ("a.mrcs", 5),
+             ("b.mrcs", 0), ("a.mrcs", 7)]
+    write_star(tmp_path / "particles.star", [f"{index + 1:06d}@{name}" for name, index in order])
+    table = read_particles(tmp_path / "particles.star")
+    reader = StackReader(table, tmp_path)
+    assert reader.validate() == 8
+    expected = np.stack([(first if name == "a.mrcs" else second)[index] for name, index in order])
+    np.testing.assert_array_equal(reader.read(np.arange(len(order))), expected)  # two files
+    np.testing.assert_array_equal(reader.read(np.array([0, 1, 2, 3])), expected[:4])  # one file
+    batches = [np.array([3, 0]), np.array([5, 6, 7]), np.array([1])]
+    for rows, images in prefetch_batches(reader, batches):
+        assert images.dtype == np.float32
+        np.testing.assert_array_equal(images, expected[rows])
+    reader.close()
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains")  # mrcfile, while writing the bad stack
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, "both"])
+def test_non_finite_pixels_are_an_input_error(tmp_path: Path, bad: float | str) -> None:
+    images = np.random.default_rng(1).normal(size=(4, 8, 8)).astype(np.float32)
+    if bad == "both":  # +inf and -inf in one image: a plain sum would hide neither
+        images[2, 1, 1], images[2, 5, 5] = np.inf, -np.inf
+    else:
+        images[2, 3, 4] = bad
+    write_stack(tmp_path / "a.mrcs", images)
+    write_star(tmp_path / "particles.star", [f"{i:06d}@a.mrcs" for i in range(1, 5)])
+    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
+    reader.validate()
+    np.testing.assert_array_equal(reader.read(np.array([0, 1, 3])), images[[0, 1, 3]])
+    with pytest.raises(CryoSieveInputError, match="000003@a.mrcs"):
+        reader.read(np.array([1, 2]))
+    reader.close()
