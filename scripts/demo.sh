@@ -7,8 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-if [ ! -f demo_data/particles.star ]; then
-  cryosieve-simulate --o demo_data --num_particles 3000 --box 112 --angpix 1.5 --bfactor_max 400 --seed 0
+# Simulate once; again only when the demo's parameters changed (an older demo_data is replaced).
+SIMULATE=(--num_particles 3000 --box 112 --angpix 1.5 --bfactor_max 400 --seed 0)
+if [ ! -f demo_data/particles.star ] || [ "$(cat demo_data/.demo_parameters 2>/dev/null)" != "${SIMULATE[*]}" ]; then
+  rm -rf demo_data
+  cryosieve-simulate --o demo_data "${SIMULATE[@]}"
+  echo "${SIMULATE[*]}" > demo_data/.demo_parameters
 fi
 
 echo "== one sieve: cryosieve-core at a 20 Å cut-off, keeping 80 % of each half-set"
