@@ -83,6 +83,14 @@ if AVAILABLE:
     prefetch_for_read = _prefetch_intrinsic(0)
     prefetch_for_write = _prefetch_intrinsic(1)
 
+    @numba.njit(inline="always", cache=True)
+    def friedel_fold(x, y, z):  # pragma: no cover - compiled
+        # A 3D frequency moved to the stored x >= 0 half of a Hermitian transform, with the
+        # sign its value's imaginary part takes there (-1 when it was mirrored).
+        if x < 0:
+            return -x, -y, -z, -1.0
+        return x, y, z, 1.0
+
     @numba.njit(fastmath=True, inline="always", cache=True)
     def fast_sin(x):  # pragma: no cover - compiled
         # sin(x) for |x| < ~1e6 rad: reduction to [-pi/2, pi/2] in float64, then the
@@ -154,6 +162,7 @@ if AVAILABLE:
                     x = bx + a00 * lane
                     y = by + a01 * lane
                     z = bz + a02 * lane
+                    # friedel_fold, written as a select so that the block loop vectorises
                     flip = -1.0 if x < 0 else 1.0
                     x *= flip
                     y *= flip

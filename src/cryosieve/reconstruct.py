@@ -132,6 +132,7 @@ PREFETCH_DISTANCE = 16
 ACCUMULATION_MEMORY = 2 * 1024**3
 
 if numba is not None:
+    from cryosieve._kernels import friedel_fold
     from cryosieve._kernels import prefetch_for_write as _prefetch_for_write
 
     @numba.njit(parallel=True, cache=True, nogil=True)
@@ -184,12 +185,7 @@ if numba is not None:
                 x = a00 * kx + a10 * ky
                 y = a01 * kx + a11 * ky
                 z = a02 * kx + a12 * ky
-                sign = 1.0
-                if x < 0:
-                    sign = -1.0
-                    x = -x
-                    y = -y
-                    z = -z
+                x, y, z, sign = friedel_fold(x, y, z)
                 x0 = math.floor(x)
                 y0 = math.floor(y)
                 z0 = math.floor(z)
@@ -293,12 +289,7 @@ if numba is not None:
                         x = rotations[r, 0, 0] * kx + rotations[r, 0, 1] * ky + rotations[r, 0, 2] * kz
                         y = rotations[r, 1, 0] * kx + rotations[r, 1, 1] * ky + rotations[r, 1, 2] * kz
                         z = rotations[r, 2, 0] * kx + rotations[r, 2, 1] * ky + rotations[r, 2, 2] * kz
-                        sign = 1.0
-                        if x < 0:
-                            sign = -1.0
-                            x = -x
-                            y = -y
-                            z = -z
+                        x, y, z, sign = friedel_fold(x, y, z)
                         x0 = math.floor(x)
                         y0 = math.floor(y)
                         z0 = math.floor(z)
