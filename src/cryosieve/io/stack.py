@@ -129,9 +129,13 @@ class StackReader:
                 where = np.flatnonzero(files == file)
                 view = self._view(file)
                 out[where] = view[indices[where]]
-        # A float64 sum of float32 pixels cannot overflow, and is finite exactly when every
-        # pixel is (one pass, no temporary array).
-        bad = ~np.isfinite(out.sum(axis=(1, 2), dtype=np.float64))
+        # A sum is finite when every pixel is (NaN and infinities propagate). The float32 sum
+        # (einsum: one pass, no temporary; 1 us per image at box 128 against 8 us for a
+        # float64 sum) can also overflow on huge finite pixels, so the images it flags are
+        # checked again with a float64 sum, which cannot.
+        bad = ~np.isfinite(np.einsum("ijk->i", out))
+        if bad.any():
+            bad[bad] = ~np.isfinite(out[bad].sum(axis=(1, 2), dtype=np.float64))
         if bad.any():
             row = rows[int(np.flatnonzero(bad)[0])]
             raise CryoSieveInputError(
