@@ -77,14 +77,20 @@ def test_non_finite_pixels_are_an_input_error(tmp_path: Path, bad: float | str) 
     reader.close()
 
 
-def test_huge_finite_pixels_are_not_an_error(tmp_path: Path) -> None:
-    # their float32 sum overflows to infinity; the image is still finite and must be read
-    images = np.random.default_rng(2).normal(size=(3, 8, 8)).astype(np.float32)
+
+@pytest.mark.filterwarnings("ignore:Data array contains")
+@pytest.mark.parametrize("dtype", ["<f4", ">f4"])  # the one-pass copy, and numpy's path
+def test_huge_finite_pixels_are_read_and_non_finite_ones_found(tmp_path: Path, dtype: str) -> None:
+    # a float32 sum of image 1 overflows to infinity, yet every pixel is finite
+    images = np.random.default_rng(2).normal(size=(4, 8, 8)).astype(np.float32)
     images[1, :2] = np.float32(3e38)
     assert not np.isfinite(np.einsum("ijk->i", images)[1])
-    write_stack(tmp_path / "a.mrcs", images)
-    write_star(tmp_path / "particles.star", [f"{i:06d}@a.mrcs" for i in range(1, 4)])
+    images[3, 7, 7] = np.nan
+    write_stack(tmp_path / "a.mrcs", images, dtype)
+    write_star(tmp_path / "particles.star", [f"{i:06d}@a.mrcs" for i in range(1, 5)])
     reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
     reader.validate()
-    np.testing.assert_array_equal(reader.read(np.array([0, 1, 2])), images)
+    np.testing.assert_array_equal(reader.read(np.array([2, 1, 0])), images[[2, 1, 0]])
+    with pytest.raises(CryoSieveInputError, match="000004@a.mrcs"):
+        reader.read(np.array([1, 3]))
     reader.close()
