@@ -264,7 +264,7 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, spectra: torch.Tensor,
     corners = projector.corner_layout() if use_corner_layout else None
     corners = np.zeros(0, dtype=np.float32) if corners is None else corners.view(np.float32)
     _kernels.fourier_scores_kernel(
-        grid, grid.view(np.complex64), corners, projector.shape[1], projector.shape[2], projector.padded_size // 2,
+        grid, corners, projector.shape[1], projector.shape[2], projector.padded_size // 2,
         float(projector.pad_factor), spectra_array.reshape(count, -1), blocks.width,
         blocks.row, blocks.column, blocks.ky, blocks.u2_cycles, blocks.cos2, blocks.sin2, blocks.weight,
         array(rotations), array(scale) if scale is not None else np.ones(count),
