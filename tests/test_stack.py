@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mrcfile
@@ -53,9 +54,37 @@ def test_batches_equal_the_named_images(tmp_path: Path, dtype: str) -> None:
     np.testing.assert_array_equal(reader.read(np.arange(len(order))), expected)  # two files
     np.testing.assert_array_equal(reader.read(np.array([0, 1, 2, 3])), expected[:4])  # one file
     batches = [np.array([3, 0]), np.array([5, 6, 7]), np.array([1])]
-    for rows, images in prefetch_batches(reader, batches):
-        assert images.dtype == np.float32
-        np.testing.assert_array_equal(images, expected[rows])
+    for background in (True, False):
+        seen = []
+        for rows, images in prefetch_batches(reader, batches, background=background):
+            assert images.dtype == np.float32
+            np.testing.assert_array_equal(images, expected[rows])
+            seen.append(rows)
+        assert [list(rows) for rows in seen] == [list(rows) for rows in batches]
+    reader.close()
+
+
+def test_advice_names_the_runs_of_images_of_the_next_batch(tmp_path: Path, monkeypatch) -> None:
+    # a batch's images, as byte ranges of their files: one posix_fadvise per run of consecutive images
+    images = np.arange(10 * 8 * 8, dtype=np.float32).reshape(10, 8, 8)
+    write_stack(tmp_path / "a.mrcs", images)
+    write_stack(tmp_path / "b.mrcs", images[:3])
+    names = [f"{i:06d}@a.mrcs" for i in (3, 4, 5, 9, 1)] + ["000002@b.mrcs"]
+    write_star(tmp_path / "particles.star", names)
+    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
+    reader.validate()
+    calls = []
+    monkeypatch.setattr("os.posix_fadvise", lambda descriptor, offset, length, advice: calls.append(
+        (os.readlink(f"/proc/self/fd/{descriptor}").rsplit("/", 1)[-1], offset, length, advice)))
+    reader.advise(np.arange(6))
+    image = 8 * 8 * 4
+    header = 1024
+    assert sorted(calls) == sorted([
+        ("a.mrcs", header + 0 * image, 1 * image, os.POSIX_FADV_WILLNEED),  # image 1
+        ("a.mrcs", header + 2 * image, 3 * image, os.POSIX_FADV_WILLNEED),  # images 3 to 5
+        ("a.mrcs", header + 8 * image, 1 * image, os.POSIX_FADV_WILLNEED),  # image 9
+        ("b.mrcs", header + 1 * image, 1 * image, os.POSIX_FADV_WILLNEED),
+    ])
     reader.close()
 
 

@@ -232,8 +232,9 @@ def score_rows(table: ParticleTable, reader: StackReader, references: Sequence[n
             volume_tensor = torch.from_numpy(reference).to(device=device, dtype=torch.float64)
             if weight is not None:
                 volume_tensor = filter_by_shell(volume_tensor, weight.to(device))
-        for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank,
-                                                                         world_size)):
+        # on the CPU the scorer keeps every core busy: read each batch in turn (see prefetch_batches)
+        for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank, world_size),
+                                                   background=device.type != "cpu"):
             batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
             image_tensor = torch.from_numpy(images).to(device)
             if settings.projector == "fourier":

@@ -1,7 +1,9 @@
 """Lazy, memory-mapped reading of particle images from MRC stacks.
 
 Stacks are opened with ``mrcfile.mmap`` and only the requested images are copied,
-so memory stays bounded by the batch size whatever the stack size.
+so memory stays bounded by the batch size whatever the stack size. Little-endian float32
+stacks (the usual case) are copied by a numba kernel that checks the pixels on the way
+and runs on all cores without the GIL; other modes go through numpy.
 """
 
 from __future__ import annotations
@@ -60,32 +62,21 @@ def _non_finite_images(images: np.ndarray) -> np.ndarray:
 
 
 if numba is not None:
-    @numba.njit(nogil=True, cache=True)
-    def _copy_image_bits(stack, indices, out, bad):  # pragma: no cover - compiled
-        # Copies the 32-bit pixels of stack[indices[k]] to out[k] and flags an image whose
-        # exponent bits are all ones somewhere (NaN or infinity). Integer operations only,
-        # so the loop vectorises and the check is exact.
-        for k in range(indices.shape[0]):
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _copy_image_bits(stack, indices, out, positions, bad):  # pragma: no cover - compiled
+        # Copies the 32-bit pixels of stack[indices[k]] to out[positions[k]] and flags an
+        # image whose exponent bits are all ones somewhere (NaN or infinity). Integer
+        # operations only, so the loop vectorises and the check is exact.
+        for k in numba.prange(indices.shape[0]):
             image = stack[indices[k]]
+            target = out[positions[k]]
             flag = np.uint32(0)
             for y in range(image.shape[0]):
                 for x in range(image.shape[1]):
                     bits = image[y, x]
-                    out[k, y, x] = bits
+                    target[y, x] = bits
                     flag |= np.uint32((bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
-            bad[k] = flag != 0
-
-
-def _copy_images(stack: np.ndarray, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Copy ``stack[indices]`` (a memory-mapped ``(m, n, n)`` float32 stack) into ``out``
-    and return which images hold a NaN or infinite pixel, ``(b,)`` bool.
-
-    One pass that releases the GIL, so the scoring thread runs meanwhile; ``np.take`` holds
-    it, and the Python work of the scorer then waits on the reader.
-    """
-    bad = np.zeros(len(indices), dtype=np.bool_)
-    _copy_image_bits(np.asarray(stack).view(np.uint32), indices, out.view(np.uint32), bad)
-    return bad
+            bad[positions[k]] = flag != 0
 
 
 class StackReader:
@@ -107,6 +98,7 @@ class StackReader:
         self.directory = directory
         self.max_open = max_open
         self._handles: OrderedDict[str, tuple[mrcfile.mrcfile.MrcFile, np.ndarray]] = OrderedDict()
+        self._descriptors: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _view(self, file: str) -> np.ndarray:
@@ -119,8 +111,11 @@ class StackReader:
             view = _images_view(handle, path)
             self._handles[file] = (handle, view)
             while len(self._handles) > self.max_open:
-                _, (old, _) = self._handles.popitem(last=False)
+                old_file, (old, _) = self._handles.popitem(last=False)
                 old.close()
+                descriptor = self._descriptors.pop(old_file, None)
+                if descriptor is not None:
+                    os.close(descriptor)
             return view
 
     def validate(self) -> int:
@@ -168,15 +163,16 @@ class StackReader:
         first = self._view(files[0]) if len(rows) else None
         box = first.shape[-1] if first is not None else 0
         out = np.empty((len(rows), box, box), dtype=np.float32)
-        unique_files = dict.fromkeys(files.tolist())
-        if len(unique_files) == 1 and first is not None and first.dtype == np.float32 and numba is not None:
-            bad = _copy_images(first, indices, out)  # one pass straight from the mapped stack
-        else:
-            for file in unique_files:
-                where = np.flatnonzero(files == file)
-                view = self._view(file)
+        bad = np.zeros(len(rows), dtype=np.bool_)
+        for file in dict.fromkeys(files.tolist()):
+            where = np.flatnonzero(files == file)
+            view = self._view(file)
+            if numba is not None and view.dtype == np.float32:  # native byte order
+                # one pass straight from the mapped stack, on all cores, without the GIL
+                _copy_image_bits(np.asarray(view).view(np.uint32), indices[where], out.view(np.uint32), where, bad)
+            else:
                 out[where] = view[indices[where]]
-            bad = _non_finite_images(out)
+                bad[where] = _non_finite_images(out[where])
         if bad.any():
             row = rows[int(np.flatnonzero(bad)[0])]
             raise CryoSieveInputError(
@@ -184,19 +180,67 @@ class StackReader:
             )
         return out
 
+    def advise(self, rows: Sequence[int] | np.ndarray) -> None:
+        """Ask the operating system to start reading these rows' images into the page cache,
+        without waiting (``posix_fadvise`` ``WILLNEED``, one call per run of consecutive
+        images). Does nothing where that call does not exist."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        rows = np.asarray(rows, dtype=np.int64)
+        files = self.table.image_file[rows]
+        indices = self.table.image_index[rows]
+        for file in dict.fromkeys(files.tolist()):
+            view = self._view(file)
+            offset, filename = getattr(view, "offset", None), getattr(view, "filename", None)
+            if offset is None or not filename:
+                continue
+            with self._lock:
+                descriptor = self._descriptors.get(file)
+                if descriptor is None:
+                    descriptor = self._descriptors[file] = os.open(filename, os.O_RDONLY)
+            image_bytes = view.shape[1] * view.shape[2] * view.itemsize
+            wanted = np.unique(indices[files == file])
+            breaks = np.flatnonzero(np.diff(wanted) != 1)
+            for first, last in zip(np.r_[wanted[0], wanted[breaks + 1]], np.r_[wanted[breaks], wanted[-1]]):
+                os.posix_fadvise(descriptor, offset + int(first) * image_bytes, (int(last) - int(first) + 1) * image_bytes,
+                                 os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         with self._lock:
             for handle, _ in self._handles.values():
                 handle.close()
             self._handles.clear()
+            for descriptor in self._descriptors.values():
+                os.close(descriptor)
+            self._descriptors.clear()
 
 
-def prefetch_batches(reader: StackReader, batches: Sequence[np.ndarray], depth: int = 2
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(rows, images)`` for each batch of rows, reading ahead in a background thread.
+def prefetch_batches(reader: StackReader, batches: Sequence[np.ndarray], depth: int = 2,
+                     background: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(rows, images)`` for each batch of rows, reading ahead.
 
-    Errors raised while reading are re-raised in the consumer.
+    ``background=True``: a thread reads up to ``depth`` batches ahead, for a consumer that
+    leaves the CPU free (a GPU). ``background=False``: each batch is read when it is
+    needed, on all cores, after asking the operating system to fetch the next batch's
+    pages meanwhile (:meth:`StackReader.advise`); for a consumer that keeps the cores busy
+    itself, where a reading thread only competes with it (measured 15 % slower scoring on
+    2 cores at box 128). Errors raised while reading are re-raised in the consumer.
     """
+    if background:
+        return _read_in_background(reader, batches, depth)
+    return _read_in_turn(reader, batches)
+
+
+def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    batches = list(batches)
+    for position, rows in enumerate(batches):
+        if position + 1 < len(batches):
+            reader.advise(batches[position + 1])
+        yield rows, reader.read(rows)
+
+
+def _read_in_background(reader: StackReader, batches: Sequence[np.ndarray], depth: int
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
