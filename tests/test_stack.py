@@ -12,7 +12,7 @@ import pytest
 import starfile
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.stack import StackReader, prefetch_batches
+from cryosieve.io.stack import ADVICE_GAP, StackReader, prefetch_batches
 from cryosieve.io.star import read_particles
 
 
@@ -64,11 +64,12 @@ def test_batches_equal_the_named_images(tmp_path: Path, dtype: str) -> None:
     reader.close()
 
 
-def test_advice_names_the_runs_of_images_of_the_next_batch(tmp_path: Path, monkeypatch) -> None:
+def test_advice_names_the_runs_of_images_of_a_batch(tmp_path: Path, monkeypatch) -> None:
     # a batch's images, as byte ranges of their files: one posix_fadvise per run of consecutive images
     images = np.arange(10 * 8 * 8, dtype=np.float32).reshape(10, 8, 8)
     write_stack(tmp_path / "a.mrcs", images)
     write_stack(tmp_path / "b.mrcs", images[:3])
+    # images 1, 3-5 and 9 of a (numbered from 1): gaps of 1 and 3 unwanted images
     names = [f"{i:06d}@a.mrcs" for i in (3, 4, 5, 9, 1)] + ["000002@b.mrcs"]
     write_star(tmp_path / "particles.star", names)
     reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
@@ -79,10 +80,10 @@ def test_advice_names_the_runs_of_images_of_the_next_batch(tmp_path: Path, monke
     reader.advise(np.arange(6))
     image = 8 * 8 * 4
     header = 1024
+    assert ADVICE_GAP == 2
     assert sorted(calls) == sorted([
-        ("a.mrcs", header + 0 * image, 1 * image, os.POSIX_FADV_WILLNEED),  # image 1
-        ("a.mrcs", header + 2 * image, 3 * image, os.POSIX_FADV_WILLNEED),  # images 3 to 5
-        ("a.mrcs", header + 8 * image, 1 * image, os.POSIX_FADV_WILLNEED),  # image 9
+        ("a.mrcs", header + 0 * image, 5 * image, os.POSIX_FADV_WILLNEED),  # images 1 to 5 (gap of 1)
+        ("a.mrcs", header + 8 * image, 1 * image, os.POSIX_FADV_WILLNEED),  # image 9 (gap of 3)
         ("b.mrcs", header + 1 * image, 1 * image, os.POSIX_FADV_WILLNEED),
     ])
     reader.close()

@@ -79,6 +79,12 @@ if numba is not None:
             bad[positions[k]] = flag != 0
 
 
+#: Unwanted images between two wanted ones that :meth:`StackReader.advise` reads along
+#: rather than making another call (at most 3x the data for sparse rows; a half-set's
+#: images, about every other one, then take a few calls instead of one per image).
+ADVICE_GAP = 2
+
+
 class StackReader:
     """Read particle images by row of a :class:`ParticleTable`.
 
@@ -180,10 +186,15 @@ class StackReader:
             )
         return out
 
+    def box_size(self) -> int:
+        """Image size in pixels of the first stack (after :meth:`validate`, that of every stack)."""
+        return int(self._view(self.table.image_file[0]).shape[-1])
+
     def advise(self, rows: Sequence[int] | np.ndarray) -> None:
         """Ask the operating system to start reading these rows' images into the page cache,
-        without waiting (``posix_fadvise`` ``WILLNEED``, one call per run of consecutive
-        images). Does nothing where that call does not exist."""
+        without waiting (``posix_fadvise`` ``WILLNEED``, one call per run of images with gaps
+        of at most :data:`ADVICE_GAP` images, e.g. those of the other half-set). Does nothing
+        where that call does not exist."""
         if not hasattr(os, "posix_fadvise"):
             return
         rows = np.asarray(rows, dtype=np.int64)
@@ -200,7 +211,7 @@ class StackReader:
                     descriptor = self._descriptors[file] = os.open(filename, os.O_RDONLY)
             image_bytes = view.shape[1] * view.shape[2] * view.itemsize
             wanted = np.unique(indices[files == file])
-            breaks = np.flatnonzero(np.diff(wanted) != 1)
+            breaks = np.flatnonzero(np.diff(wanted) > 1 + ADVICE_GAP)
             for first, last in zip(np.r_[wanted[0], wanted[breaks + 1]], np.r_[wanted[breaks], wanted[-1]]):
                 os.posix_fadvise(descriptor, offset + int(first) * image_bytes, (int(last) - int(first) + 1) * image_bytes,
                                  os.POSIX_FADV_WILLNEED)
@@ -231,11 +242,25 @@ def prefetch_batches(reader: StackReader, batches: Sequence[np.ndarray], depth: 
     return _read_in_turn(reader, batches)
 
 
+#: How far ahead (bytes of images) :func:`prefetch_batches` asks for pages when reading in turn.
+ADVICE_BYTES = 256 << 20
+
+
 def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    # The advice covers the next batches up to ADVICE_BYTES at once, every so many batches,
+    # so that rows close in the file merge into few calls. It costs about 2 us per image at
+    # box 128 even when the stack is already cached (the kernel checks each page), and saved
+    # 5 % with the page cache dropped on this project's machine (local disk); far more on
+    # slower storage, where each page fault would otherwise wait for the disk.
     batches = list(batches)
+    advised = 0  # batches[:advised] have been advised (or read)
     for position, rows in enumerate(batches):
-        if position + 1 < len(batches):
-            reader.advise(batches[position + 1])
+        if advised <= position + 1 < len(batches):
+            box = reader.box_size()
+            per_batch = max(1, max(len(batch) for batch in batches) * box * box * 4)
+            stop = min(len(batches), position + 1 + max(1, ADVICE_BYTES // per_batch))
+            reader.advise(np.concatenate(batches[position + 1:stop]))
+            advised = stop
         yield rows, reader.read(rows)
 
 
