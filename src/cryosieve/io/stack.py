@@ -248,20 +248,36 @@ ADVICE_BYTES = 256 << 20
 
 def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     # The advice covers the next batches up to ADVICE_BYTES at once, every so many batches,
-    # so that rows close in the file merge into few calls. It costs about 2 us per image at
-    # box 128 even when the stack is already cached (the kernel checks each page), and saved
-    # 5 % with the page cache dropped on this project's machine (local disk); far more on
-    # slower storage, where each page fault would otherwise wait for the disk.
+    # so that rows close in the file merge into few calls. The calls cost about 2 us per
+    # image at box 128 even when the stack is already cached (the kernel checks each page),
+    # so a thread makes them while this one works; with the page cache dropped they saved
+    # 5 % on this project's machine (local disk), far more on slower storage, where each
+    # page fault would otherwise wait for the disk.
     batches = list(batches)
-    advised = 0  # batches[:advised] have been advised (or read)
-    for position, rows in enumerate(batches):
-        if advised <= position + 1 < len(batches):
-            box = reader.box_size()
-            per_batch = max(1, max(len(batch) for batch in batches) * box * box * 4)
-            stop = min(len(batches), position + 1 + max(1, ADVICE_BYTES // per_batch))
-            reader.advise(np.concatenate(batches[position + 1:stop]))
-            advised = stop
-        yield rows, reader.read(rows)
+    requests: queue.Queue = queue.Queue()
+
+    def advise() -> None:
+        while (rows := requests.get()) is not None:
+            try:
+                reader.advise(rows)
+            except Exception:  # only a hint: reading the batch reports any real problem
+                pass
+
+    adviser = threading.Thread(target=advise, daemon=True)
+    adviser.start()
+    try:
+        advised = 0  # batches[:advised] have been advised (or read)
+        for position, rows in enumerate(batches):
+            if advised <= position + 1 < len(batches):
+                box = reader.box_size()
+                per_batch = max(1, max(len(batch) for batch in batches) * box * box * 4)
+                stop = min(len(batches), position + 1 + max(1, ADVICE_BYTES // per_batch))
+                requests.put(np.concatenate(batches[position + 1:stop]))
+                advised = stop
+            yield rows, reader.read(rows)
+    finally:
+        requests.put(None)
+        adviser.join()
 
 
 def _read_in_background(reader: StackReader, batches: Sequence[np.ndarray], depth: int
