@@ -12,7 +12,7 @@ import pytest
 import starfile
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.stack import ADVICE_GAP, StackReader, prefetch_batches
+from cryosieve.io.stack import ADVICE_GAP, StackReader, _cached, prefetch_batches
 from cryosieve.io.star import read_particles
 
 
@@ -24,7 +24,7 @@ def write_stack(path: Path, images: np.ndarray, dtype: str = "<f4") -> None:
             handle.set_data(images.astype(dtype))
 
 
-def write_star(path: Path, names: list[str]) -> None:
+def write_star(path: Path, names: list[str], box: int = 8) -> None:
     count = len(names)
     particles = pd.DataFrame({"rlnImageName": names, "rlnAngleRot": np.zeros(count),
                               "rlnAngleTilt": np.zeros(count), "rlnAnglePsi": np.zeros(count),
@@ -33,7 +33,7 @@ def write_star(path: Path, names: list[str]) -> None:
                               "rlnDefocusAngle": np.zeros(count), "rlnOpticsGroup": np.ones(count, int)})
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnVoltage": [300.0],
                            "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-                           "rlnImagePixelSize": [1.0], "rlnImageSize": [8], "rlnImageDimensionality": [2]})
+                           "rlnImagePixelSize": [1.0], "rlnImageSize": [box], "rlnImageDimensionality": [2]})
     starfile.write({"optics": optics, "particles": particles}, path, overwrite=True)
 
 
@@ -75,6 +75,7 @@ def test_advice_names_the_runs_of_images_of_a_batch(tmp_path: Path, monkeypatch)
     reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
     reader.validate()
     calls = []
+    monkeypatch.setattr("cryosieve.io.stack._cached", lambda view, sample: False)  # as if on disk only
     monkeypatch.setattr("os.posix_fadvise", lambda descriptor, offset, length, advice: calls.append(
         (os.readlink(f"/proc/self/fd/{descriptor}").rsplit("/", 1)[-1], offset, length, advice)))
     reader.advise(np.arange(6))
@@ -123,4 +124,30 @@ def test_huge_finite_pixels_are_read_and_non_finite_ones_found(tmp_path: Path, d
     np.testing.assert_array_equal(reader.read(np.array([2, 1, 0])), images[[2, 1, 0]])
     with pytest.raises(CryoSieveInputError, match="000004@a.mrcs"):
         reader.read(np.array([1, 3]))
+    reader.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_advice_skips_a_stack_in_the_page_cache(tmp_path: Path, monkeypatch) -> None:
+    images = np.random.default_rng(3).normal(size=(6, 64, 64)).astype(np.float32)  # 4 pages each
+    write_stack(tmp_path / "a.mrcs", images)
+    write_star(tmp_path / "particles.star", [f"{i:06d}@a.mrcs" for i in range(1, 7)], box=64)
+    descriptor = os.open(tmp_path / "a.mrcs", os.O_RDONLY)  # drop the clean pages from the cache
+    os.fsync(descriptor)
+    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(descriptor)
+    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
+    reader.validate()
+    view = reader._view("a.mrcs")
+    if _cached(view, np.arange(1, 6)):
+        pytest.skip("this file system kept the pages")
+    calls = []
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr("os.posix_fadvise", lambda *arguments: (calls.append(arguments), real_fadvise(*arguments)))
+    reader.advise(np.arange(1, 6))
+    assert len(calls) == 1  # images 2 to 6, one run
+    reader.read(np.arange(6))  # every page read: cached
+    assert _cached(view, np.arange(6))
+    reader.advise(np.arange(6))
+    assert len(calls) == 1  # nothing more asked
     reader.close()
