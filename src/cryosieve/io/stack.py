@@ -61,22 +61,27 @@ def _non_finite_images(images: np.ndarray) -> np.ndarray:
     return bad
 
 
+def _copy_image_bits(stack, indices, out, positions, bad):  # pragma: no cover - compiled below
+    # Copies the 32-bit pixels of stack[indices[k]] to out[positions[k]] and flags an
+    # image whose exponent bits are all ones somewhere (NaN or infinity). Integer
+    # operations only, so the loop vectorises and the check is exact.
+    for k in numba.prange(indices.shape[0]):
+        image = stack[indices[k]]
+        target = out[positions[k]]
+        flag = np.uint32(0)
+        for y in range(image.shape[0]):
+            for x in range(image.shape[1]):
+                bits = image[y, x]
+                target[y, x] = bits
+                flag |= np.uint32((bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+        bad[positions[k]] = flag != 0
+
+
 if numba is not None:
-    @numba.njit(nogil=True, cache=True, parallel=True)
-    def _copy_image_bits(stack, indices, out, positions, bad):  # pragma: no cover - compiled
-        # Copies the 32-bit pixels of stack[indices[k]] to out[positions[k]] and flags an
-        # image whose exponent bits are all ones somewhere (NaN or infinity). Integer
-        # operations only, so the loop vectorises and the check is exact.
-        for k in numba.prange(indices.shape[0]):
-            image = stack[indices[k]]
-            target = out[positions[k]]
-            flag = np.uint32(0)
-            for y in range(image.shape[0]):
-                for x in range(image.shape[1]):
-                    bits = image[y, x]
-                    target[y, x] = bits
-                    flag |= np.uint32((bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
-            bad[positions[k]] = flag != 0
+    # On all cores, for the thread that computes; one core, for a reading thread beside a
+    # computing one (two parallel launches at once abort numba's fallback thread pool).
+    _copy_image_bits_parallel = numba.njit(nogil=True, cache=True, parallel=True)(_copy_image_bits)
+    _copy_image_bits_serial = numba.njit(nogil=True, cache=True)(_copy_image_bits)
 
 
 #: Unwanted images between two wanted ones that :meth:`StackReader.advise` reads along
@@ -194,10 +199,11 @@ class StackReader:
         assert box is not None
         return box
 
-    def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    def read(self, rows: Sequence[int] | np.ndarray, parallel: bool = False) -> np.ndarray:
         """Images of the given table rows as a ``(b, n, n)`` float32 array.
 
-        A NaN or infinite pixel is an input error naming the image.
+        A NaN or infinite pixel is an input error naming the image. ``parallel``: copy on
+        all cores (only from a thread that runs no other numba work meanwhile).
         """
         rows = np.asarray(rows, dtype=np.int64)
         files = self.table.image_file[rows]
@@ -211,7 +217,8 @@ class StackReader:
             view = self._view(file)
             if numba is not None and view.dtype == np.float32:  # native byte order
                 # one pass straight from the mapped stack, on all cores, without the GIL
-                _copy_image_bits(np.asarray(view).view(np.uint32), indices[where], out.view(np.uint32), where, bad)
+                copy = _copy_image_bits_parallel if parallel else _copy_image_bits_serial
+                copy(np.asarray(view).view(np.uint32), indices[where], out.view(np.uint32), where, bad)
             else:
                 out[where] = view[indices[where]]
                 bad[where] = _non_finite_images(out[where])
@@ -313,7 +320,7 @@ def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray]) -> Iterato
                 stop = min(len(batches), position + 1 + max(1, ADVICE_BYTES // per_batch))
                 requests.put(np.concatenate(batches[position + 1:stop]))
                 advised = stop
-            yield rows, reader.read(rows)
+            yield rows, reader.read(rows, parallel=True)
     finally:
         requests.put(None)
         adviser.join()
