@@ -300,3 +300,20 @@ def test_known_truth_junk_removal_and_bfactor_ranking(known_truth, capsys):
     assert fourier[2] >= realspace[2]
     assert fourier[2] > 0.3  # worse particles (larger B) score higher
     assert between > 0.8
+
+
+def test_corner_layout_only_where_memory_allows(monkeypatch) -> None:
+    gib = 1 << 30
+    monkeypatch.setattr(_kernels, "available_memory", lambda: 20 * gib)
+    assert _kernels.corner_layout_allowed(5 * gib)  # a quarter of what is available
+    assert not _kernels.corner_layout_allowed(5 * gib + 1)
+    monkeypatch.setattr(_kernels, "available_memory", lambda: 100 * gib)
+    assert _kernels.corner_layout_allowed(_kernels.CORNER_LAYOUT_MEMORY)
+    assert not _kernels.corner_layout_allowed(_kernels.CORNER_LAYOUT_MEMORY + 1)  # the cap
+    monkeypatch.setattr(_kernels, "available_memory", lambda: None)  # unknown: 1 GiB at most
+    assert _kernels.corner_layout_allowed(gib) and not _kernels.corner_layout_allowed(gib + 1)
+    monkeypatch.setattr(_kernels, "available_memory", lambda: 2 * gib)
+    projector = FourierSliceProjector(torch.zeros(24, 24, 24))
+    assert projector.corner_layout() is not None  # 1.2 MB
+    monkeypatch.setattr(_kernels, "available_memory", lambda: 1024)
+    assert FourierSliceProjector(torch.zeros(24, 24, 24)).corner_layout() is None

@@ -116,16 +116,16 @@ class FourierSliceProjector:
         """The grid in the CPU scoring kernel's 8-corner layout, built on first use.
 
         ``None`` where that kernel cannot use it: a grid not complex64 on the CPU, or a
-        layout larger than :data:`cryosieve._kernels.CORNER_LAYOUT_MEMORY` (box above about
-        150 pixels), for which the kernel reads the grid itself. See
-        :func:`cryosieve._kernels.corner_layout`.
+        layout too large for the memory (:func:`cryosieve._kernels.corner_layout_allowed`:
+        4.3 GB at box 256 needs 17 GB available), for which the kernel reads the grid
+        itself. See :func:`cryosieve._kernels.corner_layout`.
         """
         if self._corners is not None:
             return self._corners
         if not _kernels.AVAILABLE or self.device.type != "cpu" or self.grid.dtype != torch.complex64:
             return None
         voxels = (self.shape[0] - 1) * (self.shape[1] - 1) * (self.shape[2] - 1)
-        if voxels * 8 * 8 > _kernels.CORNER_LAYOUT_MEMORY:
+        if not _kernels.corner_layout_allowed(voxels * 8 * 8):
             return None
         self._corners = _kernels.corner_layout(self.grid.reshape(self.shape).numpy())
         return self._corners
