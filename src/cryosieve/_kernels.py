@@ -213,6 +213,19 @@ if AVAILABLE:
         odd = half_turns - math.floor(half_turns)  # 0 for even n, 0.5 for odd n
         return p * np.float32(1.0 - 4.0 * odd)
 
+    @numba.njit(inline="always", cache=True)
+    def _phase_powers(origin, box, real, imag, count):  # pragma: no cover - compiled
+        # real[k] + i imag[k] = exp(-2 pi i k (origin - box // 2) / box) for k < count: powers
+        # of one step by recurrence in float64 (error ~1e-14 after box steps)
+        step = -2.0 * math.pi / box * (origin - box // 2)
+        step_real, step_imag = math.cos(step), math.sin(step)
+        power_real, power_imag = 1.0, 0.0
+        for k in range(count):
+            real[k] = power_real
+            imag[k] = power_imag
+            power_real, power_imag = (power_real * step_real - power_imag * step_imag,
+                                      power_real * step_imag + power_imag * step_real)
+
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def fourier_scores_kernel(grid, corners, shape_y, shape_x, half, pad_factor, spectra, width,
                               block_row, block_column, block_ky, u2_cycles, cos2_sample, sin2_sample,
@@ -247,31 +260,17 @@ if AVAILABLE:
         rows_positive = box // 2 + 1  # rows 0 .. box // 2 of the fftfreq order are k >= 0
         for i in numba.prange(count):
             # T(I) and the move of the image centre (pixel N/2) to the origin as one phase,
-            # exp(-2 pi i (kx (ox - N/2) + ky (oy - N/2)) / N), separable in x and y; powers of
-            # one step by recurrence in float64 (error ~1e-14 after N steps)
+            # exp(-2 pi i (kx (ox - N/2) + ky (oy - N/2)) / N), separable in x and y
             phase_x_real = np.empty(width, dtype=np.float32)
             phase_x_imag = np.empty(width, dtype=np.float32)
             phase_y_real = np.empty(box, dtype=np.float32)
             phase_y_imag = np.empty(box, dtype=np.float32)
-            step = -2.0 * math.pi / box * (origin_x[i] - box // 2)
-            step_real, step_imag = math.cos(step), math.sin(step)
-            power_real, power_imag = 1.0, 0.0
-            for c in range(width):
-                phase_x_real[c] = power_real
-                phase_x_imag[c] = power_imag
-                power_real, power_imag = (power_real * step_real - power_imag * step_imag,
-                                          power_real * step_imag + power_imag * step_real)
-            step = -2.0 * math.pi / box * (origin_y[i] - box // 2)
-            step_real, step_imag = math.cos(step), math.sin(step)
-            power_real, power_imag = 1.0, 0.0
-            for k in range(rows_positive):
-                phase_y_real[k] = power_real
-                phase_y_imag[k] = power_imag
-                if k > 0 and box - k >= rows_positive:  # row box - k holds frequency -k
-                    phase_y_real[box - k] = power_real
-                    phase_y_imag[box - k] = -power_imag
-                power_real, power_imag = (power_real * step_real - power_imag * step_imag,
-                                          power_real * step_imag + power_imag * step_real)
+            _phase_powers(origin_x[i], box, phase_x_real, phase_x_imag, width)
+            _phase_powers(origin_y[i], box, phase_y_real, phase_y_imag, rows_positive)
+            for k in range(1, rows_positive):
+                if box - k >= rows_positive:  # row box - k holds frequency -k
+                    phase_y_real[box - k] = phase_y_real[k]
+                    phase_y_imag[box - k] = -phase_y_imag[k]
             model_real = np.empty(points, dtype=np.float32)
             model_imag = np.empty(points, dtype=np.float32)
             offset_x = np.empty(points, dtype=np.float32)
