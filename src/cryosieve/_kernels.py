@@ -378,7 +378,9 @@ if AVAILABLE:
                     observed_imag = sr * pi + si * pr
                     mr = ctf * model_real[j]
                     mi = ctf * model_imag[j]
-                    term = mr * (mr - 2 * observed_real) + mi * (mi - 2 * observed_imag)
+                    # float32 throughout: an integer 2 here made the term float64 (numba's type
+                    # rules), with conversions that cost 14 % of this pass
+                    term = mr * (mr - np.float32(2.0) * observed_real) + mi * (mi - np.float32(2.0) * observed_imag)
                     # the high-pass as a factor: a select here made the compiler load the
                     # spectrum only under it, as masked gathers (1.7x slower pass)
                     weight = sample_weight[j] * np.float32(u2 >= cut2)
