@@ -317,3 +317,36 @@ def test_corner_layout_only_where_memory_allows(monkeypatch) -> None:
     assert projector.corner_layout() is not None  # 1.2 MB
     monkeypatch.setattr(_kernels, "available_memory", lambda: 1024)
     assert FourierSliceProjector(torch.zeros(24, 24, 24)).corner_layout() is None
+
+
+def test_scores_of_a_batch_read_slice_by_slice_equal_those_of_the_whole_batch(tmp_path) -> None:
+    """The CPU scorer reads a BatchImages slice by slice between its FFTs: same numbers, bit for bit."""
+    import mrcfile
+    import starfile
+
+    from cryosieve.io.stack import BatchImages, StackReader
+
+    rng = np.random.default_rng(12)
+    box, count = 24, 37  # not a multiple of the CPU chunk
+    images = rng.normal(size=(count, box, box)).astype(np.float32)
+    with mrcfile.new(str(tmp_path / "a.mrcs")) as handle:
+        handle.set_data(images)
+    particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@a.mrcs" for i in range(count)],
+                              "rlnAngleRot": np.zeros(count), "rlnAngleTilt": np.zeros(count),
+                              "rlnAnglePsi": np.zeros(count), "rlnDefocusU": np.full(count, 1e4),
+                              "rlnDefocusV": np.full(count, 1e4), "rlnDefocusAngle": np.zeros(count),
+                              "rlnOpticsGroup": np.ones(count, int)})
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["g"], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [1.2], "rlnImageSize": [box], "rlnImageDimensionality": [2]})
+    starfile.write({"optics": optics, "particles": particles}, tmp_path / "particles.star")
+    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
+    reader.validate()
+    rows = rng.permutation(count)
+    batch = make_batch(count, rng, 1.2, 10.0)
+    projector = FourierSliceProjector(torch.from_numpy(rng.normal(size=(box, box, box))).float())
+    samples = BandSamples(box, 1.2 / 10.0, "cpu")
+    whole = fourier_scores(projector, torch.from_numpy(reader.read(rows)), batch, samples)
+    sliced = fourier_scores(projector, BatchImages(reader, rows), batch, samples)
+    assert torch.equal(whole, sliced)
+    reader.close()

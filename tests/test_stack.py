@@ -12,7 +12,7 @@ import pytest
 import starfile
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.stack import ADVICE_GAP, StackReader, _cached, prefetch_batches
+from cryosieve.io.stack import ADVICE_GAP, BatchImages, StackReader, _cached, prefetch_batches
 from cryosieve.io.star import read_particles
 
 
@@ -150,4 +150,46 @@ def test_advice_skips_a_stack_in_the_page_cache(tmp_path: Path, monkeypatch) -> 
     assert _cached(view, np.arange(6))
     reader.advise(np.arange(6))
     assert len(calls) == 1  # nothing more asked
+    reader.close()
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains")
+@pytest.mark.parametrize("layout", ["one stack", "two stacks", "big-endian"])
+def test_batch_images_read_slice_by_slice(tmp_path: Path, layout: str) -> None:
+    rng = np.random.default_rng(4)
+    first = rng.normal(size=(9, 8, 8)).astype(np.float32)
+    second = rng.normal(size=(4, 8, 8)).astype(np.float32)
+    dtype = ">f4" if layout == "big-endian" else "<f4"
+    write_stack(tmp_path / "a.mrcs", first, dtype)
+    write_stack(tmp_path / "b.mrcs", second, dtype)
+    order = [("a.mrcs", 4), ("a.mrcs", 0), ("a.mrcs", 8), ("a.mrcs", 2), ("a.mrcs", 6)]
+    if layout == "two stacks":
+        order[1:3] = [("b.mrcs", 3), ("b.mrcs", 0)]
+    write_star(tmp_path / "particles.star", [f"{index + 1:06d}@{name}" for name, index in order])
+    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
+    reader.validate()
+    expected = np.stack([(first if name == "a.mrcs" else second)[index] for name, index in order])
+    batches = [np.array([4, 2, 0, 1]), np.array([3])]
+    seen = 0
+    for rows, images in prefetch_batches(reader, batches, background=False, on_demand=True):
+        assert isinstance(images, BatchImages) and len(images) == len(rows) and images.box == 8
+        for start in range(0, len(rows), 3):  # slices of 3, the last one shorter
+            stop = min(start + 3, len(rows))
+            np.testing.assert_array_equal(images.slice(start, stop), expected[rows[start:stop]])
+        seen += 1
+    assert seen == 2
+    reader.close()
+
+
+def test_batch_images_name_a_non_finite_image(tmp_path: Path) -> None:
+    images = np.random.default_rng(5).normal(size=(5, 8, 8)).astype(np.float32)
+    images[3, 2, 2] = np.inf
+    write_stack(tmp_path / "a.mrcs", images)
+    write_star(tmp_path / "particles.star", [f"{i:06d}@a.mrcs" for i in range(1, 6)])
+    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
+    reader.validate()
+    batch = BatchImages(reader, np.array([0, 1, 2, 3, 4]))
+    np.testing.assert_array_equal(batch.slice(0, 3), images[:3])
+    with pytest.raises(CryoSieveInputError, match="000004@a.mrcs"):
+        batch.slice(2, 5)
     reader.close()

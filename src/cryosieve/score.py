@@ -27,6 +27,7 @@ import torch
 from cryosieve import _kernels
 from cryosieve.ctf import ctf_2d, electron_wavelength
 from cryosieve.geometry import euler_to_matrix
+from cryosieve.io.stack import BatchImages
 from cryosieve.projection import FourierSliceProjector, published_realspace_projection
 
 
@@ -175,7 +176,7 @@ class SampleBlocks:
                    width=width)
 
 
-def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor, batch: ParticleBatch,
+def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor | BatchImages, batch: ParticleBatch,
                    samples: BandSamples, volume_pixel_size: float | None = None) -> torch.Tensor:
     """Scores of a batch with the Fourier-slice projector.
 
@@ -184,7 +185,8 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor, batch
     projector:
         Central-slice sampler of the (masked, optionally FSC-weighted) half map.
     images:
-        ``(b, N, N)`` float32 particle images on the projector's device.
+        ``(b, N, N)`` float32 particle images on the projector's device, or, for a projector
+        on the CPU, a :class:`~cryosieve.io.stack.BatchImages` to read slice by slice.
     batch:
         Their parameters.
     samples:
@@ -197,12 +199,15 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor, batch
     -------
     ``(b,)`` float64 scores (real-space squared-norm units).
     """
-    box = images.shape[-1]
     scale = None
     if volume_pixel_size is not None:
         scale = volume_pixel_size / batch.pixel_size
-    if images.device.type == "cpu" and _kernels.AVAILABLE:
+    on_demand = isinstance(images, BatchImages)
+    if (on_demand or images.device.type == "cpu") and _kernels.AVAILABLE:
         return _fourier_scores_cpu(projector, images, batch, samples, scale)
+    if on_demand:
+        images = torch.from_numpy(images.slice(0, len(images)).copy()).to(projector.device)
+    box = images.shape[-1]
     real_dtype = torch.float32
     spectra = torch.fft.rfft2(images.to(real_dtype)).reshape(images.shape[0], -1)
 
@@ -239,7 +244,7 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor, batch
 CPU_CHUNK = 16
 
 
-def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor, batch: ParticleBatch,
+def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor | BatchImages, batch: ParticleBatch,
                         samples: BandSamples, scale: torch.Tensor | None,
                         use_corner_layout: bool = True) -> torch.Tensor:
     """The same score through the fused CPU kernel (see :mod:`cryosieve._kernels`), in chunks
@@ -251,7 +256,8 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor, 
             values = values.detach().cpu().numpy()
         return np.ascontiguousarray(values, dtype=dtype)
 
-    count, box = images.shape[0], images.shape[-1]
+    on_demand = isinstance(images, BatchImages)
+    count, box = (len(images), images.box) if on_demand else (images.shape[0], images.shape[-1])
     blocks = samples.blocks
     rot, tilt, psi = (array(angle) for angle in (batch.rot, batch.tilt, batch.psi))
     rotations = np.ascontiguousarray(euler_to_matrix(rot, tilt, psi))
@@ -272,12 +278,14 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor, 
     grid = torch.view_as_real(projector.grid).reshape(-1).numpy()
     corners = projector.corner_layout() if use_corner_layout else None
     corners = np.zeros(0, dtype=np.float32) if corners is None else corners.view(np.float32)
-    images = images.to(torch.float32)
+    if not on_demand:
+        images = images.to(torch.float32)
     out = np.zeros(count, dtype=np.float64)
     width = box // 2 + 1
     for start in range(0, count, CPU_CHUNK):
         stop = min(start + CPU_CHUNK, count)
-        spectra = torch.view_as_real(torch.fft.rfft2(images[start:stop])).numpy().reshape(stop - start, box, 2 * width)
+        chunk_images = torch.from_numpy(images.slice(start, stop)) if on_demand else images[start:stop]
+        spectra = torch.view_as_real(torch.fft.rfft2(chunk_images)).numpy().reshape(stop - start, box, 2 * width)
         if blocks.width > width:  # boxes narrower than a block: zero columns to read
             padded = np.zeros((stop - start, box, 2 * blocks.width), dtype=np.float32)
             padded[:, :, :2 * width] = spectra

@@ -17,7 +17,7 @@ import torch
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.fsc import filter_by_shell, fourier_shell_correlation
 from cryosieve.io.mrc import Volume, read_volume
-from cryosieve.io.stack import StackReader, prefetch_batches
+from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches
 from cryosieve.io.star import ParticleTable
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.score import BandSamples, ParticleBatch, fourier_scores, published_scores, select_lowest
@@ -232,15 +232,18 @@ def score_rows(table: ParticleTable, reader: StackReader, references: Sequence[n
             volume_tensor = torch.from_numpy(reference).to(device=device, dtype=torch.float64)
             if weight is not None:
                 volume_tensor = filter_by_shell(volume_tensor, weight.to(device))
-        # on the CPU the scorer keeps every core busy: read each batch in turn (see prefetch_batches)
+        # On the CPU the scorer keeps every core busy: read each batch in turn, and for the
+        # Fourier scorer slice by slice as it transforms them (see prefetch_batches).
+        on_cpu = device.type == "cpu"
         for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank, world_size),
-                                                   background=device.type != "cpu"):
+                                                   background=not on_cpu,
+                                                   on_demand=on_cpu and settings.projector == "fourier"):
             batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
-            image_tensor = torch.from_numpy(images).to(device)
             if settings.projector == "fourier":
-                values = fourier_scores(projector, image_tensor, batch, samples, volume_pixel_size)
+                image_input = images if isinstance(images, BatchImages) else torch.from_numpy(images).to(device)
+                values = fourier_scores(projector, image_input, batch, samples, volume_pixel_size)
             else:
-                values = published_scores(volume_tensor, image_tensor, batch)
+                values = published_scores(volume_tensor, torch.from_numpy(images).to(device), batch)
             scores[batch_rows] = values.cpu().numpy()
             if progress is not None:
                 progress(len(batch_rows))
