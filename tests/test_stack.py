@@ -37,6 +37,16 @@ def write_star(path: Path, names: list[str], box: int = 8) -> None:
     starfile.write({"optics": optics, "particles": particles}, path, overwrite=True)
 
 
+def one_stack_reader(tmp_path: Path, images: np.ndarray, dtype: str = "<f4") -> StackReader:
+    """A validated reader of ``images`` written as a.mrcs, one STAR row per image in order."""
+    write_stack(tmp_path / "a.mrcs", images, dtype)
+    write_star(tmp_path / "particles.star", [f"{i:06d}@a.mrcs" for i in range(1, len(images) + 1)],
+               box=images.shape[-1])
+    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
+    reader.validate()
+    return reader
+
+
 @pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2"])
 def test_batches_equal_the_named_images(tmp_path: Path, dtype: str) -> None:
     rng = np.random.default_rng(0)
@@ -98,10 +108,7 @@ def test_non_finite_pixels_are_an_input_error(tmp_path: Path, bad: float | str) 
         images[2, 1, 1], images[2, 5, 5] = np.inf, -np.inf
     else:
         images[2, 3, 4] = bad
-    write_stack(tmp_path / "a.mrcs", images)
-    write_star(tmp_path / "particles.star", [f"{i:06d}@a.mrcs" for i in range(1, 5)])
-    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
-    reader.validate()
+    reader = one_stack_reader(tmp_path, images)
     np.testing.assert_array_equal(reader.read(np.array([0, 1, 3])), images[[0, 1, 3]])
     with pytest.raises(CryoSieveInputError, match="000003@a.mrcs"):
         reader.read(np.array([1, 2]))
@@ -117,10 +124,7 @@ def test_huge_finite_pixels_are_read_and_non_finite_ones_found(tmp_path: Path, d
     images[1, :2] = np.float32(3e38)
     assert not np.isfinite(np.einsum("ijk->i", images)[1])
     images[3, 7, 7] = np.nan
-    write_stack(tmp_path / "a.mrcs", images, dtype)
-    write_star(tmp_path / "particles.star", [f"{i:06d}@a.mrcs" for i in range(1, 5)])
-    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
-    reader.validate()
+    reader = one_stack_reader(tmp_path, images, dtype)
     np.testing.assert_array_equal(reader.read(np.array([2, 1, 0])), images[[2, 1, 0]])
     with pytest.raises(CryoSieveInputError, match="000004@a.mrcs"):
         reader.read(np.array([1, 3]))
@@ -184,10 +188,7 @@ def test_batch_images_read_slice_by_slice(tmp_path: Path, layout: str) -> None:
 def test_batch_images_name_a_non_finite_image(tmp_path: Path) -> None:
     images = np.random.default_rng(5).normal(size=(5, 8, 8)).astype(np.float32)
     images[3, 2, 2] = np.inf
-    write_stack(tmp_path / "a.mrcs", images)
-    write_star(tmp_path / "particles.star", [f"{i:06d}@a.mrcs" for i in range(1, 6)])
-    reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
-    reader.validate()
+    reader = one_stack_reader(tmp_path, images)
     batch = BatchImages(reader, np.array([0, 1, 2, 3, 4]))
     np.testing.assert_array_equal(batch.slice(0, 3), images[:3])
     with pytest.raises(CryoSieveInputError, match="000004@a.mrcs"):

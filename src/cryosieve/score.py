@@ -245,12 +245,11 @@ CPU_CHUNK = 16
 
 
 def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor | BatchImages, batch: ParticleBatch,
-                        samples: BandSamples, scale: torch.Tensor | None,
-                        use_corner_layout: bool = True) -> torch.Tensor:
+                        samples: BandSamples, scale: torch.Tensor | None) -> torch.Tensor:
     """The same score through the fused CPU kernel (see :mod:`cryosieve._kernels`), in chunks
     of :data:`CPU_CHUNK` images: a forward FFT, then the kernel while the spectra are in the
     caches. The kernel reads the projector's 8-corner layout where that fits in memory, else
-    the grid itself (``use_corner_layout=False``: always the grid)."""
+    the grid itself."""
     def array(values, dtype=np.float64) -> np.ndarray:
         if isinstance(values, torch.Tensor):
             values = values.detach().cpu().numpy()
@@ -276,7 +275,7 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor |
         pixel_size=array(batch.pixel_size), highpass2=np.where(cut > 0, cut * cut, -1.0),
     )
     grid = torch.view_as_real(projector.grid).reshape(-1).numpy()
-    corners = projector.corner_layout() if use_corner_layout else None
+    corners = projector.corner_layout()
     corners = np.zeros(0, dtype=np.float32) if corners is None else corners.view(np.float32)
     if not on_demand:
         images = images.to(torch.float32)

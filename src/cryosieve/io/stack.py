@@ -225,13 +225,11 @@ class StackReader:
                 out[where] = view[indices[where]]
                 bad[where] = _non_finite_images(out[where])
         if bad.any():
-            raise self._non_finite_error(rows[int(np.flatnonzero(bad)[0])])
+            row = rows[int(np.flatnonzero(bad)[0])]
+            raise CryoSieveInputError(
+                f"{self.table.path}: image {self.table.image_name[row]} contains NaN or infinite values"
+            )
         return out
-
-    def _non_finite_error(self, row: int) -> CryoSieveInputError:
-        return CryoSieveInputError(
-            f"{self.table.path}: image {self.table.image_name[row]} contains NaN or infinite values"
-        )
 
     def box_size(self) -> int:
         """Image size in pixels of the first stack (after :meth:`validate`, that of every stack)."""
@@ -288,33 +286,20 @@ class BatchImages:
     def __init__(self, reader: StackReader, rows: Sequence[int] | np.ndarray) -> None:
         self.reader = reader
         self.rows = np.asarray(rows, dtype=np.int64)
-        files = reader.table.image_file[self.rows]
-        view = reader._view(files[0])
-        self.box = int(view.shape[-1])
+        self.box = reader.box_size()
         self._buffer: np.ndarray | None = None
-        # one native float32 stack (the usual case): copy without regrouping per slice
-        self._stack: tuple[np.ndarray, np.ndarray] | None = None
-        if numba is not None and view.dtype == np.float32 and bool((files == files[0]).all()):
-            self._stack = (np.asarray(view).view(np.uint32), reader.table.image_index[self.rows])
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def slice(self, start: int, stop: int) -> np.ndarray:
         """Images ``start:stop`` of the batch, ``(stop - start, n, n)`` float32, in a buffer
-        that the next call overwrites. Copies on all cores: call it from one thread only."""
+        that the next call overwrites (:meth:`StackReader.read` on all cores: call it from
+        one thread only)."""
         count = stop - start
         if self._buffer is None or len(self._buffer) < count:
             self._buffer = np.empty((count, self.box, self.box), dtype=np.float32)
-        out = self._buffer[:count]
-        if self._stack is None:
-            return self.reader.read(self.rows[start:stop], parallel=True, out=out)
-        stack, indices = self._stack
-        bad = np.zeros(count, dtype=np.bool_)
-        _copy_image_bits_parallel(stack, indices[start:stop], out.view(np.uint32), np.arange(count), bad)
-        if bad.any():
-            raise self.reader._non_finite_error(int(self.rows[start + int(np.flatnonzero(bad)[0])]))
-        return out
+        return self.reader.read(self.rows[start:stop], parallel=True, out=self._buffer[:count])
 
 
 def prefetch_batches(reader: StackReader, batches: Sequence[np.ndarray], depth: int = 2,
