@@ -214,8 +214,9 @@ class StackReader:
         if out is None:
             out = np.empty((len(rows), box, box), dtype=np.float32)
         bad = np.zeros(len(rows), dtype=np.bool_)
-        for file in dict.fromkeys(files.tolist()):
-            where = np.flatnonzero(files == file)
+        unique_files = dict.fromkeys(files.tolist())
+        for file in unique_files:
+            where = np.arange(len(rows)) if len(unique_files) == 1 else np.flatnonzero(files == file)
             view = self._view(file)
             if numba is not None and view.dtype == np.float32:  # native byte order
                 # one pass straight from the mapped stack, on all cores, without the GIL
