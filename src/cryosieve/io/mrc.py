@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +35,67 @@ class Volume:
     path: str
 
 
-def read_volume(path: str | os.PathLike[str], *, cubic: bool = True) -> Volume:
+#: MRC modes read as real pixels: int8, int16, float32, uint16, float16.
+REAL_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+_COMPLEX_MODES = {3: "complex int16", 4: "complex float32"}
+HEADER_BYTES = 1024
+
+
+@contextlib.contextmanager
+def quiet_mrcfile() -> Iterator[None]:
+    """Silence ``mrcfile``'s warnings: every problem they would hint at is checked here and
+    reported as one error instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def check_mrc_file(path: str | os.PathLike[str], what: str = "MRC file") -> tuple[int, int, int]:
+    """Check an MRC file's header against its size before its data are used.
+
+    Returns ``(nx, ny, nz)``. A mode other than real pixels (:data:`REAL_MODES`), a header
+    without a size, a file shorter than its header says (truncated) or longer (a mode that
+    does not match the data, e.g. float32 data under an int16 header) is an input error
+    giving the expected and the actual byte size.
+    """
+    path = str(path)
+    try:
+        with quiet_mrcfile(), mrcfile.open(path, mode="r", permissive=True, header_only=True) as handle:
+            header = handle.header
+            mode, size = int(header.mode), (int(header.nx), int(header.ny), int(header.nz))
+            extended = int(header.nsymbt)
+    except Exception as error:  # mrcfile raises several types for corrupt files
+        raise CryoSieveInputError(f"{path}: not a readable {what} ({error})") from None
+    if mode in _COMPLEX_MODES:
+        raise CryoSieveInputError(
+            f"{path}: complex-valued data (MRC mode {mode}, {_COMPLEX_MODES[mode]}) cannot be used as a {what}")
+    if mode not in REAL_MODES:
+        raise CryoSieveInputError(f"{path}: MRC mode {mode} is not supported (real modes: "
+                                  + ", ".join(f"{key} {name}" for key, name in REAL_MODES.items()) + ")")
+    if min(size) <= 0 or extended < 0:
+        raise CryoSieveInputError(f"{path}: header gives no data size (nx, ny, nz = {size}, nsymbt = {extended})")
+    itemsize = np.dtype(REAL_MODES[mode]).itemsize
+    expected = HEADER_BYTES + extended + size[0] * size[1] * size[2] * itemsize
+    actual = os.path.getsize(path)
+    layout = f"{size[0]} x {size[1]} x {size[2]} {REAL_MODES[mode]} (mode {mode})"
+    if actual < expected:
+        raise CryoSieveInputError(
+            f"{path}: truncated: expected {expected} bytes for {layout}, found {actual}")
+    if actual > expected:
+        raise CryoSieveInputError(
+            f"{path}: size does not match its header: expected {expected} bytes for {layout}, found {actual} "
+            "(wrong mode or dimensions in the header?)")
+    return size
+
+
+def read_volume(path: str | os.PathLike[str], *, cubic: bool = True, what: str = "map") -> Volume:
     """Read an MRC map; a missing, unreadable, non-cubic or non-finite map is an input error."""
     path = str(path)
     if not os.path.isfile(path):
         raise CryoSieveInputError(f"{path}: file not found")
+    check_mrc_file(path, what)
     try:
-        with mrcfile.open(path, permissive=True, mode="r") as handle:
+        with quiet_mrcfile(), mrcfile.open(path, permissive=True, mode="r") as handle:
             if handle.data is None:
                 raise CryoSieveInputError(f"{path}: not a readable MRC file")
             data = np.asarray(handle.data, dtype=np.float32).copy()
@@ -48,9 +105,9 @@ def read_volume(path: str | os.PathLike[str], *, cubic: bool = True) -> Volume:
     except Exception as error:  # mrcfile raises several types for corrupt files
         raise CryoSieveInputError(f"{path}: not a readable MRC file ({error})") from None
     if data.ndim != 3 or (cubic and len(set(data.shape)) != 1):
-        raise CryoSieveInputError(f"{path}: expected a cubic 3D map, got shape {data.shape}")
+        raise CryoSieveInputError(f"{path}: expected a cubic 3D {what}, got shape {data.shape}")
     if not np.all(np.isfinite(data)):
-        raise CryoSieveInputError(f"{path}: map contains NaN or infinite values")
+        raise CryoSieveInputError(f"{path}: {what} contains NaN or infinite values")
     return Volume(data=data, voxel_size=voxel if voxel > 0 else None, path=path)
 
 

@@ -24,15 +24,25 @@ except ImportError:  # pragma: no cover - numba is a dependency; numpy does the 
     numba = None
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.mrc import resolve_path
+from cryosieve.io.mrc import check_mrc_file, quiet_mrcfile, resolve_path
 from cryosieve.io.star import ParticleTable
 
 
-def _open_stack(path: Path) -> mrcfile.mrcfile.MrcFile:
+def _open_stack(path: Path, name: str, directory: str | os.PathLike[str] | None,
+                star: str) -> mrcfile.mrcfile.MrcFile:
     if not path.is_file():
-        raise CryoSieveInputError(f"{path}: particle stack not found")
+        where = os.path.abspath(path)
+        if Path(name).is_absolute():
+            hint = f"it is named with an absolute path in {star}"
+        else:
+            base = os.path.abspath(directory) if directory else os.getcwd()
+            hint = (f"names in {star} are read relative to {base}"
+                    f"{'' if directory else ' (the current folder)'}; give --directory for another folder")
+        raise CryoSieveInputError(f"{name}: particle stack not found at {where} ({hint})")
+    check_mrc_file(path, "particle stack")
     try:
-        return mrcfile.mmap(str(path), mode="r", permissive=True)
+        with quiet_mrcfile():
+            return mrcfile.mmap(str(path), mode="r", permissive=True)
     except Exception as error:
         raise CryoSieveInputError(f"{path}: not a readable MRC stack ({error})") from None
 
@@ -126,6 +136,11 @@ def _cached(view: np.ndarray, sample: np.ndarray) -> bool:
     return True
 
 
+def stack_paths(table: ParticleTable, directory: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The path of every stack the table's ``rlnImageName`` entries refer to, each once."""
+    return [resolve_path(file, directory) for file in dict.fromkeys(table.image_file.tolist())]
+
+
 class StackReader:
     """Read particle images by row of a :class:`ParticleTable`.
 
@@ -154,7 +169,7 @@ class StackReader:
                 self._handles.move_to_end(file)
                 return self._handles[file][1]
             path = resolve_path(file, self.directory)
-            handle = _open_stack(path)
+            handle = _open_stack(path, file, self.directory, self.table.path)
             view = _images_view(handle, path)
             self._handles[file] = (handle, view)
             while len(self._handles) > self.max_open:
@@ -265,7 +280,14 @@ class StackReader:
                 os.posix_fadvise(descriptor, offset + int(first) * image_bytes, (int(last) - int(first) + 1) * image_bytes,
                                  os.POSIX_FADV_WILLNEED)
 
+    def __enter__(self) -> StackReader:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Unmap every stack and close every file (the reader can be used again afterwards)."""
         with self._lock:
             for handle, _ in self._handles.values():
                 handle.close()

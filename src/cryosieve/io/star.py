@@ -8,6 +8,7 @@ spherical aberration in mm, pixel size in Å.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,10 @@ import starfile
 
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.io.atomic import atomic_path
+from cryosieve.tolerances import ORIGIN_TOLERANCE_PIXELS, pixel_sizes_agree
+
+#: First line of every STAR file this package writes (no time stamp: same table, same bytes).
+STAR_HEADER = "# written by cryosieve"
 
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 CTF_PARTICLE_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
@@ -88,8 +93,20 @@ class ParticleTable:
 
     def write_to(self, path: str | os.PathLike[str]) -> None:
         """Write the table to ``path`` directly (callers handle atomicity)."""
-        blocks = {name: _exact_text(frame) for name, frame in self.blocks.items()}
-        starfile.write(blocks, path, overwrite=True)
+        Path(path).write_text(star_text(self.blocks))
+
+
+def star_text(blocks: dict[str, pd.DataFrame]) -> str:
+    """STAR text of these blocks, float columns in the shortest exact form.
+
+    Written with ``starfile``'s block writer under a fixed first line instead of its
+    time-stamped one, so that the same table always gives the same bytes.
+    """
+    from starfile.writer import StarWriter
+
+    writer = StarWriter({name: _exact_text(frame) for name, frame in blocks.items()})
+    lines = [STAR_HEADER, "", "", *writer.data_block_generator()]
+    return "".join(line + "\n" for line in lines)
 
 
 def _exact_text(frame: pd.DataFrame) -> pd.DataFrame:
@@ -150,8 +167,9 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
     path:
         The STAR file.
     angpix:
-        Pixel size in Å. Required for RELION 3.0 files (which carry none); for 3.1+
-        files the optics table's ``rlnImagePixelSize`` is used and ``angpix`` is ignored.
+        Pixel size in Å. Required for RELION 3.0 files (which carry none); for 3.1+ files,
+        whose optics table carries ``rlnImagePixelSize``, a given value must agree with it
+        (within :data:`cryosieve.tolerances.PIXEL_SIZE`) in every optics group used.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -164,8 +182,22 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
         name: (frame if isinstance(frame, pd.DataFrame) else pd.DataFrame([frame]))
         for name, frame in blocks.items()
     }
+    for name, frame in blocks.items():
+        repeated = frame.columns[frame.columns.duplicated()]
+        if len(repeated):
+            raise CryoSieveInputError(f"{path}: column {repeated[0]} appears twice in data_{name}")
+    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
+        raise CryoSieveInputError(f"--angpix {angpix}: must be a positive number of Å")
     if "optics" in blocks and "particles" in blocks:
-        return _read_31(path, blocks)
+        table = _read_31(path, blocks)
+        if angpix is not None:
+            pixel = np.unique(table.pixel_size)
+            worst = float(pixel[np.argmax(np.abs(pixel - angpix))])
+            if not pixel_sizes_agree(worst, angpix):
+                raise CryoSieveInputError(
+                    f"--angpix {angpix}: differs from rlnImagePixelSize {worst:g} Å in {path} "
+                    "(leave --angpix out for RELION 3.1+ files; rescaling is not supported)")
+        return table
     particle_blocks = [name for name, frame in blocks.items() if "rlnImageName" in frame.columns]
     if len(particle_blocks) != 1:
         raise CryoSieveInputError(
@@ -255,8 +287,8 @@ def _read_31(path: str, blocks: dict[str, pd.DataFrame]) -> ParticleTable:
     if "rlnImageSize" in optics.columns:
         image_size = _column(path, "optics", optics, "rlnImageSize").astype(np.int64)[rows]
     values.update(
-        origin_x=_optional(frame, "rlnOriginXAngst", 0.0, path, "particles") / pixel,
-        origin_y=_optional(frame, "rlnOriginYAngst", 0.0, path, "particles") / pixel,
+        origin_x=_origin_31(path, frame, "X", pixel),
+        origin_y=_origin_31(path, frame, "Y", pixel),
         voltage=per_optics["rlnVoltage"],
         spherical_aberration=per_optics["rlnSphericalAberration"],
         amplitude_contrast=per_optics["rlnAmplitudeContrast"],
@@ -265,6 +297,29 @@ def _read_31(path: str, blocks: dict[str, pd.DataFrame]) -> ParticleTable:
         image_size=image_size,
     )
     return ParticleTable(path=path, version="3.1", blocks=blocks, particles_block="particles", **values)
+
+
+def _origin_31(path: str, frame: pd.DataFrame, axis: str, pixel: np.ndarray) -> np.ndarray:
+    """Origins (pixels) of a RELION 3.1+ table along ``axis``: ``rlnOrigin{axis}Angst`` / pixel size.
+
+    Some converters write RELION 3.0's ``rlnOrigin{axis}`` (pixels) into 3.1 files; those
+    are used as they are. With both columns, they must agree (to 1e-3 pixel).
+    """
+    angstrom_name, pixel_name = f"rlnOrigin{axis}Angst", f"rlnOrigin{axis}"
+    from_angstrom = _column(path, "particles", frame, angstrom_name) / pixel if angstrom_name in frame.columns else None
+    from_pixels = _column(path, "particles", frame, pixel_name) if pixel_name in frame.columns else None
+    if from_angstrom is not None and from_pixels is not None:
+        differs = np.flatnonzero(np.abs(from_angstrom - from_pixels) > ORIGIN_TOLERANCE_PIXELS)
+        if differs.size:
+            row = int(differs[0])
+            raise CryoSieveInputError(
+                f"{path}: {pixel_name} ({from_pixels[row]:g} px) and {angstrom_name} ({from_angstrom[row] * pixel[row]:g} Å "
+                f"= {from_angstrom[row]:g} px) disagree at row {row + 1} of data_particles; keep one of them")
+    if from_angstrom is not None:
+        return from_angstrom
+    if from_pixels is not None:
+        return from_pixels
+    return np.zeros(len(frame), dtype=np.float64)
 
 
 def output_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
