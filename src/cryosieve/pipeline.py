@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -46,35 +45,43 @@ import pandas as pd
 import torch
 
 from cryosieve.backends.relion import (
-    read_postprocess_star,
     reconstruct_half_maps,
     run_postprocess,
     split_command,
     with_launcher,
 )
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.atomic import OutputGroup, atomic_directory, atomic_path, write_text_atomic
+from cryosieve.io.atomic import (
+    OutputGroup,
+    atomic_path,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
+from cryosieve.io.lock import exclusive_lock
 from cryosieve.io.mrc import Volume, read_volume, write_volume_to
-from cryosieve.io.stack import StackReader
+from cryosieve.io.paths import InputFile, check_outputs
+from cryosieve.io.stack import StackReader, stack_paths
 from cryosieve.io.star import ParticleTable, read_particles
-from cryosieve.report import ReportPaths, RoundSummary, write_report
-from cryosieve.sieve import SieveSettings, check_geometry, check_settings, half_sets, sieve
-from cryosieve.symmetry import symmetry_matrices
+from cryosieve.mask import check_mask
+from cryosieve.progress import ProgressFactory, no_progress
+from cryosieve.report import ReportPaths, RoundSummary, report_paths, write_report
+from cryosieve.sieve import (
+    SieveSettings,
+    check_band,
+    check_geometry,
+    check_settings,
+    half_sets,
+    sieve,
+    sieve_output_paths,
+    write_sieve_outputs,
+)
+from cryosieve.symmetry import canonical_name
+from cryosieve.tolerances import pixel_sizes_agree
 
 log = logging.getLogger("cryosieve")
 
-STATE_FORMAT = 1
-PIXEL_SIZE_TOLERANCE = 0.01  # relative; --angpix against the STAR file's pixel size
-MASK_TOLERANCE = 1e-6  # values this far outside [0, 1] are rejected (as relion_postprocess)
+STATE_FORMAT = 2
 BALANCE_SEED = 0
-
-#: ``progress(description, total)`` -> context manager yielding ``update(count)``.
-ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
-
-
-@contextlib.contextmanager
-def _no_progress(_description: str, _total: int) -> Iterator[Callable[[int], None]]:
-    yield lambda _count: None
 
 
 @dataclass(frozen=True)
@@ -87,10 +94,11 @@ class PipelineSettings:
         Particle STAR file with poses, CTF and ``rlnRandomSubset`` 1/2.
     output_prefix:
         Path prefix of every output (``output/`` gives ``output/_iter0.star`` ...).
-    angpix:
-        Pixel size in Å.
     mask:
         Mask MRC (values in [0, 1]) for sieving and post-processing.
+    angpix:
+        Pixel size in Å: needed for RELION 3.0 STAR files; for 3.1+ files (which carry
+        it) ``None``, or a value that agrees with theirs.
     directory:
         Folder that ``rlnImageName`` paths are relative to (``None``: current folder).
     symmetry:
@@ -116,8 +124,8 @@ class PipelineSettings:
 
     input_star: str
     output_prefix: str
-    angpix: float
     mask: str
+    angpix: float | None = None
     directory: str | None = None
     symmetry: str = "C1"
     num_iters: int = 10
@@ -177,6 +185,29 @@ class OutputNames:
     @property
     def log(self) -> Path:
         return self._path("_pipeline.log")
+
+    @property
+    def lock(self) -> Path:
+        return self._path("_run.lock")
+
+    def files(self, num_iters: int) -> list[Path]:
+        """Every file a run of ``num_iters`` rounds writes (post-processing folders apart)."""
+        paths = [self.star(0), self.state, self.log, self.lock]
+        for iteration in range(num_iters):
+            paths += [self.half_map(iteration, 1), self.half_map(iteration, 2),
+                      self.reconstruct_log(iteration, 1), self.reconstruct_log(iteration, 2),
+                      self.postprocess_log(iteration), *sieve_output_paths(self.star(iteration + 1))]
+        report = report_paths(self.prefix)
+        paths += [report.summary_csv, report.resolution_plot, report.fsc_plot, report.scores_plot, report.html]
+        return paths
+
+    def folders(self, num_iters: int) -> list[Path]:
+        """The post-processing folders of a run (each replaced as a whole)."""
+        return [self.postprocess_directory(iteration) for iteration in range(num_iters)]
+
+    def owns(self, name: str) -> bool:
+        """Whether a file name in the prefix's folder is one of the run's output names."""
+        return name.startswith(Path(self.prefix + "x").name[:-1])
 
 
 @dataclass
@@ -246,6 +277,8 @@ class _Prepared:
     table: ParticleTable  # the input, as read
     rows0: np.ndarray  # rows of ``table`` in PREFIX_iter0.star
     box: int
+    angpix: float  # Å, of the particles and every map
+    symmetry: str  # canonical name
     mask: Volume
     cutoffs: np.ndarray
     device: torch.device
@@ -260,7 +293,8 @@ def _positive(option: str, value: float) -> None:
 
 
 def _check_numbers(settings: PipelineSettings) -> None:
-    _positive("--angpix", settings.angpix)
+    if settings.angpix is not None:
+        _positive("--angpix", settings.angpix)
     if not isinstance(settings.num_iters, int) or settings.num_iters < 1:
         raise CryoSieveInputError(f"--num_iters {settings.num_iters}: must be at least 1")
     _positive("--frequency_start", settings.frequency_start)
@@ -279,25 +313,35 @@ def _check_numbers(settings: PipelineSettings) -> None:
 def _sieve_settings(settings: PipelineSettings, cutoff: float) -> SieveSettings:
     return SieveSettings(retention_ratio=settings.retention_ratio, highpass_angstrom=float(cutoff),
                          projector=settings.projector, reference_weighting=settings.reference_weighting,
-                         batch_size=settings.batch_size, device=settings.device, num_processes=settings.num_gpus)
+                         batch_size=settings.batch_size, device=settings.device, num_processes=settings.num_gpus,
+                         balance=settings.balance)
 
 
-def _read_mask(path: str, box: int) -> Volume:
-    mask = read_volume(path)
-    if mask.data.shape != (box, box, box):
-        raise CryoSieveInputError(f"{path}: mask box {mask.data.shape[0]} does not match the particles' {box}")
-    low, high = float(mask.data.min()), float(mask.data.max())
-    if low < -MASK_TOLERANCE or high > 1 + MASK_TOLERANCE:
-        raise CryoSieveInputError(f"{path}: mask values must lie in [0, 1], found [{low:.6g}, {high:.6g}]")
-    if high <= 0:
-        raise CryoSieveInputError(f"{path}: mask is empty (all values 0)")
-    return mask
+def _pixel_size(settings: PipelineSettings, table: ParticleTable) -> float:
+    """The one pixel size (Å) of the run: ``--angpix`` (checked against the file by
+    :func:`read_particles`) or the file's own."""
+    if settings.angpix is not None:
+        return float(settings.angpix)
+    sizes = np.unique(table.pixel_size)
+    if any(not pixel_sizes_agree(float(size), float(sizes[0])) for size in sizes):
+        raise CryoSieveInputError(
+            f"{settings.input_star}: optics groups of different pixel sizes ({', '.join(f'{v:g}' for v in sizes)} Å); "
+            "the maps need one: give --angpix")
+    return float(sizes[0])
+
+
+def _inputs(settings: PipelineSettings, table: ParticleTable) -> list[InputFile]:
+    inputs = [InputFile(Path(settings.input_star), "--i, the particle STAR file"),
+              InputFile(Path(settings.mask), "--mask")]
+    inputs += [InputFile(path, f"particle stack of {settings.input_star}")
+               for path in stack_paths(table, settings.directory or None)]
+    return inputs
 
 
 def prepare(settings: PipelineSettings) -> _Prepared:
     """Read and check every input; raises :class:`CryoSieveInputError` before anything is written."""
     _check_numbers(settings)
-    symmetry_matrices(settings.symmetry)  # unknown names are an input error
+    symmetry = canonical_name(settings.symmetry)  # unknown names are an input error
     reconstruct_program = None
     if settings.reconstruct_software is not None:
         reconstruct_program = with_launcher(split_command("--reconstruct_software", settings.reconstruct_software),
@@ -316,33 +360,26 @@ def prepare(settings: PipelineSettings) -> _Prepared:
     if not os.path.isfile(settings.mask):
         raise CryoSieveInputError(f"--mask {settings.mask}: file not found")
     table = read_particles(settings.input_star, settings.angpix)
+    names = OutputNames(settings.output_prefix)
+    check_outputs(names.files(settings.num_iters), _inputs(settings, table), names.folders(settings.num_iters))
     if table.random_subset is None:
         raise CryoSieveInputError(f"{settings.input_star}: column rlnRandomSubset missing (half-sets 1 and 2 needed)")
     present = sorted(set(table.random_subset.tolist()))
     if present != [1, 2]:
         raise CryoSieveInputError(
             f"{settings.input_star}: rlnRandomSubset must hold half-sets 1 and 2, found {present}")
-    pixel_sizes = np.unique(table.pixel_size)
-    worst = float(pixel_sizes[np.argmax(np.abs(pixel_sizes - settings.angpix))])
-    if abs(worst - settings.angpix) > PIXEL_SIZE_TOLERANCE * worst:
-        raise CryoSieveInputError(
-            f"--angpix {settings.angpix}: differs from the pixel size {worst:g} Å in {settings.input_star}")
-    reader = StackReader(table, settings.directory or None)
-    try:
+    angpix = _pixel_size(settings, table)
+    with StackReader(table, settings.directory or None) as reader:
         box = reader.validate()
-    finally:
-        reader.close()
-    mask = _read_mask(settings.mask, box)
-    nyquist = 2.0 * float(np.max(table.pixel_size))
+    mask = read_volume(settings.mask, what="mask")
+    check_mask(mask, (box, box, box), angpix, against="the particles")
     for option, value in (("--frequency_start", settings.frequency_start),
                           ("--frequency_end", settings.frequency_end)):
-        if value < nyquist:
-            raise CryoSieveInputError(f"{option} {value}: finer than Nyquist ({nyquist:.3f} Å) of the particles")
+        check_band(box, float(np.max(table.pixel_size)), value, option)
     cutoffs = cutoff_frequencies(settings.frequency_start, settings.frequency_end, settings.num_iters)
-    if cutoffs.min() < nyquist:
-        raise CryoSieveInputError(
-            f"--frequency_end {settings.frequency_end}: rounds to {cutoffs.min():.2f} Å, finer than Nyquist "
-            f"({nyquist:.3f} Å)")
+    for cutoff in cutoffs:
+        check_band(box, float(np.max(table.pixel_size)), float(cutoff),
+                   f"--frequency_end {settings.frequency_end} (a round's cut-off, rounded to 0.01 Å)")
     rows0 = balanced_rows(table.random_subset) if settings.balance else np.arange(len(table))
     device = torch.device(settings.device)
     arguments = {
@@ -351,8 +388,8 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         "--mask": os.path.abspath(settings.mask),
         "--mask (contents, sha256)": _sha256(settings.mask),
         "--directory": os.path.abspath(settings.directory or "."),
-        "--angpix": float(settings.angpix),
-        "--sym": settings.symmetry,
+        "--angpix": angpix,
+        "--sym": symmetry,
         "--num_iters": int(settings.num_iters),
         "--frequency_start": float(settings.frequency_start),
         "--frequency_end": float(settings.frequency_end),
@@ -364,9 +401,10 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         "--projector": settings.projector,
         "--reference_weighting": settings.reference_weighting,
     }
-    return _Prepared(settings=settings, names=OutputNames(settings.output_prefix), table=table, rows0=rows0,
-                     box=box, mask=mask, cutoffs=cutoffs, device=device, reconstruct_program=reconstruct_program,
-                     postprocess_program=postprocess_program, arguments=arguments)
+    return _Prepared(settings=settings, names=names, table=table, rows0=rows0, box=box, angpix=angpix,
+                     symmetry=symmetry, mask=mask, cutoffs=cutoffs, device=device,
+                     reconstruct_program=reconstruct_program, postprocess_program=postprocess_program,
+                     arguments=arguments)
 
 
 # --------------------------------------------------------------------------- state
@@ -408,8 +446,13 @@ def _open_state(prepared: _Prepared, resume: bool) -> _State:
         document = json.loads(path.read_text())
         recorded = document["arguments"]
         completed = [str(step) for step in document["completed"]]
+        version = int(document.get("format", 1))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CryoSieveInputError(f"{path}: not a readable state file ({error})") from None
+    if version != STATE_FORMAT:
+        raise CryoSieveInputError(
+            f"--continue: {path} was written by another version of cryosieve (state format {version}, this one "
+            f"reads {STATE_FORMAT}); start a new run with another --o")
     for option, value in prepared.arguments.items():
         if option not in recorded:
             raise CryoSieveInputError(f"--continue: {path} does not record {option}; start a new run")
@@ -428,40 +471,10 @@ def _open_state(prepared: _Prepared, resume: bool) -> _State:
 # --------------------------------------------------------------------------- steps
 
 
-_TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.(?:[^.]+\.tmp(?:\.[A-Za-z0-9]+)?|\d+\.partial(?:\.[A-Za-z0-9]+)?)$")
-
-
-def remove_stale_temporaries(names: OutputNames) -> list[Path]:
-    """Remove temporary files and folders that a killed run left next to its outputs.
-
-    Only hidden names that this package's atomic writers make for targets starting with
-    the output prefix are touched (``.TARGET.RANDOM.tmp.EXT``, ``.TARGET.PID.partial[.EXT]``).
-    Returns what was removed.
-    """
-    marker = Path(names.prefix + "x")
-    directory, stem = marker.parent, marker.name[:-1]
-    removed: list[Path] = []
-    if not directory.is_dir():
-        return removed
-    for entry in sorted(directory.iterdir()):
-        match = _TEMPORARY_NAME.match(entry.name)
-        if match is None or not match.group("target").startswith(stem):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                entry.unlink()
-        removed.append(entry)
-    return removed
-
-
 def _write_iter0(prepared: _Prepared) -> None:
     target = prepared.names.star(0)
     source = Path(prepared.settings.input_star)
     if not prepared.settings.balance:
-        if target.exists() and os.path.samefile(source, target):
-            return
         with atomic_path(target) as temporary:
             shutil.copyfile(source, temporary)
     else:
@@ -473,18 +486,15 @@ def _reconstruct_builtin(prepared: _Prepared, table: ParticleTable, iteration: i
     from cryosieve.reconstruct import reconstruct_subsets
 
     settings = prepared.settings
-    reader = StackReader(table, settings.directory or None)
-    try:
-        with progress(f"iter {iteration}: reconstruct", len(table)) as update:
-            maps = reconstruct_subsets(table, reader, subsets=(1, 2), symmetry=settings.symmetry, apply_ctf=True,
-                                       batch_size=settings.reconstruct_batch_size, device=prepared.device,
-                                       progress=update)
-    finally:
-        reader.close()
+    with StackReader(table, settings.directory or None) as reader, \
+            progress(f"iter {iteration}: reconstruct", len(table)) as update:
+        maps = reconstruct_subsets(table, reader, subsets=(1, 2), symmetry=prepared.symmetry, apply_ctf=True,
+                                   batch_size=settings.reconstruct_batch_size, device=prepared.device,
+                                   progress=update)
     names = prepared.names
     with OutputGroup() as group:
         for subset in (1, 2):
-            write_volume_to(group.path_for(names.half_map(iteration, subset)), maps[subset], settings.angpix)
+            write_volume_to(group.path_for(names.half_map(iteration, subset)), maps[subset], prepared.angpix)
 
 
 def _reconstruct_external(prepared: _Prepared, iteration: int) -> None:
@@ -493,9 +503,16 @@ def _reconstruct_external(prepared: _Prepared, iteration: int) -> None:
     directory = Path(prepared.settings.directory) if prepared.settings.directory else Path.cwd()
     reconstruct_half_maps(prepared.reconstruct_program, names.star(iteration).absolute(),
                           (names.half_map(iteration, 1), names.half_map(iteration, 2)),
-                          prepared.settings.angpix, prepared.settings.symmetry,
+                          prepared.angpix, prepared.symmetry,
                           (names.reconstruct_log(iteration, 1), names.reconstruct_log(iteration, 2)),
                           cwd=directory.absolute())
+
+
+def _report_paths(folder: Path, root_name: str) -> dict[str, Path]:
+    from cryosieve.postprocess import REPORT_FILES, output_paths
+
+    paths = output_paths(folder / root_name)
+    return {key: Path(paths[key]) for key in REPORT_FILES}
 
 
 def _postprocess_builtin(prepared: _Prepared, iteration: int) -> None:
@@ -504,49 +521,54 @@ def _postprocess_builtin(prepared: _Prepared, iteration: int) -> None:
     names = prepared.names
     half1 = read_volume(names.half_map(iteration, 1))
     half2 = read_volume(names.half_map(iteration, 2))
-    result = postprocess(half1.data, half2.data, prepared.mask.data, prepared.settings.angpix, auto_bfactor=True,
-                         autob_lowres=10.0, device=prepared.device)
-    directory = names.postprocess_directory(iteration)
-    with atomic_directory(directory) as partial:
-        write_postprocess(result, str(partial / names.postprocess_root_name(iteration)), prepared.settings.angpix)
+    result = postprocess(half1.data, half2.data, prepared.mask.data, prepared.angpix, auto_bfactor=True,
+                         autob_lowres=AUTOB_LOWRES, device=prepared.device)
+    with OutputGroup() as group:
+        folder = group.folder_for(names.postprocess_directory(iteration))
+        write_postprocess(result, str(folder / names.postprocess_root_name(iteration)), prepared.angpix)
 
 
 def _postprocess_external(prepared: _Prepared, iteration: int) -> None:
+    """The external program's files, and ours made from its STAR file beside them, so that
+    every back-end leaves the same files for the report."""
+    from cryosieve.postprocess import report_from_relion, write_report_files
+
     names = prepared.names
     assert prepared.postprocess_program is not None
-    run_postprocess(prepared.postprocess_program, names.half_map(iteration, 1), names.half_map(iteration, 2),
-                    Path(prepared.settings.mask), prepared.settings.angpix, names.postprocess_directory(iteration),
-                    names.postprocess_root_name(iteration), names.postprocess_log(iteration))
+    with OutputGroup() as group:
+        folder = group.folder_for(names.postprocess_directory(iteration))
+        root = folder / names.postprocess_root_name(iteration)
+        star = run_postprocess(prepared.postprocess_program, names.half_map(iteration, 1),
+                               names.half_map(iteration, 2), Path(prepared.settings.mask), prepared.angpix,
+                               root, names.postprocess_log(iteration))
+        report = report_from_relion(star, prepared.box, prepared.angpix, autob_lowres=AUTOB_LOWRES)
+        write_report_files(report, _report_paths(folder, names.postprocess_root_name(iteration)), prepared.angpix)
+
+
+#: Lowest resolution (Å) of the automatic B-factor fit, as the published program runs RELION.
+AUTOB_LOWRES = 10.0
 
 
 def read_postprocess_outcome(names: OutputNames, iteration: int, voxel_size: float
                              ) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """``(resolution Å, B-factor Å^2, frequency 1/Å (m,), corrected FSC (m,))`` of round ``iteration``.
-
-    Reads ``iter{i}.star`` (RELION's post-processing) or ``iter{i}.json`` and
-    ``iter{i}_fsc.csv`` (the built-in one) in ``PREFIX_postprocess_iter{i}``.
-    """
-    root = names.postprocess_directory(iteration) / names.postprocess_root_name(iteration)
-    star = root.with_name(root.name + ".star")
-    summary = root.with_name(root.name + ".json")
-    if summary.is_file():
-        document = json.loads(summary.read_text())
-        table = pd.read_csv(root.with_name(root.name + "_fsc.csv"))
+    """``(resolution Å, B-factor Å^2, frequency 1/Å (m,), corrected FSC (m,))`` of round ``iteration``,
+    from ``iter{i}.json`` and ``iter{i}_fsc.csv`` in ``PREFIX_postprocess_iter{i}`` (every back-end writes them)."""
+    paths = _report_paths(names.postprocess_directory(iteration), names.postprocess_root_name(iteration))
+    try:
+        document = json.loads(paths["summary"].read_text())
+        table = pd.read_csv(paths["fsc_csv"])
         box = int(document.get("box") or 2 * (len(table) - 1))
         frequency = table["shell"].to_numpy(dtype=np.float64) / (box * voxel_size)
         resolution = document["final_resolution_angstrom"]
         return (float(resolution) if resolution is not None else math.nan, float(document["bfactor"]),
                 frequency, table["fsc_corrected"].to_numpy(dtype=np.float64))
-    if star.is_file():
-        outcome = read_postprocess_star(star)
-        return outcome.resolution, outcome.bfactor, outcome.frequency, outcome.fsc_corrected
-    raise CryoSieveInputError(f"{root.parent}: no post-processing output ({summary.name} or {star.name})")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CryoSieveInputError(f"{paths['summary'].parent}: post-processing output missing or unreadable "
+                                  f"({type(error).__name__}: {error}); start a new run") from None
 
 
 def _sieve_round(prepared: _Prepared, table: ParticleTable, iteration: int, progress: ProgressFactory) -> np.ndarray:
     """Sieve the particles of round ``iteration``; writes the next set; returns the kept mask ``(n,)``."""
-    from cryosieve.cli.core import balance_selection, write_outputs
-
     settings = prepared.settings
     names = prepared.names
     cutoff = float(prepared.cutoffs[iteration])
@@ -554,15 +576,10 @@ def _sieve_round(prepared: _Prepared, table: ParticleTable, iteration: int, prog
     volumes = [read_volume(names.half_map(iteration, subset)) for subset in (1, 2)]
     half_set = half_sets(table, 2)
     check_geometry(table, prepared.box, volumes, cutoff)
-    reader = StackReader(table, settings.directory or None)
-    try:
-        with progress(f"iter {iteration}: sieve at {cutoff:.2f} Å", len(table)) as update:
-            result = sieve(table, reader, volumes, prepared.mask, half_set, sieve_settings, progress=update)
-    finally:
-        reader.close()
-    if settings.balance:
-        balance_selection(result, settings.retention_ratio)
-    write_outputs(table, result, str(names.star(iteration + 1)))
+    with StackReader(table, settings.directory or None) as reader, \
+            progress(f"iter {iteration}: sieve at {cutoff:.2f} Å", len(table)) as update:
+        result = sieve(table, reader, volumes, prepared.mask, half_set, sieve_settings, progress=update)
+    write_sieve_outputs(table, result, names.star(iteration + 1))
     return result.kept
 
 
@@ -590,7 +607,7 @@ def _round_summary(prepared: _Prepared, iteration: int, table: ParticleTable, st
         particles_half2=int(np.sum(table.random_subset == 2)),
     )
     if state.done(f"postprocess {iteration}"):
-        resolution, bfactor, frequency, fsc = read_postprocess_outcome(names, iteration, prepared.settings.angpix)
+        resolution, bfactor, frequency, fsc = read_postprocess_outcome(names, iteration, prepared.angpix)
         summary.resolution_angstrom = resolution
         summary.bfactor = bfactor
         summary.fsc_frequency = frequency
@@ -608,12 +625,12 @@ def _round_summary(prepared: _Prepared, iteration: int, table: ParticleTable, st
 
 @contextlib.contextmanager
 def _log_to_file(path: Path) -> Iterator[None]:
+    """Every log line of the run, debug lines included, appended to ``path``."""
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    handler.setLevel(logging.INFO)
+    handler.setLevel(logging.DEBUG)
     previous_level = log.level
-    if log.getEffectiveLevel() > logging.INFO:
-        log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG)
     log.addHandler(handler)
     try:
         yield
@@ -624,24 +641,55 @@ def _log_to_file(path: Path) -> Iterator[None]:
 
 
 def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
-                 progress: ProgressFactory | None = None) -> PipelineResult:
+                 progress: ProgressFactory | None = None,
+                 checkpoint: Callable[[], None] | None = None) -> PipelineResult:
     """Run (or, with ``resume``, continue) the iterative sieve; returns the summaries and report paths.
+
+    Parameters
+    ----------
+    settings:
+        The run's arguments.
+    resume:
+        Continue the run recorded in ``PREFIX_state.json``.
+    progress:
+        Progress reporting (:data:`cryosieve.progress.ProgressFactory`).
+    checkpoint:
+        Called before every step; it may raise to stop the run there (the command line
+        stops an interrupted run this way even if the first interrupt was swallowed).
 
     Raises
     ------
     CryoSieveInputError
-        Bad input, an existing run without ``resume``, or changed arguments with it
-        (all before any output is written).
-    cryosieve.backends.relion.ExternalCommandError
+        Bad input, an output that would overwrite an input, an unwritable output location,
+        another run working on the same prefix, an existing run without ``resume`` or changed
+        arguments with it (all before any output is written).
+    cryosieve.errors.ExternalCommandError
         An external program failed (the run can be continued after fixing the cause).
     """
-    progress = progress or _no_progress
+    progress = progress or no_progress
+    checkpoint = checkpoint or (lambda: None)
     prepared = prepare(settings)
-    state = _open_state(prepared, resume)
+    _open_state(prepared, resume)  # refuse early, before the output folder is made
     names = prepared.names
-    names.state.parent.mkdir(parents=True, exist_ok=True)
-    if not state.path.exists():
-        state.save()
+    folder = names.state.parent
+    made_folder = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(names.lock, f"--o {settings.output_prefix}"):
+            state = _open_state(prepared, resume)  # again, now that no other run can change it
+            if not state.path.exists():
+                state.save()
+            made_folder = False
+            return _run_steps(prepared, state, resume, progress, checkpoint)
+    finally:
+        if made_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _run_steps(prepared: _Prepared, state: _State, resume: bool, progress: ProgressFactory,
+               checkpoint: Callable[[], None]) -> PipelineResult:
+    settings, names = prepared.settings, prepared.names
     computed: list[str] = []
     skipped: list[str] = []
 
@@ -649,6 +697,7 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
         if state.done(step):
             skipped.append(step)
             return
+        checkpoint()
         started = time.perf_counter()
         action()
         state.record(step)
@@ -660,13 +709,12 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
                  " ".join(f"{key}={value}" for key, value in prepared.arguments.items() if "sha256" not in key))
         if state.completed:
             log.info("already done: %s", ", ".join(state.completed))
-        if resume:
-            for path in remove_stale_temporaries(names):
-                log.info("removed %s, left by an interrupted run", path)
+        # Under the lock no other run writes here: every temporary of ours is left by a killed run.
+        for path in remove_stale_temporaries(names.state.parent, names.owns, any_owner=True):
+            log.info("removed %s, left by an interrupted run", path)
         run_step("prepare", lambda: _write_iter0(prepared))
         table = prepared.table.subset(prepared.rows0) if settings.balance else prepared.table
         rounds: list[RoundSummary] = []
-        report: ReportPaths | None = None
         for iteration in range(settings.num_iters):
             cutoff = float(prepared.cutoffs[iteration])
             log.info("[ITER %d] %d particles (half-sets %d + %d); cut-off %.2f Å", iteration, len(table),
@@ -680,13 +728,14 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
                 run_step(f"postprocess {iteration}", lambda: _postprocess_builtin(prepared, iteration))
             else:
                 run_step(f"postprocess {iteration}", lambda: _postprocess_external(prepared, iteration))
-            resolution, bfactor, _, _ = read_postprocess_outcome(names, iteration, settings.angpix)
+            resolution, bfactor, _, _ = read_postprocess_outcome(names, iteration, prepared.angpix)
             log.info("[ITER %d] resolution %.2f Å, B-factor %.1f Å^2", iteration, resolution, bfactor)
             step = f"sieve {iteration}"
             if state.done(step):
                 kept = _kept_from_scores(names, iteration, table)
                 skipped.append(step)
             else:
+                checkpoint()
                 started = time.perf_counter()
                 kept = _sieve_round(prepared, table, iteration, progress)
                 state.record(step)
@@ -696,8 +745,9 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
             table = table.subset(kept)
             log.info("[ITER %d] kept %d particles (half-sets %d + %d)", iteration, len(table),
                      int(np.sum(table.random_subset == 1)), int(np.sum(table.random_subset == 2)))
-            report = write_report(names.prefix, rounds + [_round_summary(prepared, iteration + 1, table, state)],
-                                  plots=settings.report)
+            checkpoint()
+            write_report(names.prefix, rounds + [_round_summary(prepared, iteration + 1, table, state)],
+                         plots=settings.report)
         rounds.append(_round_summary(prepared, settings.num_iters, table, state))
         report = write_report(names.prefix, rounds, plots=settings.report)
         best = min((summary for summary in rounds if summary.resolution_angstrom is not None),

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -46,11 +47,11 @@ from cryosieve.errors import CryoSieveInputError
 from cryosieve.fsc import shell_index
 from cryosieve.io.atomic import OutputGroup
 from cryosieve.io.mrc import Volume, read_volume, write_volume_to
+from cryosieve.tolerances import pixel_sizes_agree
 
 log = logging.getLogger("cryosieve")
 
 FSC_THRESHOLD = 0.143
-MASK_TOLERANCE = 1e-6  # RELION's tolerance on mask values outside [0, 1]
 FSC_WEIGHT_FLOOR = 1e-4  # RELION stops FSC weighting where the FSC first falls below this
 PHASE_RANDOMISED_WARNING = 0.1  # RELION warns when FSC_rand exceeds this at the resolution
 
@@ -502,8 +503,10 @@ def check_inputs(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_s
     """Raise :class:`CryoSieveInputError` (one line naming the file/option) for unusable input.
 
     Half maps must be cubic 3D maps of one shape, the mask of that shape with values in
-    [0, 1] (RELION's tolerance 1e-6), all finite, and the voxel size positive.
+    [0, 1] (:data:`cryosieve.tolerances.MASK_RANGE`), all finite, and the voxel size positive.
     """
+    from cryosieve.mask import check_mask
+
     if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
         raise CryoSieveInputError(f"{voxel_option}: the voxel size must be a positive number of Å, got {voxel_size}")
     for array, name in zip((half1, half2, mask), names):
@@ -515,13 +518,7 @@ def check_inputs(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_s
             raise CryoSieveInputError(f"{name}: map contains NaN or infinite values")
     if half1.shape != half2.shape:
         raise CryoSieveInputError(f"{names[1]}: shape {half2.shape} differs from {names[0]} shape {half1.shape}")
-    if mask.shape != half1.shape:
-        raise CryoSieveInputError(f"{names[2]}: shape {mask.shape} differs from the half maps' shape {half1.shape}")
-    low, high = float(mask.min()), float(mask.max())
-    if low < -MASK_TOLERANCE or high - 1.0 > MASK_TOLERANCE:
-        raise CryoSieveInputError(f"{names[2]}: mask values must lie in [0, 1], found [{low:.6g}, {high:.6g}]")
-    if high <= 0:
-        raise CryoSieveInputError(f"{names[2]}: mask is empty (all values 0)")
+    check_mask(Volume(mask, None, names[2]), half1.shape, against="the half maps")
 
 
 def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLike[str],
@@ -530,11 +527,12 @@ def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLik
     """Read and check two half maps and a mask; returns them and the voxel size (Å).
 
     The voxel size is ``angpix`` when given, else the half maps' header.  Half maps whose
-    headers give different voxel sizes are an input error.
+    headers give different voxel sizes, or a mask of another voxel size, are input errors.
     """
-    half1, half2, mask = read_volume(half1_path), read_volume(half2_path), read_volume(mask_path)
+    half1, half2 = read_volume(half1_path, what="half map"), read_volume(half2_path, what="half map")
+    mask = read_volume(mask_path, what="mask")
     if half1.voxel_size is not None and half2.voxel_size is not None and \
-            not math.isclose(half1.voxel_size, half2.voxel_size, rel_tol=1e-3):
+            not pixel_sizes_agree(half1.voxel_size, half2.voxel_size):
         raise CryoSieveInputError(f"{half2.path}: voxel size {half2.voxel_size:g} Å differs from "
                                   f"{half1.path} ({half1.voxel_size:g} Å)")
     if angpix is None:
@@ -547,6 +545,10 @@ def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLik
         option = "--angpix"
     check_inputs(half1.data, half2.data, mask.data, voxel, names=(half1.path, half2.path, mask.path),
                  voxel_option=option)
+    if mask.voxel_size is not None and math.isfinite(voxel) and voxel > 0 and \
+            not pixel_sizes_agree(mask.voxel_size, voxel):
+        raise CryoSieveInputError(f"{mask.path}: voxel size {mask.voxel_size:g} Å differs from the half maps' "
+                                  f"{voxel:g} Å")
     return half1, half2, mask, float(voxel)
 
 
@@ -696,38 +698,171 @@ def write_postprocess(result: PostprocessResult, root: str, voxel_size: float) -
     resolution, B-factor, fit range and randomisation resolution (see
     :meth:`PostprocessResult.summary`).
     """
-    from cryosieve.plots import plot_fsc_curves, plot_guinier
-
     paths = output_paths(root)
-    table = result.fsc_table
-    box = result.box or int(result.sharpened.shape[0])
-    frequency = table["shell"].to_numpy(dtype=np.float64) / (box * voxel_size)
     summary = result.summary()
     summary["voxel_size_angstrom"] = float(voxel_size)
-    guinier = result.guinier
+    report = PostprocessReport(fsc_table=result.fsc_table, guinier=result.guinier, summary=summary,
+                               box=result.box or int(result.sharpened.shape[0]))
     with OutputGroup() as group:
         write_volume_to(group.path_for(paths["map"]), result.sharpened, voxel_size)
         write_volume_to(group.path_for(paths["masked_map"]), result.sharpened_masked, voxel_size)
-        table.to_csv(group.path_for(paths["fsc_csv"]), index=False, float_format="%.8g")
-        group.path_for(paths["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
-        curves = {
-            "corrected": (frequency, table["fsc_corrected"].to_numpy()),
-            "unmasked": (frequency, table["fsc_unmasked"].to_numpy()),
-            "masked": (frequency, table["fsc_masked"].to_numpy()),
-            "phase-randomised masked": (frequency, table["fsc_phase_randomised"].to_numpy()),
-        }
-        plot_fsc_curves(curves, group.path_for(paths["fsc_plot"]), threshold=FSC_THRESHOLD,
-                        resolution=result.resolution,
-                        title=f"Final resolution = {result.resolution:.2f} Å")
-        fit = None
-        if math.isfinite(result.guinier_slope):
-            used = guinier["in_fit"].to_numpy(dtype=bool)
-            x_used = guinier["inverse_resolution_squared"].to_numpy()[used]
-            fit = (result.guinier_slope, result.guinier_intercept, float(x_used.min()), float(x_used.max()))
-        plot_guinier(
-            guinier["inverse_resolution_squared"].to_numpy(),
-            {"original": guinier["log_amplitude_original"].to_numpy(),
-             "FSC-weighted": guinier["log_amplitude_weighted"].to_numpy(),
-             "sharpened": guinier["log_amplitude_sharpened"].to_numpy()},
-            group.path_for(paths["guinier_plot"]), fit=fit,
-            title=f"Guinier plot, B-factor = {result.bfactor:.1f} Å²")
+        write_report_files(report, {key: group.path_for(paths[key]) for key in REPORT_FILES}, voxel_size)
+
+
+#: The files every post-processing back-end leaves (keys of :func:`output_paths`).
+REPORT_FILES = ("fsc_csv", "summary", "fsc_plot", "guinier_plot")
+
+
+@dataclass
+class PostprocessReport:
+    """What every post-processing back-end reports, in one form.
+
+    ``fsc_table`` and ``guinier`` as in :class:`PostprocessResult` (the Guinier table's
+    ``in_fit`` marks the shells of the B-factor fit); ``summary`` as
+    :meth:`PostprocessResult.summary` (``final_resolution_angstrom``, ``bfactor``,
+    ``guinier_fit_slope``, ``guinier_fit_intercept``, ...); ``box`` in voxels.
+    """
+
+    fsc_table: pd.DataFrame
+    guinier: pd.DataFrame
+    summary: dict[str, object]
+    box: int
+
+
+def write_report_files(report: PostprocessReport, paths: dict[str, Path], voxel_size: float) -> None:
+    """Write ``ROOT_fsc.csv``, ``ROOT.json``, ``ROOT_fsc.png`` and ``ROOT_guinier.png`` to ``paths``
+    (keys :data:`REPORT_FILES`; the caller makes them appear atomically)."""
+    from cryosieve.plots import plot_fsc_curves, plot_guinier
+
+    table, guinier, summary = report.fsc_table, report.guinier, report.summary
+    frequency = table["shell"].to_numpy(dtype=np.float64) / (report.box * voxel_size)
+    table.to_csv(paths["fsc_csv"], index=False, float_format="%.8g")
+    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    resolution = summary.get("final_resolution_angstrom")
+    resolution = float(resolution) if isinstance(resolution, (int, float)) else math.nan
+    bfactor = float(summary.get("bfactor") or 0.0)  # type: ignore[arg-type]
+    curves = {
+        "corrected": (frequency, table["fsc_corrected"].to_numpy()),
+        "unmasked": (frequency, table["fsc_unmasked"].to_numpy()),
+        "masked": (frequency, table["fsc_masked"].to_numpy()),
+        "phase-randomised masked": (frequency, table["fsc_phase_randomised"].to_numpy()),
+    }
+    plot_fsc_curves(curves, paths["fsc_plot"], threshold=FSC_THRESHOLD, resolution=resolution,
+                    title=f"Final resolution = {resolution:.2f} Å")
+    fit = None
+    slope, intercept = summary.get("guinier_fit_slope"), summary.get("guinier_fit_intercept")
+    used = guinier["in_fit"].to_numpy(dtype=bool)
+    if isinstance(slope, float) and isinstance(intercept, float) and used.any():
+        x_used = guinier["inverse_resolution_squared"].to_numpy()[used]
+        fit = (slope, intercept, float(x_used.min()), float(x_used.max()))
+    plot_guinier(
+        guinier["inverse_resolution_squared"].to_numpy(),
+        {"original": guinier["log_amplitude_original"].to_numpy(),
+         "FSC-weighted": guinier["log_amplitude_weighted"].to_numpy(),
+         "sharpened": guinier["log_amplitude_sharpened"].to_numpy()},
+        paths["guinier_plot"], fit=fit, title=f"Guinier plot, B-factor = {bfactor:.1f} Å²")
+
+
+def report_from_relion(star: str | os.PathLike[str], box: int, voxel_size: float,
+                       autob_lowres: float = 10.0) -> PostprocessReport:
+    """The :class:`PostprocessReport` of a ``relion_postprocess`` run, from its ``ROOT.star``.
+
+    RELION 3.1's blocks: ``data_general`` (``rlnFinalResolution``,
+    ``rlnBfactorUsedForSharpening``, ``rlnRandomiseFrom``, ``rlnFittedSlopeGuinierPlot``,
+    ``rlnFittedInterceptGuinierPlot``, ``rlnCorrelationFitGuinierPlot``), ``data_fsc`` (one
+    row per shell) and ``data_guinier`` (one row per shell, -99 where no amplitude). The
+    shells of the automatic fit are those from ``autob_lowres`` on whose weighted amplitude
+    is not zero, as RELION fits them with ``--autob_highres 0``.
+    """
+    import starfile
+
+    path = str(star)
+    try:
+        blocks = starfile.read(path, always_dict=True)
+        general = blocks["general"]
+        general = general if isinstance(general, pd.DataFrame) else pd.DataFrame([general])
+        fsc, guinier = blocks["fsc"], blocks["guinier"]
+
+        def number(name: str) -> float | None:
+            if name not in general.columns:
+                return None
+            value = float(general[name].iloc[0])
+            return value if math.isfinite(value) else None
+
+        resolution = number("rlnFinalResolution")
+        shells = fsc["rlnSpectralIndex"].to_numpy(dtype=np.int64)
+        table = pd.DataFrame({
+            "shell": shells,
+            "resolution_angstrom": np.where(shells > 0, box * voxel_size / np.maximum(shells, 1), np.inf),
+            "fsc_unmasked": fsc["rlnFourierShellCorrelationUnmaskedMaps"].to_numpy(dtype=np.float64),
+            "fsc_masked": fsc["rlnFourierShellCorrelationMaskedMaps"].to_numpy(dtype=np.float64),
+            "fsc_phase_randomised": fsc["rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps"]
+            .to_numpy(dtype=np.float64),
+            "fsc_corrected": fsc["rlnFourierShellCorrelationCorrected"].to_numpy(dtype=np.float64),
+        })
+        inverse_squared = guinier["rlnResolutionSquared"].to_numpy(dtype=np.float64)
+
+        def amplitude(name: str) -> np.ndarray:
+            values = guinier[name].to_numpy(dtype=np.float64)
+            return np.where(values <= -99, np.nan, values)
+
+        guinier_shells = np.rint(np.sqrt(inverse_squared) * box * voxel_size).astype(np.int64)
+        with np.errstate(divide="ignore"):
+            guinier_resolution = np.where(inverse_squared > 0, 1 / np.sqrt(np.maximum(inverse_squared, 1e-300)), np.inf)
+        guinier_table = pd.DataFrame({
+            "shell": guinier_shells,
+            "resolution_angstrom": guinier_resolution,
+            "inverse_resolution_squared": inverse_squared,
+            "log_amplitude_original": amplitude("rlnLogAmplitudesOriginal"),
+            "log_amplitude_weighted": amplitude("rlnLogAmplitudesWeighted"),
+            "log_amplitude_sharpened": amplitude("rlnLogAmplitudesSharpened"),
+            "in_fit": (guinier_shells >= box * voxel_size / autob_lowres - 1e-6)
+            & np.isfinite(amplitude("rlnLogAmplitudesWeighted")),
+        })
+    except (KeyError, ValueError, TypeError, OSError) as error:
+        raise CryoSieveInputError(f"{path}: not a relion_postprocess output ({type(error).__name__}: {error})") \
+            from None
+    randomise = number("rlnRandomiseFrom")
+    fitted = guinier_table.loc[guinier_table["in_fit"], "resolution_angstrom"]
+    summary: dict[str, object] = {
+        "program": "relion_postprocess",
+        "final_resolution_angstrom": resolution,
+        "final_resolution_shell": int(round(box * voxel_size / resolution)) if resolution else 0,
+        "bfactor": number("rlnBfactorUsedForSharpening") or 0.0,
+        "bfactor_source": "auto",
+        "bfactor_fit_lowres_angstrom": float(fitted.max()) if len(fitted) else None,
+        "bfactor_fit_highres_angstrom": float(fitted.min()) if len(fitted) else None,
+        "guinier_fit_slope": number("rlnFittedSlopeGuinierPlot"),
+        "guinier_fit_intercept": number("rlnFittedInterceptGuinierPlot"),
+        "guinier_fit_correlation": number("rlnCorrelationFitGuinierPlot"),
+        "randomise_from_angstrom": randomise,
+        "randomise_from_shell": int(round(box * voxel_size / randomise)) if randomise else 0,
+        "voxel_size_angstrom": float(voxel_size),
+        "box": int(box),
+    }
+    return PostprocessReport(fsc_table=table, guinier=guinier_table, summary=summary, box=int(box))
+
+
+def postprocess_files(half1_path: str, half2_path: str, mask_path: str, root: str, *, angpix: float | None = None,
+                      **options: object) -> PostprocessResult:
+    """Post-process from files to files (``cryosieve-postprocess``): :func:`postprocess` of the
+    maps read by :func:`read_inputs`, written by :func:`write_postprocess` to ``root.*``.
+
+    Refuses outputs that would land on an input or in an unwritable place before reading
+    the maps. ``options`` are :func:`postprocess`'s keywords.
+    """
+    from cryosieve.io.atomic import remove_stale_temporaries_of
+    from cryosieve.io.paths import InputFile, check_outputs
+
+    if not str(root).strip():
+        raise CryoSieveInputError("--o: empty output root")
+    outputs = list(output_paths(root).values())
+    check_outputs(outputs, [InputFile(Path(half1_path), "--i, first half map"),
+                            InputFile(Path(half2_path), "--i2, second half map"), InputFile(Path(mask_path), "--mask")])
+    half1, half2, mask, voxel = read_inputs(half1_path, half2_path, mask_path, angpix)
+    log.info("postprocess: %s and %s, mask %s, %g Å/px, box %d", half1.path, half2.path, mask.path, voxel,
+             half1.data.shape[0])
+    remove_stale_temporaries_of(outputs)
+    result = postprocess(half1.data, half2.data, mask.data, voxel, **options)  # type: ignore[arg-type]
+    write_postprocess(result, root, voxel)
+    return result

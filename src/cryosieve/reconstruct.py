@@ -47,9 +47,11 @@ memory is bounded by the padded grids (``(2n+1)^2 (n+2)`` voxels of 3 float64 ea
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,7 +62,10 @@ from cryosieve.errors import CryoSieveInputError
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import StackReader, prefetch_batches
 from cryosieve.io.star import ParticleTable
-from cryosieve.symmetry import symmetry_matrices
+from cryosieve.progress import ProgressFactory, no_progress
+from cryosieve.symmetry import canonical_name, symmetry_matrices
+
+log = logging.getLogger("cryosieve")
 
 try:
     import numba
@@ -785,3 +790,49 @@ def _reconstruct(table: ParticleTable, reader: StackReader, rows: np.ndarray, la
         del grid
     accumulators.release()
     return maps
+
+
+def reconstruct_star_file(star: str, out: str, *, angpix: float | None = None, symmetry: str = "C1",
+                          apply_ctf: bool = True, subset: int | None = None, directory: str | None = None,
+                          batch_size: int = 128, device: torch.device | str = "cpu",
+                          progress: ProgressFactory = no_progress) -> tuple[Path, int]:
+    """One map from files to a file (``cryosieve-reconstruct``, RELION's ``relion_reconstruct``).
+
+    ``subset`` 1 or 2 selects that ``rlnRandomSubset`` (anything else: every particle, as
+    RELION). Refuses an output that would land on an input or in an unwritable place
+    before reading any image; writes ``out`` atomically. Returns its path and the number
+    of particles used.
+    """
+    from cryosieve.io.atomic import remove_stale_temporaries_of
+    from cryosieve.io.mrc import write_volume
+    from cryosieve.io.paths import InputFile, check_outputs
+    from cryosieve.io.stack import stack_paths
+    from cryosieve.io.star import read_particles
+
+    if not str(out).strip():
+        raise CryoSieveInputError("--o: empty output path")
+    if batch_size < 1:
+        raise CryoSieveInputError(f"--batch_size {batch_size}: must be at least 1")
+    symmetry = canonical_name(symmetry)
+    table = read_particles(star, angpix)
+    inputs = [InputFile(Path(star), "particle STAR file")]
+    inputs += [InputFile(path, f"particle stack of {star}") for path in stack_paths(table, directory)]
+    check_outputs([out], inputs)
+    rows = np.arange(len(table))
+    if subset in (1, 2):  # RELION: 1 or 2 selects a half-set, anything else all particles
+        if table.random_subset is None:
+            raise CryoSieveInputError(f"{star}: column rlnRandomSubset missing (needed by --subset)")
+        rows = np.flatnonzero(table.random_subset == subset)
+        if rows.size == 0:
+            raise CryoSieveInputError(f"--subset {subset}: no particles with rlnRandomSubset {subset} in {star}")
+    remove_stale_temporaries_of([out])
+    with StackReader(table, directory) as reader:
+        box = reader.validate()
+        pixel = _check_pixel_size(table, rows)
+        log.info("reconstructing %d particles (box %d, %.4g Å/px, symmetry %s, CTF %s) on %s", rows.size, box, pixel,
+                 symmetry, "on" if apply_ctf else "off", device)
+        with progress("inserting", int(rows.size)) as update:
+            volume = reconstruct(table, reader, rows=rows, symmetry=symmetry, apply_ctf=apply_ctf,
+                                 batch_size=batch_size, device=device, progress=update)
+    write_volume(out, volume, pixel)
+    return Path(out), int(rows.size)

@@ -73,6 +73,24 @@ class ParticleBatch:
         )
 
 
+def _band(box: int, lowest_cycles_per_pixel: float
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(keep, ky, kx, |k|)``, each ``(box, box // 2 + 1)`` over the ``rfft2`` grid (cycles per
+    box): ``keep`` marks the samples with ``lowest_cycles_per_pixel <= |k|/N < 1/2``."""
+    ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
+    grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
+    radius = torch.sqrt(grid_y**2 + grid_x**2)
+    keep = (radius < box / 2) & (radius / box >= lowest_cycles_per_pixel - 1e-12)
+    return keep, grid_y, grid_x, radius
+
+
+def band_sample_count(box: int, highpass_cycles_per_pixel: float) -> int:
+    """How many half-plane samples of a ``box``-pixel image the score sums over at this cut-off
+    (0: the cut-off leaves nothing to score)."""
+    return int(_band(box, highpass_cycles_per_pixel)[0].sum())
+
+
 class BandSamples:
     """The half-plane Fourier samples of a ``box``-pixel image used by the scorer.
 
@@ -82,11 +100,7 @@ class BandSamples:
     """
 
     def __init__(self, box: int, lowest_cycles_per_pixel: float, device: torch.device | str) -> None:
-        ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
-        kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
-        grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
-        radius = torch.sqrt(grid_y**2 + grid_x**2)
-        keep = (radius < box / 2) & (radius / box >= lowest_cycles_per_pixel - 1e-12)
+        keep, grid_y, grid_x, radius = _band(box, lowest_cycles_per_pixel)
         self.box = box
         self.flat_index = torch.nonzero(keep.reshape(-1))[:, 0].to(device)
         self.ky = grid_y[keep].to(device)
@@ -365,14 +379,19 @@ def retained_count(count: int, retention_ratio: float) -> int:
     return int(round(retention_ratio * count))
 
 
-def select_lowest(scores: np.ndarray, groups: np.ndarray, retention_ratio: float) -> np.ndarray:
+def select_lowest(scores: np.ndarray, groups: np.ndarray, retention_ratio: float, balance: bool = False
+                  ) -> np.ndarray:
     """Keep, within each group, the ``round(R * n)`` lowest scores (ties: input order).
 
+    With ``balance``, every group keeps the same number: the smallest ``round(R * n)``.
     ``scores``: ``(n,)``; ``groups``: ``(n,)`` half-set labels. Returns a ``(n,)`` bool mask.
     """
     kept = np.zeros(len(scores), dtype=bool)
-    for group in np.unique(groups):
+    labels = np.unique(groups)
+    counts = {group: retained_count(int(np.sum(groups == group)), retention_ratio) for group in labels}
+    smallest = min(counts.values()) if counts else 0
+    for group in labels:
         members = np.flatnonzero(groups == group)
         order = np.argsort(scores[members], kind="stable")
-        kept[members[order[:retained_count(len(members), retention_ratio)]]] = True
+        kept[members[order[:smallest if balance else counts[group]]]] = True
     return kept

@@ -5,26 +5,40 @@ Used by ``cryosieve-core`` and, in-process, by the iterative pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.fsc import filter_by_shell, fourier_shell_correlation
 from cryosieve.io.mrc import Volume, read_volume
-from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches
-from cryosieve.io.star import ParticleTable
+from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
+from cryosieve.io.paths import InputFile, check_outputs
+from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches, stack_paths
+from cryosieve.io.star import ParticleTable, output_paths, read_particles
+from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.projection import FourierSliceProjector
-from cryosieve.score import BandSamples, ParticleBatch, fourier_scores, published_scores, select_lowest
+from cryosieve.mask import check_mask
+from cryosieve.score import (
+    BandSamples,
+    ParticleBatch,
+    band_sample_count,
+    fourier_scores,
+    published_scores,
+    select_lowest,
+)
+from cryosieve.tolerances import pixel_sizes_agree
 
 log = logging.getLogger("cryosieve")
 
-PIXEL_SIZE_TOLERANCE = 0.01  # relative difference between a map's voxel and the particles' pixel size
 
 
 @dataclass
@@ -49,6 +63,8 @@ class SieveSettings:
         Where to compute.
     num_processes:
         Worker processes, each scoring a disjoint shard (one per GPU on CUDA).
+    balance:
+        Keep the same number in every half-set: the smallest ``round(R n)`` of them.
     """
 
     retention_ratio: float
@@ -58,6 +74,7 @@ class SieveSettings:
     batch_size: int = 256
     device: torch.device | str = "cpu"
     num_processes: int = 1
+    balance: bool = False
 
 
 @dataclass
@@ -116,26 +133,40 @@ def half_sets(table: ParticleTable, volume_count: int) -> np.ndarray:
     return table.random_subset.astype(np.int64)
 
 
-def check_geometry(table: ParticleTable, box: int, volumes: Sequence[Volume], highpass_angstrom: float) -> None:
-    """Box and pixel sizes of particles and maps agree; the cut-off is coarser than Nyquist."""
+def check_geometry(table: ParticleTable, box: int, volumes: Sequence[Volume], highpass_angstrom: float,
+                   mask: Volume | None = None) -> None:
+    """Box and pixel sizes of particles, maps and mask agree; the cut-off leaves frequencies to score."""
+    groups = np.unique(table.pixel_size)
     for volume in volumes:
         if volume.data.shape[-1] != box:
             raise CryoSieveInputError(
                 f"{volume.path}: box size {volume.data.shape[-1]} does not match the particles' {box}"
             )
         if volume.voxel_size is not None:
-            groups = np.unique(table.pixel_size)
-            worst = groups[np.argmax(np.abs(groups - volume.voxel_size))]
-            if abs(worst - volume.voxel_size) > PIXEL_SIZE_TOLERANCE * worst:
+            worst = float(groups[np.argmax(np.abs(groups - volume.voxel_size))])
+            if not pixel_sizes_agree(worst, volume.voxel_size):
                 raise CryoSieveInputError(
                     f"{volume.path}: voxel size {volume.voxel_size:.4f} Å does not match the particles' "
                     f"pixel size {worst:.4f} Å"
                 )
-    finest = 2 * float(np.max(table.pixel_size))
-    if highpass_angstrom < finest:
+    if mask is not None:
+        voxel = next((volume.voxel_size for volume in volumes if volume.voxel_size is not None), None)
+        check_mask(mask, (box, box, box), voxel, against="the maps")
+    check_band(box, float(np.max(table.pixel_size)), highpass_angstrom)
+
+
+def check_band(box: int, pixel_size: float, highpass_angstrom: float, option: str = "--frequency") -> None:
+    """The cut-off ``highpass_angstrom`` (Å) leaves band samples to score in a ``box``-pixel image of
+    ``pixel_size`` Å (the coarsest pixel of the particles): coarser than Nyquist, and a non-empty band."""
+    nyquist = 2 * pixel_size
+    if highpass_angstrom <= nyquist:
         raise CryoSieveInputError(
-            f"--frequency {highpass_angstrom}: finer than Nyquist ({finest:.3f} Å) of the particles"
-        )
+            f"{option} {highpass_angstrom:g}: not coarser than Nyquist ({nyquist:.3f} Å) of the particles, "
+            "so nothing is left to score")
+    if band_sample_count(box, pixel_size / highpass_angstrom) == 0:
+        raise CryoSieveInputError(
+            f"{option} {highpass_angstrom:g}: leaves no frequency between 1/{highpass_angstrom:g} Å^-1 and Nyquist "
+            f"({nyquist:.3f} Å) in a {box}-pixel box, so nothing is left to score")
 
 
 def fsc_weight(fsc: np.ndarray) -> np.ndarray:
@@ -253,21 +284,32 @@ def score_rows(table: ParticleTable, reader: StackReader, references: Sequence[n
 
 
 def load_inputs(table: ParticleTable, directory: str | os.PathLike[str] | None, volume_paths: Sequence[str],
-                mask_path: str | None, settings: SieveSettings
+                mask_path: str | None, settings: SieveSettings, reader: StackReader | None = None
                 ) -> tuple[StackReader, list[Volume], Volume | None, np.ndarray]:
-    """Read and check everything a sieve needs before any scoring starts."""
+    """Read and check everything a sieve needs before any scoring starts (``reader``: the
+    stack reader to use; a new one otherwise, which the caller closes)."""
     check_settings(settings)
     if not volume_paths:
         raise CryoSieveInputError("--volume: give at least one half map")
     half_set = half_sets(table, len(volume_paths))
-    reader = StackReader(table, directory)
+    reader = reader if reader is not None else StackReader(table, directory)
     box = reader.validate()
     volumes = [read_volume(path) for path in volume_paths]
     mask = read_volume(mask_path) if mask_path else None
-    if mask is not None and (mask.data.min() < -1e-3 or mask.data.max() > 1 + 1e-3):
-        raise CryoSieveInputError(f"{mask.path}: mask values must lie in [0, 1]")
-    check_geometry(table, box, volumes, settings.highpass_angstrom)
+    check_geometry(table, box, volumes, settings.highpass_angstrom, mask)
     return reader, volumes, mask, half_set
+
+
+def _log_reference_fsc(fsc: np.ndarray, box: int, pixel_size: float) -> None:
+    """The per-shell FSC at debug level (the run's log file); one line on where the weight halves."""
+    log.debug("reference weighting by half-map FSC, per shell: %s", " ".join(f"{value:.3f}" for value in fsc))
+    low = np.flatnonzero(fsc_weight(fsc)[1:] < 0.5)
+    if low.size:
+        shell = int(low[0]) + 1
+        log.info("reference weighting by half-map FSC: weight below 0.5 from shell %d (%.2f Å) on", shell,
+                 box * pixel_size / shell)
+    else:
+        log.info("reference weighting by half-map FSC: weight at least 0.5 up to Nyquist")
 
 
 def sieve(table: ParticleTable, reader: StackReader, volumes: Sequence[Volume], mask: Volume | None,
@@ -275,17 +317,88 @@ def sieve(table: ParticleTable, reader: StackReader, volumes: Sequence[Volume], 
           progress: Callable[[int], None] | None = None) -> SieveResult:
     """Score every particle against the masked map of its half-set and keep the lowest fraction."""
     references, fsc, weighting = prepare_references(volumes, mask, settings.reference_weighting, settings.projector)
-    if fsc is not None:
-        log.info("reference weighting by half-map FSC, per shell: %s",
-                 " ".join(f"{value:.3f}" for value in fsc))
     voxel = volumes[0].voxel_size
+    if fsc is not None:
+        _log_reference_fsc(fsc, references[0].shape[-1], voxel or float(np.min(table.pixel_size)))
     if settings.num_processes > 1:
         from cryosieve.distributed import score_in_processes
 
         scores = score_in_processes(table, reader.directory, references, half_set, settings, voxel, fsc)
+        if progress is not None:
+            progress(len(table))
     else:
         scores = score_rows(table, reader, references, half_set, settings, volume_pixel_size=voxel,
                             reference_fsc=fsc, progress=progress)
-    kept = select_lowest(scores, half_set, settings.retention_ratio)
+    kept = select_lowest(scores, half_set, settings.retention_ratio, balance=settings.balance)
     return SieveResult(scores=scores, kept=kept, half_set=half_set, reference_fsc=fsc,
                        reference_weighting=weighting)
+
+
+def sieve_output_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
+    """``(kept STAR, sieved STAR, scores CSV)`` for the output name ``OUT.star``:
+    ``OUT.star``, ``OUT_sieved.star`` and ``OUT_scores.csv``."""
+    kept, sieved = output_paths(out)
+    root, _ = os.path.splitext(str(kept))
+    return kept, sieved, Path(root + "_scores.csv")
+
+
+def scores_table(table: ParticleTable, result: SieveResult) -> pd.DataFrame:
+    """One row per particle in input order: image name, half-set, score, kept (0/1)."""
+    return pd.DataFrame({
+        "rlnImageName": table.image_name,
+        "half_set": result.half_set,
+        "score": result.scores,
+        "kept": result.kept.astype(int),
+    })
+
+
+def write_sieve_outputs(table: ParticleTable, result: SieveResult, out: str | os.PathLike[str]
+                        ) -> tuple[Path, Path, Path]:
+    """Write the kept STAR, the sieved STAR and the scores CSV, all together or none
+    (:func:`sieve_output_paths`); returns their paths."""
+    kept_path, sieved_path, scores_path = sieve_output_paths(out)
+    with OutputGroup() as group:
+        table.subset(result.kept).write_to(group.path_for(kept_path))
+        table.subset(~result.kept).write_to(group.path_for(sieved_path))
+        scores_table(table, result).to_csv(group.path_for(scores_path), index=False, float_format="%.10g")
+    return kept_path, sieved_path, scores_path
+
+
+def sieve_inputs(table: ParticleTable, directory: str | os.PathLike[str] | None, volume_paths: Sequence[str],
+                 mask_path: str | None) -> list[InputFile]:
+    """Every file a sieve of ``table`` reads (for :func:`cryosieve.io.paths.check_outputs`)."""
+    inputs = [InputFile(Path(table.path), "particle STAR file")]
+    inputs += [InputFile(path, f"particle stack of {table.path}") for path in stack_paths(table, directory)]
+    inputs += [InputFile(Path(path), "half map") for path in volume_paths]
+    if mask_path:
+        inputs.append(InputFile(Path(mask_path), "mask"))
+    return inputs
+
+
+def sieve_star_file(star: str, out: str, volume_paths: Sequence[str], settings: SieveSettings, *,
+                    directory: str | None = None, mask_path: str | None = None, angpix: float | None = None,
+                    progress: ProgressFactory = no_progress) -> tuple[SieveResult, tuple[Path, Path, Path]]:
+    """One sieve from files to files (``cryosieve-core``).
+
+    Reads ``star``, refuses outputs that would land on any input or in an unwritable place,
+    checks every input, scores, selects and writes :func:`sieve_output_paths` of ``out``
+    (all three or none). Returns the result and the three paths.
+    """
+    check_settings(settings)
+    if not str(out).strip():
+        raise CryoSieveInputError("--o: empty output path")
+    table = read_particles(star, angpix)
+    outputs = sieve_output_paths(out)
+    check_outputs(outputs, sieve_inputs(table, directory, volume_paths, mask_path))
+    remove_stale_temporaries_of(outputs)
+    with contextlib.closing(StackReader(table, directory)) as reader:
+        reader, volumes, mask, half_set = load_inputs(table, directory, volume_paths, mask_path, settings, reader)
+        log.info("%d particles in %d half-set(s); cut-off %.2f Å; projector %s; device %s", len(table),
+                 len(set(half_set.tolist())), settings.highpass_angstrom, settings.projector, settings.device)
+        with progress("scoring", len(table)) as update:
+            result = sieve(table, reader, volumes, mask, half_set, settings, progress=update)
+    paths = write_sieve_outputs(table, result, out)
+    for subset in sorted(set(half_set.tolist())):
+        members = half_set == subset
+        log.info("half-set %d: %d of %d particles kept", subset, int(result.kept[members].sum()), int(members.sum()))
+    return result, paths

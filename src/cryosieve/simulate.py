@@ -27,8 +27,6 @@ import contextlib
 import importlib.resources
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,8 @@ import torch
 
 from cryosieve.ctf import ctf_2d
 from cryosieve.errors import CryoSieveInputError
+from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
+from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.geometry import euler_to_matrix, uniform_random_euler
 from cryosieve.projection import FourierSliceProjector, half_plane_frequencies
 
@@ -639,15 +639,9 @@ def _write_map(path: Path, data: np.ndarray, voxel_size: float) -> None:
         _label_header(handle)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def _staging_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder next to ``target``, renamed onto it on success.
+    """A temporary folder beside ``target``, renamed onto it on success (replacing an old one).
 
     On failure the temporary folder, and any parent folders created for it, are removed.
     """
@@ -655,25 +649,9 @@ def _staging_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         raise CryoSieveInputError(f"{target}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise CryoSieveInputError(f"{target}: output folder exists and is not empty (use --force)")
-    created = [parent for parent in reversed(target.absolute().parents) if not parent.exists()]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o777 & ~_current_umask())
-        if target.is_dir():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in reversed(created):
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
+    remove_stale_temporaries_of([target])
+    with OutputGroup() as group:
+        yield group.folder_for(target)
 
 
 def check_inputs(output_folder: str | os.PathLike[str], settings: SimulationSettings, *,
@@ -697,6 +675,7 @@ def check_inputs(output_folder: str | os.PathLike[str], settings: SimulationSett
         raise CryoSieveInputError(f"{target}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise CryoSieveInputError(f"{target}: output folder exists and is not empty (use --force)")
+    check_outputs([], [InputFile(Path(model), "--model"), InputFile(Path(junk_model), "--junk_model")], [target])
     return model, junk_model
 
 

@@ -117,6 +117,17 @@ def normalise_name(name: str) -> str:
     return name.strip().upper()
 
 
+def canonical_name(name: str) -> str:
+    """The name of a supported group as RELION writes it (``c4`` and ``C04`` -> ``C4``).
+
+    Raises :class:`CryoSieveInputError` for an unknown group (see :func:`symmetry_matrices`).
+    """
+    symmetry_matrices(name)
+    key = normalise_name(name)
+    match = re.fullmatch(r"([CD])(\d{1,2})", key)
+    return f"{match.group(1)}{int(match.group(2))}" if match else key
+
+
 def symmetry_matrices(name: str) -> np.ndarray:
     """Rotation matrices of a point group in RELION's orientation.
 

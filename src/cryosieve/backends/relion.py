@@ -39,30 +39,10 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.atomic import atomic_directory
+from cryosieve.errors import CryoSieveInputError, ExternalCommandError
+from cryosieve.io.atomic import temporary_name
 
 log = logging.getLogger("cryosieve")
-
-
-class ExternalCommandError(RuntimeError):
-    """An external program exited with a non-zero status.
-
-    Attributes
-    ----------
-    command:
-        The command line (as a shell-quoted string).
-    log_path:
-        Where its standard output and error went.
-    returncode:
-        Its exit status (negative: killed by that signal).
-    """
-
-    def __init__(self, command: str, log_path: str, returncode: int) -> None:
-        self.command = command
-        self.log_path = log_path
-        self.returncode = returncode
-        super().__init__(f"{command!r} failed with exit code {returncode}; see {log_path}")
 
 
 def split_command(option: str, command_line: str) -> list[str]:
@@ -118,16 +98,16 @@ def run_in_parallel(commands: Sequence[Sequence[str]], log_paths: Sequence[Path]
             handles.append(handle)
             handle.write("$ " + shlex.join(command) + "\n")
             handle.flush()
+            # Each program in a process group of its own, so that stopping it reaches every
+            # process it started (the ranks under mpirun) and nothing else.
             processes.append(subprocess.Popen(list(command), stdout=handle, stderr=subprocess.STDOUT,
                                               cwd=str(cwd) if cwd is not None else None,
+                                              start_new_session=os.name == "posix",
                                               preexec_fn=_die_with_parent if os.name == "posix" else None))
         for process in processes:
             process.wait()
     finally:
-        for process in processes:
-            if process.poll() is None:  # interrupted while waiting: do not leave orphans
-                process.kill()
-                process.wait()
+        _stop_all([process for process in processes if process.poll() is None])
         for handle in handles:
             handle.close()
     for command, log_path, process in zip(commands, log_paths, processes):
@@ -135,13 +115,32 @@ def run_in_parallel(commands: Sequence[Sequence[str]], log_paths: Sequence[Path]
             raise ExternalCommandError(shlex.join(command), str(log_path), process.returncode)
 
 
-def _temporary_sibling(path: Path, tag: str) -> Path:
-    """``DIR/.NAME.TAG.PID.partial.mrc``-style name next to ``path``, same suffix.
+#: Seconds a stopped program gets to end after SIGTERM before its group gets SIGKILL.
+STOP_GRACE = 5.0
 
-    The process id keeps the names of a resumed run apart from those of an earlier,
-    killed one whose programs may still be finishing.
-    """
-    return path.with_name(f".{path.stem}.{tag}.{os.getpid()}.partial{path.suffix}")
+
+def _stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Interrupted while programs run: SIGTERM to each one's process group, SIGKILL after
+    :data:`STOP_GRACE` seconds to what is left, so no orphan keeps running."""
+    import signal
+
+    def signal_group(process: subprocess.Popen[bytes], number: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.name == "posix":
+                os.killpg(process.pid, number)
+            else:  # pragma: no cover
+                process.send_signal(number)
+
+    for process in processes:
+        signal_group(process, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+    for process in processes:
+        signal_group(process, signal.SIGKILL)
+        process.wait()
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -159,7 +158,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 def reconstruct_half_maps(program: Sequence[str], star: Path, outputs: tuple[Path, Path], angpix: float,
                           symmetry: str, log_paths: tuple[Path, Path], cwd: Path | None) -> None:
     """Reconstruct half-sets 1 and 2 of ``star`` in parallel into ``outputs`` (both or neither)."""
-    temporaries = [_temporary_sibling(Path(output), "reconstruct") for output in outputs]
+    temporaries = [temporary_name(Path(output)) for output in outputs]
     commands = [reconstruct_command(program, star, temporary, angpix, symmetry, subset)
                 for subset, temporary in zip((1, 2), temporaries)]
     try:
@@ -177,18 +176,17 @@ def reconstruct_half_maps(program: Sequence[str], star: Path, outputs: tuple[Pat
 
 
 def run_postprocess(program: Sequence[str], half1: Path, half2: Path, mask: Path, angpix: float,
-                    directory: Path, root_name: str, log_path: Path) -> Path:
-    """Post-process into ``directory/root_name.*``; the folder appears complete or not at all.
+                    root: Path, log_path: Path) -> Path:
+    """Post-process into ``root.*`` (in a folder the caller makes appear atomically).
 
-    Returns the path of ``root_name.star``.
+    Returns the path of ``root.star``.
     """
-    directory = Path(directory)
-    with atomic_directory(directory) as partial:
-        command = postprocess_command(program, half1, half2, mask, angpix, partial / root_name)
-        run_in_parallel([command], [log_path])
-        if not (partial / f"{root_name}.star").is_file():
-            raise ExternalCommandError(shlex.join(command), str(log_path), 1)
-    return directory / f"{root_name}.star"
+    command = postprocess_command(program, half1, half2, mask, angpix, root)
+    run_in_parallel([command], [log_path])
+    star = root.with_name(root.name + ".star")
+    if not star.is_file():
+        raise ExternalCommandError(shlex.join(command), str(log_path), 1)
+    return star
 
 
 @dataclass

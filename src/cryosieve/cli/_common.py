@@ -1,20 +1,39 @@
-"""Shared command-line plumbing: device choice, logging, error reporting."""
+"""Shared command-line plumbing: device choice, console logging, signals, error reporting.
+
+Every command runs its body through :func:`run_command`, which turns every failure into
+one line ``COMMAND: error: ...`` on standard error and an exit code, never a traceback:
+
+* 2: bad input or arguments (:class:`~cryosieve.errors.CryoSieveInputError`), found before
+  anything is written;
+* 1: a failure of the machine (a read or write that the system refused, a full disk, no
+  memory) or an unexpected error (set ``CRYOSIEVE_DEBUG=1`` for its traceback);
+* an external program's own exit code when it failed (:class:`~cryosieve.errors.ExternalCommandError`);
+* 130 after Ctrl-C (SIGINT), 143 after SIGTERM.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING
 
-from cryosieve.errors import CryoSieveInputError
+from tqdm import tqdm
+
+from cryosieve.errors import CryoSieveInputError, ExternalCommandError
+from cryosieve.progress import ProgressFactory
 
 if TYPE_CHECKING:
     import torch
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
 
 #: Device nodes of a GPU driver that torch can use as "cuda" (NVIDIA; AMD ROCm's /dev/kfd).
 _GPU_DRIVER_NODES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
@@ -53,20 +72,179 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
                         help="where to compute: auto (CUDA when present, else CPU), cpu or cuda.")
 
 
+# --------------------------------------------------------------------------- console
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log lines through the progress bar's writer, so a line never lands on a bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool = True) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    """Log the package's INFO lines (only warnings unless ``verbose``) to the console.
+
+    Only the ``cryosieve`` logger is shown: other libraries' messages (e.g. matplotlib's
+    font cache) stay off the console. Debug lines go only to handlers that ask for them
+    (the pipeline's log file).
+    """
+    logger = logging.getLogger("cryosieve")
+    for handler in [handler for handler in logger.handlers if isinstance(handler, _ConsoleHandler)]:
+        logger.removeHandler(handler)
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+
+def progress_bar(description: str, total: int, enabled: bool, leave: bool = True) -> tqdm:
+    """A progress bar on standard error, in particles."""
+    return tqdm(total=total, unit="particle", desc=description, disable=not enabled, file=sys.stderr, leave=leave)
+
+
+def progress_factory(enabled: bool, leave: bool = True) -> ProgressFactory:
+    """A :data:`~cryosieve.progress.ProgressFactory` drawing progress bars (none unless
+    ``enabled``); its updates stop the work when the command was interrupted."""
+
+    @contextlib.contextmanager
+    def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+        with progress_bar(description, total, enabled, leave) as bar:
+            yield checked(bar.update)
+
+    return progress
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class _Signals:
+    """The first SIGINT or SIGTERM received while a command runs (``None``: none)."""
+
+    received: int | None = None
+
+
+def interrupted() -> bool:
+    """Whether the running command has received SIGINT or SIGTERM."""
+    return _Signals.received is not None
+
+
+def check_interrupt() -> None:
+    """Raise :class:`KeyboardInterrupt` if the command was interrupted.
+
+    A KeyboardInterrupt raised while Python runs a finaliser is printed and swallowed
+    ("Exception ignored in ..."); the progress callbacks call this, so an interrupt stops
+    the work at the next batch whatever happened to the first exception.
+    """
+    if _Signals.received is not None:
+        raise KeyboardInterrupt
+
+
+def checked(update: Callable[[int], object]) -> Callable[[int], None]:
+    """A progress callback that first checks for an interrupt."""
+
+    def call(count: int) -> None:
+        check_interrupt()
+        update(count)
+
+    return call
+
+
+def _on_signal(number: int, _frame: FrameType | None) -> None:
+    if _Signals.received is None:
+        _Signals.received = number
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signal_handlers() -> Iterator[None]:
+    _Signals.received = None
+    if sys.platform == "win32" or not _in_main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, _on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line."""
+    return " ".join(str(text).split())
+
+
+def _os_error_message(error: OSError) -> str:
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        target = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+        return f"{target}: {reason}"
+    return reason
+
+
+def _exit_code_of(returncode: int) -> int:
+    if 0 < returncode < 256:
+        return returncode
+    return 128 - returncode if returncode < 0 else EXIT_FAILURE
 
 
 def run_command(program: str, body: Callable[[Sequence[str] | None], int | None],
                 argv: Sequence[str] | None = None) -> int:
-    """Run ``body(argv)``; a bad-input error becomes one line on stderr and exit code 2."""
-    try:
-        code = body(argv)
-    except CryoSieveInputError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted", file=sys.stderr)
-        return 130
-    return int(code or 0)
+    """Run ``body(argv)`` and turn every failure into one line on stderr and an exit code
+    (see the module docstring)."""
+
+    def say(message: str) -> None:
+        print(f"{program}: {message}", file=sys.stderr, flush=True)
+
+    with _signal_handlers():
+        try:
+            try:
+                code = int(body(argv) or 0)
+            except CryoSieveInputError as error:
+                if not interrupted():
+                    say(f"error: {one_line(error)}")
+                    return EXIT_BAD_INPUT
+            except ExternalCommandError as error:
+                if not interrupted():
+                    say(f"error: command {error.command!r} failed with exit code {error.returncode}; "
+                        f"its output is in {error.log_path}")
+                    return _exit_code_of(error.returncode)
+            except OSError as error:
+                if not interrupted():
+                    say(f"error: {one_line(_os_error_message(error))}")
+                    return EXIT_FAILURE
+            except MemoryError:
+                say("error: out of memory (try a smaller --batch_size)")
+                return EXIT_FAILURE
+            except KeyboardInterrupt:
+                pass
+            except Exception as error:  # a bug: one line, the traceback on request
+                if not interrupted():
+                    if os.environ.get("CRYOSIEVE_DEBUG"):
+                        traceback.print_exc()
+                    say(f"error: internal error ({type(error).__name__}: {one_line(error)}); "
+                        "set CRYOSIEVE_DEBUG=1 for details")
+                    return EXIT_FAILURE
+            else:
+                if not interrupted():
+                    return code
+        except KeyboardInterrupt:  # a second signal while the first was being handled
+            pass
+        number = _Signals.received or signal.SIGINT
+        say("interrupted" if number == signal.SIGINT else "terminated")
+        return 128 + int(number)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
-from tqdm import tqdm
-
-from cryosieve.cli._common import add_device_argument, choose_device, run_command, setup_logging
+from cryosieve.cli._common import (
+    add_device_argument,
+    check_interrupt,
+    choose_device,
+    progress_factory,
+    run_command,
+    setup_logging,
+)
 
 log = logging.getLogger("cryosieve")
 
@@ -24,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--i", required=True, help="input star file path.")
     parser.add_argument("--o", required=True, help="output path prefix (e.g. output/ gives output/_iter0.star ...).")
-    parser.add_argument("--angpix", type=float, required=True, help="pixelsize in Angstrom.")
+    parser.add_argument("--angpix", type=float, default=None,
+                        help="pixelsize in Angstrom (needed for RELION 3.0 STAR files; 3.1+ files carry it).")
     parser.add_argument("--mask", required=True, help="mask file path.")
     parser.add_argument("--reconstruct_software", default=None,
                         help="command line of the reconstruction program, e.g. relion_reconstruct or "
@@ -62,25 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_factory(enabled: bool) -> Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]:
-    @contextlib.contextmanager
-    def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-        with tqdm(total=total, unit="particle", desc=description, disable=not enabled, file=sys.stderr,
-                  leave=False) as bar:
-            yield bar.update
-
-    return progress
-
-
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(not args.quiet)
-    if args.quiet:  # the run's log file still gets every line; the terminal only warnings
-        for handler in logging.getLogger().handlers:
-            handler.setLevel(logging.WARNING)
     device = choose_device(args.device)
 
-    from cryosieve.backends.relion import ExternalCommandError
     from cryosieve.pipeline import PipelineSettings, run_pipeline
 
     settings = PipelineSettings(
@@ -92,13 +83,8 @@ def _main(argv: Sequence[str] | None) -> int:
         num_procs=args.num_procs, num_gpus=args.num_gpus, device=device, batch_size=args.batch_size,
         projector=args.projector, reference_weighting=args.reference_weighting, report=args.report,
     )
-    try:
-        result = run_pipeline(settings, resume=args.resume, progress=_progress_factory(not args.quiet))
-    except ExternalCommandError as error:
-        print(f"cryosieve: error: command {error.command!r} failed with exit code {error.returncode}; "
-              f"its output is in {error.log_path}", file=sys.stderr)
-        code = error.returncode
-        return code if 0 < code < 256 else (128 - code if code < 0 else 1)
+    result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
+                          checkpoint=check_interrupt)
     if args.report:
         print(f"cryosieve: report written to {result.report.html} (table: {result.report.summary_csv})")
     else:

@@ -61,21 +61,17 @@ def _body(argv: Sequence[str] | None) -> int:
     if not 0 < args.randomize_at_fsc < 1:
         raise CryoSieveInputError(f"--randomize_at_fsc: must lie in (0, 1), got {args.randomize_at_fsc:g}")
     device = choose_device(args.device)
-
-    from cryosieve.postprocess import output_paths, postprocess, read_inputs, write_postprocess
-
-    half1, half2, mask, voxel = read_inputs(args.i, args.i2, args.mask, args.angpix)
     setup_logging(not args.quiet)
-    log.info("postprocess: %s and %s, mask %s, %g Å/px, box %d, on %s", half1.path, half2.path, mask.path, voxel,
-             half1.data.shape[0], device)
-    result = postprocess(
-        half1.data, half2.data, mask.data, voxel,
+
+    from cryosieve.postprocess import output_paths, postprocess_files
+
+    result = postprocess_files(
+        args.i, args.i2, args.mask, args.o, angpix=args.angpix,
         auto_bfactor=args.auto_bfac, autob_lowres=args.autob_lowres, autob_highres=args.autob_highres,
         adhoc_bfactor=None if args.auto_bfac else args.adhoc_bfac,
         randomize_threshold=args.randomize_at_fsc, seed=args.random_seed, device=device,
         low_pass=args.low_pass, force_mask=args.force_mask,
     )
-    write_postprocess(result, args.o, voxel)
     log.info("postprocess: phases randomised beyond %.2f Å", result.randomise_from_resolution)
     if result.bfactor_source == "auto":
         log.info("postprocess: B-factor %.2f Å^2 fitted from %.2f to %.2f Å (correlation %.3f)", result.bfactor,

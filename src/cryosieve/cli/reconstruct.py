@@ -13,16 +13,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-from tqdm import tqdm
-
-from cryosieve.cli._common import add_device_argument, choose_device_name, run_command, setup_logging
+from cryosieve.cli._common import (
+    add_device_argument,
+    choose_device_name,
+    progress_factory,
+    run_command,
+    setup_logging,
+)
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.mrc import write_volume
-from cryosieve.io.stack import StackReader
-from cryosieve.io.star import read_particles
-from cryosieve.reconstruct import reconstruct
-from cryosieve.symmetry import symmetry_matrices
+from cryosieve.reconstruct import reconstruct_star_file
 
 log = logging.getLogger("cryosieve")
 
@@ -69,43 +68,12 @@ def _main(argv: Sequence[str] | None) -> int:
     setup_logging(not args.quiet)
     started = time.perf_counter()
     apply_ctf = parse_flag(args.ctf)
-    if not args.o.strip():
-        raise CryoSieveInputError("--o: empty output path")
-    if args.batch_size < 1:
-        raise CryoSieveInputError(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.angpix is not None and args.angpix <= 0:
-        raise CryoSieveInputError(f"--angpix {args.angpix}: must be positive")
-    symmetry_matrices(args.sym)  # an unknown name fails before any reading
     device = choose_device_name(args.device)
-    table = read_particles(args.i, args.angpix)
-    if args.angpix is not None and table.version != "3.0":
-        pixel = float(table.pixel_size[0])
-        if abs(args.angpix - pixel) > 1e-3 * pixel:
-            raise CryoSieveInputError(
-                f"--angpix {args.angpix}: differs from rlnImagePixelSize {pixel:g} of {args.i} "
-                "(rescaling is not supported)")
-    rows = np.arange(len(table))
-    if args.subset in (1, 2):  # RELION: 1 or 2 selects a half-set, anything else all particles
-        if table.random_subset is None:
-            raise CryoSieveInputError(f"{args.i}: column rlnRandomSubset missing (needed by --subset)")
-        rows = np.flatnonzero(table.random_subset == args.subset)
-        if rows.size == 0:
-            raise CryoSieveInputError(f"--subset {args.subset}: no particles with rlnRandomSubset "
-                                      f"{args.subset} in {args.i}")
-    reader = StackReader(table, args.directory or None)
-    try:
-        box = reader.validate()
-        log.info("reconstructing %d particles (box %d, %.4g Å/px, symmetry %s, CTF %s) on %s",
-                 rows.size, box, float(table.pixel_size[rows[0]]), args.sym.upper(),
-                 "on" if apply_ctf else "off", device)
-        with tqdm(total=int(rows.size), unit="particle", desc="inserting", disable=args.quiet,
-                  file=sys.stderr) as bar:
-            volume = reconstruct(table, reader, rows=rows, symmetry=args.sym, apply_ctf=apply_ctf,
-                                 batch_size=args.batch_size, device=device, progress=bar.update)
-    finally:
-        reader.close()
-    write_volume(args.o, volume, float(table.pixel_size[rows[0]]))
-    log.info("wrote %s (%d particles) in %.2f s", args.o, rows.size, time.perf_counter() - started)
+    path, count = reconstruct_star_file(args.i, args.o, angpix=args.angpix, symmetry=args.sym, apply_ctf=apply_ctf,
+                                        subset=args.subset, directory=args.directory or None,
+                                        batch_size=args.batch_size, device=device,
+                                        progress=progress_factory(not args.quiet))
+    log.info("wrote %s (%d particles) in %.2f s", path, count, time.perf_counter() - started)
     return 0
 
 
