@@ -4,25 +4,36 @@ Each worker scores the batches ``j`` with ``j % world_size == rank``; the scores
 summed over workers with ``torch.distributed`` (gloo on CPU, which also serves CUDA
 workers since the gathered tensor lives in host memory).
 
-The parent process watches its workers the whole time: a worker that fails (its error is
-passed back and raised again here, so bad input stays a one-line input error), an
-interrupt (Ctrl-C, SIGTERM) or any other exception in the parent terminates every worker
-within seconds, at any moment, rendezvous included. Workers ignore SIGINT (the parent
-decides) and die with the parent on Linux, so none is ever left behind.
+The workers are separate programs (``python -m cryosieve.distributed``) that the parent
+process watches the whole time:
+
+* the job (table, maps, settings) is written to a file before any worker starts, so no
+  worker ever reads half of it;
+* each worker runs in a process group of its own, so Ctrl-C in a terminal reaches only the
+  parent, which then stops every worker (SIGTERM, then SIGKILL after
+  :data:`TERMINATE_GRACE` seconds) at any moment, rendezvous included; workers also die
+  with the parent (Linux), so none is ever left behind;
+* a worker's exception is passed back in a file and raised again in the parent (bad input
+  stays a one-line input error); its other output goes to a log whose last line a crash
+  report quotes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import multiprocessing
-import multiprocessing.connection
 import os
-import queue
+import pickle
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -32,8 +43,10 @@ from cryosieve.io.star import ParticleTable
 
 #: How long a worker waits for the others to join before it gives up (seconds).
 RENDEZVOUS_TIMEOUT = 120.0
-#: How long terminated workers get to exit before they are killed (seconds).
+#: How long stopped workers get to exit before they are killed (seconds).
 TERMINATE_GRACE = 2.0
+#: How often the parent looks at its workers (seconds).
+POLL_INTERVAL = 0.05
 
 
 def _free_port() -> int:
@@ -42,7 +55,7 @@ def _free_port() -> int:
         return int(handle.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Linux: have the kernel send SIGKILL to this process when its parent dies."""
     with contextlib.suppress(Exception):
         import ctypes
@@ -50,23 +63,119 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _worker(rank: int, world_size: int, port: int, arguments: tuple[Any, ...], result_path: str,
-            errors: Any) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a worker is being started (a process half made
+    would escape the clean-up), then deliver them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def record(number: int, _frame: FrameType | None) -> None:
+        received.append(number)
+
+    previous = {number: signal.signal(number, record) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _score_shard(rank, world_size, port, *arguments, result_path=result_path)
-    except BaseException as error:  # passed to the parent, which raises it again
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+def _signal_group(process: subprocess.Popen[bytes], number: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, number)
+
+
+def _stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every worker still running, SIGKILL to those left after the grace period."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + TERMINATE_GRACE
+    for process in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(max(0.0, deadline - time.monotonic()))
+    for process in running:
+        if process.poll() is None:
+            _signal_group(process, signal.SIGKILL)
+        process.wait()
+
+
+def _worst_error(folder: Path, world_size: int) -> BaseException | None:
+    """The error to report from those the workers passed back: a worker's bad input (e.g. a
+    NaN image in its shard) before the connection errors it caused in the others."""
+    reported: list[BaseException] = []
+    for rank in range(world_size):
+        path = folder / f"rank{rank}.error"
+        with contextlib.suppress(OSError, pickle.UnpicklingError, EOFError, AttributeError):
+            reported.append(pickle.loads(path.read_bytes()))
+    for kind in (CryoSieveInputError, OSError, MemoryError):
+        for error in reported:
+            if isinstance(error, kind):
+                return error
+    return reported[0] if reported else None
+
+
+def _last_line(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return "no output"
+
+
+def score_in_processes(table: ParticleTable, directory: Any, references: Sequence[np.ndarray], half_set: np.ndarray,
+                       settings: Any, voxel: float | None, fsc: np.ndarray | None) -> np.ndarray:
+    """Scores of every particle computed by ``settings.num_processes`` worker processes.
+
+    Returns ``(n,)`` float64, equal bit for bit to one process's scores. A worker's
+    exception is raised again here; any failure or interrupt stops every worker.
+    """
+    world_size = int(settings.num_processes)
+    with tempfile.TemporaryDirectory(prefix="cryosieve-scoring-") as name:
+        folder = Path(name)
+        with open(folder / "job.pkl", "wb") as handle:
+            pickle.dump((table, directory, list(references), half_set, settings, voxel, fsc), handle,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+        port = _free_port()
+        processes: list[subprocess.Popen[bytes]] = []
+        logs = []
         try:
-            errors.put((rank, error))
-        except Exception:  # an exception that does not pickle
-            errors.put((rank, RuntimeError(f"{type(error).__name__}: {error}")))
-        raise SystemExit(1) from None
+            for rank in range(world_size):
+                log_file = open(folder / f"rank{rank}.log", "wb")
+                logs.append(log_file)
+                with _signals_deferred():
+                    processes.append(subprocess.Popen(
+                        [sys.executable, "-m", "cryosieve.distributed", str(rank), str(world_size), str(port),
+                         str(folder)],
+                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                        start_new_session=True, preexec_fn=_die_with_parent))
+            while any(process.poll() is None for process in processes):
+                failed = [rank for rank, process in enumerate(processes) if process.poll() not in (None, 0)]
+                if failed:
+                    break
+                time.sleep(POLL_INTERVAL)
+            failed = [rank for rank, process in enumerate(processes) if process.poll() not in (None, 0)]
+            if failed:
+                _stop(processes)
+                error = _worst_error(folder, world_size)
+                if error is not None:
+                    raise error
+                rank = failed[0]
+                raise RuntimeError(f"scoring process {rank} ended with exit code {processes[rank].returncode} "
+                                   f"({_last_line(folder / f'rank{rank}.log')})")
+        finally:
+            _stop(processes)
+            for log_file in logs:
+                log_file.close()
+        return np.load(folder / "scores.npy")
 
 
-def _score_shard(rank: int, world_size: int, port: int, table: ParticleTable, directory: Any,
-                 references: Sequence[np.ndarray], half_set: np.ndarray, settings: Any, voxel: float | None,
-                 fsc: np.ndarray | None, *, result_path: str) -> None:
+def _score_shard(rank: int, world_size: int, port: int, folder: Path) -> None:
     from dataclasses import replace
 
     import torch
@@ -75,6 +184,8 @@ def _score_shard(rank: int, world_size: int, port: int, table: ParticleTable, di
     from cryosieve.io.stack import StackReader
     from cryosieve.sieve import score_rows
 
+    with open(folder / "job.pkl", "rb") as handle:
+        table, directory, references, half_set, settings, voxel, fsc = pickle.load(handle)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
@@ -93,78 +204,28 @@ def _score_shard(rank: int, world_size: int, port: int, table: ParticleTable, di
         total = torch.from_numpy(scores)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         if rank == 0:
-            np.save(result_path, total.numpy())
+            partial = folder / "scores.partial.npy"
+            np.save(partial, total.numpy())
+            os.replace(partial, folder / "scores.npy")
     finally:
         dist.destroy_process_group()
 
 
-def _stop(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
-    """Terminate every live worker, then kill those still alive after the grace period."""
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(TERMINATE_GRACE)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-def _worst_error(errors: Any) -> BaseException | None:
-    """The error to report from those the workers passed back: a worker's bad input (e.g. a
-    NaN image in its shard) before the connection errors it caused in the others."""
-    reported: list[BaseException] = []
+def _worker_main(argv: Sequence[str]) -> int:
+    """``python -m cryosieve.distributed RANK WORLD_SIZE PORT FOLDER``: score one shard."""
+    rank, world_size, port, folder = int(argv[0]), int(argv[1]), int(argv[2]), Path(argv[3])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     try:
-        reported.append(errors.get(timeout=1.0)[1])
-        while True:
-            reported.append(errors.get(timeout=0.2)[1])
-    except queue.Empty:
-        pass
-    for kind in (CryoSieveInputError, OSError, MemoryError):
-        for error in reported:
-            if isinstance(error, kind):
-                return error
-    return reported[0] if reported else None
-
-
-def score_in_processes(table: ParticleTable, directory: Any, references: Sequence[np.ndarray], half_set: np.ndarray,
-                       settings: Any, voxel: float | None, fsc: np.ndarray | None) -> np.ndarray:
-    """Scores of every particle computed by ``settings.num_processes`` worker processes.
-
-    Returns ``(n,)`` float64, equal bit for bit to one process's scores. A worker's
-    exception is raised again here; any failure stops every worker.
-    """
-    world_size = int(settings.num_processes)
-    context = multiprocessing.get_context("spawn")
-    errors = context.Queue()
-    with tempfile.TemporaryDirectory(prefix="cryosieve-scores-") as folder:
-        result_path = os.path.join(folder, "scores.npy")
-        port = _free_port()
-        arguments = (table, directory, list(references), half_set, settings, voxel, fsc)
-        processes = [context.Process(target=_worker, args=(rank, world_size, port, arguments, result_path, errors),
-                                     daemon=True, name=f"cryosieve-scorer-{rank}")
-                     for rank in range(world_size)]
+        _score_shard(rank, world_size, port, folder)
+    except BaseException as error:  # passed to the parent, which raises it again
         try:
-            for process in processes:
-                process.start()
-            pending = list(processes)
-            failed = None
-            while pending and failed is None:
-                multiprocessing.connection.wait([process.sentinel for process in pending], timeout=0.5)
-                for process in list(pending):
-                    if process.exitcode is not None:
-                        pending.remove(process)
-                        if process.exitcode != 0 and failed is None:
-                            failed = process
-            if failed is not None:
-                _stop(processes)
-                reported = _worst_error(errors)
-                if reported is not None:
-                    raise reported
-                raise RuntimeError(f"scoring process {processes.index(failed)} ended with exit code {failed.exitcode}")
-        finally:
-            _stop(processes)
-            errors.close()
-            errors.cancel_join_thread()
-        return np.load(result_path)
+            payload = pickle.dumps(error)
+        except Exception:  # an exception that does not pickle
+            payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))
+        (folder / f"rank{rank}.error").write_bytes(payload)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -264,6 +264,6 @@ def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None 
     plot_resolution(rounds, paths.resolution_plot)
     plot_all_fsc(rounds, paths.fsc_plot)
     plot_scores(rounds, paths.scores_plot)
-    page = render_html(rounds, paths, title or f"CryoSieve report: {os.path.basename(prefix) or prefix}")
+    page = render_html(rounds, paths, title or f"CryoSieve report: {os.path.basename(os.path.normpath(prefix))}")
     write_text_atomic(paths.html, page)
     return paths

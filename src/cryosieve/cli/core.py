@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 from cryosieve.cli._common import add_device_argument, choose_device, progress_factory, run_command, setup_logging
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.sieve import SieveSettings, sieve_star_file
 
 log = logging.getLogger("cryosieve")
 
@@ -56,6 +55,9 @@ def _main(argv: Sequence[str] | None) -> int:
     setup_logging(not args.quiet)
     started = time.perf_counter()
     device = choose_device(args.device)
+
+    from cryosieve.sieve import SieveSettings, sieve_star_file
+
     if args.num_gpus > 1 and device.type == "cuda":
         import torch
 

@@ -21,7 +21,6 @@ from cryosieve.cli._common import (
     setup_logging,
 )
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.reconstruct import reconstruct_star_file
 
 log = logging.getLogger("cryosieve")
 
@@ -69,6 +68,9 @@ def _main(argv: Sequence[str] | None) -> int:
     started = time.perf_counter()
     apply_ctf = parse_flag(args.ctf)
     device = choose_device_name(args.device)
+
+    from cryosieve.reconstruct import reconstruct_star_file
+
     path, count = reconstruct_star_file(args.i, args.o, angpix=args.angpix, symmetry=args.sym, apply_ctf=apply_ctf,
                                         subset=args.subset, directory=args.directory or None,
                                         batch_size=args.batch_size, device=device,
