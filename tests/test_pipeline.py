@@ -106,7 +106,8 @@ def check_layout_and_selection(prefix: str, known_truth, external: bool) -> pd.D
         for subset in (1, 2):
             assert Path(f"{prefix}_iter{iteration}_half{subset}.mrc").is_file()
         directory = Path(f"{prefix}_postprocess_iter{iteration}")
-        names = ["mrc", "star", "_masked.mrc"] if external else ["mrc", "json", "_fsc.csv", "_masked.mrc"]
+        # every back-end leaves the built-in post-processing's files; RELION's STAR file beside them
+        names = ["mrc", "json", "_fsc.csv", "_masked.mrc", "_fsc.png", "_guinier.png"] + (["star"] if external else [])
         for name in names:
             separator = "" if name.startswith("_") else "."
             assert (directory / f"iter{iteration}{separator}{name}").is_file(), (directory, name)
@@ -190,8 +191,15 @@ def test_relion_backend(relion_run, builtin_run, known_truth):
     prefix = relion_run
     summary = check_layout_and_selection(prefix, known_truth, external=True)
     for iteration in range(NUM_ITERS):
-        general = starfile.read(f"{prefix}_postprocess_iter{iteration}/iter{iteration}.star",
-                                always_dict=True)["general"]
+        blocks = starfile.read(f"{prefix}_postprocess_iter{iteration}/iter{iteration}.star", always_dict=True)
+        general = blocks["general"]
+        # the files every back-end leaves, made from RELION's STAR file
+        ours = pd.read_csv(f"{prefix}_postprocess_iter{iteration}/iter{iteration}_fsc.csv")
+        np.testing.assert_allclose(ours["fsc_corrected"], blocks["fsc"]["rlnFourierShellCorrelationCorrected"])
+        np.testing.assert_allclose(ours["fsc_unmasked"], blocks["fsc"]["rlnFourierShellCorrelationUnmaskedMaps"])
+        document = json.loads(Path(f"{prefix}_postprocess_iter{iteration}/iter{iteration}.json").read_text())
+        assert document["program"] == "relion_postprocess"
+        assert document["final_resolution_angstrom"] == pytest.approx(float(general["rlnFinalResolution"]))
         assert summary["resolution_angstrom"].iloc[iteration] == pytest.approx(
             float(general["rlnFinalResolution"]), rel=1e-5)
         assert summary["bfactor"].iloc[iteration] == pytest.approx(
@@ -228,9 +236,9 @@ def test_external_reconstruction_with_builtin_postprocess_and_failures(known_tru
     assert state["completed"] == ["prepare"]
 
 
-def without_timestamp(path: str) -> list[str]:
-    """The lines of a text output, less the writer's "# Created ... at TIME" header line."""
-    return [line for line in Path(path).read_text().splitlines() if not line.startswith("# Created")]
+def content(path: str) -> bytes:
+    """A whole output, byte for byte (outputs carry no time stamps)."""
+    return Path(path).read_bytes()
 
 
 def _wait_for_step(state_path: Path, step: str, process: subprocess.Popen, timeout: float = 240.0) -> None:
@@ -299,12 +307,16 @@ def test_kill_and_continue(builtin_run, known_truth, unbalanced, tmp_path):
         if iteration > 0:
             names += [f"_iter{iteration}_sieved.star", f"_iter{iteration}_scores.csv"]
         for name in names:
-            assert without_timestamp(prefix + name) == without_timestamp(reference + name), name
+            assert content(prefix + name) == content(reference + name), name
     for iteration in range(NUM_ITERS):
         for subset in (1, 2):
             name = f"_iter{iteration}_half{subset}.mrc"
-            np.testing.assert_array_equal(mrcfile.read(prefix + name), mrcfile.read(reference + name))
-    assert Path(prefix + "_summary.csv").read_text() == Path(reference + "_summary.csv").read_text()
+            assert content(prefix + name) == content(reference + name), name
+        for name in sorted(path.name for path in Path(reference + f"_postprocess_iter{iteration}").iterdir()):
+            assert content(prefix + f"_postprocess_iter{iteration}/{name}") == \
+                content(reference + f"_postprocess_iter{iteration}/{name}"), name
+    for name in ("_summary.csv", "_state.json", "_fsc.png", "_resolution.png", "_scores.png"):
+        assert content(prefix + name) == content(reference + name), name
     leftovers = [path.name for path in Path(prefix).iterdir() if "partial" in path.name or ".tmp" in path.name]
     assert not leftovers
 
@@ -378,6 +390,8 @@ def test_kill_during_external_reconstruction(relion_run, known_truth, unbalanced
     assert finished.returncode == 0, finished.stderr
     for name in ("_iter0_half1.mrc", "_iter0_half2.mrc"):
         np.testing.assert_array_equal(mrcfile.read(prefix + name), mrcfile.read(relion_run + name))
+    for name in ("iter0.json", "iter0_fsc.csv"):
+        assert content(f"{prefix}_postprocess_iter0/{name}") == content(f"{relion_run}_postprocess_iter0/{name}")
     for name in ("_iter1.star", "_iter1_sieved.star", "_iter1_scores.csv"):
-        assert without_timestamp(prefix + name) == without_timestamp(relion_run + name), name
+        assert content(prefix + name) == content(relion_run + name), name
     assert not [path for path in tmp_path.iterdir() if "partial" in path.name]

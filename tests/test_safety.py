@@ -524,3 +524,16 @@ def test_full_disk_while_writing(small: SmallData, tmp_path: Path, capsys: pytes
             assert last.startswith(f"{program}: error: "), last
             assert "No space left on device" in last and str(folder / name) in last, last
             assert not list(folder.iterdir()), list(folder.iterdir())
+
+
+def test_pipeline_records_the_canonical_symmetry_name_and_the_file_pixel_size(small: SmallData,
+                                                                               tmp_path: Path) -> None:
+    from cryosieve.pipeline import PipelineSettings, prepare
+
+    settings = PipelineSettings(input_star=str(small.star), output_prefix=f"{tmp_path}/run/", mask=str(small.mask),
+                                directory=str(small.folder), symmetry="c1", num_iters=2, frequency_start=30,
+                                frequency_end=12)
+    prepared = prepare(settings)
+    assert prepared.arguments["--sym"] == "C1"
+    assert prepared.arguments["--angpix"] == PIXEL  # from the file: --angpix is not needed for RELION 3.1+
+    assert not (tmp_path / "run").exists()

@@ -141,3 +141,11 @@ def test_symmetrised_map_matches_relion_image_handler(asymmetric_map: Path, name
     assert correlation(ours[inside], theirs[inside]) > 0.99999
     turned_error = np.abs(volume_turned_group.numpy() - theirs)[inside].max() / np.abs(theirs).max()
     assert turned_error > 1e-2
+
+
+@pytest.mark.parametrize("given, canonical", [("c1", "C1"), (" C04 ", "C4"), ("d2", "D2"), ("i", "I"), ("i3", "I3"),
+                                              ("o", "O")])
+def test_names_are_case_insensitive_and_canonical(given: str, canonical: str) -> None:
+    from cryosieve.symmetry import canonical_name
+
+    assert canonical_name(given) == canonical

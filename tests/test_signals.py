@@ -1,0 +1,239 @@
+"""Interrupts, concurrent runs and killed runs.
+
+* Ctrl-C (SIGINT) at several moments of ``cryosieve-core --num_gpus 2 --device cpu``, worker
+  start-up and rendezvous included: exit 130 within seconds, one line, no output, no worker
+  left; SIGTERM: exit 143.
+* Ctrl-C in the pipeline stops it (exit 130), and ``--continue`` then finishes it with the
+  same bytes as an uninterrupted run.
+* Two runs on one output prefix: the second is refused, naming the first; the lock of a
+  killed run is taken over.
+* Temporaries of killed processes are removed by the next run; those of live ones are not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cryosieve.cli import core, pipeline
+from cryosieve.io.atomic import remove_stale_temporaries_of, temporary_name
+from cryosieve.io.lock import exclusive_lock
+from safety_helpers import SmallData, make_small_data, tree
+
+#: Largest time (s) an interrupted command may take to exit.
+STOP_WITHIN = 10.0
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> SmallData:
+    return make_small_data(tmp_path_factory.mktemp("signals") / "data", count=600)
+
+
+def core_command(data: SmallData, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cryosieve.cli.core", "--i", str(data.star), "--o", str(out), "--directory",
+            str(data.folder), "--volume", str(data.half1), "--volume", str(data.half2), "--mask", str(data.mask),
+            "--frequency", "20", "--device", "cpu", *extra]
+
+
+def pipeline_command(data: SmallData, prefix: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cryosieve.cli.pipeline", "--i", str(data.star), "--o", prefix, "--mask",
+            str(data.mask), "--directory", str(data.folder), "--num_iters", "2", "--frequency_start", "30",
+            "--frequency_end", "12", "--device", "cpu", *extra]
+
+
+def scoring_workers() -> list[int]:
+    """Process ids of scoring workers (``python -m cryosieve.distributed``) alive now."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"cryosieve.distributed" in command:
+                found.append(int(entry.name))
+    return found
+
+
+def interrupt_after(command: list[str], delay: float, number: int = signal.SIGINT) -> tuple[int, str, float]:
+    """Run ``command``, send it ``number`` after ``delay`` s; returns (exit code, stderr, seconds to exit)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    assert process.poll() is None, f"finished before the signal at {delay:.2f} s"
+    sent = time.monotonic()
+    process.send_signal(number)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"did not stop within 60 s of the signal at {delay:.2f} s")
+    return process.returncode, err, time.monotonic() - sent
+
+
+def test_ctrl_c_at_any_moment_of_a_two_process_sieve(small: SmallData, tmp_path: Path) -> None:
+    started = time.monotonic()
+    finished = subprocess.run(core_command(small, tmp_path / "full" / "kept.star", "--num_gpus", "2", "--quiet"),
+                              capture_output=True, text=True)
+    duration = time.monotonic() - started
+    assert finished.returncode == 0, finished.stderr
+    # from start-up through worker start and rendezvous to scoring
+    for index, fraction in enumerate((0.03, 0.15, 0.3, 0.45, 0.6)):
+        out = tmp_path / f"run{index}" / "kept.star"
+        code, err, took = interrupt_after(core_command(small, out, "--num_gpus", "2", "--quiet"), fraction * duration)
+        assert code == 130, (fraction, err)
+        assert took < STOP_WITHIN, (fraction, took)
+        assert "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == "cryosieve-core: interrupted", err
+        assert not out.parent.exists() or not list(out.parent.iterdir())
+        deadline = time.monotonic() + 5
+        while scoring_workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not scoring_workers(), "a scoring worker outlived the interrupted command"
+
+
+def test_sigterm_stops_a_sieve(small: SmallData, tmp_path: Path) -> None:
+    code, err, took = interrupt_after(core_command(small, tmp_path / "out" / "kept.star", "--num_gpus", "2",
+                                                   "--quiet"), 3.0, signal.SIGTERM)
+    assert code == 143 and took < STOP_WITHIN, err
+    assert err.strip().splitlines()[-1] == "cryosieve-core: terminated"
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def _wait_for_step(state: Path, step: str, process: subprocess.Popen[str], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before the step"
+        try:
+            if step in json.loads(state.read_text())["completed"]:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    pytest.fail(f"step {step!r} not reached")
+
+
+def outputs(prefix: str) -> dict[str, str]:
+    """Every output of a run below its folder with its sha256, logs apart (they hold times)."""
+    return {name: digest for name, digest in tree(Path(prefix)).items() if not name.endswith(("_pipeline.log",))}
+
+
+def test_ctrl_c_stops_the_pipeline_and_continue_finishes_it(small: SmallData, tmp_path: Path) -> None:
+    """Same prefix in two folders: the interrupted and continued run equals the uninterrupted one byte for byte."""
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "interrupted").mkdir()
+    reference = subprocess.run(pipeline_command(small, "run/", "--quiet"), capture_output=True, text=True,
+                               cwd=tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    folder = tmp_path / "interrupted"
+    process = subprocess.Popen(pipeline_command(small, "run/", "--quiet"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, cwd=folder)
+    _wait_for_step(folder / "run/_state.json", "reconstruct 0", process)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and time.monotonic() - sent < STOP_WITHIN, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "cryosieve: interrupted", err
+    assert "sieve 1" not in json.loads((folder / "run/_state.json").read_text())["completed"]
+    assert not (folder / "run/_run.lock").exists()
+    again = subprocess.run(pipeline_command(small, "run/", "--quiet", "--continue"), capture_output=True, text=True,
+                           cwd=folder)
+    assert again.returncode == 0, again.stderr
+    assert outputs(str(folder / "run")) == outputs(str(tmp_path / "reference" / "run"))
+
+
+def test_a_second_run_on_the_same_output_is_refused(small: SmallData, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    first = subprocess.Popen(pipeline_command(small, "run/", "--quiet"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    _wait_for_step(Path("run/_state.json"), "prepare", first)
+    for extra in ([], ["--continue"]):
+        code = pipeline.main(pipeline_command(small, "run/", "--quiet", *extra)[3:])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, err
+        if extra:  # the state file exists: only --continue gets as far as the lock
+            assert err[-1].startswith("cryosieve: error: --o run/: another run is using it"), err
+            assert f"process {first.pid} on" in err[-1], err
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(small: SmallData, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    process = subprocess.Popen(pipeline_command(small, "run/", "--quiet"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    _wait_for_step(Path("run/_state.json"), "reconstruct 0", process)  # type: ignore[arg-type]
+    process.kill()
+    process.wait()
+    assert Path("run/_run.lock").exists()  # left by the killed run, with its process id
+    finished = subprocess.run(pipeline_command(small, "run/", "--quiet", "--continue"), capture_output=True,
+                              text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert not Path("run/_run.lock").exists()
+    assert not [name for name in os.listdir("run") if ".partial" in name]
+
+
+def test_lock_held_by_this_process_refuses_and_names_it(tmp_path: Path) -> None:
+    with exclusive_lock(tmp_path / "x.lock", "--o here"):
+        with pytest.raises(Exception, match=f"process {os.getpid()} on"):
+            with exclusive_lock(tmp_path / "x.lock", "--o here"):
+                pass
+    assert not (tmp_path / "x.lock").exists()
+    with exclusive_lock(tmp_path / "x.lock", "--o here"):  # free again
+        pass
+
+
+def test_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    target = tmp_path / "kept.star"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = target.with_name(f".kept.star.{dead.pid}-0123abcd.partial.star")
+    stale.write_text("left by a killed run")
+    live = temporary_name(target)  # this process's: still being written
+    live.write_text("being written")
+    other = tmp_path / f".other.star.{dead.pid}-0123abcd.partial.star"  # not a target of this command
+    other.write_text("another command's")
+    assert remove_stale_temporaries_of([target]) == [stale]
+    assert live.exists() and other.exists() and not stale.exists()
+
+
+def test_core_removes_temporaries_left_by_a_killed_run(small: SmallData, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "kept.star"
+    out.parent.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in ("kept.star", "kept_sieved.star", "kept_scores.csv"):
+        (out.parent / f".{name}.{dead.pid}-89abcdef.partial{Path(name).suffix}").write_text("killed")
+    assert core.main(core_command(small, out, "--quiet")[3:]) == 0
+    assert sorted(os.listdir(out.parent)) == ["kept.star", "kept_scores.csv", "kept_sieved.star"]
+
+
+def test_an_interrupt_swallowed_by_a_finaliser_still_stops_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """Python prints and drops a KeyboardInterrupt raised inside a finaliser; the command must still stop."""
+    from cryosieve.cli._common import checked, run_command
+
+    updates = []
+
+    def body(_argv: object) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # swallowed, as in "Exception ignored in ..."
+        update = checked(updates.append)
+        with pytest.raises(KeyboardInterrupt):
+            update(1)  # the next progress report stops the work
+        return 0
+
+    assert run_command("cryosieve", body, []) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "cryosieve: interrupted"
+    assert updates == []
