@@ -11,7 +11,6 @@ import torch
 from scipy.stats import spearmanr
 
 from cryosieve import _kernels
-from cryosieve.ctf import ctf_2d
 from cryosieve.geometry import euler_to_matrix, uniform_random_euler
 from cryosieve.io.star import read_particles
 from cryosieve.projection import FourierSliceProjector, half_plane_frequencies
@@ -28,9 +27,32 @@ def make_batch(count: int, rng: np.random.Generator, pixel: float, highpass_angs
                   phase_shift=rng.uniform(0, 40, count), voltage=np.full(count, 300.0),
                   spherical_aberration=np.full(count, 2.7), amplitude_contrast=np.full(count, 0.1),
                   pixel_size=np.full(count, pixel))
-    values.update(overrides)
+    values.update({"ctf_bfactor": np.zeros(count), "ctf_scalefactor": np.ones(count)} | overrides)
     tensors = {name: torch.tensor(value, dtype=torch.float64) for name, value in values.items()}
     return ParticleBatch(**tensors, highpass_cycles_per_pixel=tensors["pixel_size"] / highpass_angstrom)
+
+
+def relion_ctf(fx: np.ndarray, fy: np.ndarray, batch: ParticleBatch) -> np.ndarray:
+    """RELION's ``CTF::getCTF`` typed from ``ctf.h``, written here independently of ``cryosieve.ctf``:
+    ``(b, p)`` at frequencies ``fx``, ``fy`` (1/Å, ``(b, p)``)."""
+    def column(name: str) -> np.ndarray:
+        return getattr(batch, name).numpy()[:, None]
+
+    volts = column("voltage") * 1000
+    wavelength = 12.2643247 / np.sqrt(volts * (1.0 + volts * 0.978466e-6))
+    k1 = np.pi * wavelength
+    k2 = np.pi / 2 * column("spherical_aberration") * 1e7 * wavelength**3
+    q0 = column("amplitude_contrast")
+    k3 = np.arctan(q0 / np.sqrt(1 - q0 * q0))
+    k4 = -column("ctf_bfactor") / 4
+    k5 = np.deg2rad(column("phase_shift"))
+    average = -(column("defocus_u") + column("defocus_v")) * 0.5
+    deviation = -(column("defocus_u") - column("defocus_v")) * 0.5
+    u2 = fx * fx + fy * fy
+    ellipsoid = np.arctan2(fy, fx) - np.deg2rad(column("defocus_angle"))
+    deltaf = np.where(u2 > 0, average + deviation * np.cos(2 * ellipsoid), 0.0)
+    argument = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
+    return column("ctf_scalefactor") * -np.sin(argument) * np.exp(k4 * u2)
 
 
 def direct_scores(volume: torch.Tensor, images: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
@@ -41,9 +63,9 @@ def direct_scores(volume: torch.Tensor, images: torch.Tensor, batch: ParticleBat
     fy, fx = ky[inside], kx[inside]
     slices = FourierSliceProjector(volume.double(), dtype=torch.complex128).sample(
         euler_to_matrix(batch.rot, batch.tilt, batch.psi), fy, fx)
-    pixel = batch.pixel_size[:, None]
-    ctf = ctf_2d(fx / (box * pixel), fy / (box * pixel), batch.defocus_u, batch.defocus_v, batch.defocus_angle,
-                 batch.voltage, batch.spherical_aberration, batch.amplitude_contrast, batch.phase_shift)
+    pixel = batch.pixel_size.numpy()[:, None]
+    fx_physical, fy_physical = np.broadcast_arrays(fx.numpy()[None] / (box * pixel), fy.numpy()[None] / (box * pixel))
+    ctf = torch.from_numpy(relion_ctf(fx_physical, fy_physical, batch))
     full = torch.zeros((len(batch.rot), box, box // 2 + 1), dtype=torch.complex128)
     full[:, inside] = ctf * slices * torch.exp(2j * math.pi * (fx + fy) * (box // 2) / box)
     model = torch.fft.irfft2(full, s=(box, box))  # CTF * P(V), centred at pixel box//2
@@ -66,7 +88,9 @@ def test_fourier_score_equals_real_space_formula(monkeypatch, use_kernel):
     box = 32
     volume = torch.from_numpy(rng.normal(size=(box, box, box))).float()
     images = torch.from_numpy(rng.normal(size=(12, box, box))).float()
-    batch = make_batch(12, rng, 1.3, 8.0)
+    # rlnCtfBfactor and rlnCtfScalefactor as RELION applies them; half the particles without an envelope
+    batch = make_batch(12, rng, 1.3, 8.0, ctf_bfactor=np.where(np.arange(12) % 2 == 0, rng.uniform(20, 200, 12), 0.0),
+                       ctf_scalefactor=rng.uniform(0.5, 1.5, 12))
     samples = BandSamples(box, 1.3 / 8.0, "cpu")
     ours = fourier_scores(FourierSliceProjector(volume), images, batch, samples)
     expected = direct_scores(volume, images, batch)
@@ -102,23 +126,6 @@ def test_kernel_blocks_cover_each_band_sample_once(box: int, angstrom: float) ->
     kx = columns.astype(float)
     ky = np.fft.fftfreq(box, d=1.0 / box)[blocks.row][:, None]
     np.testing.assert_allclose(blocks.u2_cycles.reshape(columns.shape), kx**2 + ky**2, rtol=0, atol=1e-12)
-
-
-@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba not installed")
-def test_kernel_sine_is_accurate() -> None:
-    """The kernel's vectorisable sine agrees with libm's over the range of CTF phases."""
-    import numba
-
-    @numba.njit
-    def evaluate(values):
-        out = np.empty(values.size, dtype=np.float64)
-        for i in range(values.size):
-            out[i] = _kernels.fast_sin(values[i])
-        return out
-
-    values = np.concatenate([np.linspace(-3000.0, 3000.0, 2_000_001), np.arange(-50, 51) * math.pi,
-                             np.arange(-50, 51) * math.pi + math.pi / 2])
-    assert np.abs(evaluate(values) - np.sin(values)).max() < 5e-7
 
 
 @pytest.mark.parametrize("box", [16, 20])

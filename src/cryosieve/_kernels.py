@@ -45,16 +45,12 @@ CORNER_LAYOUT_SHARE = 0.25
 #: that the compiler vectorises (a loop over runs of varying length mostly ran its scalar
 #: remainder).
 BLOCK = 16
-_INVERSE_PI = 1.0 / math.pi
-# Taylor coefficients of sin (float32)
-_S3 = np.float32(-1.0 / 6.0)
-_S5 = np.float32(1.0 / 120.0)
-_S7 = np.float32(-1.0 / 5040.0)
-_S9 = np.float32(1.0 / 362880.0)
-_S11 = np.float32(-1.0 / 39916800.0)
 
 if AVAILABLE:
     from llvmlite import binding as _llvm_binding
+
+    from cryosieve._fastmath import fast_sin  # noqa: F401 - re-exported for the kernels' tests
+    from cryosieve.ctf import ctf_value
     from llvmlite import ir as _llvm_ir
     from numba import types as _numba_types
     from numba.core import cgutils as _cgutils
@@ -200,19 +196,6 @@ if AVAILABLE:
             return -x, -y, -z, -1.0
         return x, y, z, 1.0
 
-    @numba.njit(fastmath=True, inline="always", cache=True)
-    def fast_sin(x):  # pragma: no cover - compiled
-        # sin(x) for |x| < ~1e6 rad: reduction to [-pi/2, pi/2] in float64, then the
-        # float32 Taylor polynomial to x^11 (error < 6e-8 there). Plain arithmetic, so a
-        # loop calling it vectorises (a libm call does not).
-        n = math.floor(x * _INVERSE_PI + 0.5)
-        r = np.float32(x - n * math.pi)
-        r2 = r * r
-        p = r * (np.float32(1.0) + r2 * (_S3 + r2 * (_S5 + r2 * (_S7 + r2 * (_S9 + r2 * _S11)))))
-        half_turns = n * 0.5
-        odd = half_turns - math.floor(half_turns)  # 0 for even n, 0.5 for odd n
-        return p * np.float32(1.0 - 4.0 * odd)
-
     @numba.njit(inline="always", cache=True)
     def _phase_powers(origin, box, real, imag, count):  # pragma: no cover - compiled
         # real[k] + i imag[k] = exp(-2 pi i k (origin - box // 2) / box) for k < count: powers
@@ -230,9 +213,8 @@ if AVAILABLE:
     def fourier_scores_kernel(grid, corners, shape_y, shape_x, half, pad_factor, spectra, width,
                               block_row, block_column, block_ky, u2_cycles, cos2_sample, sin2_sample,
                               sample_weight, rotations, scale, origin_x, origin_y,
-                              defocus_average, defocus_deviation, cos_angle2, sin_angle2,
-                              wavelength, cs_angstrom, phase_constant, pixel_size, highpass2_cycles,
-                              box, out):  # pragma: no cover - compiled
+                              defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
+                              envelope, ctf_scale, highpass2_cycles, box, out):  # pragma: no cover - compiled
         # Three passes per particle over its band samples, laid out in blocks of BLOCK
         # consecutive columns of one rfft2 row (see BandSamples.blocks):
         #   1. where each sample lands in the padded grid: lower trilinear corner, offsets,
@@ -241,10 +223,11 @@ if AVAILABLE:
         #      PREFETCH_DISTANCE samples ahead (the grid is far larger than the caches), or,
         #      when ``corners`` is not empty, one 64-byte line of the 8-corner layout
         #      (see corner_layout_kernel) prefetched CORNER_PREFETCH_DISTANCE ahead;
-        #   3. RELION's CTF (fast_sin), the observed sample times the origin phase, and the
-        #      score sum (fixed-length inner loop: vectorised).
+        #   3. the CTF (cryosieve.ctf.ctf_value), the observed sample times the origin phase,
+        #      and the score sum (fixed-length inner loop: vectorised).
         # ``spectra``: (count, box * width * 2) float32, the rfft2 of each image (interleaved
-        # complex, zero columns beyond box // 2 + 1); ``origin_x, origin_y``: pixels.
+        # complex, zero columns beyond box // 2 + 1); ``origin_x, origin_y``: pixels; the CTF
+        # terms from CtfParameters.in_cycles_per_box.
         count = spectra.shape[0]
         blocks = block_row.shape[0]
         points = blocks * BLOCK
@@ -341,14 +324,9 @@ if AVAILABLE:
                     interpolate_grid_block(grid, np.int64(row_length), np.int64(plane), corner, offset_x, offset_y,
                                            offset_z, sign_real, sign_imag, model_real, model_imag, b * BLOCK)
             # 3. CTF, observed sample and the score: sum of w (M^2 - 2 M . O), M = CTF * V
-            inverse_size2 = 1.0 / (box * pixel_size[i]) ** 2
-            k1 = math.pi * wavelength[i] * inverse_size2
-            k2 = 0.5 * math.pi * cs_angstrom[i] * wavelength[i] ** 3 * inverse_size2 * inverse_size2
             cut2 = highpass2_cycles[i]
-            average = defocus_average[i]
-            deviation_cos = defocus_deviation[i] * cos_angle2[i]
-            deviation_sin = defocus_deviation[i] * sin_angle2[i]
-            constant = phase_constant[i]
+            average, dev_cos, dev_sin = defocus_average[i], deviation_cos[i], deviation_sin[i]
+            k1_i, k2_i, constant, envelope_i, scale_i = k1[i], k2[i], phase_constant[i], envelope[i], ctf_scale[i]
             total = 0.0
             for b in range(blocks):
                 r = block_row[b]
@@ -366,8 +344,8 @@ if AVAILABLE:
                 for lane in range(BLOCK):
                     j = o + lane
                     u2 = u2_cycles[j]
-                    defocus = average + deviation_cos * cos2_sample[j] + deviation_sin * sin2_sample[j]
-                    ctf = -fast_sin(-k1 * defocus * u2 + k2 * u2 * u2 - constant)
+                    ctf = ctf_value(u2, cos2_sample[j], sin2_sample[j], average, dev_cos, dev_sin, k1_i, k2_i,
+                                    constant, envelope_i, scale_i)
                     sr = spectrum[2 * lane]
                     si = spectrum[2 * lane + 1]
                     ar = phase_real[lane]

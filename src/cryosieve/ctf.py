@@ -1,18 +1,31 @@
-"""RELION's contrast transfer function, evaluated at arbitrary 2D frequencies.
+"""RELION's contrast transfer function: the one CTF of the package.
 
 ``CTF(k) = scale * exp(-B |k|^2 / 4) * -sin(chi(k))`` with
 ``chi = -pi lambda dz(k) |k|^2 + pi/2 Cs lambda^3 |k|^4 - phase_shift - atan(Q0 / sqrt(1 - Q0^2))``
 and ``dz(k) = (dU + dV)/2 + (dU - dV)/2 cos(2 (angle(k) - defocus_angle))``, exactly
 RELION's ``CTF::getCTF`` (defocus positive for underfocus; the CTF is +Q0 at zero
-frequency, so particles are bright on a dark background).
+frequency, so particles are bright on a dark background). ``B`` is ``rlnCtfBfactor`` (Å^2,
+0 when absent) and ``scale`` is ``rlnCtfScalefactor`` (1 when absent): RELION applies both
+when it projects (``relion_project --ctf``), reconstructs and refines, and so does every
+consumer here, scoring included, so a particle has one CTF everywhere.
+
+Where to change the CTF model: :class:`CtfParameters` turns the per-particle values into
+the terms every evaluator uses (:meth:`CtfParameters.from_values`), :meth:`CtfParameters.evaluate`
+evaluates them on arrays or tensors (the torch scoring and reconstruction paths, the
+simulator) and :func:`ctf_value` is the same formula for one sample inside the numba kernels
+(scoring and reconstruction on the CPU). The published CryoSieve's own CTF (its wavelength
+formula and its Nyquist-row convention) is a named variant in :mod:`cryosieve.published`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+from cryosieve._fastmath import AVAILABLE as _NUMBA
 
 if TYPE_CHECKING:
     import torch
@@ -26,68 +39,146 @@ def electron_wavelength(voltage_kv: Array) -> Array:
     return 12.2643247 / (volts * (1.0 + volts * 0.978466e-6)) ** 0.5
 
 
-def ctf_2d(
-    frequency_x: torch.Tensor,
-    frequency_y: torch.Tensor,
-    defocus_u: torch.Tensor,
-    defocus_v: torch.Tensor,
-    defocus_angle: torch.Tensor,
-    voltage: torch.Tensor,
-    spherical_aberration: torch.Tensor,
-    amplitude_contrast: torch.Tensor,
-    phase_shift: torch.Tensor,
-    bfactor: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Evaluate the CTF of ``b`` particles at ``p`` frequencies.
+@dataclass(frozen=True)
+class CtfParameters:
+    """The CTF terms of ``b`` particles, each a ``(b,)`` float64 array.
 
-    Parameters
+    Attributes
     ----------
-    frequency_x, frequency_y:
-        ``(p,)`` or ``(b, p)`` spatial frequencies in 1/Å (x along image columns).
-    defocus_u, defocus_v:
-        ``(b,)`` defocus in Å (positive: underfocus).
-    defocus_angle:
-        ``(b,)`` astigmatism angle in degrees.
-    voltage:
-        ``(b,)`` kV.
-    spherical_aberration:
-        ``(b,)`` mm.
-    amplitude_contrast:
-        ``(b,)`` fraction in [0, 1).
-    phase_shift:
-        ``(b,)`` degrees.
-    bfactor, scale:
-        Optional ``(b,)`` envelope B-factor in Å^2 and scale factor.
-
-    Returns
-    -------
-    ``(b, p)`` real CTF values, dtype of ``frequency_x``.
+    defocus_average, defocus_deviation:
+        ``(dU + dV) / 2`` and ``(dU - dV) / 2``, Å.
+    cos_angle2, sin_angle2:
+        ``cos`` and ``sin`` of twice the astigmatism angle.
+    k1:
+        ``pi lambda``, Å.
+    k2:
+        ``pi / 2 Cs lambda^3``, Å^4.
+    phase_constant:
+        ``phase_shift + atan(Q0 / sqrt(1 - Q0^2))``, radians.
+    envelope:
+        ``B / 4``, Å^2.
+    scale:
+        The CTF's scale factor.
     """
-    import torch
 
-    dtype = frequency_x.dtype
+    defocus_average: np.ndarray
+    defocus_deviation: np.ndarray
+    cos_angle2: np.ndarray
+    sin_angle2: np.ndarray
+    k1: np.ndarray
+    k2: np.ndarray
+    phase_constant: np.ndarray
+    envelope: np.ndarray
+    scale: np.ndarray
 
-    def column(value: torch.Tensor) -> torch.Tensor:
-        return value.to(dtype=dtype, device=frequency_x.device)[:, None]
+    @classmethod
+    def from_values(cls, defocus_u: Any, defocus_v: Any, defocus_angle: Any, voltage: Any, spherical_aberration: Any,
+                    amplitude_contrast: Any, phase_shift: Any, bfactor: Any = None, scale: Any = None
+                    ) -> CtfParameters:
+        """From RELION's values: defocus U, V (Å), astigmatism angle (degrees), voltage (kV),
+        Cs (mm), amplitude contrast (fraction), phase shift (degrees), ``rlnCtfBfactor`` (Å^2,
+        ``None``: 0) and ``rlnCtfScalefactor`` (``None``: 1). Each ``(b,)`` (arrays or tensors)."""
 
-    wavelength = electron_wavelength(column(voltage))
-    cs_angstrom = column(spherical_aberration) * 1e7
-    u2 = frequency_x * frequency_x + frequency_y * frequency_y
-    angle = torch.atan2(frequency_y, frequency_x)
-    average = (column(defocus_u) + column(defocus_v)) / 2
-    deviation = (column(defocus_u) - column(defocus_v)) / 2
-    defocus = average + deviation * torch.cos(2 * (angle - torch.deg2rad(column(defocus_angle))))
-    q0 = column(amplitude_contrast)
-    chi = (
-        -math.pi * wavelength * defocus * u2
-        + (math.pi / 2) * cs_angstrom * wavelength**3 * u2 * u2
-        - torch.deg2rad(column(phase_shift))
-        - torch.atan(q0 / torch.sqrt(1 - q0 * q0))
-    )
-    ctf = -torch.sin(chi)
-    if bfactor is not None:
-        ctf = ctf * torch.exp(-column(bfactor) * u2 / 4)
-    if scale is not None:
-        ctf = ctf * column(scale)
-    return ctf
+        def array(values: Any) -> np.ndarray:
+            if hasattr(values, "detach"):
+                values = values.detach().cpu().numpy()
+            return np.atleast_1d(np.asarray(values, dtype=np.float64))
+
+        defocus_u, defocus_v = array(defocus_u), array(defocus_v)
+        angle2 = 2 * np.deg2rad(array(defocus_angle))
+        wavelength = electron_wavelength(array(voltage))
+        q0 = array(amplitude_contrast)
+        count = len(defocus_u)
+        return cls(
+            defocus_average=(defocus_u + defocus_v) / 2, defocus_deviation=(defocus_u - defocus_v) / 2,
+            cos_angle2=np.cos(angle2), sin_angle2=np.sin(angle2),
+            k1=math.pi * wavelength, k2=0.5 * math.pi * array(spherical_aberration) * 1e7 * wavelength ** 3,
+            phase_constant=np.deg2rad(array(phase_shift)) + np.arctan(q0 / np.sqrt(1 - q0 * q0)),
+            envelope=np.zeros(count) if bfactor is None else array(bfactor) / 4,
+            scale=np.ones(count) if scale is None else array(scale),
+        )
+
+    @classmethod
+    def from_table(cls, table: Any, rows: Any) -> CtfParameters:
+        """Of the particles ``rows`` of a :class:`~cryosieve.io.star.ParticleTable`."""
+        return cls.from_values(table.defocus_u[rows], table.defocus_v[rows], table.defocus_angle[rows],
+                               table.voltage[rows], table.spherical_aberration[rows],
+                               table.amplitude_contrast[rows], table.phase_shift[rows],
+                               table.ctf_bfactor[rows], table.ctf_scalefactor[rows])
+
+    def __len__(self) -> int:
+        return len(self.defocus_average)
+
+    def subset(self, rows: Any) -> CtfParameters:
+        """The parameters of some particles."""
+        return CtfParameters(**{field.name: getattr(self, field.name)[rows] for field in fields(self)})
+
+    def in_cycles_per_box(self, box: int, pixel_size: np.ndarray) -> dict[str, np.ndarray]:
+        """The terms for frequencies in cycles per box (``u = |k| box pixel_size``), as the numba
+        kernels take them: :func:`ctf_value`'s per-particle arguments, each ``(b,)`` float64.
+
+        ``pixel_size``: ``(b,)`` Å.
+        """
+        inverse2 = 1.0 / (box * np.asarray(pixel_size, dtype=np.float64)) ** 2
+        return {
+            "defocus_average": self.defocus_average, "deviation_cos": self.defocus_deviation * self.cos_angle2,
+            "deviation_sin": self.defocus_deviation * self.sin_angle2, "k1": self.k1 * inverse2,
+            "k2": self.k2 * inverse2 * inverse2, "phase_constant": self.phase_constant,
+            "envelope": self.envelope * inverse2, "scale": self.scale,
+        }
+
+    def evaluate(self, frequency_x: Any, frequency_y: Any) -> Any:
+        """The CTF of each particle at ``(p,)`` or ``(b, p)`` spatial frequencies (1/Å, x along image
+        columns): ``(b, p)``, a tensor of ``frequency_x``'s dtype and device for tensors, else float64."""
+        if hasattr(frequency_x, "detach"):
+            import torch
+
+            backend: Any = torch
+
+            def column(values: np.ndarray) -> Any:
+                return torch.as_tensor(values, dtype=frequency_x.dtype, device=frequency_x.device)[:, None]
+        else:
+            backend = np
+            frequency_x, frequency_y = np.asarray(frequency_x, np.float64), np.asarray(frequency_y, np.float64)
+
+            def column(values: np.ndarray) -> Any:
+                return values[:, None]
+
+        u2 = frequency_x * frequency_x + frequency_y * frequency_y
+        safe = backend.where(u2 > 0, u2, 1.0)
+        cos2 = backend.where(u2 > 0, (frequency_x * frequency_x - frequency_y * frequency_y) / safe, 1.0)
+        sin2 = backend.where(u2 > 0, 2 * frequency_x * frequency_y / safe, 0.0)
+        defocus = (column(self.defocus_average) + column(self.defocus_deviation * self.cos_angle2) * cos2
+                   + column(self.defocus_deviation * self.sin_angle2) * sin2)
+        chi = -column(self.k1) * defocus * u2 + column(self.k2) * u2 * u2 - column(self.phase_constant)
+        return -column(self.scale) * backend.exp(-column(self.envelope) * u2) * backend.sin(chi)
+
+
+def ctf_2d(frequency_x: torch.Tensor, frequency_y: torch.Tensor, defocus_u: torch.Tensor, defocus_v: torch.Tensor,
+           defocus_angle: torch.Tensor, voltage: torch.Tensor, spherical_aberration: torch.Tensor,
+           amplitude_contrast: torch.Tensor, phase_shift: torch.Tensor, bfactor: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The CTF of ``b`` particles at ``(p,)`` or ``(b, p)`` frequencies (1/Å): ``(b, p)`` of
+    ``frequency_x``'s dtype. Values as :meth:`CtfParameters.from_values` takes them."""
+    parameters = CtfParameters.from_values(defocus_u, defocus_v, defocus_angle, voltage, spherical_aberration,
+                                           amplitude_contrast, phase_shift, bfactor, scale)
+    return parameters.evaluate(frequency_x, frequency_y)
+
+
+if _NUMBA:
+    import numba
+
+    from cryosieve._fastmath import fast_exp_neg, fast_sin
+
+    @numba.njit(inline="always", cache=True)
+    def ctf_value(u2, cos2, sin2, defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
+                  envelope, scale):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        """The CTF at one sample for the numba kernels: ``u2`` = |k|^2 (cycles per box squared),
+        ``cos2``, ``sin2`` of twice the sample's angle, the other arguments one particle's terms
+        from :meth:`CtfParameters.in_cycles_per_box`. The sine and exponential are the
+        vectorisable ones of :mod:`cryosieve._fastmath`."""
+        defocus = defocus_average + deviation_cos * cos2 + deviation_sin * sin2
+        value = -scale * fast_sin(-k1 * defocus * u2 + k2 * u2 * u2 - phase_constant)
+        if envelope != 0.0:
+            value = value * fast_exp_neg(envelope * u2)
+        return value

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.fft
 
-from cryosieve.ctf import electron_wavelength
+from cryosieve.ctf import CtfParameters
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import StackReader, prefetch_batches
@@ -138,14 +138,16 @@ ACCUMULATION_MEMORY = 2 * 1024**3
 
 if numba is not None:
     from cryosieve._kernels import friedel_fold
+    from cryosieve.ctf import ctf_value
     from cryosieve._kernels import prefetch_for_write as _prefetch_for_write
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _prepare_kernel(spectra, rows, columns, radius2, cos_sample2, sin_sample2, multiplicity, phase_y,
-                        phase_x, apply_ctf, inverse_size2, defocus_average, defocus_deviation, cos_angle2,
-                        sin_angle2, k1, k2, phase_constant, bfactor, scale, values):  # pragma: no cover - compiled
-        # values[i, j] = (C S, C^2) of sample j of particle i (RELION's CTF, as ctf_2d),
-        # with the sample's direction terms cos/sin(2 angle) shared by all particles.
+                        phase_x, apply_ctf, defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
+                        envelope, scale, values):  # pragma: no cover - compiled
+        # values[i, j] = (C S, C^2) of sample j of particle i (the CTF of cryosieve.ctf, its
+        # terms per particle for frequencies in cycles per box), with the sample's direction
+        # terms cos/sin(2 angle) shared by all particles.
         count = spectra.shape[0]
         points = rows.shape[0]
         for i in numba.prange(count):
@@ -153,13 +155,9 @@ if numba is not None:
                 value = spectra[i, rows[j], columns[j]] * phase_y[i, rows[j]] * phase_x[i, columns[j]]
                 m = multiplicity[j]
                 if apply_ctf:
-                    u2 = radius2[j] * inverse_size2[i]
-                    defocus = defocus_average[i] + defocus_deviation[i] * (
-                        cos_sample2[j] * cos_angle2[i] + sin_sample2[j] * sin_angle2[i])
-                    chi = -k1[i] * defocus * u2 + k2[i] * u2 * u2 - phase_constant[i]
-                    ctf = -math.sin(chi) * scale[i]
-                    if bfactor[i] != 0.0:
-                        ctf *= math.exp(-bfactor[i] * u2 / 4)
+                    ctf = ctf_value(radius2[j], cos_sample2[j], sin_sample2[j], defocus_average[i],
+                                    deviation_cos[i], deviation_sin[i], k1[i], k2[i], phase_constant[i],
+                                    envelope[i], scale[i])
                     values[i, j, 0] = value.real * ctf * m
                     values[i, j, 1] = value.imag * ctf * m
                     values[i, j, 2] = ctf * ctf * m
@@ -445,18 +443,15 @@ def prepare_slices_cpu(images: np.ndarray, batch: dict[str, np.ndarray], samples
     safe = np.where(radius2 > 0, radius2, 1.0)
     cos_sample2 = np.where(radius2 > 0, (samples.frequency_x ** 2 - samples.frequency_y ** 2) / safe, 1.0)
     sin_sample2 = np.where(radius2 > 0, 2 * samples.frequency_x * samples.frequency_y / safe, 0.0)
-    wavelength = electron_wavelength(batch["voltage"])
-    q0 = batch["amplitude_contrast"]
-    angle2 = 2 * np.deg2rad(batch["defocus_angle"])
+    ctf = CtfParameters.from_values(batch["defocus_u"], batch["defocus_v"], batch["defocus_angle"], batch["voltage"],
+                                    batch["spherical_aberration"], batch["amplitude_contrast"], batch["phase_shift"],
+                                    batch["ctf_bfactor"], batch["ctf_scalefactor"])
+    terms = ctf.in_cycles_per_box(box, batch["pixel_size"])
     values = np.empty((count, rows.size, 3), dtype=np.float64) if out is None else out[:count]
     _prepare_kernel(spectra, rows, columns, radius2, cos_sample2, sin_sample2, samples.multiplicity,
-                    phase_y, phase_x, bool(apply_ctf), 1.0 / (box * batch["pixel_size"]) ** 2,
-                    (batch["defocus_u"] + batch["defocus_v"]) / 2, (batch["defocus_u"] - batch["defocus_v"]) / 2,
-                    np.cos(angle2), np.sin(angle2), math.pi * wavelength,
-                    0.5 * math.pi * batch["spherical_aberration"] * 1e7 * wavelength ** 3,
-                    np.deg2rad(batch["phase_shift"]) + np.arctan(q0 / np.sqrt(1 - q0 * q0)),
-                    np.ascontiguousarray(batch["ctf_bfactor"]), np.ascontiguousarray(batch["ctf_scalefactor"]),
-                    values)
+                    phase_y, phase_x, bool(apply_ctf), terms["defocus_average"], terms["deviation_cos"],
+                    terms["deviation_sin"], terms["k1"], terms["k2"], terms["phase_constant"], terms["envelope"],
+                    terms["scale"], values)
     return values
 
 

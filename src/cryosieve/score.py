@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cryosieve import _kernels
-from cryosieve.ctf import ctf_2d, electron_wavelength
+from cryosieve.ctf import CtfParameters
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import BatchImages
 from cryosieve.projection import FourierSliceProjector, published_realspace_projection
@@ -49,6 +49,14 @@ class ParticleBatch:
     amplitude_contrast: torch.Tensor
     pixel_size: torch.Tensor  # Å
     highpass_cycles_per_pixel: torch.Tensor  # cut-off in cycles per pixel
+    ctf_bfactor: torch.Tensor  # Å^2
+    ctf_scalefactor: torch.Tensor
+
+    def ctf(self) -> CtfParameters:
+        """The batch's CTF terms (:class:`cryosieve.ctf.CtfParameters`)."""
+        return CtfParameters.from_values(self.defocus_u, self.defocus_v, self.defocus_angle, self.voltage,
+                                         self.spherical_aberration, self.amplitude_contrast, self.phase_shift,
+                                         self.ctf_bfactor, self.ctf_scalefactor)
 
     @classmethod
     def from_table(cls, table, rows: np.ndarray, highpass_angstrom: float,
@@ -70,6 +78,7 @@ class ParticleBatch:
             voltage=take(table.voltage), spherical_aberration=take(table.spherical_aberration),
             amplitude_contrast=take(table.amplitude_contrast), pixel_size=pixel,
             highpass_cycles_per_pixel=pixel / highpass_angstrom,
+            ctf_bfactor=take(table.ctf_bfactor), ctf_scalefactor=take(table.ctf_scalefactor),
         )
 
 
@@ -240,9 +249,7 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor | Batc
     projected = projector.sample(rotations, samples.ky.to(real_dtype), samples.kx.to(real_dtype), scale)
 
     pixel = batch.pixel_size.to(real_dtype)[:, None]
-    ctf = ctf_2d(samples.kx.to(real_dtype) / (box * pixel), samples.ky.to(real_dtype) / (box * pixel),
-                 batch.defocus_u, batch.defocus_v, batch.defocus_angle, batch.voltage,
-                 batch.spherical_aberration, batch.amplitude_contrast, batch.phase_shift)
+    ctf = batch.ctf().evaluate(samples.kx.to(real_dtype) / (box * pixel), samples.ky.to(real_dtype) / (box * pixel))
     model = ctf * projected
     terms = model.real * (model.real - 2 * observed.real) + model.imag * (model.imag - 2 * observed.imag)
     inside = samples.radius_cycles_per_pixel[None, :] >= batch.highpass_cycles_per_pixel[:, None] - 1e-12
@@ -274,19 +281,14 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor |
     blocks = samples.blocks
     rot, tilt, psi = (array(angle) for angle in (batch.rot, batch.tilt, batch.psi))
     rotations = np.ascontiguousarray(euler_to_matrix(rot, tilt, psi))
-    amplitude = array(batch.amplitude_contrast)
-    angle = np.deg2rad(array(batch.defocus_angle))
-    defocus_u, defocus_v = array(batch.defocus_u), array(batch.defocus_v)
     # the high-pass as |k|^2 >= cut^2 (cycles per box); no cut: every |k|^2 >= -1
     cut = (array(batch.highpass_cycles_per_pixel) - 1e-12) * box
+    ctf = batch.ctf().in_cycles_per_box(box, array(batch.pixel_size))
     parameters = dict(
         rotations=rotations, scale=array(scale) if scale is not None else np.ones(count),
         origin_x=array(batch.origin_x), origin_y=array(batch.origin_y),
-        defocus_average=(defocus_u + defocus_v) / 2, defocus_deviation=(defocus_u - defocus_v) / 2,
-        cos_angle2=np.cos(2 * angle), sin_angle2=np.sin(2 * angle),
-        wavelength=electron_wavelength(array(batch.voltage)), cs_angstrom=array(batch.spherical_aberration) * 1e7,
-        phase_constant=np.deg2rad(array(batch.phase_shift)) + np.arctan(amplitude / np.sqrt(1 - amplitude**2)),
-        pixel_size=array(batch.pixel_size), highpass2=np.where(cut > 0, cut * cut, -1.0),
+        **{("scale_ctf" if name == "scale" else name): values for name, values in ctf.items()},
+        highpass2=np.where(cut > 0, cut * cut, -1.0),
     )
     grid = torch.view_as_real(projector.grid).reshape(-1).numpy()
     corners = projector.corner_layout()
@@ -309,9 +311,8 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor |
             float(projector.pad_factor), np.ascontiguousarray(spectra).reshape(stop - start, -1), blocks.width,
             blocks.row, blocks.column, blocks.ky, blocks.u2_cycles, blocks.cos2, blocks.sin2, blocks.weight,
             chunk["rotations"], chunk["scale"], chunk["origin_x"], chunk["origin_y"],
-            chunk["defocus_average"], chunk["defocus_deviation"], chunk["cos_angle2"], chunk["sin_angle2"],
-            chunk["wavelength"], chunk["cs_angstrom"], chunk["phase_constant"], chunk["pixel_size"],
-            chunk["highpass2"], box, out[start:stop],
+            chunk["defocus_average"], chunk["deviation_cos"], chunk["deviation_sin"], chunk["k1"], chunk["k2"],
+            chunk["phase_constant"], chunk["envelope"], chunk["scale_ctf"], chunk["highpass2"], box, out[start:stop],
         )
     return torch.from_numpy(out)
 
