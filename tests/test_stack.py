@@ -237,3 +237,5 @@ def test_stack_writer_refuses_bad_shapes_and_ranges(tmp_path: Path) -> None:
             writer.write(3, np.zeros((2, 8, 8), dtype=np.float32))
         with pytest.raises(CryoSieveInputError, match="outside"):
             writer.read(2, 5)
+    with pytest.raises(CryoSieveInputError, match="label"):
+        StackWriter(tmp_path / "label.mrcs", 2, 8, 1.0, label="x" * 81)

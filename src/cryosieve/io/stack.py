@@ -308,8 +308,9 @@ class StackWriter:
     pixels, MRC mode 2 (float32), marked as an image stack, voxel size ``pixel_size`` Å
     and the one fixed header ``label`` (:func:`cryosieve.io.mrc.set_fixed_label`).
     Images are written with :meth:`write` and can be read back with :meth:`read`, for a
-    later pass that changes them (e.g. adds noise); memory holds only what the caller
-    passes. :meth:`close` sets the header statistics (``dmin``, ``dmax``, ``dmean``,
+    later pass that changes them (e.g. adds noise); memory holds what the caller passes
+    and 32 bytes of statistics per image. Write every image before :meth:`close` (an
+    unwritten one is counted as zero in the statistics). :meth:`close` sets the header statistics (``dmin``, ``dmax``, ``dmean``,
     ``rms`` over every pixel of the stack) from per-image sums kept as images are written,
     so the file depends only on the images, not on how they were batched: the same images
     give the same bytes. Writes to ``path`` directly (callers handle atomicity).
@@ -333,16 +334,23 @@ class StackWriter:
         self.path, self.count, self.box = Path(path), int(count), int(box)
         # per image: minimum, maximum, sum and sum of squares of its pixels (float64)
         self._statistics = np.zeros((self.count, 4), dtype=np.float64)
-        self._handle = mrcfile.new_mmap(str(path), shape=(self.count, self.box, self.box), mrc_mode=2,
-                                        overwrite=True)
-        self._handle.set_image_stack()
-        set_fixed_label(self._handle.header, label)
-        self._handle.voxel_size = float(pixel_size)
+        handle = mrcfile.new_mmap(str(path), shape=(self.count, self.box, self.box), mrc_mode=2, overwrite=True)
+        try:
+            handle.set_image_stack()
+            set_fixed_label(handle.header, label)
+            handle.voxel_size = float(pixel_size)
+        except BaseException:
+            handle.close()
+            raise
+        self._handle: mrcfile.mrcfile.MrcFile | None = handle
 
-    def _range(self, start: int, stop: int) -> slice:
+    def _images(self, start: int, stop: int) -> tuple[np.ndarray, slice]:
+        """The mapped images ``(count, box, box)`` float32 and the slice ``start:stop`` of them."""
+        if self._handle is None:
+            raise ValueError(f"{self.path}: the stack writer is closed")
         if not 0 <= start <= stop <= self.count:
             raise CryoSieveInputError(f"{self.path}: images {start}:{stop} lie outside the stack of {self.count}")
-        return slice(start, stop)
+        return self._handle.data, slice(start, stop)
 
     def write(self, start: int, images: np.ndarray) -> None:
         """Write ``images``, ``(b, box, box)`` (converted to float32), as images ``start .. start + b - 1``
@@ -351,16 +359,17 @@ class StackWriter:
         if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
             raise CryoSieveInputError(
                 f"{self.path}: expected images of shape (b, {self.box}, {self.box}), got {images.shape}")
-        where = self._range(start, start + len(images))
-        self._handle.data[where] = images
+        data, where = self._images(start, start + len(images))
+        data[where] = images
         as_double = images.astype(np.float64)
         self._statistics[where] = np.stack([images.min(axis=(1, 2)), images.max(axis=(1, 2)),
                                             as_double.sum(axis=(1, 2)), (as_double**2).sum(axis=(1, 2))], axis=1)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """A copy of images ``start .. stop - 1`` (0-based) as written so far, ``(stop - start, box, box)``
-        float32 (images not written yet are zero)."""
-        return np.array(self._handle.data[self._range(start, stop)], dtype=np.float32)
+        float32."""
+        data, where = self._images(start, stop)
+        return np.array(data[where], dtype=np.float32)
 
     def close(self) -> None:
         """Set the header statistics of the whole stack and close the file (again: nothing)."""
