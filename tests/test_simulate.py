@@ -311,6 +311,21 @@ def test_same_seed_same_files_any_batch_size(tmp_path: Path) -> None:
     other = simulate_particles(tmp_path / "c", SimulationSettings(**{**settings.__dict__, "seed": 4,
                                                                       "half_maps": False}))
     assert (first.folder / "particles.mrcs").read_bytes() != (other.folder / "particles.mrcs").read_bytes()
+    for name in ("particles.mrcs", "truth.mrc", "mask.mrc", "half1.mrc"):  # a fixed label, no time stamp
+        with mrcfile.open(first.folder / name, permissive=True, header_only=True) as handle:
+            assert int(handle.header.nlabl) == 1 and handle.header.label[0] == b"cryosieve-simulate", name
+
+
+def test_the_simulator_writes_only_through_cryosieve_io() -> None:
+    """No module of ``cryosieve.simulate`` opens a file for writing itself."""
+    package = Path(simulate_particles.__code__.co_filename).parent
+    modules = sorted(package.glob("*.py"))
+    assert {path.name for path in modules} >= {"__init__.py", "dataset.py", "images.py", "models.py"}
+    forbidden = ("open(", ".write_text(", ".write_bytes(", ".to_csv(", "mrcfile.", "starfile.", ".tofile(",
+                 "np.save")
+    for path in modules:
+        text = path.read_text()
+        assert not [word for word in forbidden if word in text], path.name
 
 
 # ----------------------------------------------------------------------------- command line

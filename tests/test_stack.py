@@ -194,3 +194,48 @@ def test_batch_images_name_a_non_finite_image(tmp_path: Path) -> None:
     with pytest.raises(CryoSieveInputError, match="000004@a.mrcs"):
         batch.slice(2, 5)
     reader.close()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_stack_writer_reads_back_and_gives_the_same_bytes_for_any_batching(tmp_path: Path) -> None:
+    from cryosieve.io.stack import StackWriter
+
+    rng = np.random.default_rng(4)
+    images = rng.normal(0.3, 2.0, (23, 8, 8)).astype(np.float32)
+    for name, batch in (("one.mrcs", 23), ("many.mrcs", 5)):
+        with StackWriter(tmp_path / name, len(images), 8, 1.7, label="a label") as writer:
+            for start in range(0, len(images), batch):
+                writer.write(start, np.zeros_like(images[start: start + batch]))  # replaced below
+            for start in range(0, len(images), batch):
+                writer.write(start, images[start: start + batch])
+            assert np.array_equal(writer.read(3, 9), images[3:9])
+    assert (tmp_path / "one.mrcs").read_bytes() == (tmp_path / "many.mrcs").read_bytes()
+    with mrcfile.open(str(tmp_path / "one.mrcs"), permissive=True) as handle:
+        assert handle.is_image_stack() and np.array_equal(handle.data, images)
+        assert handle.voxel_size.x == pytest.approx(1.7)
+        header = handle.header
+        assert int(header.nlabl) == 1 and header.label[0] == b"a label" and header.label[1] == b""
+        data = images.astype(np.float64)
+        assert header.dmin == images.min() and header.dmax == images.max()
+        assert header.dmean == pytest.approx(data.mean(), rel=1e-6)
+        assert header.rms == pytest.approx(data.std(), rel=1e-6)
+
+
+def test_stack_writer_refuses_bad_shapes_and_ranges(tmp_path: Path) -> None:
+    from cryosieve.io.stack import StackWriter
+
+    with pytest.raises(CryoSieveInputError, match="at least one image"):
+        StackWriter(tmp_path / "empty.mrcs", 0, 8, 1.0)
+    with pytest.raises(CryoSieveInputError, match="pixel size"):
+        StackWriter(tmp_path / "bad.mrcs", 2, 8, float("nan"))
+    with StackWriter(tmp_path / "s.mrcs", 4, 8, 1.0) as writer:
+        with pytest.raises(CryoSieveInputError, match="shape"):
+            writer.write(0, np.zeros((2, 8, 9), dtype=np.float32))
+        with pytest.raises(CryoSieveInputError, match="outside"):
+            writer.write(3, np.zeros((2, 8, 8), dtype=np.float32))
+        with pytest.raises(CryoSieveInputError, match="outside"):
+            writer.read(2, 5)
+    with pytest.raises(CryoSieveInputError, match="label"):
+        StackWriter(tmp_path / "label.mrcs", 2, 8, 1.0, label="x" * 81)

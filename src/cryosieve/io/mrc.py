@@ -111,22 +111,44 @@ def read_volume(path: str | os.PathLike[str], *, cubic: bool = True, what: str =
     return Volume(data=data, voxel_size=voxel if voxel > 0 else None, path=path)
 
 
-def write_volume(path: str | os.PathLike[str], data: np.ndarray, voxel_size: float) -> None:
-    """Write a float32 MRC map atomically with the voxel size (Å) in the header."""
+#: Header label of every MRC file this package writes unless a caller names another.
+MRC_LABEL = "cryosieve"
+
+
+def set_fixed_label(header: np.recarray, label: str = MRC_LABEL) -> None:
+    """Give an MRC header one fixed label, ``label``, instead of ``mrcfile``'s time stamp.
+
+    The same data then always give the same bytes. ``label``: at most 80 ASCII characters
+    (the size of one MRC label), else :class:`CryoSieveInputError`.
+    """
+    if not label.isascii() or len(label) > 80:
+        raise CryoSieveInputError(f"MRC header label {label!r}: must be at most 80 ASCII characters")
+    header.label[:] = b""
+    header.label[0] = label.encode("ascii")
+    header.nlabl = 1
+
+
+def write_volume(path: str | os.PathLike[str], data: np.ndarray, voxel_size: float, *,
+                 label: str = MRC_LABEL) -> None:
+    """Write a float32 MRC map atomically with the voxel size (Å) in the header
+    (see :func:`write_volume_to`)."""
     with atomic_path(path) as temporary:
-        write_volume_to(temporary, data, voxel_size)
+        write_volume_to(temporary, data, voxel_size, label=label)
 
 
-def write_volume_to(path: str | os.PathLike[str], data: np.ndarray, voxel_size: float) -> None:
-    """Write a float32 MRC map to ``path`` directly (callers handle atomicity)."""
+def write_volume_to(path: str | os.PathLike[str], data: np.ndarray, voxel_size: float, *,
+                    label: str = MRC_LABEL) -> None:
+    """Write a float32 MRC map to ``path`` directly (callers handle atomicity).
+
+    ``data``: ``(nz, ny, nx)`` array indexed ``[z, y, x]``, written as float32;
+    ``voxel_size``: Å per voxel; the header carries the data's statistics and the one
+    fixed ``label`` (:func:`set_fixed_label`), so the same map gives the same bytes.
+    """
     with mrcfile.new(str(path), overwrite=True) as handle:
         handle.set_data(np.ascontiguousarray(data, dtype=np.float32))
         handle.voxel_size = float(voxel_size)
         handle.update_header_stats()
-        # A fixed label instead of mrcfile's time stamp: the same map gives the same bytes.
-        handle.header.label[:] = b""
-        handle.header.label[0] = b"cryosieve"
-        handle.header.nlabl = 1
+        set_fixed_label(handle.header, label)
 
 
 def resolve_path(name: str, directory: str | os.PathLike[str] | None) -> Path:

@@ -1,13 +1,17 @@
-"""Lazy, memory-mapped reading of particle images from MRC stacks.
+"""Particle images in MRC stacks: lazy, memory-mapped reading, and writing range by range.
 
 Stacks are opened with ``mrcfile.mmap`` and only the requested images are copied,
 so memory stays bounded by the batch size whatever the stack size. Little-endian float32
 stacks (the usual case) are copied by a numba kernel that checks the pixels on the way
 and runs on all cores without the GIL; other modes go through numpy.
+
+:class:`StackWriter` writes a float32 stack through a memory map as well, a range of
+images at a time, with deterministic bytes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -24,7 +28,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; numpy does the 
     numba = None
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.mrc import check_mrc_file, quiet_mrcfile, resolve_path
+from cryosieve.io.mrc import MRC_LABEL, check_mrc_file, quiet_mrcfile, resolve_path, set_fixed_label
 from cryosieve.io.star import ParticleTable
 
 
@@ -295,6 +299,100 @@ class StackReader:
             for descriptor in self._descriptors.values():
                 os.close(descriptor)
             self._descriptors.clear()
+
+
+class StackWriter:
+    """Write a float32 MRC image stack a range of images at a time, through a memory map.
+
+    The file is created at its full size at once: ``count`` images of ``box x box``
+    pixels, MRC mode 2 (float32), marked as an image stack, voxel size ``pixel_size`` Å
+    and the one fixed header ``label`` (:func:`cryosieve.io.mrc.set_fixed_label`).
+    Images are written with :meth:`write` and can be read back with :meth:`read`, for a
+    later pass that changes them (e.g. adds noise); memory holds what the caller passes
+    and 32 bytes of statistics per image. Write every image before :meth:`close` (an
+    unwritten one is counted as zero in the statistics). :meth:`close` sets the header statistics (``dmin``, ``dmax``, ``dmean``,
+    ``rms`` over every pixel of the stack) from per-image sums kept as images are written,
+    so the file depends only on the images, not on how they were batched: the same images
+    give the same bytes. Writes to ``path`` directly (callers handle atomicity).
+
+    Use as a context manager; on an exception the file is closed as it is.
+
+    Raises
+    ------
+    CryoSieveInputError
+        A count or box below 1, a pixel size that is not a positive number, or images
+        of the wrong shape or outside the stack.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], count: int, box: int, pixel_size: float, *,
+                 label: str = MRC_LABEL) -> None:
+        if count < 1 or box < 1:
+            raise CryoSieveInputError(f"{path}: a stack needs at least one image of at least one pixel "
+                                      f"(got {count} images of {box} x {box})")
+        if not (pixel_size > 0 and np.isfinite(pixel_size)):
+            raise CryoSieveInputError(f"{path}: pixel size {pixel_size}: must be a positive number of Å")
+        self.path, self.count, self.box = Path(path), int(count), int(box)
+        # per image: minimum, maximum, sum and sum of squares of its pixels (float64)
+        self._statistics = np.zeros((self.count, 4), dtype=np.float64)
+        handle = mrcfile.new_mmap(str(path), shape=(self.count, self.box, self.box), mrc_mode=2, overwrite=True)
+        try:
+            handle.set_image_stack()
+            set_fixed_label(handle.header, label)
+            handle.voxel_size = float(pixel_size)
+        except BaseException:
+            handle.close()
+            raise
+        self._handle: mrcfile.mrcfile.MrcFile | None = handle
+
+    def _images(self, start: int, stop: int) -> tuple[np.ndarray, slice]:
+        """The mapped images ``(count, box, box)`` float32 and the slice ``start:stop`` of them."""
+        if self._handle is None:
+            raise ValueError(f"{self.path}: the stack writer is closed")
+        if not 0 <= start <= stop <= self.count:
+            raise CryoSieveInputError(f"{self.path}: images {start}:{stop} lie outside the stack of {self.count}")
+        return self._handle.data, slice(start, stop)
+
+    def write(self, start: int, images: np.ndarray) -> None:
+        """Write ``images``, ``(b, box, box)`` (converted to float32), as images ``start .. start + b - 1``
+        (0-based), replacing what was there."""
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
+            raise CryoSieveInputError(
+                f"{self.path}: expected images of shape (b, {self.box}, {self.box}), got {images.shape}")
+        data, where = self._images(start, start + len(images))
+        data[where] = images
+        as_double = images.astype(np.float64)
+        self._statistics[where] = np.stack([images.min(axis=(1, 2)), images.max(axis=(1, 2)),
+                                            as_double.sum(axis=(1, 2)), (as_double**2).sum(axis=(1, 2))], axis=1)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """A copy of images ``start .. stop - 1`` (0-based) as written so far, ``(stop - start, box, box)``
+        float32."""
+        data, where = self._images(start, stop)
+        return np.array(data[where], dtype=np.float32)
+
+    def close(self) -> None:
+        """Set the header statistics of the whole stack and close the file (again: nothing)."""
+        if self._handle is None:
+            return
+        pixels = float(self.count) * self.box * self.box
+        minimum, maximum, total, squares = self._statistics.T
+        mean = float(total.sum()) / pixels
+        header = self._handle.header
+        header.dmin, header.dmax, header.dmean = float(minimum.min()), float(maximum.max()), mean
+        header.rms = math.sqrt(max(float(squares.sum()) / pixels - mean * mean, 0.0))
+        self._handle.close()
+        self._handle = None
+
+    def __enter__(self) -> StackWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 class BatchImages:

@@ -93,7 +93,12 @@ class ParticleTable:
 
     def write_to(self, path: str | os.PathLike[str]) -> None:
         """Write the table to ``path`` directly (callers handle atomicity)."""
-        Path(path).write_text(star_text(self.blocks))
+        write_star_to(path, self.blocks)
+
+
+def write_star_to(path: str | os.PathLike[str], blocks: dict[str, pd.DataFrame]) -> None:
+    """Write :func:`star_text` of these blocks to ``path`` directly (callers handle atomicity)."""
+    Path(path).write_text(star_text(blocks))
 
 
 def star_text(blocks: dict[str, pd.DataFrame]) -> str:

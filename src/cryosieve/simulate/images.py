@@ -1,0 +1,129 @@
+"""Image formation: projection, CTF, B-factor envelope, origin shift, and white noise.
+
+The image model, grid and units are those stated in :mod:`cryosieve.simulate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cryosieve.ctf import ctf_2d
+from cryosieve.geometry import euler_to_matrix
+from cryosieve.projection import FourierSliceProjector, half_plane_frequencies
+from cryosieve.simulate.parameters import ParticleParameters, SimulationSettings
+
+
+class ImageFormation:
+    """Renders particle images of one box and pixel size from a projector.
+
+    The images' transforms are formed on the ``(box, box // 2 + 1)`` rfft grid at the
+    frequencies with ``|k| < box / 2`` (zero elsewhere) and inverted with
+    ``torch.fft.irfft2``.
+    """
+
+    def __init__(self, box: int, pixel_size: float, device: torch.device | str = "cpu") -> None:
+        self.box, self.pixel_size, self.device = box, pixel_size, torch.device(device)
+        ky, kx = half_plane_frequencies(box, device=self.device)
+        inside = (kx**2 + ky**2) < (box / 2) ** 2
+        self.flat_index = torch.nonzero(inside.reshape(-1)).squeeze(1)  # (p,)
+        self.ky, self.kx = ky[inside], kx[inside]  # (p,) float64 cycles per box
+        self.parity = torch.where(((self.kx + self.ky).long() % 2) == 0, 1.0, -1.0).to(torch.float64)
+
+    def render(self, projector: FourierSliceProjector, parameters: ParticleParameters, rows: np.ndarray,
+               settings: SimulationSettings) -> torch.Tensor:
+        """Noiseless images of the given particles.
+
+        Parameters
+        ----------
+        projector:
+            Projector of the model's map (same box and voxel size as the images).
+        parameters, rows:
+            The particles and which of them to render (``(b,)`` indices).
+        settings:
+            Optics.
+
+        Returns
+        -------
+        ``(b, box, box)`` float32 images ``[y, x]`` on the formation's device.
+        """
+        device = self.device
+
+        def take(values: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values)[rows], dtype=torch.float64, device=device)
+
+        def constant(value: float) -> torch.Tensor:
+            return torch.full((len(rows),), float(value), dtype=torch.float64, device=device)
+
+        rotations = euler_to_matrix(take(parameters.rot), take(parameters.tilt), take(parameters.psi))
+        slices = projector.sample(rotations, self.ky, self.kx).to(torch.complex128)  # (b, p)
+        length = self.box * self.pixel_size
+        frequency_x, frequency_y = self.kx / length, self.ky / length  # 1/Å
+        bfactor = take(parameters.bfactor)
+        ctf = ctf_2d(frequency_x, frequency_y, take(parameters.defocus_u), take(parameters.defocus_v),
+                     take(parameters.defocus_angle), constant(settings.voltage),
+                     constant(settings.spherical_aberration), constant(settings.amplitude_contrast),
+                     constant(settings.phase_shift), bfactor=bfactor)  # (b, p), includes exp(-B s^2/4)
+        origin_x = take(parameters.origin_x)[:, None] / self.pixel_size  # pixels
+        origin_y = take(parameters.origin_y)[:, None] / self.pixel_size
+        phase = 2 * math.pi * (self.kx * origin_x + self.ky * origin_y) / self.box
+        values = slices * (ctf * self.parity) * torch.polar(torch.ones_like(phase), phase)
+        spectrum = torch.zeros((len(rows), self.box * (self.box // 2 + 1)), dtype=torch.complex64, device=device)
+        spectrum[:, self.flat_index] = values.to(torch.complex64)
+        spectrum = spectrum.reshape(len(rows), self.box, self.box // 2 + 1)
+        return torch.fft.irfft2(spectrum, s=(self.box, self.box))
+
+
+@dataclass
+class SignalStatistics:
+    """Pooled pixel statistics of noiseless images, gathered batch by batch.
+
+    Sums in float64 of the pixels and squared pixels of the main model's particles
+    (``good``) and of all particles (for a data set that is all junk).
+    """
+
+    good_total: float = 0.0
+    good_squares: float = 0.0
+    good_pixels: float = 0.0
+    all_total: float = 0.0
+    all_squares: float = 0.0
+    all_pixels: float = 0.0
+
+    def add(self, images: np.ndarray, good: np.ndarray) -> None:
+        """Add ``images``, ``(b, n, n)`` float32, of which ``good`` (``(b,)`` bool) are the main model's."""
+        as_double = images.astype(np.float64)
+        pixels_per_image = float(images.shape[1] * images.shape[2])
+        self.good_total += float(as_double[good].sum())
+        self.good_squares += float((as_double[good] ** 2).sum())
+        self.good_pixels += float(np.count_nonzero(good)) * pixels_per_image
+        self.all_total += float(as_double.sum())
+        self.all_squares += float((as_double**2).sum())
+        self.all_pixels += float(len(images)) * pixels_per_image
+
+    def variance(self) -> float:
+        """The signal variance: pooled variance of every pixel of the main model's images, or of
+        all images when there are none of the main model."""
+        if self.good_pixels > 0:
+            total, squares, pixels = self.good_total, self.good_squares, self.good_pixels
+        else:
+            total, squares, pixels = self.all_total, self.all_squares, self.all_pixels
+        mean = total / pixels
+        return squares / pixels - mean * mean
+
+
+def noise_sigma(signal_variance: float, snr: float) -> tuple[float, float]:
+    """``(noise variance, noise standard deviation)`` for a signal variance and an SNR
+    (``math.inf``: no noise, ``(0, 0)``)."""
+    variance = 0.0 if math.isinf(snr) else signal_variance / snr
+    return variance, math.sqrt(variance)
+
+
+def add_noise(images: np.ndarray, sigma: float, generator: np.random.Generator) -> None:
+    """Add white Gaussian noise of standard deviation ``sigma`` to ``(b, n, n)`` float32 ``images``
+    in place, drawn from ``generator`` in pixel order (so batches of any size give the same noise).
+    ``sigma`` 0: nothing is drawn."""
+    if sigma > 0:
+        images += sigma * generator.standard_normal(images.shape, dtype=np.float32)
