@@ -1,53 +1,78 @@
-"""Fourier shell correlation between two cubic maps."""
+"""Fourier shells, the Fourier shell correlation and FSC weighting: defined once.
+
+Conventions (RELION's ``getFSC``): a component of the ``(n, n, n // 2 + 1)`` half transform
+(``rfftn`` order, frequencies in cycles per box) belongs to shell ``round(|k|)``; shells
+0 .. n // 2 are reported (shell ``i`` has resolution ``n * voxel / i`` Å; the cube's corners
+beyond ``n / 2`` belong to none); every stored component of the half transform counts once.
+The same shells serve post-processing, the sieve's reference weighting and per-shell filters.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 def shell_index(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Rounded radius (cycles per box) of each voxel of a ``(size, size, size // 2 + 1)`` rfft grid."""
+    """Shell (rounded radius in cycles per box) of each component of a ``(size, size, size // 2 + 1)``
+    half transform: int64 of that shape."""
     k = torch.fft.fftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
     kx = torch.fft.rfftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
     radius = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
     return torch.round(radius).long()
 
 
-def fourier_shell_correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """FSC of two ``(n, n, n)`` real maps.
+def shell_count(size: int) -> int:
+    """Number of shells reported for an ``n`` box: 0 .. n // 2."""
+    return size // 2 + 1
 
-    Returns ``(n // 2 + 1,)`` float64 values for shells 0 .. n/2 (shell ``i`` holds
-    voxels of rounded radius ``i`` cycles per box; its resolution is ``n * voxel / i`` Å).
-    Uses every voxel of the full transform (the rfft half counted with Friedel weights).
-    """
-    size = first.shape[-1]
-    f1 = torch.fft.rfftn(first.to(torch.float64), dim=(-3, -2, -1))
-    f2 = torch.fft.rfftn(second.to(torch.float64), dim=(-3, -2, -1))
-    shells = shell_index(size, first.device)
-    weight = torch.full(shells.shape, 2.0, dtype=torch.float64, device=first.device)
-    weight[..., 0] = 1.0
-    if size % 2 == 0:
-        weight[..., -1] = 1.0
-    count = size // 2 + 1
+
+def shell_resolutions(size: int, voxel_size: float) -> np.ndarray:
+    """Resolution (Å) of shells 0 .. n // 2: ``n * voxel / shell`` (infinite at shell 0); ``(n // 2 + 1,)``."""
+    shells = np.arange(shell_count(size), dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(shells > 0, size * voxel_size / np.maximum(shells, 1e-300), np.inf)
+
+
+def shell_sum(values: torch.Tensor, shells: torch.Tensor, count: int) -> torch.Tensor:
+    """Sum of real ``values`` (half-transform shaped) per shell 0 .. ``count`` - 1 (others
+    ignored): ``(count,)`` float64."""
     keep = shells < count
-    index = shells[keep]
-    w = weight[keep]
+    return torch.zeros(count, dtype=torch.float64, device=values.device).index_add_(
+        0, shells[keep], values[keep].to(torch.float64))
 
-    def shell_sum(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(count, dtype=torch.float64, device=first.device).index_add_(0, index, values[keep] * w)
 
-    cross = shell_sum((f1 * f2.conj()).real)
-    power1 = shell_sum(f1.abs() ** 2)
-    power2 = shell_sum(f2.abs() ** 2)
-    denominator = torch.sqrt(power1 * power2)
+def fsc_of_transforms(first: torch.Tensor, second: torch.Tensor, size: int) -> torch.Tensor:
+    """FSC of two ``(n, n, n // 2 + 1)`` half transforms of an ``n`` box: ``(n // 2 + 1,)`` float64;
+    a shell without power gives 0."""
+    shells = shell_index(size, first.device)
+    count = shell_count(size)
+    cross = shell_sum((first * second.conj()).real, shells, count)
+    power_first = shell_sum(first.abs() ** 2, shells, count)
+    power_second = shell_sum(second.abs() ** 2, shells, count)
+    denominator = torch.sqrt(power_first * power_second)
     return torch.where(denominator > 0, cross / denominator.clamp_min(1e-300), torch.zeros_like(cross))
 
 
-def resolution_at_threshold(fsc: torch.Tensor, box: int, voxel_size: float, threshold: float = 0.143) -> float:
-    """Resolution in Å where the FSC first falls below ``threshold`` (linear interpolation).
+def fourier_shell_correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """FSC of two ``(n, n, n)`` real maps (RELION's ``getFSC``): ``(n // 2 + 1,)`` float64 for shells
+    0 .. n // 2."""
+    size = first.shape[-1]
+    return fsc_of_transforms(torch.fft.rfftn(first.to(torch.float64), dim=(-3, -2, -1)),
+                             torch.fft.rfftn(second.to(torch.float64), dim=(-3, -2, -1)), size)
 
-    Returns the Nyquist resolution ``2 * voxel_size`` when it never does.
-    """
+
+def fsc_weight(fsc: np.ndarray) -> np.ndarray:
+    """Per-shell weight ``sqrt(2 FSC / (1 + FSC))`` (Rosenthal and Henderson 2003; RELION's
+    ``applyFscWeighting``), zero where the FSC is not positive: ``(m,)`` float64."""
+    values = np.asarray(fsc, dtype=np.float64)
+    positive = np.clip(values, 0.0, 1.0)
+    return np.where(values > 0, np.sqrt(2 * positive / (1 + positive)), 0.0)
+
+
+def resolution_at_threshold(fsc: torch.Tensor, box: int, voxel_size: float, threshold: float = 0.143) -> float:
+    """Resolution in Å where the FSC first falls below ``threshold`` (linear interpolation between
+    shells). Returns the Nyquist resolution ``2 * voxel_size`` when it never does."""
     values = fsc.detach().cpu().double().tolist()
     for shell in range(1, len(values)):
         if values[shell] < threshold:
@@ -58,7 +83,7 @@ def resolution_at_threshold(fsc: torch.Tensor, box: int, voxel_size: float, thre
     return 2.0 * voxel_size
 
 
-def filter_by_shell(volume: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def filter_by_shell(volume: torch.Tensor, weight: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Multiply a ``(n, n, n)`` map's transform by a per-shell weight.
 
     ``weight``: ``(n // 2 + 1,)`` values for the shells of :func:`shell_index`; shells beyond

@@ -50,6 +50,7 @@ from cryosieve.backends.relion import (
     split_command,
     with_launcher,
 )
+from cryosieve.band import HighPass
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.io.atomic import (
     OutputGroup,
@@ -67,7 +68,6 @@ from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.report import ReportPaths, RoundSummary, report_paths, write_report
 from cryosieve.sieve import (
     SieveSettings,
-    check_band,
     check_geometry,
     check_settings,
     half_sets,
@@ -375,11 +375,11 @@ def prepare(settings: PipelineSettings) -> _Prepared:
     check_mask(mask, (box, box, box), angpix, against="the particles")
     for option, value in (("--frequency_start", settings.frequency_start),
                           ("--frequency_end", settings.frequency_end)):
-        check_band(box, float(np.max(table.pixel_size)), value, option)
+        HighPass(value).check(box, float(np.max(table.pixel_size)), option)
     cutoffs = cutoff_frequencies(settings.frequency_start, settings.frequency_end, settings.num_iters)
     for cutoff in cutoffs:
-        check_band(box, float(np.max(table.pixel_size)), float(cutoff),
-                   f"--frequency_end {settings.frequency_end} (a round's cut-off, rounded to 0.01 Å)")
+        HighPass(float(cutoff)).check(box, float(np.max(table.pixel_size)),
+                                      f"--frequency_end {settings.frequency_end} (a round's cut-off, rounded to 0.01 Å)")
     rows0 = balanced_rows(table.random_subset) if settings.balance else np.arange(len(table))
     device = torch.device(settings.device)
     arguments = {

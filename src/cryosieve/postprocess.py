@@ -44,7 +44,14 @@ import pandas as pd
 import torch
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.fsc import shell_index
+from cryosieve.fsc import (
+    fourier_shell_correlation,
+    fsc_weight,
+    shell_count,
+    shell_index,
+    shell_resolutions,
+    shell_sum,
+)
 from cryosieve.io.atomic import OutputGroup
 from cryosieve.io.mrc import Volume, read_volume, write_volume_to
 from cryosieve.tolerances import pixel_sizes_agree
@@ -197,45 +204,10 @@ def squared_radius(size: int, device: torch.device | str = "cpu") -> torch.Tenso
     return k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
 
 
-def shell_count(size: int) -> int:
-    """Number of shells RELION reports for an ``n`` box: 0 .. n // 2."""
-    return size // 2 + 1
-
-
-def shell_resolutions(size: int, voxel_size: float) -> np.ndarray:
-    """Resolution (Å) of shells 0 .. n // 2: ``n * voxel / shell`` (infinite at shell 0)."""
-    shells = np.arange(shell_count(size), dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return np.where(shells > 0, size * voxel_size / np.maximum(shells, 1e-300), np.inf)
-
-
-def _shell_sum(values: torch.Tensor, shells: torch.Tensor, count: int) -> torch.Tensor:
-    """Sum ``values`` (real, half-transform shaped) per shell 0 .. count - 1 (others ignored)."""
-    keep = shells < count
-    return torch.zeros(count, dtype=torch.float64, device=values.device).index_add_(
-        0, shells[keep], values[keep].to(torch.float64))
-
-
 def relion_fourier_shell_correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """FSC of two ``(n, n, n)`` real maps with RELION's ``getFSC`` convention.
-
-    Sums over the half transform (each stored component once), shells ``round(|k|)``
-    0 .. n // 2.  Returns ``(n // 2 + 1,)`` float64; a shell without power gives 0.
-    """
-    size = first.shape[-1]
-    transform_first = fourier_transform(first)
-    transform_second = fourier_transform(second)
-    return _fsc_of_transforms(transform_first, transform_second, size)
-
-
-def _fsc_of_transforms(first: torch.Tensor, second: torch.Tensor, size: int) -> torch.Tensor:
-    shells = shell_index(size, first.device)
-    count = shell_count(size)
-    cross = _shell_sum((first * second.conj()).real, shells, count)
-    power_first = _shell_sum(first.abs() ** 2, shells, count)
-    power_second = _shell_sum(second.abs() ** 2, shells, count)
-    denominator = torch.sqrt(power_first * power_second)
-    return torch.where(denominator > 0, cross / denominator.clamp_min(1e-300), torch.zeros_like(cross))
+    """FSC of two ``(n, n, n)`` real maps (:func:`cryosieve.fsc.fourier_shell_correlation`, RELION's
+    ``getFSC``): ``(n // 2 + 1,)`` float64."""
+    return fourier_shell_correlation(first, second)
 
 
 def randomise_phases_beyond(volume: torch.Tensor, shell: int, generator: torch.Generator) -> torch.Tensor:
@@ -314,23 +286,22 @@ def shell_means_of_amplitude(transform: torch.Tensor, size: int) -> torch.Tensor
     """Mean ``|F|`` per shell 0 .. n // 2 over the half transform; ``(n // 2 + 1,)`` float64."""
     shells = shell_index(size, transform.device)
     count = shell_count(size)
-    total = _shell_sum(transform.abs(), shells, count)
-    members = _shell_sum(torch.ones_like(transform.real), shells, count)
+    total = shell_sum(transform.abs(), shells, count)
+    members = shell_sum(torch.ones_like(transform.real), shells, count)
     return total / members.clamp_min(1.0)
 
 
 def fsc_weighting(transform: torch.Tensor, fsc: np.ndarray, size: int) -> torch.Tensor:
-    """RELION's ``applyFscWeighting``: multiply shell ``i`` by ``sqrt(2 FSC_i / (1 + FSC_i))``.
+    """RELION's ``applyFscWeighting``: multiply shell ``i`` by :func:`cryosieve.fsc.fsc_weight`,
+    and by zero from the first shell where the FSC falls below :data:`FSC_WEIGHT_FLOOR` on.
 
-    Zero from the first shell where the FSC falls below 1e-4, and where it is not positive.
     ``transform`` is ``(n, n, n // 2 + 1)`` complex; returns a new tensor.
     """
     values = np.asarray(fsc, dtype=np.float64)
+    weights = fsc_weight(values)
     below = np.flatnonzero(values < FSC_WEIGHT_FLOOR)
-    last = int(below[0]) - 1 if below.size else len(values) - 1
-    positive = np.clip(values, 0.0, None)
-    weights = np.where(values > 0, np.sqrt(2 * positive / (1 + positive)), 0.0)
-    weights[max(last + 1, 0):] = 0.0
+    if below.size:
+        weights[int(below[0]):] = 0.0
     table = torch.zeros(size * 2 + 2, dtype=torch.float64, device=transform.device)
     table[: len(weights)] = torch.as_tensor(weights, device=transform.device)
     shells = shell_index(size, transform.device)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cryosieve import _kernels
+from cryosieve.band import HighPass
 from cryosieve.ctf import CtfParameters
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import BatchImages
@@ -77,27 +78,9 @@ class ParticleBatch:
             defocus_angle=take(table.defocus_angle), phase_shift=take(table.phase_shift),
             voltage=take(table.voltage), spherical_aberration=take(table.spherical_aberration),
             amplitude_contrast=take(table.amplitude_contrast), pixel_size=pixel,
-            highpass_cycles_per_pixel=pixel / highpass_angstrom,
+            highpass_cycles_per_pixel=HighPass(highpass_angstrom).cycles_per_pixel(pixel),
             ctf_bfactor=take(table.ctf_bfactor), ctf_scalefactor=take(table.ctf_scalefactor),
         )
-
-
-def _band(box: int, lowest_cycles_per_pixel: float
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(keep, ky, kx, |k|)``, each ``(box, box // 2 + 1)`` over the ``rfft2`` grid (cycles per
-    box): ``keep`` marks the samples with ``lowest_cycles_per_pixel <= |k|/N < 1/2``."""
-    ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
-    grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
-    radius = torch.sqrt(grid_y**2 + grid_x**2)
-    keep = (radius < box / 2) & (radius / box >= lowest_cycles_per_pixel - 1e-12)
-    return keep, grid_y, grid_x, radius
-
-
-def band_sample_count(box: int, highpass_cycles_per_pixel: float) -> int:
-    """How many half-plane samples of a ``box``-pixel image the score sums over at this cut-off
-    (0: the cut-off leaves nothing to score)."""
-    return int(_band(box, highpass_cycles_per_pixel)[0].sum())
 
 
 class BandSamples:
@@ -109,7 +92,11 @@ class BandSamples:
     """
 
     def __init__(self, box: int, lowest_cycles_per_pixel: float, device: torch.device | str) -> None:
-        keep, grid_y, grid_x, radius = _band(box, lowest_cycles_per_pixel)
+        ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
+        kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
+        grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
+        radius = torch.sqrt(grid_y**2 + grid_x**2)
+        keep = HighPass.inside(radius / box, lowest_cycles_per_pixel)
         self.box = box
         self.flat_index = torch.nonzero(keep.reshape(-1))[:, 0].to(device)
         self.ky = grid_y[keep].to(device)
@@ -252,7 +239,7 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor | Batc
     ctf = batch.ctf().evaluate(samples.kx.to(real_dtype) / (box * pixel), samples.ky.to(real_dtype) / (box * pixel))
     model = ctf * projected
     terms = model.real * (model.real - 2 * observed.real) + model.imag * (model.imag - 2 * observed.imag)
-    inside = samples.radius_cycles_per_pixel[None, :] >= batch.highpass_cycles_per_pixel[:, None] - 1e-12
+    inside = HighPass.inside(samples.radius_cycles_per_pixel[None, :], batch.highpass_cycles_per_pixel[:, None])
     weight = torch.where(inside, samples.weight[None, :], 0.0)
     return (terms.to(torch.float64) * weight).sum(dim=1) / (box * box)
 
@@ -281,14 +268,12 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor |
     blocks = samples.blocks
     rot, tilt, psi = (array(angle) for angle in (batch.rot, batch.tilt, batch.psi))
     rotations = np.ascontiguousarray(euler_to_matrix(rot, tilt, psi))
-    # the high-pass as |k|^2 >= cut^2 (cycles per box); no cut: every |k|^2 >= -1
-    cut = (array(batch.highpass_cycles_per_pixel) - 1e-12) * box
     ctf = batch.ctf().in_cycles_per_box(box, array(batch.pixel_size))
     parameters = dict(
         rotations=rotations, scale=array(scale) if scale is not None else np.ones(count),
         origin_x=array(batch.origin_x), origin_y=array(batch.origin_y),
         **{("scale_ctf" if name == "scale" else name): values for name, values in ctf.items()},
-        highpass2=np.where(cut > 0, cut * cut, -1.0),
+        highpass2=HighPass.squared_cut_cycles_per_box(array(batch.highpass_cycles_per_pixel), box),
     )
     grid = torch.view_as_real(projector.grid).reshape(-1).numpy()
     corners = projector.corner_layout()

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cryosieve.band import HighPass
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.fsc import filter_by_shell, fourier_shell_correlation
+from cryosieve.fsc import filter_by_shell, fourier_shell_correlation, fsc_weight
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.paths import InputFile, check_outputs
@@ -30,7 +31,6 @@ from cryosieve.mask import check_mask
 from cryosieve.score import (
     BandSamples,
     ParticleBatch,
-    band_sample_count,
     fourier_scores,
     published_scores,
     select_lowest,
@@ -152,27 +152,7 @@ def check_geometry(table: ParticleTable, box: int, volumes: Sequence[Volume], hi
     if mask is not None:
         voxel = next((volume.voxel_size for volume in volumes if volume.voxel_size is not None), None)
         check_mask(mask, (box, box, box), voxel, against="the maps")
-    check_band(box, float(np.max(table.pixel_size)), highpass_angstrom)
-
-
-def check_band(box: int, pixel_size: float, highpass_angstrom: float, option: str = "--frequency") -> None:
-    """The cut-off ``highpass_angstrom`` (Å) leaves band samples to score in a ``box``-pixel image of
-    ``pixel_size`` Å (the coarsest pixel of the particles): coarser than Nyquist, and a non-empty band."""
-    nyquist = 2 * pixel_size
-    if highpass_angstrom <= nyquist:
-        raise CryoSieveInputError(
-            f"{option} {highpass_angstrom:g}: not coarser than Nyquist ({nyquist:.3f} Å) of the particles, "
-            "so nothing is left to score")
-    if band_sample_count(box, pixel_size / highpass_angstrom) == 0:
-        raise CryoSieveInputError(
-            f"{option} {highpass_angstrom:g}: leaves no frequency between 1/{highpass_angstrom:g} Å^-1 and Nyquist "
-            f"({nyquist:.3f} Å) in a {box}-pixel box, so nothing is left to score")
-
-
-def fsc_weight(fsc: np.ndarray) -> np.ndarray:
-    """Per-shell reference weight ``sqrt(2 FSC / (1 + FSC))``, zero where the FSC <= 0."""
-    fsc = np.clip(np.asarray(fsc, dtype=np.float64), 0.0, 1.0)
-    return np.sqrt(2 * fsc / (1 + fsc))
+    HighPass(highpass_angstrom).check(box, float(np.max(table.pixel_size)))
 
 
 def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting: str, projector: str
@@ -250,7 +230,7 @@ def score_rows(table: ParticleTable, reader: StackReader, references: Sequence[n
     scores = np.zeros(len(table), dtype=np.float64)
     box = references[0].shape[-1]
     weight = torch.from_numpy(fsc_weight(reference_fsc)) if reference_fsc is not None else None
-    lowest = float(np.min(table.pixel_size)) / settings.highpass_angstrom
+    lowest = HighPass(settings.highpass_angstrom).cycles_per_pixel(float(np.min(table.pixel_size)))
     samples = BandSamples(box, lowest, device) if settings.projector == "fourier" else None
     for subset_number in sorted(set(half_set.tolist())):
         rows = np.flatnonzero(half_set == subset_number)
