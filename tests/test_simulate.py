@@ -290,7 +290,7 @@ def test_junk_fraction_and_half_sets_are_exact(tmp_path: Path) -> None:
     assert truth["is_junk"].dtype == bool
     assert int(truth["is_junk"].sum()) == round(0.13 * 301) == result.junk_count
     table = read_particles(result.star)
-    assert table.version == "3.1" and len(table) == 301
+    assert table.source.version == "3.1" and len(table) == 301
     assert sorted(np.bincount(table.random_subset)[1:].tolist()) == [150, 151]
     assert StackReader(table, result.folder).validate() == BOX
     assert np.allclose(table.pixel_size, PIXEL) and np.all(table.image_size == BOX)

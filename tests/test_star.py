@@ -23,7 +23,7 @@ def test_relion31_two_optics_groups(tmp_path):
     optics = pd.concat([optics_table(64, 1.0, 1, 300.0), optics_table(64, 1.25, 2, 200.0)], ignore_index=True)
     write_31(tmp_path / "in.star", particles, optics)
     table = read_particles(tmp_path / "in.star")
-    assert table.version == "3.1"
+    assert table.source.version == "3.1"
     assert table.pixel_size.tolist() == [1.0, 1.25] * 5
     assert table.voltage.tolist() == [300.0, 200.0] * 5
     assert np.allclose(table.origin_x, particles["rlnOriginXAngst"] / table.pixel_size)
@@ -44,7 +44,7 @@ def test_relion30_single_table_needs_angpix(tmp_path):
     with pytest.raises(CryoSieveInputError, match="--angpix"):
         read_particles(tmp_path / "in.star")
     table = read_particles(tmp_path / "in.star", angpix=1.7)
-    assert table.version == "3.0"
+    assert table.source.version == "3.0"
     assert table.origin_x.tolist() == [1.5, -2.0, 0.0, 3.0, 0.25]
     assert table.pixel_size.tolist() == [1.7] * 5
 

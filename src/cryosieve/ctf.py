@@ -100,7 +100,7 @@ class CtfParameters:
 
     @classmethod
     def from_table(cls, table: Any, rows: Any) -> CtfParameters:
-        """Of the particles ``rows`` of a :class:`~cryosieve.io.star.ParticleTable`."""
+        """Of the particles ``rows`` of a :class:`~cryosieve.particles.ParticleSet`."""
         return cls.from_values(table.defocus_u[rows], table.defocus_v[rows], table.defocus_angle[rows],
                                table.voltage[rows], table.spherical_aberration[rows],
                                table.amplitude_contrast[rows], table.phase_shift[rows],

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.star import ParticleTable
+from cryosieve.particles import ParticleSet
 
 #: How long a worker waits for the others to join before it gives up (seconds).
 RENDEZVOUS_TIMEOUT = 120.0
@@ -128,7 +128,7 @@ def _last_line(path: Path) -> str:
     return "no output"
 
 
-def score_in_processes(table: ParticleTable, directory: Any, references: Sequence[np.ndarray], half_set: np.ndarray,
+def score_in_processes(table: ParticleSet, directory: Any, references: Sequence[np.ndarray], half_set: np.ndarray,
                        settings: Any, voxel: float | None, fsc: np.ndarray | None) -> np.ndarray:
     """Scores of every particle computed by ``settings.num_processes`` worker processes.
 

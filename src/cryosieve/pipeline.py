@@ -62,7 +62,8 @@ from cryosieve.io.lock import exclusive_lock
 from cryosieve.io.mrc import Volume, read_volume, write_volume_to
 from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import StackReader, stack_paths
-from cryosieve.io.star import ParticleTable, read_particles
+from cryosieve.io.star import read_particles
+from cryosieve.particles import ParticleSet
 from cryosieve.mask import check_mask
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.report import ReportPaths, RoundSummary, report_paths, write_report
@@ -274,7 +275,7 @@ class _Prepared:
 
     settings: PipelineSettings
     names: OutputNames
-    table: ParticleTable  # the input, as read
+    table: ParticleSet  # the input, as read
     rows0: np.ndarray  # rows of ``table`` in PREFIX_iter0.star
     box: int
     angpix: float  # Å, of the particles and every map
@@ -317,7 +318,7 @@ def _sieve_settings(settings: PipelineSettings, cutoff: float) -> SieveSettings:
                          balance=settings.balance)
 
 
-def _pixel_size(settings: PipelineSettings, table: ParticleTable) -> float:
+def _pixel_size(settings: PipelineSettings, table: ParticleSet) -> float:
     """The one pixel size (Å) of the run: ``--angpix`` (checked against the file by
     :func:`read_particles`) or the file's own."""
     if settings.angpix is not None:
@@ -330,7 +331,7 @@ def _pixel_size(settings: PipelineSettings, table: ParticleTable) -> float:
     return float(sizes[0])
 
 
-def _inputs(settings: PipelineSettings, table: ParticleTable) -> list[InputFile]:
+def _inputs(settings: PipelineSettings, table: ParticleSet) -> list[InputFile]:
     inputs = [InputFile(Path(settings.input_star), "--i, the particle STAR file"),
               InputFile(Path(settings.mask), "--mask")]
     inputs += [InputFile(path, f"particle stack of {settings.input_star}")
@@ -481,7 +482,7 @@ def _write_iter0(prepared: _Prepared) -> None:
         prepared.table.subset(prepared.rows0).write(target)
 
 
-def _reconstruct_builtin(prepared: _Prepared, table: ParticleTable, iteration: int,
+def _reconstruct_builtin(prepared: _Prepared, table: ParticleSet, iteration: int,
                          progress: ProgressFactory) -> None:
     from cryosieve.reconstruct import reconstruct_subsets
 
@@ -567,7 +568,7 @@ def read_postprocess_outcome(names: OutputNames, iteration: int, voxel_size: flo
                                   f"({type(error).__name__}: {error}); start a new run") from None
 
 
-def _sieve_round(prepared: _Prepared, table: ParticleTable, iteration: int, progress: ProgressFactory) -> np.ndarray:
+def _sieve_round(prepared: _Prepared, table: ParticleSet, iteration: int, progress: ProgressFactory) -> np.ndarray:
     """Sieve the particles of round ``iteration``; writes the next set; returns the kept mask ``(n,)``."""
     settings = prepared.settings
     names = prepared.names
@@ -583,7 +584,7 @@ def _sieve_round(prepared: _Prepared, table: ParticleTable, iteration: int, prog
     return result.kept
 
 
-def _kept_from_scores(names: OutputNames, iteration: int, table: ParticleTable) -> np.ndarray:
+def _kept_from_scores(names: OutputNames, iteration: int, table: ParticleSet) -> np.ndarray:
     """Kept mask of sieve ``iteration`` read back from ``PREFIX_iter{i+1}_scores.csv`` (to resume)."""
     path = names.scores(iteration + 1)
     if not path.is_file():
@@ -598,7 +599,7 @@ def _kept_from_scores(names: OutputNames, iteration: int, table: ParticleTable) 
 # --------------------------------------------------------------------------- report data
 
 
-def _round_summary(prepared: _Prepared, iteration: int, table: ParticleTable, state: _State) -> RoundSummary:
+def _round_summary(prepared: _Prepared, iteration: int, table: ParticleSet, state: _State) -> RoundSummary:
     names = prepared.names
     summary = RoundSummary(
         iteration=iteration,

@@ -62,7 +62,7 @@ class ParticleBatch:
     @classmethod
     def from_table(cls, table, rows: np.ndarray, highpass_angstrom: float,
                    device: torch.device | str) -> "ParticleBatch":
-        """Gather rows of a :class:`~cryosieve.io.star.ParticleTable`.
+        """Gather rows of a :class:`~cryosieve.particles.ParticleSet`.
 
         ``highpass_angstrom`` is the cut-off ``F`` (Å); each particle's cut-off in cycles
         per pixel is its pixel size divided by ``F``.

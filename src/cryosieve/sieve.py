@@ -24,7 +24,8 @@ from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches, stack_paths
-from cryosieve.io.star import ParticleTable, output_paths, read_particles
+from cryosieve.io.star import output_paths, read_particles
+from cryosieve.particles import ParticleSet
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.mask import check_mask
@@ -109,7 +110,7 @@ def check_settings(settings: SieveSettings) -> None:
         raise CryoSieveInputError(f"--num_gpus {settings.num_processes}: must be at least 1")
 
 
-def half_sets(table: ParticleTable, volume_count: int) -> np.ndarray:
+def half_sets(table: ParticleSet, volume_count: int) -> np.ndarray:
     """Half-set of each particle; checks that they match the number of volumes.
 
     With no ``rlnRandomSubset`` column every particle is in half-set 1 and one volume
@@ -133,7 +134,7 @@ def half_sets(table: ParticleTable, volume_count: int) -> np.ndarray:
     return table.random_subset.astype(np.int64)
 
 
-def check_geometry(table: ParticleTable, box: int, volumes: Sequence[Volume], highpass_angstrom: float,
+def check_geometry(table: ParticleSet, box: int, volumes: Sequence[Volume], highpass_angstrom: float,
                    mask: Volume | None = None) -> None:
     """Box and pixel sizes of particles, maps and mask agree; the cut-off leaves frequencies to score."""
     groups = np.unique(table.pixel_size)
@@ -218,7 +219,7 @@ def shard_batches(rows: np.ndarray, batch_size: int, rank: int, world_size: int)
     return batches[rank::world_size]
 
 
-def score_rows(table: ParticleTable, reader: StackReader, references: Sequence[np.ndarray],
+def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.ndarray],
                half_set: np.ndarray, settings: SieveSettings, *, rank: int = 0, world_size: int = 1,
                volume_pixel_size: float | None = None, reference_fsc: np.ndarray | None = None,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -263,7 +264,7 @@ def score_rows(table: ParticleTable, reader: StackReader, references: Sequence[n
     return scores
 
 
-def load_inputs(table: ParticleTable, directory: str | os.PathLike[str] | None, volume_paths: Sequence[str],
+def load_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, volume_paths: Sequence[str],
                 mask_path: str | None, settings: SieveSettings, reader: StackReader | None = None
                 ) -> tuple[StackReader, list[Volume], Volume | None, np.ndarray]:
     """Read and check everything a sieve needs before any scoring starts (``reader``: the
@@ -292,7 +293,7 @@ def _log_reference_fsc(fsc: np.ndarray, box: int, pixel_size: float) -> None:
         log.info("reference weighting by half-map FSC: weight at least 0.5 up to Nyquist")
 
 
-def sieve(table: ParticleTable, reader: StackReader, volumes: Sequence[Volume], mask: Volume | None,
+def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], mask: Volume | None,
           half_set: np.ndarray, settings: SieveSettings,
           progress: Callable[[int], None] | None = None) -> SieveResult:
     """Score every particle against the masked map of its half-set and keep the lowest fraction."""
@@ -322,7 +323,7 @@ def sieve_output_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
     return kept, sieved, Path(root + "_scores.csv")
 
 
-def scores_table(table: ParticleTable, result: SieveResult) -> pd.DataFrame:
+def scores_table(table: ParticleSet, result: SieveResult) -> pd.DataFrame:
     """One row per particle in input order: image name, half-set, score, kept (0/1)."""
     return pd.DataFrame({
         "rlnImageName": table.image_name,
@@ -332,7 +333,7 @@ def scores_table(table: ParticleTable, result: SieveResult) -> pd.DataFrame:
     })
 
 
-def write_sieve_outputs(table: ParticleTable, result: SieveResult, out: str | os.PathLike[str]
+def write_sieve_outputs(table: ParticleSet, result: SieveResult, out: str | os.PathLike[str]
                         ) -> tuple[Path, Path, Path]:
     """Write the kept STAR, the sieved STAR and the scores CSV, all together or none
     (:func:`sieve_output_paths`); returns their paths."""
@@ -344,7 +345,7 @@ def write_sieve_outputs(table: ParticleTable, result: SieveResult, out: str | os
     return kept_path, sieved_path, scores_path
 
 
-def sieve_inputs(table: ParticleTable, directory: str | os.PathLike[str] | None, volume_paths: Sequence[str],
+def sieve_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, volume_paths: Sequence[str],
                  mask_path: str | None) -> list[InputFile]:
     """Every file a sieve of ``table`` reads (for :func:`cryosieve.io.paths.check_outputs`)."""
     inputs = [InputFile(Path(table.path), "particle STAR file")]

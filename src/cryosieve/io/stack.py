@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; numpy does the 
 
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.io.mrc import MRC_LABEL, check_mrc_file, quiet_mrcfile, resolve_path, set_fixed_label
-from cryosieve.io.star import ParticleTable
+from cryosieve.particles import ParticleSet
 
 
 def _open_stack(path: Path, name: str, directory: str | os.PathLike[str] | None,
@@ -140,13 +140,13 @@ def _cached(view: np.ndarray, sample: np.ndarray) -> bool:
     return True
 
 
-def stack_paths(table: ParticleTable, directory: str | os.PathLike[str] | None = None) -> list[Path]:
+def stack_paths(table: ParticleSet, directory: str | os.PathLike[str] | None = None) -> list[Path]:
     """The path of every stack the table's ``rlnImageName`` entries refer to, each once."""
     return [resolve_path(file, directory) for file in dict.fromkeys(table.image_file.tolist())]
 
 
 class StackReader:
-    """Read particle images by row of a :class:`ParticleTable`.
+    """Read particle images by row of a :class:`ParticleSet`.
 
     Parameters
     ----------
@@ -158,7 +158,7 @@ class StackReader:
         How many stacks to keep memory-mapped at once.
     """
 
-    def __init__(self, table: ParticleTable, directory: str | os.PathLike[str] | None = None,
+    def __init__(self, table: ParticleSet, directory: str | os.PathLike[str] | None = None,
                  max_open: int = 64) -> None:
         self.table = table
         self.directory = directory

@@ -1,16 +1,16 @@
-"""RELION particle STAR files (3.0 single table, 3.1+ optics + particles).
+"""The STAR codec: RELION particle STAR files (3.0 single table, 3.1+ optics + particles).
 
-The parsed :class:`ParticleTable` keeps every original block and column so that a
-subset can be written back unchanged, and exposes per-particle float64 arrays in
-fixed units: angles in degrees, origins in pixels, defocus in Å, voltage in kV,
-spherical aberration in mm, pixel size in Å.
+:func:`read_particles` gives a :class:`~cryosieve.particles.ParticleSet` whose values are in
+the set's fixed units, and whose :class:`StarSource` keeps every original block and column so
+that a subset is written back unchanged (:func:`star_text`: shortest exact float text, no
+time stamp).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import pandas as pd
 import starfile
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.atomic import atomic_path
+from cryosieve.particles import ParticleSet
 from cryosieve.tolerances import ORIGIN_TOLERANCE_PIXELS, pixel_sizes_agree
 
 #: First line of every STAR file this package writes (no time stamp: same table, same bytes).
@@ -29,71 +29,35 @@ CTF_PARTICLE_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 
 
-@dataclass
-class ParticleTable:
-    """Particles of a STAR file with their poses, origins and CTF parameters.
+@dataclass(frozen=True)
+class StarSource:
+    """The STAR file a :class:`~cryosieve.particles.ParticleSet` was read from: every block and
+    column as read, so that a subset is written back with only its rows changed.
 
-    All arrays have shape ``(n,)`` and dtype float64 unless stated.
+    ``version``: ``"3.0"`` (one table) or ``"3.1"`` (``data_optics`` + ``data_particles``).
     """
 
-    path: str
-    version: str  # "3.0" or "3.1"
+    version: str
     blocks: dict[str, pd.DataFrame]
     particles_block: str
-    image_name: np.ndarray  # (n,) object: the rlnImageName strings
-    image_file: np.ndarray  # (n,) object: stack file names as written in the STAR file
-    image_index: np.ndarray  # (n,) int64, 0-based index in the stack
-    rot: np.ndarray  # degrees
-    tilt: np.ndarray  # degrees
-    psi: np.ndarray  # degrees
-    origin_x: np.ndarray  # pixels
-    origin_y: np.ndarray  # pixels
-    defocus_u: np.ndarray  # Å
-    defocus_v: np.ndarray  # Å
-    defocus_angle: np.ndarray  # degrees
-    phase_shift: np.ndarray  # degrees
-    voltage: np.ndarray  # kV
-    spherical_aberration: np.ndarray  # mm
-    amplitude_contrast: np.ndarray  # fraction
-    pixel_size: np.ndarray  # Å
-    ctf_bfactor: np.ndarray  # Å^2 (0 when absent)
-    ctf_scalefactor: np.ndarray  # (1 when absent)
-    optics_group: np.ndarray  # (n,) int64 group number (1 for RELION 3.0 files)
-    random_subset: np.ndarray | None  # (n,) int64 half-set numbers, or None
-    image_size: np.ndarray | None = field(default=None)  # (n,) int64 from rlnImageSize
+    format: str = "star"
 
     @property
     def particles(self) -> pd.DataFrame:
         """The particle table as read (all columns)."""
         return self.blocks[self.particles_block]
 
-    def __len__(self) -> int:
-        return len(self.image_index)
-
-    def subset(self, rows: np.ndarray) -> "ParticleTable":
-        """A table of the given rows (boolean mask or integer indices), in that order."""
-        rows = np.asarray(rows)
-        if rows.dtype == bool:
-            rows = np.flatnonzero(rows)
+    def subset(self, rows: np.ndarray) -> StarSource:
         blocks = dict(self.blocks)
         blocks[self.particles_block] = self.particles.iloc[rows].reset_index(drop=True)
-        values = {}
-        for name in ParticleTable.__dataclass_fields__:
-            value = getattr(self, name)
-            if isinstance(value, np.ndarray) and value.shape[:1] == (len(self),):
-                value = value[rows]
-            values[name] = value
-        values["blocks"] = blocks
-        return ParticleTable(**values)
-
-    def write(self, path: str | os.PathLike[str]) -> None:
-        """Write the table atomically, every block and column as read."""
-        with atomic_path(path) as temporary:
-            self.write_to(temporary)
+        return StarSource(version=self.version, blocks=blocks, particles_block=self.particles_block)
 
     def write_to(self, path: str | os.PathLike[str]) -> None:
-        """Write the table to ``path`` directly (callers handle atomicity)."""
         write_star_to(path, self.blocks)
+
+
+#: Kept for callers that name the set by its old STAR-shaped name.
+ParticleTable = ParticleSet
 
 
 def write_star_to(path: str | os.PathLike[str], blocks: dict[str, pd.DataFrame]) -> None:
@@ -164,7 +128,7 @@ def parse_image_names(path: str, names: pd.Series) -> tuple[np.ndarray, np.ndarr
     return files, indices
 
 
-def read_particles(path: str | os.PathLike[str], angpix: float | None = None) -> ParticleTable:
+def read_particles(path: str | os.PathLike[str], angpix: float | None = None) -> ParticleSet:
     """Read a RELION 3.0 or 3.1+ particle STAR file.
 
     Parameters
@@ -244,7 +208,7 @@ def _read_common(path: str, block: str, frame: pd.DataFrame) -> dict[str, np.nda
     return values
 
 
-def _read_30(path: str, blocks: dict[str, pd.DataFrame], block: str, angpix: float | None) -> ParticleTable:
+def _read_30(path: str, blocks: dict[str, pd.DataFrame], block: str, angpix: float | None) -> ParticleSet:
     frame = blocks[block]
     label = block or "(unnamed)"
     values = _read_common(path, label, frame)
@@ -263,10 +227,10 @@ def _read_30(path: str, blocks: dict[str, pd.DataFrame], block: str, angpix: flo
         optics_group=np.ones(n, dtype=np.int64),
         image_size=None,
     )
-    return ParticleTable(path=path, version="3.0", blocks=blocks, particles_block=block, **values)
+    return ParticleSet(path=path, source=StarSource(version="3.0", blocks=blocks, particles_block=block), **values)
 
 
-def _read_31(path: str, blocks: dict[str, pd.DataFrame]) -> ParticleTable:
+def _read_31(path: str, blocks: dict[str, pd.DataFrame]) -> ParticleSet:
     optics, frame = blocks["optics"], blocks["particles"]
     values = _read_common(path, "particles", frame)
     group = _column(path, "particles", frame, "rlnOpticsGroup").astype(np.int64)
@@ -301,7 +265,8 @@ def _read_31(path: str, blocks: dict[str, pd.DataFrame]) -> ParticleTable:
         optics_group=group,
         image_size=image_size,
     )
-    return ParticleTable(path=path, version="3.1", blocks=blocks, particles_block="particles", **values)
+    return ParticleSet(path=path, source=StarSource(version="3.1", blocks=blocks, particles_block="particles"),
+                       **values)
 
 
 def _origin_31(path: str, frame: pd.DataFrame, axis: str, pixel: np.ndarray) -> np.ndarray:
