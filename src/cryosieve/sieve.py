@@ -27,12 +27,12 @@ from cryosieve.io.star import ParticleTable, output_paths, read_particles
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.mask import check_mask
+from cryosieve.published import published_scores
 from cryosieve.score import (
     BandSamples,
     ParticleBatch,
     band_sample_count,
     fourier_scores,
-    published_scores,
     select_lowest,
 )
 from cryosieve.tolerances import pixel_sizes_agree
