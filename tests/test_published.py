@@ -25,13 +25,17 @@ import torch
 from conftest import model_map, optics_table, random_particles, relion_project, soft_sphere_mask, write_map
 
 from cryosieve.cli.core import main
+from cryosieve.io.mrc import read_volume
 from cryosieve.io.star import read_particles
 from cryosieve.published import (
     inverse_half_plane,
+    published_batch,
+    published_cutoff,
     published_row_frequencies,
     published_scores,
 )
 from cryosieve.score import ParticleBatch, select_lowest
+from cryosieve.sieve import prepare_references
 
 BOX, PIXEL, COUNT, CUTOFF, RATIO = 64, 2.0, 240, 10.0, 0.8
 
@@ -188,7 +192,7 @@ def our_scores(data: PublishedData, rows: np.ndarray) -> np.ndarray:
         members = np.flatnonzero(table.random_subset[rows] == subset)
         if members.size == 0:
             continue
-        batch = ParticleBatch.from_table(table, rows[members], CUTOFF, "cpu")
+        batch = published_batch(table, rows[members], CUTOFF, "cpu")
         out[members] = published_scores(torch.from_numpy(data.volumes[subset - 1]),
                                         torch.from_numpy(data.images[rows[members]]), batch).numpy()
     return out
@@ -243,6 +247,21 @@ def test_nyquist_row_is_plus_half_box_in_the_shift_and_the_ctf(published_data):
         wrong = reference_score(volume, image, p, threshold, shift_nyquist, ctf_nyquist)
         assert relative(wrong, expected) > 1e-4, (shift_nyquist, ctf_nyquist)
     assert relative(our_scores(data, np.array([0]))[0], expected) < 1e-9
+
+
+def test_realspace_references_are_the_float64_product_of_map_and_mask(published_data):
+    volumes = [read_volume(path) for path in published_data.half_maps]
+    mask = read_volume(published_data.mask, what="mask")
+    masked, fsc, weighting = prepare_references(volumes, mask, "none", "realspace")
+    assert fsc is None and weighting == "none"
+    for ours, expected in zip(masked, published_data.volumes):
+        assert ours.dtype == np.float64 and np.array_equal(ours, expected)
+
+
+def test_published_cutoff_is_angpix_over_f():
+    pixel = np.array([2.0, 2.001])
+    assert np.array_equal(published_cutoff(pixel, 10.0, 2.0005), np.full(2, 2.0005 / 10.0))
+    assert np.array_equal(published_cutoff(pixel, 10.0, None), pixel / 10.0)
 
 
 def test_published_scorer_by_hand():

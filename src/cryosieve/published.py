@@ -11,7 +11,8 @@ the published program, step by step, and where they differ from RELION's or from
 package's own scorer (:mod:`cryosieve.score`):
 
 Inputs
-    The half map is the map times the mask. Images are
+    The half map is the map times the mask, both read as float32 and multiplied in
+    float64 (a float32 product moves scores by about 5e-9 relative). Images are
     float32 pixels taken to float64 as they are (no normalisation). Poses become unit
     quaternions (:func:`published_quaternions`); origins are ``rlnOriginX/Y`` (RELION
     3.0, pixels) or ``rlnOriginX/YAngst / rlnImagePixelSize`` (3.1+); defocus angle and
@@ -53,10 +54,11 @@ Origin shift ``T`` (:func:`published_translate`)
 
 High-pass ``HP`` (:func:`published_highpass`)
     Samples with ``hypot(kx / box, ky / box) < F_pixel`` are set to zero, ``F_pixel =
-    pixel / F`` in cycles per pixel: the cut-off sample itself is kept. The published
+    angpix / F`` in cycles per pixel: the cut-off sample itself is kept. The published
     upper limit (1 cycle per pixel) removes nothing from a 2D grid, and samples beyond
     Nyquist (the corners, up to ``sqrt(2)/2`` cycles per pixel) stay in the score,
-    unlike in :mod:`cryosieve.score`.
+    unlike in :mod:`cryosieve.score`. ``angpix`` is ``--angpix`` where given (the
+    published program always needs it), else the particle's pixel size.
 
 Back to real space (:func:`inverse_half_plane`)
     The origin shift (a sub-pixel ``ox``) and the astigmatic CTF leave the ``kx = 0``
@@ -82,6 +84,7 @@ import math
 import numpy as np
 import torch
 
+from cryosieve.io.star import ParticleTable
 from cryosieve.score import ParticleBatch
 
 
@@ -253,6 +256,27 @@ def published_highpass(images: torch.Tensor, threshold: torch.Tensor) -> torch.T
     return inverse_half_plane(spectra, box)
 
 
+def published_cutoff(pixel_size: np.ndarray, highpass_angstrom: float, angpix: float | None) -> np.ndarray:
+    """Cut-off of each particle in cycles per pixel, as published: ``angpix / F``.
+
+    ``pixel_size``: ``(n,)`` Å; ``angpix``: ``--angpix`` as given (the published program
+    divides it by ``F`` for every particle), or ``None`` to use each particle's pixel size.
+    Returns ``(n,)`` float64.
+    """
+    pixel = np.asarray(pixel_size, dtype=np.float64)
+    return np.full(len(pixel), angpix / highpass_angstrom) if angpix is not None else pixel / highpass_angstrom
+
+
+def published_batch(table: ParticleTable, rows: np.ndarray, highpass_angstrom: float,
+                    device: torch.device | str) -> ParticleBatch:
+    """The parameters of the given table rows, with the published cut-off (:func:`published_cutoff`
+    of the table's ``--angpix``) as ``highpass_cycles_per_pixel``."""
+    batch = ParticleBatch.from_table(table, rows, highpass_angstrom, device)
+    cutoff = published_cutoff(np.asarray(table.pixel_size)[rows], highpass_angstrom, table.angpix)
+    batch.highpass_cycles_per_pixel = torch.as_tensor(cutoff, dtype=torch.float64, device=device)
+    return batch
+
+
 def published_scores(volume: torch.Tensor, images: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
     """Scores exactly as the published CryoSieve 1.3.3 computes them (float64, real space).
 
@@ -264,7 +288,8 @@ def published_scores(volume: torch.Tensor, images: torch.Tensor, batch: Particle
     images:
         ``(b, n, n)`` particle images indexed ``[y, x]``, any real dtype (float32 as read).
     batch:
-        Their parameters; ``highpass_cycles_per_pixel`` is the cut-off in cycles per pixel.
+        Their parameters; ``highpass_cycles_per_pixel`` is the cut-off
+        (:func:`published_batch`).
 
     Returns
     -------
