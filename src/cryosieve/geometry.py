@@ -68,27 +68,6 @@ def matrix_to_euler(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.degrees(rot), np.degrees(tilt), np.degrees(psi)
 
 
-def published_quaternions(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -> np.ndarray:
-    """Quaternions ``(w, x, y, z)`` exactly as the published CryoSieve computes them.
-
-    Angles in degrees, ``(n,)`` each; returns ``(n, 4)`` float64. The published code
-    names RELION's rot ``psi`` and RELION's psi ``phi``; the resulting rotation equals
-    :func:`euler_to_matrix`.
-    """
-    first = np.radians(rot)
-    theta = np.radians(tilt)
-    last = np.radians(psi)
-    return np.stack(
-        [
-            np.cos((last + first) / 2) * np.cos(theta / 2),
-            -np.sin((last - first) / 2) * np.sin(theta / 2),
-            -np.cos((last - first) / 2) * np.sin(theta / 2),
-            -np.sin((last + first) / 2) * np.cos(theta / 2),
-        ],
-        axis=-1,
-    )
-
-
 def uniform_random_euler(count: int, generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Euler angles (degrees) of rotations drawn uniformly from SO(3)."""
     rot = generator.uniform(-180.0, 180.0, count)

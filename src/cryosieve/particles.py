@@ -72,6 +72,7 @@ class ParticleSet:
     optics_group: np.ndarray  # int64 group number (1 without optics groups)
     random_subset: np.ndarray | None  # int64 half-set numbers, or None
     image_size: np.ndarray | None = field(default=None)  # int64 box sizes the file states, or None
+    angpix: float | None = None  # the pixel size the user gave (``--angpix``, Å), or None
 
     def __len__(self) -> int:
         return len(self.image_index)

@@ -10,7 +10,7 @@ Round ``i`` (0 .. ``num_iters - 1``), as the published CryoSieve runs it:
    (removed) and ``PREFIX_iter{i+1}_scores.csv``.
 
 ``F_i = 1 / linspace(1 / frequency_start, 1 / frequency_end, num_iters)[i]`` Å, rounded to
-0.01 Å as the published program passes it on.  ``PREFIX_iter0.star`` is the input (a
+0.001 Å as the published program passes it on.  ``PREFIX_iter0.star`` is the input (a
 byte copy, or with ``balance`` the subset that makes both half-sets equally large).
 As in the published program, the last kept set ``PREFIX_iter{num_iters}.star`` is not
 reconstructed.
@@ -222,13 +222,13 @@ class PipelineResult:
 
 
 def cutoff_frequencies(frequency_start: float, frequency_end: float, num_iters: int) -> np.ndarray:
-    """High-pass cut-off (Å) of each round: ``1 / linspace(1/start, 1/end, n)``, rounded to 0.01 Å.
+    """High-pass cut-off (Å) of each round: ``1 / linspace(1/start, 1/end, n)``, rounded to 0.001 Å.
 
-    The published program passes ``f"{F:.2f}"`` to the sieve, so the rounding is part of
-    the result.  Returns ``(num_iters,)`` float64.
+    The published program (1.3.3) passes ``f"{F:.3f}"`` to the sieve (its log shows
+    ``F:.2f``), so the rounding is part of the result.  Returns ``(num_iters,)`` float64.
     """
     exact = 1.0 / np.linspace(1.0 / frequency_start, 1.0 / frequency_end, num_iters)
-    return np.array([float(f"{value:.2f}") for value in exact], dtype=np.float64)
+    return np.array([float(f"{value:.3f}") for value in exact], dtype=np.float64)
 
 
 def step_names(num_iters: int) -> list[str]:
@@ -380,7 +380,7 @@ def prepare(settings: PipelineSettings) -> _Prepared:
     cutoffs = cutoff_frequencies(settings.frequency_start, settings.frequency_end, settings.num_iters)
     for cutoff in cutoffs:
         HighPass(float(cutoff)).check(box, float(np.max(table.pixel_size)),
-                                      f"--frequency_end {settings.frequency_end} (a round's cut-off, rounded to 0.01 Å)")
+                                      f"--frequency_end {settings.frequency_end} (a round's cut-off, rounded to 0.001 Å)")
     rows0 = balanced_rows(table.random_subset) if settings.balance else np.arange(len(table))
     device = torch.device(settings.device)
     arguments = {

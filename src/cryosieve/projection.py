@@ -1,17 +1,15 @@
 """Projection of a volume along particle poses.
 
-Two projectors:
+:class:`FourierSliceProjector` samples central slices of the padded volume's
+transform (Fourier slice theorem) by trilinear interpolation, at an arbitrary list of
+2D frequencies, after RELION's gridding correction. This is the scoring hot path.
+``torch-fourier-slice`` extracts whole padded slices and needs an inverse FFT to
+return to the image grid (about 90 slices/s at box 128 on 2 cores); the scorer only
+needs the slice at the image's own frequencies inside the high-pass band, so this
+kernel gathers exactly those points from a pre-transformed, Friedel-folded grid.
 
-* :class:`FourierSliceProjector` samples central slices of the padded volume's
-  transform (Fourier slice theorem) by trilinear interpolation, at an arbitrary list of
-  2D frequencies, after RELION's gridding correction. This is the scoring hot path.
-  ``torch-fourier-slice`` extracts whole padded slices and needs an inverse FFT to
-  return to the image grid (about 90 slices/s at box 128 on 2 cores); the scorer only
-  needs the slice at the image's own frequencies inside the high-pass band, so this
-  kernel gathers exactly those points from a pre-transformed, Friedel-folded grid.
-* :func:`published_realspace_projection` reproduces the published CryoSieve
-  real-space projector (each voxel rotated by the pose quaternion and splatted
-  bilinearly onto the image), for reproducing earlier selections.
+The published real-space projector lives with the rest of the published scoring in
+:mod:`cryosieve.published`.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import torch
 
 from cryosieve import _kernels
 from cryosieve.fsc import filter_by_shell
-from cryosieve.geometry import published_quaternions
 
 
 def gridding_correction(size: int, padded_size: int, dtype: torch.dtype = torch.float64,
@@ -182,46 +179,3 @@ class FourierSliceProjector:
                 result += (weight_zy * fx) * grid[base + offset + 1]
         result = torch.where(flip, result.conj(), result)
         return torch.where(outside, torch.zeros_like(result), result)
-
-
-def published_realspace_projection(volume: torch.Tensor, rot: np.ndarray, tilt: np.ndarray,
-                                   psi: np.ndarray) -> torch.Tensor:
-    """The published CryoSieve real-space projector, reproduced in float64.
-
-    Every voxel ``(x, y, z)`` (centred at ``n // 2``) is rotated by the pose quaternion
-    and its value is splatted bilinearly onto the image pixel grid; contributions that
-    fall outside the image are dropped.
-
-    Parameters
-    ----------
-    volume:
-        ``(n, n, n)`` map indexed ``[z, y, x]``.
-    rot, tilt, psi:
-        ``(b,)`` Euler angles in degrees.
-
-    Returns
-    -------
-    ``(b, n, n)`` float64 projections indexed ``[y, x]``.
-    """
-    size = volume.shape[-1]
-    device = volume.device
-    values = volume.to(torch.float64).reshape(-1)
-    axis = torch.arange(size, device=device, dtype=torch.float64) - size // 2
-    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
-    x, y, z = x.reshape(-1), y.reshape(-1), z.reshape(-1)
-    quaternions = published_quaternions(np.asarray(rot), np.asarray(tilt), np.asarray(psi))
-    images = torch.zeros((len(quaternions), size * size), dtype=torch.float64, device=device)
-    for index, (qw, qx, qy, qz) in enumerate(quaternions.tolist()):
-        vx = (x - 2 * (qy * qy + qz * qz) * x + 2 * (qx * qy - qw * qz) * y
-              + 2 * (qx * qz + qw * qy) * z + size // 2)
-        vy = (y + 2 * (qx * qy + qw * qz) * x - 2 * (qx * qx + qz * qz) * y
-              + 2 * (qy * qz - qw * qx) * z + size // 2)
-        ix, iy = torch.floor(vx), torch.floor(vy)
-        dx, dy = vx - ix, vy - iy
-        ix, iy = ix.long(), iy.long()
-        for ox, oy, weight in ((0, 0, (1 - dx) * (1 - dy)), (1, 0, dx * (1 - dy)),
-                               (0, 1, (1 - dx) * dy), (1, 1, dx * dy)):
-            px, py = ix + ox, iy + oy
-            inside = (px >= 0) & (px < size) & (py >= 0) & (py < size)
-            images[index].index_add_(0, (py * size + px)[inside], (values * weight)[inside])
-    return images.reshape(-1, size, size)

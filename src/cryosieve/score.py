@@ -29,7 +29,7 @@ from cryosieve.band import HighPass
 from cryosieve.ctf import CtfParameters
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import BatchImages
-from cryosieve.projection import FourierSliceProjector, published_realspace_projection
+from cryosieve.projection import FourierSliceProjector
 
 
 @dataclass
@@ -300,64 +300,6 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor |
             chunk["phase_constant"], chunk["envelope"], chunk["scale_ctf"], chunk["highpass2"], box, out[start:stop],
         )
     return torch.from_numpy(out)
-
-
-def _published_ctf_multiply(spectra: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
-    """The published ``convolute_ctf`` kernel on an ``rfft2`` stack (float64)."""
-    box = spectra.shape[-2]
-    freq_y = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=spectra.device)
-    freq_x = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64, device=spectra.device)
-    y, x = torch.meshgrid(freq_y, freq_x, indexing="ij")
-    pixel = batch.pixel_size[:, None, None]
-    frequency = torch.hypot(x / (pixel * box), y / (pixel * box))
-    alpha = torch.atan2(y, x)[None] - torch.deg2rad(batch.defocus_angle)[:, None, None]
-    defocus_u, defocus_v = batch.defocus_u[:, None, None], batch.defocus_v[:, None, None]
-    defocus = -(defocus_u + defocus_v + (defocus_u - defocus_v) * torch.cos(2 * alpha)) / 2
-    volts = batch.voltage[:, None, None] * 1000
-    wavelength = 12.2643247 / torch.sqrt(volts * (1 + volts * 0.978466e-6))
-    cs = batch.spherical_aberration[:, None, None] * 1e7
-    chi = (math.pi * wavelength * defocus * frequency**2
-           + math.pi / 2 * cs * wavelength**3 * frequency**4
-           - torch.deg2rad(batch.phase_shift)[:, None, None])
-    amplitude = batch.amplitude_contrast[:, None, None]
-    ctf = -torch.sqrt(1 - amplitude**2) * torch.sin(chi) + amplitude * torch.cos(chi)
-    return spectra * ctf
-
-
-def _published_highpass(images: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    box = images.shape[-1]
-    spectra = torch.fft.rfftn(images, dim=(-2, -1))
-    freq_y = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
-    freq_x = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
-    y, x = torch.meshgrid(freq_y, freq_x, indexing="ij")
-    frequency = torch.hypot(x / box, y / box)
-    spectra = torch.where(frequency[None] < threshold[:, None, None], 0.0, spectra)
-    return torch.fft.irfftn(spectra, dim=(-2, -1), s=(box, box))
-
-
-def published_scores(volume: torch.Tensor, images: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
-    """Scores exactly as the published CryoSieve computes them (float64, real space).
-
-    ``volume``: ``(n, n, n)`` masked half map; ``images``: ``(b, n, n)``. The image is
-    shifted by its origin, the real-space projection is CTF-modulated, the difference
-    and the image are high-passed by FFT masking, and squared norms are subtracted.
-    Returns ``(b,)`` float64.
-    """
-    box = images.shape[-1]
-    images = images.to(torch.float64)
-    freq_y = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
-    freq_x = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
-    phi = -2 * math.pi * (batch.origin_x[:, None, None] * freq_x[None, None, :] / box
-                          + batch.origin_y[:, None, None] * freq_y[None, :, None] / box)
-    shifted = torch.fft.irfftn(torch.fft.rfftn(images, dim=(-2, -1)) * torch.polar(torch.ones_like(phi), phi),
-                               dim=(-2, -1), s=(box, box))
-    projections = published_realspace_projection(volume, batch.rot.cpu().numpy(), batch.tilt.cpu().numpy(),
-                                                 batch.psi.cpu().numpy()).to(images.device)
-    projections = torch.fft.irfftn(_published_ctf_multiply(torch.fft.rfftn(projections, dim=(-2, -1)), batch),
-                                   dim=(-2, -1), s=(box, box))
-    difference = _published_highpass(projections - shifted, batch.highpass_cycles_per_pixel)
-    shifted = _published_highpass(shifted, batch.highpass_cycles_per_pixel)
-    return (difference**2).sum(dim=(-2, -1)) - (shifted**2).sum(dim=(-2, -1))
 
 
 def retained_count(count: int, retention_ratio: float) -> int:

@@ -29,11 +29,11 @@ from cryosieve.particles import ParticleSet
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.mask import check_mask
+from cryosieve.published import published_batch, published_scores
 from cryosieve.score import (
     BandSamples,
     ParticleBatch,
     fourier_scores,
-    published_scores,
     select_lowest,
 )
 from cryosieve.tolerances import pixel_sizes_agree
@@ -160,7 +160,9 @@ def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting
                        ) -> tuple[list[np.ndarray], np.ndarray | None, str]:
     """Masked half maps and, for FSC weighting, the FSC between them.
 
-    Returns ``(masked maps [z, y, x] float32, fsc (n//2+1,) or None, weighting used)``.
+    The map and mask (float32) are multiplied in float64 for the real-space projector, as
+    the published program does, and in float32 (the same values rounded) otherwise.
+    Returns ``(masked maps [z, y, x] float32 or float64, fsc (n//2+1,) or None, weighting used)``.
     """
     mask_data = mask.data if mask is not None else None
     if mask is not None:
@@ -168,7 +170,9 @@ def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting
             raise CryoSieveInputError(
                 f"{mask.path}: mask shape {mask.data.shape} does not match the maps' {volumes[0].data.shape}"
             )
-    masked = [volume.data * mask_data if mask_data is not None else volume.data.copy() for volume in volumes]
+    dtype = np.float64 if projector == "realspace" else np.float32
+    masked = [np.multiply(volume.data, mask_data, dtype=dtype) if mask_data is not None
+              else volume.data.astype(dtype) for volume in volumes]
     if weighting == "auto":
         weighting = "fsc" if (len(volumes) == 2 and projector == "fourier") else "none"
     if weighting == "fsc":
@@ -250,11 +254,12 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
         for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank, world_size),
                                                    background=not on_cpu,
                                                    on_demand=on_cpu and settings.projector == "fourier"):
-            batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
             if settings.projector == "fourier":
+                batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
                 image_input = images if isinstance(images, BatchImages) else torch.from_numpy(images).to(device)
                 values = fourier_scores(projector, image_input, batch, samples, volume_pixel_size)
             else:
+                batch = published_batch(table, batch_rows, settings.highpass_angstrom, device)
                 values = published_scores(volume_tensor, torch.from_numpy(images).to(device), batch)
             scores[batch_rows] = values.cpu().numpy()
             if progress is not None:

@@ -159,6 +159,7 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
         raise CryoSieveInputError(f"--angpix {angpix}: must be a positive number of Å")
     if "optics" in blocks and "particles" in blocks:
         table = _read_31(path, blocks)
+        table.angpix = angpix
         if angpix is not None:
             pixel = np.unique(table.pixel_size)
             worst = float(pixel[np.argmax(np.abs(pixel - angpix))])
@@ -173,7 +174,9 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
             f"{path}: expected data_optics + data_particles (RELION 3.1+) or one particle "
             "table with rlnImageName (RELION 3.0)"
         )
-    return _read_30(path, blocks, particle_blocks[0], angpix)
+    table = _read_30(path, blocks, particle_blocks[0], angpix)
+    table.angpix = angpix
+    return table
 
 
 def _read_common(path: str, block: str, frame: pd.DataFrame) -> dict[str, np.ndarray]:
