@@ -534,6 +534,6 @@ def test_pipeline_records_the_canonical_symmetry_name_and_the_file_pixel_size(sm
                                 directory=str(small.folder), symmetry="c1", num_iters=2, frequency_start=30,
                                 frequency_end=12)
     prepared = prepare(settings)
-    assert prepared.arguments["--sym"] == "C1"
-    assert prepared.arguments["--angpix"] == PIXEL  # from the file: --angpix is not needed for RELION 3.1+
+    assert prepared.arguments["symmetry"] == "C1"
+    assert prepared.arguments["angpix"] == PIXEL  # from the file: --angpix is not needed for RELION 3.1+
     assert not (tmp_path / "run").exists()

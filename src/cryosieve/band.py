@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cryosieve.errors import CryoSieveInputError
+from cryosieve.errors import CryoSieveInputError, setting
 
 #: Cycles per pixel by which a sample below the cut-off still counts as on it (rounding).
 EDGE_TOLERANCE = 1e-12
@@ -52,7 +52,7 @@ class HighPass:
         radius = np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
         return int(np.count_nonzero(self.inside(radius, self.cycles_per_pixel(pixel_size))))
 
-    def check(self, box: int, pixel_size: float, option: str = "--frequency") -> None:
+    def check(self, box: int, pixel_size: float, option: str = setting("highpass_angstrom")) -> None:
         """Refuse a cut-off that leaves nothing to score in a ``box``-pixel image of ``pixel_size`` Å
         (the particles' coarsest): not coarser than Nyquist, or an empty band. ``option`` names it."""
         nyquist = 2 * pixel_size

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from cryosieve.errors import CryoSieveInputError
+from cryosieve.processes import start, stop
 from cryosieve.particles import ParticleSet
 
 #: How long a worker waits for the others to join before it gives up (seconds).
@@ -53,14 +54,6 @@ def _free_port() -> int:
     with socket.socket() as handle:
         handle.bind(("127.0.0.1", 0))
         return int(handle.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: have the kernel send SIGKILL to this process when its parent dies."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager
@@ -85,24 +78,8 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(received[0])
 
 
-def _signal_group(process: subprocess.Popen[bytes], number: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, number)
-
-
 def _stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to every worker still running, SIGKILL to those left after the grace period."""
-    running = [process for process in processes if process.poll() is None]
-    for process in running:
-        _signal_group(process, signal.SIGTERM)
-    deadline = time.monotonic() + TERMINATE_GRACE
-    for process in running:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(max(0.0, deadline - time.monotonic()))
-    for process in running:
-        if process.poll() is None:
-            _signal_group(process, signal.SIGKILL)
-        process.wait()
+    stop(processes, TERMINATE_GRACE)
 
 
 def _worst_error(folder: Path, world_size: int) -> BaseException | None:
@@ -149,11 +126,9 @@ def score_in_processes(table: ParticleSet, directory: Any, references: Sequence[
                 log_file = open(folder / f"rank{rank}.log", "wb")
                 logs.append(log_file)
                 with _signals_deferred():
-                    processes.append(subprocess.Popen(
+                    processes.append(start(
                         [sys.executable, "-m", "cryosieve.distributed", str(rank), str(world_size), str(port),
-                         str(folder)],
-                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                        start_new_session=True, preexec_fn=_die_with_parent))
+                         str(folder)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT))
             while any(process.poll() is None for process in processes):
                 failed = [rank for rank, process in enumerate(processes) if process.poll() not in (None, 0)]
                 if failed:

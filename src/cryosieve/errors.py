@@ -1,13 +1,43 @@
 """Errors the library raises for its callers to report.
 
-The command-line layer turns a :class:`CryoSieveInputError` into a one-line message on
-standard error and exit code 2, an :class:`ExternalCommandError` into one line naming the
-program's log and its exit code.
+A :class:`CryoSieveInputError` names the file, column or setting at fault. A setting is
+named by its field (``retention_ratio``, ``highpass_angstrom``...) through :func:`setting`;
+a caller that knows the setting by another name, such as the command line by its flag
+(``--frequency`` for ``highpass_angstrom``), shows the message with
+:meth:`CryoSieveInputError.message_with`, so the library never speaks in flags.
 """
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+_OPEN, _CLOSE = "\u27e8", "\u27e9"
+_MARKED = re.compile(f"{_OPEN}([A-Za-z_][A-Za-z0-9_]*){_CLOSE}")
+
+
+def setting(field: str) -> str:
+    """A setting's name inside an error message, shown as the caller knows it."""
+    return f"{_OPEN}{field}{_CLOSE}"
 
 
 class CryoSieveInputError(ValueError):
-    """Bad user input: the message names the file, column or option at fault."""
+    """Bad user input: the message names the file, column or setting at fault.
+
+    ``str(error)`` names settings by their fields; :meth:`message_with` by the caller's names.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.raw_message = message
+        super().__init__(self.message_with({}))
+
+    def message_with(self, names: Mapping[str, str]) -> str:
+        """The message with each setting named as in ``names`` (field -> name; others by field)."""
+        return _MARKED.sub(lambda match: names.get(match.group(1), match.group(1)), self.raw_message)
+
+    def fields(self) -> list[str]:
+        """The settings the message names."""
+        return _MARKED.findall(self.raw_message)
 
 
 class ExternalCommandError(RuntimeError):

@@ -3,23 +3,25 @@
 Round ``i`` (0 .. ``num_iters - 1``), as the published CryoSieve runs it:
 
 1. reconstruct the two half maps of ``PREFIX_iter{i}.star`` ->
-   ``PREFIX_iter{i}_half1.mrc`` and ``PREFIX_iter{i}_half2.mrc``;
-2. post-process them -> ``PREFIX_postprocess_iter{i}/iter{i}.*``;
-3. sieve ``PREFIX_iter{i}.star`` with those half maps and the mask at the high-pass
-   cut-off ``F_i`` -> ``PREFIX_iter{i+1}.star`` (kept), ``PREFIX_iter{i+1}_sieved.star``
-   (removed) and ``PREFIX_iter{i+1}_scores.csv``.
+   ``PREFIX_iter{i}_half1.mrc`` and ``PREFIX_iter{i}_half2.mrc`` (a
+   :class:`~cryosieve.backends.Reconstructor`);
+2. post-process them -> ``PREFIX_postprocess_iter{i}/iter{i}.*`` (a
+   :class:`~cryosieve.backends.PostProcessor`);
+3. sieve ``PREFIX_iter{i}.star`` with those half maps and the mask at the round's cut-off
+   (:class:`~cryosieve.schedule.CutoffSchedule`) -> ``PREFIX_iter{i+1}.star`` (kept),
+   ``PREFIX_iter{i+1}_sieved.star`` (removed) and ``PREFIX_iter{i+1}_scores.csv``.
 
-``F_i = 1 / linspace(1 / frequency_start, 1 / frequency_end, num_iters)[i]`` Å, rounded to
-0.001 Å as the published program passes it on.  ``PREFIX_iter0.star`` is the input (a
-byte copy, or with ``balance`` the subset that makes both half-sets equally large).
-As in the published program, the last kept set ``PREFIX_iter{num_iters}.star`` is not
-reconstructed.
+``PREFIX_iter0.star`` is the input (a byte copy, or with ``balance`` the subset that makes
+both half-sets equally large). As in the published program, the last kept set
+``PREFIX_iter{num_iters}.star`` is not reconstructed.
 
-Resuming: ``PREFIX_state.json`` (written atomically) holds the arguments that determine
-the outputs and the list of completed steps; each step writes its outputs atomically
-before it is recorded.  A run started again with ``resume=True`` skips every recorded
-step, so an interrupted run ends with the same files as an uninterrupted one.  Every
-random choice is seeded.
+Every step goes through one step runner. ``PREFIX_state.json`` (written atomically) holds the
+settings that determine the outputs (by field name), the completed steps, and what each
+round measured (resolution, B-factor, corrected FSC, the back-ends), recorded by the
+pipeline itself whatever back-end measured it; each step writes its outputs atomically
+before it is recorded. A run started again with ``resume=True`` skips every recorded step,
+so an interrupted run ends with the same files as an uninterrupted one. Every random
+choice is seeded.
 
 The library never prints: it logs to the ``cryosieve`` logger (and, while running, to
 ``PREFIX_pipeline.log``) and reports progress through a caller-given factory.
@@ -42,31 +44,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from cryosieve.backends.relion import (
-    reconstruct_half_maps,
-    run_postprocess,
-    split_command,
-    with_launcher,
-)
-from cryosieve.band import HighPass
-from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.atomic import (
-    OutputGroup,
-    atomic_path,
-    remove_stale_temporaries,
-    write_text_atomic,
-)
+from cryosieve.backends import HalfMapJob, PostProcessor, PostprocessJob, Reconstructor
+from cryosieve.backends.builtin import BuiltinPostProcessor, BuiltinReconstructor
+from cryosieve.errors import CryoSieveInputError, setting
+from cryosieve.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from cryosieve.io.lock import exclusive_lock
-from cryosieve.io.mrc import Volume, read_volume, write_volume_to
+from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import StackReader, stack_paths
 from cryosieve.io.star import read_particles
-from cryosieve.particles import ParticleSet
 from cryosieve.mask import check_mask
+from cryosieve.particles import ParticleSet
+from cryosieve.postprocess import PostprocessReport
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.report import ReportPaths, RoundSummary, report_paths, write_report
+from cryosieve.schedule import CutoffSchedule
 from cryosieve.sieve import (
     SieveSettings,
     check_geometry,
@@ -81,13 +74,13 @@ from cryosieve.tolerances import pixel_sizes_agree
 
 log = logging.getLogger("cryosieve")
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 BALANCE_SEED = 0
 
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """Arguments of one run (the command line of ``cryosieve``).
+    """The settings of one run (the command line of ``cryosieve``).
 
     Attributes
     ----------
@@ -103,15 +96,12 @@ class PipelineSettings:
     directory:
         Folder that ``rlnImageName`` paths are relative to (``None``: current folder).
     symmetry:
-        Point group for reconstruction (RELION's names).
+        Point group for reconstruction (RELION's names, any case).
     num_iters, frequency_start, frequency_end, retention_ratio, balance:
         As in the published CryoSieve (cut-offs in Å).
-    reconstruct_software, postprocess_software:
-        External command lines, or ``None`` for the built-in back-ends.
-    num_procs:
-        The published ``--num_procs``: prefix ``mpirun -n N`` to the reconstruction
-        command; ``None`` runs the command line as given.
-    num_gpus:
+    reconstructor, postprocessor:
+        The back-ends (``None``: the built-in ones on ``device``).
+    num_processes:
         Scoring processes (one per GPU on CUDA).
     device:
         Where the built-in steps compute.
@@ -134,16 +124,24 @@ class PipelineSettings:
     frequency_end: float = 3.0
     retention_ratio: float = 0.8
     balance: bool = False
-    reconstruct_software: str | None = None
-    postprocess_software: str | None = None
-    num_procs: int | None = None
-    num_gpus: int = 1
-    device: str | torch.device = "cpu"
+    reconstructor: Reconstructor | None = None
+    postprocessor: PostProcessor | None = None
+    num_processes: int = 1
+    device: Any = "cpu"
     batch_size: int = 256
     projector: str = "fourier"
     reference_weighting: str = "auto"
     reconstruct_batch_size: int = 128
     report: bool = True
+
+    @property
+    def schedule(self) -> CutoffSchedule:
+        return CutoffSchedule(self.frequency_start, self.frequency_end, self.num_iters)
+
+    def backends(self) -> tuple[Reconstructor, PostProcessor]:
+        """The back-ends to use, the built-in ones where none is given."""
+        return (self.reconstructor or BuiltinReconstructor(self.device, self.reconstruct_batch_size),
+                self.postprocessor or BuiltinPostProcessor(self.device))
 
 
 @dataclass(frozen=True)
@@ -222,13 +220,8 @@ class PipelineResult:
 
 
 def cutoff_frequencies(frequency_start: float, frequency_end: float, num_iters: int) -> np.ndarray:
-    """High-pass cut-off (Å) of each round: ``1 / linspace(1/start, 1/end, n)``, rounded to 0.001 Å.
-
-    The published program (1.3.3) passes ``f"{F:.3f}"`` to the sieve (its log shows
-    ``F:.2f``), so the rounding is part of the result.  Returns ``(num_iters,)`` float64.
-    """
-    exact = 1.0 / np.linspace(1.0 / frequency_start, 1.0 / frequency_end, num_iters)
-    return np.array([float(f"{value:.3f}") for value in exact], dtype=np.float64)
+    """The cut-offs (Å) of :class:`~cryosieve.schedule.CutoffSchedule`: ``(num_iters,)`` float64."""
+    return CutoffSchedule(frequency_start, frequency_end, num_iters).cutoffs
 
 
 def step_names(num_iters: int) -> list[str]:
@@ -275,67 +268,55 @@ class _Prepared:
 
     settings: PipelineSettings
     names: OutputNames
-    table: ParticleSet  # the input, as read
-    rows0: np.ndarray  # rows of ``table`` in PREFIX_iter0.star
+    particles: ParticleSet  # the input, as read
+    rows0: np.ndarray  # rows of ``particles`` in PREFIX_iter0.star
     box: int
     angpix: float  # Å, of the particles and every map
     symmetry: str  # canonical name
     mask: Volume
-    cutoffs: np.ndarray
-    device: torch.device
-    reconstruct_program: list[str] | None
-    postprocess_program: list[str] | None
+    schedule: CutoffSchedule
+    reconstructor: Reconstructor
+    postprocessor: PostProcessor
     arguments: dict[str, Any]
 
 
-def _positive(option: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise CryoSieveInputError(f"{option} {value}: must be a positive number")
-
-
 def _check_numbers(settings: PipelineSettings) -> None:
-    if settings.angpix is not None:
-        _positive("--angpix", settings.angpix)
-    if not isinstance(settings.num_iters, int) or settings.num_iters < 1:
-        raise CryoSieveInputError(f"--num_iters {settings.num_iters}: must be at least 1")
-    _positive("--frequency_start", settings.frequency_start)
-    _positive("--frequency_end", settings.frequency_end)
+    if settings.angpix is not None and not (math.isfinite(settings.angpix) and settings.angpix > 0):
+        raise CryoSieveInputError(f"{setting('angpix')} {settings.angpix}: must be a positive number")
     if not (0.0 < settings.retention_ratio <= 1.0):
-        raise CryoSieveInputError(f"--retention_ratio {settings.retention_ratio}: must be in (0, 1]")
-    if settings.num_procs is not None and settings.num_procs < 1:
-        raise CryoSieveInputError(f"--num_procs {settings.num_procs}: must be at least 1")
+        raise CryoSieveInputError(f"{setting('retention_ratio')} {settings.retention_ratio}: must be in (0, 1]")
     if settings.reconstruct_batch_size < 1:
-        raise CryoSieveInputError(f"--batch_size {settings.reconstruct_batch_size}: must be at least 1")
+        raise CryoSieveInputError(f"{setting('batch_size')} {settings.reconstruct_batch_size}: must be at least 1")
     if not settings.output_prefix or not settings.output_prefix.strip():
-        raise CryoSieveInputError("--o: empty output prefix")
+        raise CryoSieveInputError(f"{setting('output_prefix')}: empty output prefix")
     check_settings(_sieve_settings(settings, settings.frequency_start))
 
 
 def _sieve_settings(settings: PipelineSettings, cutoff: float) -> SieveSettings:
     return SieveSettings(retention_ratio=settings.retention_ratio, highpass_angstrom=float(cutoff),
                          projector=settings.projector, reference_weighting=settings.reference_weighting,
-                         batch_size=settings.batch_size, device=settings.device, num_processes=settings.num_gpus,
-                         balance=settings.balance)
+                         batch_size=settings.batch_size, device=settings.device,
+                         num_processes=settings.num_processes, balance=settings.balance)
 
 
-def _pixel_size(settings: PipelineSettings, table: ParticleSet) -> float:
-    """The one pixel size (Å) of the run: ``--angpix`` (checked against the file by
+def _pixel_size(settings: PipelineSettings, particles: ParticleSet) -> float:
+    """The one pixel size (Å) of the run: ``angpix`` (checked against the file by
     :func:`read_particles`) or the file's own."""
     if settings.angpix is not None:
         return float(settings.angpix)
-    sizes = np.unique(table.pixel_size)
+    sizes = np.unique(particles.pixel_size)
     if any(not pixel_sizes_agree(float(size), float(sizes[0])) for size in sizes):
         raise CryoSieveInputError(
             f"{settings.input_star}: optics groups of different pixel sizes ({', '.join(f'{v:g}' for v in sizes)} Å); "
-            "the maps need one: give --angpix")
+            f"the maps need one: give {setting('angpix')}")
     return float(sizes[0])
 
 
-def _inputs(settings: PipelineSettings, table: ParticleSet) -> list[InputFile]:
-    inputs = [InputFile(Path(settings.input_star), "--i, the particle STAR file"),
-              InputFile(Path(settings.mask), "--mask")]
+def _inputs(settings: PipelineSettings, particles: ParticleSet) -> list[InputFile]:
+    inputs = [InputFile(Path(settings.input_star), f"{setting('input_star')}, the particle STAR file"),
+              InputFile(Path(settings.mask), setting("mask"))]
     inputs += [InputFile(path, f"particle stack of {settings.input_star}")
-               for path in stack_paths(table, settings.directory or None)]
+               for path in stack_paths(particles, settings.directory or None)]
     return inputs
 
 
@@ -343,91 +324,81 @@ def prepare(settings: PipelineSettings) -> _Prepared:
     """Read and check every input; raises :class:`CryoSieveInputError` before anything is written."""
     _check_numbers(settings)
     symmetry = canonical_name(settings.symmetry)  # unknown names are an input error
-    reconstruct_program = None
-    if settings.reconstruct_software is not None:
-        reconstruct_program = with_launcher(split_command("--reconstruct_software", settings.reconstruct_software),
-                                            settings.num_procs)
-        if settings.num_procs is not None:
-            split_command("--num_procs", "mpirun")
-    postprocess_program = None
-    if settings.postprocess_software is not None:
-        postprocess_program = split_command("--postprocess_software", settings.postprocess_software)
+    reconstructor, postprocessor = settings.backends()
     if settings.directory and not os.path.isdir(settings.directory):
-        raise CryoSieveInputError(f"--directory {settings.directory}: not a folder")
+        raise CryoSieveInputError(f"{setting('directory')} {settings.directory}: not a folder")
     if not os.path.isfile(settings.input_star):
-        raise CryoSieveInputError(f"--i {settings.input_star}: file not found")
+        raise CryoSieveInputError(f"{setting('input_star')} {settings.input_star}: file not found")
     if not settings.input_star.endswith(".star"):
-        raise CryoSieveInputError(f"--i {settings.input_star}: not a STAR file (name must end in .star)")
+        raise CryoSieveInputError(
+            f"{setting('input_star')} {settings.input_star}: not a STAR file (name must end in .star)")
     if not os.path.isfile(settings.mask):
-        raise CryoSieveInputError(f"--mask {settings.mask}: file not found")
-    table = read_particles(settings.input_star, settings.angpix)
+        raise CryoSieveInputError(f"{setting('mask')} {settings.mask}: file not found")
+    particles = read_particles(settings.input_star, settings.angpix)
     names = OutputNames(settings.output_prefix)
-    check_outputs(names.files(settings.num_iters), _inputs(settings, table), names.folders(settings.num_iters))
-    if table.random_subset is None:
+    check_outputs(names.files(settings.num_iters), _inputs(settings, particles), names.folders(settings.num_iters))
+    if particles.random_subset is None:
         raise CryoSieveInputError(f"{settings.input_star}: column rlnRandomSubset missing (half-sets 1 and 2 needed)")
-    present = sorted(set(table.random_subset.tolist()))
+    present = sorted(set(particles.random_subset.tolist()))
     if present != [1, 2]:
         raise CryoSieveInputError(
             f"{settings.input_star}: rlnRandomSubset must hold half-sets 1 and 2, found {present}")
-    angpix = _pixel_size(settings, table)
-    with StackReader(table, settings.directory or None) as reader:
+    angpix = _pixel_size(settings, particles)
+    with StackReader(particles, settings.directory or None) as reader:
         box = reader.validate()
     mask = read_volume(settings.mask, what="mask")
     check_mask(mask, (box, box, box), angpix, against="the particles")
-    for option, value in (("--frequency_start", settings.frequency_start),
-                          ("--frequency_end", settings.frequency_end)):
-        HighPass(value).check(box, float(np.max(table.pixel_size)), option)
-    cutoffs = cutoff_frequencies(settings.frequency_start, settings.frequency_end, settings.num_iters)
-    for cutoff in cutoffs:
-        HighPass(float(cutoff)).check(box, float(np.max(table.pixel_size)),
-                                      f"--frequency_end {settings.frequency_end} (a round's cut-off, rounded to 0.001 Å)")
-    rows0 = balanced_rows(table.random_subset) if settings.balance else np.arange(len(table))
-    device = torch.device(settings.device)
+    schedule = settings.schedule
+    schedule.check(box, float(np.max(particles.pixel_size)))
+    rows0 = balanced_rows(particles.random_subset) if settings.balance else np.arange(len(particles))
     arguments = {
-        "--i": os.path.abspath(settings.input_star),
-        "--i (contents, sha256)": _sha256(settings.input_star),
-        "--mask": os.path.abspath(settings.mask),
-        "--mask (contents, sha256)": _sha256(settings.mask),
-        "--directory": os.path.abspath(settings.directory or "."),
-        "--angpix": angpix,
-        "--sym": symmetry,
-        "--num_iters": int(settings.num_iters),
-        "--frequency_start": float(settings.frequency_start),
-        "--frequency_end": float(settings.frequency_end),
-        "--retention_ratio": float(settings.retention_ratio),
-        "--balance": bool(settings.balance),
-        "--reconstruct_software": settings.reconstruct_software,
-        "--postprocess_software": settings.postprocess_software,
-        "--num_procs": settings.num_procs,
-        "--projector": settings.projector,
-        "--reference_weighting": settings.reference_weighting,
+        "input_star": os.path.abspath(settings.input_star),
+        "input_star_sha256": _sha256(settings.input_star),
+        "mask": os.path.abspath(settings.mask),
+        "mask_sha256": _sha256(settings.mask),
+        "directory": os.path.abspath(settings.directory or "."),
+        "angpix": angpix,
+        "symmetry": symmetry,
+        "num_iters": int(settings.num_iters),
+        "frequency_start": float(settings.frequency_start),
+        "frequency_end": float(settings.frequency_end),
+        "retention_ratio": float(settings.retention_ratio),
+        "balance": bool(settings.balance),
+        "reconstructor": reconstructor.describe(),
+        "postprocessor": postprocessor.describe(),
+        "projector": settings.projector,
+        "reference_weighting": settings.reference_weighting,
     }
-    return _Prepared(settings=settings, names=names, table=table, rows0=rows0, box=box, angpix=angpix,
-                     symmetry=symmetry, mask=mask, cutoffs=cutoffs, device=device,
-                     reconstruct_program=reconstruct_program, postprocess_program=postprocess_program,
-                     arguments=arguments)
+    return _Prepared(settings=settings, names=names, particles=particles, rows0=rows0, box=box, angpix=angpix,
+                     symmetry=symmetry, mask=mask, schedule=schedule, reconstructor=reconstructor,
+                     postprocessor=postprocessor, arguments=arguments)
 
 
 # --------------------------------------------------------------------------- state
 
 
 class _State:
-    """``PREFIX_state.json``: arguments and completed steps, rewritten atomically."""
+    """``PREFIX_state.json``: settings, completed steps and each round's outcome, rewritten atomically."""
 
-    def __init__(self, path: Path, arguments: dict[str, Any], completed: list[str]) -> None:
+    def __init__(self, path: Path, arguments: dict[str, Any], completed: list[str],
+                 outcomes: dict[str, dict[str, Any]]) -> None:
         self.path = path
         self.arguments = arguments
         self.completed = completed
+        self.outcomes = outcomes
 
     def save(self) -> None:
         document = {"program": "cryosieve", "format": STATE_FORMAT, "arguments": self.arguments,
-                    "completed": self.completed}
+                    "completed": self.completed, "outcomes": self.outcomes}
         write_text_atomic(self.path, json.dumps(document, indent=2) + "\n")
 
     def done(self, step: str) -> bool:
         return step in self.completed
 
-    def record(self, step: str) -> None:
+    def record(self, step: str, outcome: dict[str, Any] | None = None) -> None:
+        """Mark ``step`` done, with what it measured (saved in the same write)."""
+        if outcome is not None:
+            self.outcomes[step] = outcome
         self.completed.append(step)
         self.save()
 
@@ -437,36 +408,37 @@ def _open_state(prepared: _Prepared, resume: bool) -> _State:
     path = prepared.names.state
     if not path.exists():
         if resume:
-            log.info("--continue: no %s yet, starting from the beginning", path)
-        return _State(path, prepared.arguments, [])
+            log.info("resuming: no %s yet, starting from the beginning", path)
+        return _State(path, prepared.arguments, [], {})
     if not resume:
         raise CryoSieveInputError(
-            f"--o {prepared.settings.output_prefix}: {path} exists (an earlier run); add --continue to resume it "
-            "or choose another --o")
+            f"{setting('output_prefix')} {prepared.settings.output_prefix}: {path} exists (an earlier run); add "
+            f"{setting('resume')} to resume it or choose another output prefix")
     try:
         document = json.loads(path.read_text())
+        version = int(document.get("format", 1))
         recorded = document["arguments"]
         completed = [str(step) for step in document["completed"]]
-        version = int(document.get("format", 1))
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        outcomes = dict(document.get("outcomes", {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CryoSieveInputError(f"{path}: not a readable state file ({error})") from None
     if version != STATE_FORMAT:
         raise CryoSieveInputError(
-            f"--continue: {path} was written by another version of cryosieve (state format {version}, this one "
-            f"reads {STATE_FORMAT}); start a new run with another --o")
-    for option, value in prepared.arguments.items():
-        if option not in recorded:
-            raise CryoSieveInputError(f"--continue: {path} does not record {option}; start a new run")
-        if recorded[option] != value:
-            if option.endswith("(contents, sha256)"):
-                raise CryoSieveInputError(
-                    f"--continue: {option.split()[0]} file changed since the run recorded in {path}")
+            f"{setting('resume')}: {path} was written by another version of cryosieve (state format {version}, this "
+            f"one reads {STATE_FORMAT}); start a new run with another output prefix")
+    for name, value in prepared.arguments.items():
+        if name not in recorded:
+            raise CryoSieveInputError(f"{setting('resume')}: {path} does not record {name}; start a new run")
+        if recorded[name] != value:
+            if name.endswith("_sha256"):
+                raise CryoSieveInputError(f"{setting('resume')}: the {setting(name[:-len('_sha256')])} file changed "
+                                          f"since the run recorded in {path}")
             raise CryoSieveInputError(
-                f"--continue: {option} changed ({recorded[option]!r} in {path}, now {value!r})")
+                f"{setting('resume')}: {setting(name)} changed ({recorded[name]!r} in {path}, now {value!r})")
     unknown = [step for step in completed if step not in step_names(prepared.settings.num_iters)]
     if unknown:
         raise CryoSieveInputError(f"{path}: unknown step {unknown[0]!r}")
-    return _State(path, prepared.arguments, completed)
+    return _State(path, prepared.arguments, completed, outcomes)
 
 
 # --------------------------------------------------------------------------- steps
@@ -474,124 +446,74 @@ def _open_state(prepared: _Prepared, resume: bool) -> _State:
 
 def _write_iter0(prepared: _Prepared) -> None:
     target = prepared.names.star(0)
-    source = Path(prepared.settings.input_star)
     if not prepared.settings.balance:
         with atomic_path(target) as temporary:
-            shutil.copyfile(source, temporary)
+            shutil.copyfile(prepared.settings.input_star, temporary)
     else:
-        prepared.table.subset(prepared.rows0).write(target)
+        prepared.particles.subset(prepared.rows0).write(target)
 
 
-def _reconstruct_builtin(prepared: _Prepared, table: ParticleSet, iteration: int,
-                         progress: ProgressFactory) -> None:
-    from cryosieve.reconstruct import reconstruct_subsets
-
-    settings = prepared.settings
-    with StackReader(table, settings.directory or None) as reader, \
-            progress(f"iter {iteration}: reconstruct", len(table)) as update:
-        maps = reconstruct_subsets(table, reader, subsets=(1, 2), symmetry=prepared.symmetry, apply_ctf=True,
-                                   batch_size=settings.reconstruct_batch_size, device=prepared.device,
-                                   progress=update)
+def _reconstruct(prepared: _Prepared, particles: ParticleSet, iteration: int, progress: ProgressFactory) -> None:
     names = prepared.names
-    with OutputGroup() as group:
-        for subset in (1, 2):
-            write_volume_to(group.path_for(names.half_map(iteration, subset)), maps[subset], prepared.angpix)
+    directory = Path(prepared.settings.directory) if prepared.settings.directory else None
+    job = HalfMapJob(particles=particles, star=names.star(iteration).absolute(), directory=directory,
+                     outputs=(names.half_map(iteration, 1), names.half_map(iteration, 2)),
+                     logs=(names.reconstruct_log(iteration, 1), names.reconstruct_log(iteration, 2)),
+                     pixel_size=prepared.angpix, symmetry=prepared.symmetry)
+
+    @contextlib.contextmanager
+    def labelled(description: str, total: int) -> Iterator[Callable[[int], None]]:
+        with progress(f"iter {iteration}: {description}", total) as update:
+            yield update
+
+    prepared.reconstructor.reconstruct_half_maps(job, labelled)
 
 
-def _reconstruct_external(prepared: _Prepared, iteration: int) -> None:
+def _postprocess(prepared: _Prepared, iteration: int) -> dict[str, Any]:
+    """Post-process round ``iteration``; returns the outcome the state records."""
     names = prepared.names
-    assert prepared.reconstruct_program is not None
-    directory = Path(prepared.settings.directory) if prepared.settings.directory else Path.cwd()
-    reconstruct_half_maps(prepared.reconstruct_program, names.star(iteration).absolute(),
-                          (names.half_map(iteration, 1), names.half_map(iteration, 2)),
-                          prepared.angpix, prepared.symmetry,
-                          (names.reconstruct_log(iteration, 1), names.reconstruct_log(iteration, 2)),
-                          cwd=directory.absolute())
+    job = PostprocessJob(half_maps=(names.half_map(iteration, 1), names.half_map(iteration, 2)), mask=prepared.mask,
+                         pixel_size=prepared.angpix, folder=names.postprocess_directory(iteration),
+                         root_name=names.postprocess_root_name(iteration), log=names.postprocess_log(iteration))
+    return _outcome(prepared, prepared.postprocessor.postprocess(job))
 
 
-def _report_paths(folder: Path, root_name: str) -> dict[str, Path]:
-    from cryosieve.postprocess import REPORT_FILES, output_paths
+def _outcome(prepared: _Prepared, report: PostprocessReport) -> dict[str, Any]:
+    """What the state records of a round, in one format whatever measured it."""
+    table = report.fsc_table
+    resolution = report.summary.get("final_resolution_angstrom")
+    return {
+        "resolution_angstrom": float(resolution) if isinstance(resolution, (int, float)) else None,
+        "bfactor": float(report.summary.get("bfactor") or 0.0),  # type: ignore[arg-type]
+        "fsc_frequency": [float(value) for value in table["shell"].to_numpy() / (report.box * prepared.angpix)],
+        "fsc_corrected": [float(value) for value in table["fsc_corrected"].to_numpy()],
+        "reconstructor": prepared.reconstructor.describe(),
+        "postprocessor": prepared.postprocessor.describe(),
+    }
 
-    paths = output_paths(folder / root_name)
-    return {key: Path(paths[key]) for key in REPORT_FILES}
 
-
-def _postprocess_builtin(prepared: _Prepared, iteration: int) -> None:
-    from cryosieve.postprocess import postprocess, write_postprocess
-
+def _sieve(prepared: _Prepared, particles: ParticleSet, iteration: int, progress: ProgressFactory) -> None:
+    """Sieve the particles of round ``iteration`` into the next set, its sieved set and the scores."""
     names = prepared.names
-    half1 = read_volume(names.half_map(iteration, 1))
-    half2 = read_volume(names.half_map(iteration, 2))
-    result = postprocess(half1.data, half2.data, prepared.mask.data, prepared.angpix, auto_bfactor=True,
-                         autob_lowres=AUTOB_LOWRES, device=prepared.device)
-    with OutputGroup() as group:
-        folder = group.folder_for(names.postprocess_directory(iteration))
-        write_postprocess(result, str(folder / names.postprocess_root_name(iteration)), prepared.angpix)
-
-
-def _postprocess_external(prepared: _Prepared, iteration: int) -> None:
-    """The external program's files, and ours made from its STAR file beside them, so that
-    every back-end leaves the same files for the report."""
-    from cryosieve.postprocess import report_from_relion, write_report_files
-
-    names = prepared.names
-    assert prepared.postprocess_program is not None
-    with OutputGroup() as group:
-        folder = group.folder_for(names.postprocess_directory(iteration))
-        root = folder / names.postprocess_root_name(iteration)
-        star = run_postprocess(prepared.postprocess_program, names.half_map(iteration, 1),
-                               names.half_map(iteration, 2), Path(prepared.settings.mask), prepared.angpix,
-                               root, names.postprocess_log(iteration))
-        report = report_from_relion(star, prepared.box, prepared.angpix, autob_lowres=AUTOB_LOWRES)
-        write_report_files(report, _report_paths(folder, names.postprocess_root_name(iteration)), prepared.angpix)
-
-
-#: Lowest resolution (Å) of the automatic B-factor fit, as the published program runs RELION.
-AUTOB_LOWRES = 10.0
-
-
-def read_postprocess_outcome(names: OutputNames, iteration: int, voxel_size: float
-                             ) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """``(resolution Å, B-factor Å^2, frequency 1/Å (m,), corrected FSC (m,))`` of round ``iteration``,
-    from ``iter{i}.json`` and ``iter{i}_fsc.csv`` in ``PREFIX_postprocess_iter{i}`` (every back-end writes them)."""
-    paths = _report_paths(names.postprocess_directory(iteration), names.postprocess_root_name(iteration))
-    try:
-        document = json.loads(paths["summary"].read_text())
-        table = pd.read_csv(paths["fsc_csv"])
-        box = int(document.get("box") or 2 * (len(table) - 1))
-        frequency = table["shell"].to_numpy(dtype=np.float64) / (box * voxel_size)
-        resolution = document["final_resolution_angstrom"]
-        return (float(resolution) if resolution is not None else math.nan, float(document["bfactor"]),
-                frequency, table["fsc_corrected"].to_numpy(dtype=np.float64))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CryoSieveInputError(f"{paths['summary'].parent}: post-processing output missing or unreadable "
-                                  f"({type(error).__name__}: {error}); start a new run") from None
-
-
-def _sieve_round(prepared: _Prepared, table: ParticleSet, iteration: int, progress: ProgressFactory) -> np.ndarray:
-    """Sieve the particles of round ``iteration``; writes the next set; returns the kept mask ``(n,)``."""
-    settings = prepared.settings
-    names = prepared.names
-    cutoff = float(prepared.cutoffs[iteration])
-    sieve_settings = _sieve_settings(settings, cutoff)
+    cutoff = prepared.schedule[iteration]
     volumes = [read_volume(names.half_map(iteration, subset)) for subset in (1, 2)]
-    half_set = half_sets(table, 2)
-    check_geometry(table, prepared.box, volumes, cutoff)
-    with StackReader(table, settings.directory or None) as reader, \
-            progress(f"iter {iteration}: sieve at {cutoff:.2f} Å", len(table)) as update:
-        result = sieve(table, reader, volumes, prepared.mask, half_set, sieve_settings, progress=update)
-    write_sieve_outputs(table, result, names.star(iteration + 1))
-    return result.kept
+    half_set = half_sets(particles, 2)
+    check_geometry(particles, prepared.box, volumes, cutoff)
+    with StackReader(particles, prepared.settings.directory or None) as reader, \
+            progress(f"iter {iteration}: sieve at {cutoff:.2f} Å", len(particles)) as update:
+        result = sieve(particles, reader, volumes, prepared.mask, half_set,
+                       _sieve_settings(prepared.settings, cutoff), progress=update)
+    write_sieve_outputs(particles, result, names.star(iteration + 1))
 
 
-def _kept_from_scores(names: OutputNames, iteration: int, table: ParticleSet) -> np.ndarray:
-    """Kept mask of sieve ``iteration`` read back from ``PREFIX_iter{i+1}_scores.csv`` (to resume)."""
+def _kept(names: OutputNames, iteration: int, particles: ParticleSet) -> np.ndarray:
+    """Kept mask ``(n,)`` of sieve ``iteration``, from ``PREFIX_iter{i+1}_scores.csv``."""
     path = names.scores(iteration + 1)
     if not path.is_file():
         raise CryoSieveInputError(f"{path}: missing, but its sieve is recorded as done; start a new run")
     scores = pd.read_csv(path, keep_default_na=False, dtype={"rlnImageName": str})
-    if len(scores) != len(table) or not np.array_equal(scores["rlnImageName"].to_numpy(dtype=object),
-                                                       table.image_name.astype(str)):
+    if len(scores) != len(particles) or not np.array_equal(scores["rlnImageName"].to_numpy(dtype=object),
+                                                           particles.image_name.astype(str)):
         raise CryoSieveInputError(f"{path}: does not list the particles of {names.star(iteration)}")
     return scores["kept"].to_numpy(dtype=np.int64).astype(bool)
 
@@ -599,20 +521,22 @@ def _kept_from_scores(names: OutputNames, iteration: int, table: ParticleSet) ->
 # --------------------------------------------------------------------------- report data
 
 
-def _round_summary(prepared: _Prepared, iteration: int, table: ParticleSet, state: _State) -> RoundSummary:
+def _round_summary(prepared: _Prepared, iteration: int, particles: ParticleSet, state: _State) -> RoundSummary:
     names = prepared.names
+    assert particles.random_subset is not None
     summary = RoundSummary(
         iteration=iteration,
-        cutoff_angstrom=float(prepared.cutoffs[iteration]) if iteration < prepared.settings.num_iters else None,
-        particles_half1=int(np.sum(table.random_subset == 1)),
-        particles_half2=int(np.sum(table.random_subset == 2)),
+        cutoff_angstrom=prepared.schedule[iteration] if iteration < prepared.settings.num_iters else None,
+        particles_half1=int(np.sum(particles.random_subset == 1)),
+        particles_half2=int(np.sum(particles.random_subset == 2)),
     )
-    if state.done(f"postprocess {iteration}"):
-        resolution, bfactor, frequency, fsc = read_postprocess_outcome(names, iteration, prepared.angpix)
-        summary.resolution_angstrom = resolution
-        summary.bfactor = bfactor
-        summary.fsc_frequency = frequency
-        summary.fsc_corrected = fsc
+    outcome = state.outcomes.get(f"postprocess {iteration}")
+    if outcome is not None:
+        resolution = outcome["resolution_angstrom"]
+        summary.resolution_angstrom = math.nan if resolution is None else float(resolution)
+        summary.bfactor = float(outcome["bfactor"])
+        summary.fsc_frequency = np.asarray(outcome["fsc_frequency"], dtype=np.float64)
+        summary.fsc_corrected = np.asarray(outcome["fsc_corrected"], dtype=np.float64)
     if state.done(f"sieve {iteration}"):
         scores = pd.read_csv(names.scores(iteration + 1), keep_default_na=False, dtype={"rlnImageName": str})
         summary.scores = scores["score"].to_numpy(dtype=np.float64)
@@ -649,7 +573,7 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
     Parameters
     ----------
     settings:
-        The run's arguments.
+        The run's settings.
     resume:
         Continue the run recorded in ``PREFIX_state.json``.
     progress:
@@ -663,7 +587,7 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
     CryoSieveInputError
         Bad input, an output that would overwrite an input, an unwritable output location,
         another run working on the same prefix, an existing run without ``resume`` or changed
-        arguments with it (all before any output is written).
+        settings with it (all before any output is written).
     cryosieve.errors.ExternalCommandError
         An external program failed (the run can be continued after fixing the cause).
     """
@@ -676,83 +600,80 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
     made_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with exclusive_lock(names.lock, f"--o {settings.output_prefix}"):
+        with exclusive_lock(names.lock, f"{setting('output_prefix')} {settings.output_prefix}"):
             state = _open_state(prepared, resume)  # again, now that no other run can change it
             if not state.path.exists():
                 state.save()
             made_folder = False
-            return _run_steps(prepared, state, resume, progress, checkpoint)
+            return _Run(prepared, state, progress, checkpoint).run(resume)
     finally:
         if made_folder:
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
 
-def _run_steps(prepared: _Prepared, state: _State, resume: bool, progress: ProgressFactory,
-               checkpoint: Callable[[], None]) -> PipelineResult:
-    settings, names = prepared.settings, prepared.names
-    computed: list[str] = []
-    skipped: list[str] = []
+class _Run:
+    """The steps of one run, through one step runner."""
 
-    def run_step(step: str, action: Callable[[], None]) -> None:
-        if state.done(step):
-            skipped.append(step)
+    def __init__(self, prepared: _Prepared, state: _State, progress: ProgressFactory,
+                 checkpoint: Callable[[], None]) -> None:
+        self.prepared, self.state, self.progress, self.checkpoint = prepared, state, progress, checkpoint
+        self.computed: list[str] = []
+        self.skipped: list[str] = []
+
+    def step(self, name: str, action: Callable[[], dict[str, Any] | None]) -> None:
+        """Run ``action`` unless ``name`` is recorded as done; record it with what it measured."""
+        if self.state.done(name):
+            self.skipped.append(name)
             return
-        checkpoint()
+        self.checkpoint()
         started = time.perf_counter()
-        action()
-        state.record(step)
-        computed.append(step)
-        log.info("%s: done in %.1f s", step, time.perf_counter() - started)
+        outcome = action()
+        self.state.record(name, outcome)
+        self.computed.append(name)
+        log.info("%s: done in %.1f s", name, time.perf_counter() - started)
 
-    with _log_to_file(names.log):
-        log.info("cryosieve %s: %s", "continuing" if resume else "starting",
-                 " ".join(f"{key}={value}" for key, value in prepared.arguments.items() if "sha256" not in key))
-        if state.completed:
-            log.info("already done: %s", ", ".join(state.completed))
-        # Under the lock no other run writes here: every temporary of ours is left by a killed run.
-        for path in remove_stale_temporaries(names.state.parent, names.owns, any_owner=True):
-            log.info("removed %s, left by an interrupted run", path)
-        run_step("prepare", lambda: _write_iter0(prepared))
-        table = prepared.table.subset(prepared.rows0) if settings.balance else prepared.table
-        rounds: list[RoundSummary] = []
-        for iteration in range(settings.num_iters):
-            cutoff = float(prepared.cutoffs[iteration])
-            log.info("[ITER %d] %d particles (half-sets %d + %d); cut-off %.2f Å", iteration, len(table),
-                     int(np.sum(table.random_subset == 1)), int(np.sum(table.random_subset == 2)), cutoff)
-            if prepared.reconstruct_program is None:
-                run_step(f"reconstruct {iteration}",
-                         lambda: _reconstruct_builtin(prepared, table, iteration, progress))
-            else:
-                run_step(f"reconstruct {iteration}", lambda: _reconstruct_external(prepared, iteration))
-            if prepared.postprocess_program is None:
-                run_step(f"postprocess {iteration}", lambda: _postprocess_builtin(prepared, iteration))
-            else:
-                run_step(f"postprocess {iteration}", lambda: _postprocess_external(prepared, iteration))
-            resolution, bfactor, _, _ = read_postprocess_outcome(names, iteration, prepared.angpix)
-            log.info("[ITER %d] resolution %.2f Å, B-factor %.1f Å^2", iteration, resolution, bfactor)
-            step = f"sieve {iteration}"
-            if state.done(step):
-                kept = _kept_from_scores(names, iteration, table)
-                skipped.append(step)
-            else:
-                checkpoint()
-                started = time.perf_counter()
-                kept = _sieve_round(prepared, table, iteration, progress)
-                state.record(step)
-                computed.append(step)
-                log.info("%s: done in %.1f s", step, time.perf_counter() - started)
-            rounds.append(_round_summary(prepared, iteration, table, state))
-            table = table.subset(kept)
-            log.info("[ITER %d] kept %d particles (half-sets %d + %d)", iteration, len(table),
-                     int(np.sum(table.random_subset == 1)), int(np.sum(table.random_subset == 2)))
-            checkpoint()
-            write_report(names.prefix, rounds + [_round_summary(prepared, iteration + 1, table, state)],
-                         plots=settings.report)
-        rounds.append(_round_summary(prepared, settings.num_iters, table, state))
-        report = write_report(names.prefix, rounds, plots=settings.report)
-        best = min((summary for summary in rounds if summary.resolution_angstrom is not None),
-                   key=lambda summary: summary.resolution_angstrom)
-        log.info("best resolution %.2f Å at iteration %d (%d particles); summary %s", best.resolution_angstrom,
-                 best.iteration, best.particles, report.summary_csv)
-    return PipelineResult(rounds=rounds, report=report, computed_steps=computed, skipped_steps=skipped)
+    def run(self, resume: bool) -> PipelineResult:
+        prepared, state = self.prepared, self.state
+        settings, names = prepared.settings, prepared.names
+        with _log_to_file(names.log):
+            log.info("cryosieve %s: %s", "continuing" if resume else "starting",
+                     " ".join(f"{key}={value}" for key, value in prepared.arguments.items() if "sha256" not in key))
+            if state.completed:
+                log.info("already done: %s", ", ".join(state.completed))
+            # Under the lock no other run writes here: every temporary of ours is left by a killed run.
+            for path in remove_stale_temporaries(names.state.parent, names.owns, any_owner=True):
+                log.info("removed %s, left by an interrupted run", path)
+            self.step("prepare", lambda: _write_iter0(prepared))
+            particles = prepared.particles.subset(prepared.rows0) if settings.balance else prepared.particles
+            rounds: list[RoundSummary] = []
+            for iteration in range(settings.num_iters):
+                assert particles.random_subset is not None
+                log.info("[ITER %d] %d particles (half-sets %d + %d); cut-off %.3f Å", iteration, len(particles),
+                         int(np.sum(particles.random_subset == 1)), int(np.sum(particles.random_subset == 2)),
+                         prepared.schedule[iteration])
+                current = particles
+                self.step(f"reconstruct {iteration}",
+                          lambda: _reconstruct(prepared, current, iteration, self.progress))
+                self.step(f"postprocess {iteration}", lambda: _postprocess(prepared, iteration))
+                outcome = state.outcomes[f"postprocess {iteration}"]
+                log.info("[ITER %d] resolution %s Å, B-factor %.1f Å^2", iteration,
+                         "-" if outcome["resolution_angstrom"] is None else f"{outcome['resolution_angstrom']:.2f}",
+                         outcome["bfactor"])
+                self.step(f"sieve {iteration}", lambda: _sieve(prepared, current, iteration, self.progress))
+                rounds.append(_round_summary(prepared, iteration, particles, state))
+                particles = particles.subset(_kept(names, iteration, particles))
+                log.info("[ITER %d] kept %d particles (half-sets %d + %d)", iteration, len(particles),
+                         int(np.sum(particles.random_subset == 1)), int(np.sum(particles.random_subset == 2)))
+                self.checkpoint()
+                write_report(names.prefix, rounds + [_round_summary(prepared, iteration + 1, particles, state)],
+                             plots=settings.report)
+            rounds.append(_round_summary(prepared, settings.num_iters, particles, state))
+            report = write_report(names.prefix, rounds, plots=settings.report)
+            measured = [summary for summary in rounds if summary.resolution_angstrom is not None
+                        and math.isfinite(summary.resolution_angstrom)]
+            if measured:
+                best = min(measured, key=lambda summary: summary.resolution_angstrom or math.inf)
+                log.info("best resolution %.2f Å at iteration %d (%d particles); summary %s",
+                         best.resolution_angstrom, best.iteration, best.particles, report.summary_csv)
+        return PipelineResult(rounds=rounds, report=report, computed_steps=self.computed, skipped_steps=self.skipped)

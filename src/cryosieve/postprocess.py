@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryosieve.errors import CryoSieveInputError
+from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.fsc import (
     fourier_shell_correlation,
     fsc_weight,
@@ -151,6 +151,15 @@ class PostprocessResult:
     mask_used: bool = True
     seed: int = 0
     warnings: list[str] = field(default_factory=list)
+
+    def report(self, voxel_size: float | None = None) -> PostprocessReport:
+        """What every post-processing back-end reports (:class:`PostprocessReport`); ``voxel_size``
+        (Å) overrides the one recorded."""
+        summary = self.summary()
+        if voxel_size is not None:
+            summary["voxel_size_angstrom"] = float(voxel_size)
+        return PostprocessReport(fsc_table=self.fsc_table, guinier=self.guinier, summary=summary,
+                                 box=self.box or int(self.sharpened.shape[0]))
 
     def summary(self) -> dict[str, object]:
         """JSON-ready numbers: resolution, B-factor, fit range, randomisation resolution."""
@@ -424,7 +433,7 @@ def sharpen_map(average: np.ndarray | torch.Tensor, fsc: np.ndarray, voxel_size:
     elif auto_bfactor:
         if np.count_nonzero(in_fit) < 2:
             raise CryoSieveInputError(
-                f"--autob_lowres {autob_lowres:g}: fewer than two FSC-weighted shells between {autob_lowres:g} Å "
+                f"{setting('autob_lowres')} {autob_lowres:g}: fewer than two FSC-weighted shells between {autob_lowres:g} Å "
                 f"and {'Nyquist' if autob_highres <= 0 else f'{autob_highres:g} Å'} to fit a B-factor to; "
                 "lower the resolution limit or give an ad-hoc B-factor")
         slope, intercept, correlation = fit_straight_line(inverse_squared[in_fit], weighted[in_fit])
@@ -445,7 +454,7 @@ def sharpen_map(average: np.ndarray | torch.Tensor, fsc: np.ndarray, voxel_size:
     if low_pass != 0:
         target = resolution if low_pass < 0 else low_pass
         if target is None or not math.isfinite(target) or target <= 0:
-            raise CryoSieveInputError("--low_pass: no final resolution to low-pass filter at")
+            raise CryoSieveInputError(f"{setting('low_pass')}: no final resolution to low-pass filter at")
         applied_low_pass = float(target)
         transform = low_pass_filter(transform, applied_low_pass, size, voxel_size, filter_edge_width)
 
@@ -509,11 +518,11 @@ def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLik
     if angpix is None:
         voxel = half1.voxel_size if half1.voxel_size is not None else half2.voxel_size
         if voxel is None:
-            raise CryoSieveInputError(f"--angpix: {half1.path} holds no voxel size; give --angpix")
+            raise CryoSieveInputError(f"{setting('angpix')}: {half1.path} holds no voxel size; give {setting('angpix')}")
         option = f"{half1.path} voxel size"
     else:
         voxel = angpix
-        option = "--angpix"
+        option = setting("angpix")
     check_inputs(half1.data, half2.data, mask.data, voxel, names=(half1.path, half2.path, mask.path),
                  voxel_option=option)
     if mask.voxel_size is not None and math.isfinite(voxel) and voxel > 0 and \
@@ -575,9 +584,9 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_si
     mask = np.asarray(mask)
     check_inputs(half1, half2, mask, voxel_size)
     if not 0 < randomize_threshold < 1:
-        raise CryoSieveInputError(f"--randomize_at_fsc: must lie in (0, 1), got {randomize_threshold}")
+        raise CryoSieveInputError(f"{setting('randomize_threshold')}: must lie in (0, 1), got {randomize_threshold}")
     if autob_lowres <= 0:
-        raise CryoSieveInputError(f"--autob_lowres: must be a positive resolution in Å, got {autob_lowres}")
+        raise CryoSieveInputError(f"{setting('autob_lowres')}: must be a positive resolution in Å, got {autob_lowres}")
     size = half1.shape[0]
     first = torch.as_tensor(half1, device=device).to(torch.float64)
     second = torch.as_tensor(half2, device=device).to(torch.float64)
@@ -670,10 +679,7 @@ def write_postprocess(result: PostprocessResult, root: str, voxel_size: float) -
     :meth:`PostprocessResult.summary`).
     """
     paths = output_paths(root)
-    summary = result.summary()
-    summary["voxel_size_angstrom"] = float(voxel_size)
-    report = PostprocessReport(fsc_table=result.fsc_table, guinier=result.guinier, summary=summary,
-                               box=result.box or int(result.sharpened.shape[0]))
+    report = result.report(voxel_size)
     with OutputGroup() as group:
         write_volume_to(group.path_for(paths["map"]), result.sharpened, voxel_size)
         write_volume_to(group.path_for(paths["masked_map"]), result.sharpened_masked, voxel_size)
@@ -734,86 +740,6 @@ def write_report_files(report: PostprocessReport, paths: dict[str, Path], voxel_
         paths["guinier_plot"], fit=fit, title=f"Guinier plot, B-factor = {bfactor:.1f} Å²")
 
 
-def report_from_relion(star: str | os.PathLike[str], box: int, voxel_size: float,
-                       autob_lowres: float = 10.0) -> PostprocessReport:
-    """The :class:`PostprocessReport` of a ``relion_postprocess`` run, from its ``ROOT.star``.
-
-    RELION 3.1's blocks: ``data_general`` (``rlnFinalResolution``,
-    ``rlnBfactorUsedForSharpening``, ``rlnRandomiseFrom``, ``rlnFittedSlopeGuinierPlot``,
-    ``rlnFittedInterceptGuinierPlot``, ``rlnCorrelationFitGuinierPlot``), ``data_fsc`` (one
-    row per shell) and ``data_guinier`` (one row per shell, -99 where no amplitude). The
-    shells of the automatic fit are those from ``autob_lowres`` on whose weighted amplitude
-    is not zero, as RELION fits them with ``--autob_highres 0``.
-    """
-    import starfile
-
-    path = str(star)
-    try:
-        blocks = starfile.read(path, always_dict=True)
-        general = blocks["general"]
-        general = general if isinstance(general, pd.DataFrame) else pd.DataFrame([general])
-        fsc, guinier = blocks["fsc"], blocks["guinier"]
-
-        def number(name: str) -> float | None:
-            if name not in general.columns:
-                return None
-            value = float(general[name].iloc[0])
-            return value if math.isfinite(value) else None
-
-        resolution = number("rlnFinalResolution")
-        shells = fsc["rlnSpectralIndex"].to_numpy(dtype=np.int64)
-        table = pd.DataFrame({
-            "shell": shells,
-            "resolution_angstrom": np.where(shells > 0, box * voxel_size / np.maximum(shells, 1), np.inf),
-            "fsc_unmasked": fsc["rlnFourierShellCorrelationUnmaskedMaps"].to_numpy(dtype=np.float64),
-            "fsc_masked": fsc["rlnFourierShellCorrelationMaskedMaps"].to_numpy(dtype=np.float64),
-            "fsc_phase_randomised": fsc["rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps"]
-            .to_numpy(dtype=np.float64),
-            "fsc_corrected": fsc["rlnFourierShellCorrelationCorrected"].to_numpy(dtype=np.float64),
-        })
-        inverse_squared = guinier["rlnResolutionSquared"].to_numpy(dtype=np.float64)
-
-        def amplitude(name: str) -> np.ndarray:
-            values = guinier[name].to_numpy(dtype=np.float64)
-            return np.where(values <= -99, np.nan, values)
-
-        guinier_shells = np.rint(np.sqrt(inverse_squared) * box * voxel_size).astype(np.int64)
-        with np.errstate(divide="ignore"):
-            guinier_resolution = np.where(inverse_squared > 0, 1 / np.sqrt(np.maximum(inverse_squared, 1e-300)), np.inf)
-        guinier_table = pd.DataFrame({
-            "shell": guinier_shells,
-            "resolution_angstrom": guinier_resolution,
-            "inverse_resolution_squared": inverse_squared,
-            "log_amplitude_original": amplitude("rlnLogAmplitudesOriginal"),
-            "log_amplitude_weighted": amplitude("rlnLogAmplitudesWeighted"),
-            "log_amplitude_sharpened": amplitude("rlnLogAmplitudesSharpened"),
-            "in_fit": (guinier_shells >= box * voxel_size / autob_lowres - 1e-6)
-            & np.isfinite(amplitude("rlnLogAmplitudesWeighted")),
-        })
-    except (KeyError, ValueError, TypeError, OSError) as error:
-        raise CryoSieveInputError(f"{path}: not a relion_postprocess output ({type(error).__name__}: {error})") \
-            from None
-    randomise = number("rlnRandomiseFrom")
-    fitted = guinier_table.loc[guinier_table["in_fit"], "resolution_angstrom"]
-    summary: dict[str, object] = {
-        "program": "relion_postprocess",
-        "final_resolution_angstrom": resolution,
-        "final_resolution_shell": int(round(box * voxel_size / resolution)) if resolution else 0,
-        "bfactor": number("rlnBfactorUsedForSharpening") or 0.0,
-        "bfactor_source": "auto",
-        "bfactor_fit_lowres_angstrom": float(fitted.max()) if len(fitted) else None,
-        "bfactor_fit_highres_angstrom": float(fitted.min()) if len(fitted) else None,
-        "guinier_fit_slope": number("rlnFittedSlopeGuinierPlot"),
-        "guinier_fit_intercept": number("rlnFittedInterceptGuinierPlot"),
-        "guinier_fit_correlation": number("rlnCorrelationFitGuinierPlot"),
-        "randomise_from_angstrom": randomise,
-        "randomise_from_shell": int(round(box * voxel_size / randomise)) if randomise else 0,
-        "voxel_size_angstrom": float(voxel_size),
-        "box": int(box),
-    }
-    return PostprocessReport(fsc_table=table, guinier=guinier_table, summary=summary, box=int(box))
-
-
 def postprocess_files(half1_path: str, half2_path: str, mask_path: str, root: str, *, angpix: float | None = None,
                       **options: object) -> PostprocessResult:
     """Post-process from files to files (``cryosieve-postprocess``): :func:`postprocess` of the
@@ -826,10 +752,11 @@ def postprocess_files(half1_path: str, half2_path: str, mask_path: str, root: st
     from cryosieve.io.paths import InputFile, check_outputs
 
     if not str(root).strip():
-        raise CryoSieveInputError("--o: empty output root")
+        raise CryoSieveInputError(f"{setting('root')}: empty output root")
     outputs = list(output_paths(root).values())
-    check_outputs(outputs, [InputFile(Path(half1_path), "--i, first half map"),
-                            InputFile(Path(half2_path), "--i2, second half map"), InputFile(Path(mask_path), "--mask")])
+    check_outputs(outputs, [InputFile(Path(half1_path), f"{setting('half_map_1')}, first half map"),
+                            InputFile(Path(half2_path), f"{setting('half_map_2')}, second half map"),
+                            InputFile(Path(mask_path), setting("mask"))])
     half1, half2, mask, voxel = read_inputs(half1_path, half2_path, mask_path, angpix)
     log.info("postprocess: %s and %s, mask %s, %g Å/px, box %d", half1.path, half2.path, mask.path, voxel,
              half1.data.shape[0])

@@ -58,7 +58,7 @@ import numpy as np
 import scipy.fft
 
 from cryosieve.ctf import CtfParameters
-from cryosieve.errors import CryoSieveInputError
+from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import StackReader, prefetch_batches
 from cryosieve.io.star import ParticleTable
@@ -750,7 +750,7 @@ def _reconstruct(table: ParticleTable, reader: StackReader, rows: np.ndarray, la
     if pad_factor < 1:
         raise CryoSieveInputError(f"pad factor must be >= 1, got {pad_factor}")
     if batch_size < 1:
-        raise CryoSieveInputError(f"--batch_size must be >= 1, got {batch_size}")
+        raise CryoSieveInputError(f"{setting('batch_size')} {batch_size}: must be at least 1")
     rotations_group = symmetry_matrices(symmetry)
     _check_pixel_size(table, rows)
     if not _numba_for(device):
@@ -805,9 +805,9 @@ def reconstruct_star_file(star: str, out: str, *, angpix: float | None = None, s
     from cryosieve.io.star import read_particles
 
     if not str(out).strip():
-        raise CryoSieveInputError("--o: empty output path")
+        raise CryoSieveInputError(f"{setting('output')}: empty output path")
     if batch_size < 1:
-        raise CryoSieveInputError(f"--batch_size {batch_size}: must be at least 1")
+        raise CryoSieveInputError(f"{setting('batch_size')} {batch_size}: must be at least 1")
     symmetry = canonical_name(symmetry)
     table = read_particles(star, angpix)
     inputs = [InputFile(Path(star), "particle STAR file")]
@@ -816,10 +816,10 @@ def reconstruct_star_file(star: str, out: str, *, angpix: float | None = None, s
     rows = np.arange(len(table))
     if subset in (1, 2):  # RELION: 1 or 2 selects a half-set, anything else all particles
         if table.random_subset is None:
-            raise CryoSieveInputError(f"{star}: column rlnRandomSubset missing (needed by --subset)")
+            raise CryoSieveInputError(f"{star}: column rlnRandomSubset missing (needed by {setting('subset')})")
         rows = np.flatnonzero(table.random_subset == subset)
         if rows.size == 0:
-            raise CryoSieveInputError(f"--subset {subset}: no particles with rlnRandomSubset {subset} in {star}")
+            raise CryoSieveInputError(f"{setting('subset')} {subset}: no particles with rlnRandomSubset {subset} in {star}")
     remove_stale_temporaries_of([out])
     with StackReader(table, directory) as reader:
         box = reader.validate()

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from cryosieve.band import HighPass
-from cryosieve.errors import CryoSieveInputError
+from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.fsc import filter_by_shell, fourier_shell_correlation, fsc_weight
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
@@ -97,17 +97,17 @@ class SieveResult:
 
 def check_settings(settings: SieveSettings) -> None:
     if not (0.0 < settings.retention_ratio <= 1.0):
-        raise CryoSieveInputError(f"--retention_ratio {settings.retention_ratio}: must be in (0, 1]")
+        raise CryoSieveInputError(f"{setting('retention_ratio')} {settings.retention_ratio}: must be in (0, 1]")
     if not (settings.highpass_angstrom > 0) or not math.isfinite(settings.highpass_angstrom):
-        raise CryoSieveInputError(f"--frequency {settings.highpass_angstrom}: must be a positive number of Å")
+        raise CryoSieveInputError(f"{setting('highpass_angstrom')} {settings.highpass_angstrom}: must be a positive number of Å")
     if settings.projector not in ("fourier", "realspace"):
-        raise CryoSieveInputError(f"--projector {settings.projector}: must be fourier or realspace")
+        raise CryoSieveInputError(f"{setting('projector')} {settings.projector}: must be fourier or realspace")
     if settings.reference_weighting not in ("auto", "fsc", "none"):
-        raise CryoSieveInputError(f"--reference_weighting {settings.reference_weighting}: must be fsc or none")
+        raise CryoSieveInputError(f"{setting('reference_weighting')} {settings.reference_weighting}: must be auto, fsc or none")
     if settings.batch_size < 1:
-        raise CryoSieveInputError(f"--batch_size {settings.batch_size}: must be at least 1")
+        raise CryoSieveInputError(f"{setting('batch_size')} {settings.batch_size}: must be at least 1")
     if settings.num_processes < 1:
-        raise CryoSieveInputError(f"--num_gpus {settings.num_processes}: must be at least 1")
+        raise CryoSieveInputError(f"{setting('num_processes')} {settings.num_processes}: must be at least 1")
 
 
 def half_sets(table: ParticleSet, volume_count: int) -> np.ndarray:
@@ -119,17 +119,17 @@ def half_sets(table: ParticleSet, volume_count: int) -> np.ndarray:
     if table.random_subset is None:
         if volume_count != 1:
             raise CryoSieveInputError(
-                f"{table.path}: no rlnRandomSubset column, so give exactly one --volume (got {volume_count})"
+                f"{table.path}: no rlnRandomSubset column, so give exactly one half map ({setting('volumes')}; got {volume_count})"
             )
         return np.ones(len(table), dtype=np.int64)
     present = sorted(set(table.random_subset.tolist()))
     if present[-1] > volume_count:
         raise CryoSieveInputError(
-            f"{table.path}: rlnRandomSubset goes up to {present[-1]} but only {volume_count} --volume given"
+            f"{table.path}: rlnRandomSubset goes up to {present[-1]} but only {volume_count} half maps given ({setting('volumes')})"
         )
     if volume_count > present[-1]:
         raise CryoSieveInputError(
-            f"{volume_count} --volume given but {table.path} has only {present[-1]} half-sets (rlnRandomSubset)"
+            f"{volume_count} half maps given ({setting('volumes')}) but {table.path} has only {present[-1]} half-sets (rlnRandomSubset)"
         )
     return table.random_subset.astype(np.int64)
 
@@ -178,7 +178,7 @@ def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting
     if weighting == "fsc":
         if len(volumes) != 2:
             raise CryoSieveInputError(
-                f"--reference_weighting fsc needs two half maps (--volume twice), got {len(volumes)}"
+                f"{setting('reference_weighting')} fsc needs two half maps ({setting('volumes')}), got {len(volumes)}"
             )
         fsc = fourier_shell_correlation(torch.from_numpy(masked[0]), torch.from_numpy(masked[1])).numpy()
         return masked, fsc, "fsc"
@@ -276,7 +276,7 @@ def load_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, vo
     stack reader to use; a new one otherwise, which the caller closes)."""
     check_settings(settings)
     if not volume_paths:
-        raise CryoSieveInputError("--volume: give at least one half map")
+        raise CryoSieveInputError(f"{setting('volumes')}: give at least one half map")
     half_set = half_sets(table, len(volume_paths))
     reader = reader if reader is not None else StackReader(table, directory)
     box = reader.validate()
@@ -372,7 +372,7 @@ def sieve_star_file(star: str, out: str, volume_paths: Sequence[str], settings: 
     """
     check_settings(settings)
     if not str(out).strip():
-        raise CryoSieveInputError("--o: empty output path")
+        raise CryoSieveInputError(f"{setting('output')}: empty output path")
     table = read_particles(star, angpix)
     outputs = sieve_output_paths(out)
     check_outputs(outputs, sieve_inputs(table, directory, volume_paths, mask_path))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cryosieve.errors import CryoSieveInputError
+from cryosieve.errors import CryoSieveInputError, setting
 
 if TYPE_CHECKING:
     import torch
@@ -152,7 +152,7 @@ def symmetry_matrices(name: str) -> np.ndarray:
         axes = _generators(key)
     except KeyError:
         raise CryoSieveInputError(
-            f"--sym {name}: unknown symmetry (supported: {SUPPORTED}; groups with mirror planes "
+            f"{setting('symmetry')} {name}: unknown symmetry (supported: {SUPPORTED}; groups with mirror planes "
             "or inversion are not)"
         ) from None
     generators = [axis_rotation(fold, axis) for fold, axis in axes if fold > 1]

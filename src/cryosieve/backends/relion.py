@@ -1,4 +1,4 @@
-"""External RELION programs as reconstruction and post-processing back-ends.
+"""RELION's programs as the pipeline's reconstruction and post-processing back-ends.
 
 The command lines are the published CryoSieve's:
 
@@ -16,49 +16,60 @@ The command lines are the published CryoSieve's:
       CMD --i HALF1 --i2 HALF2 --mask MASK --angpix A --auto_bfac --autob_lowres 10 --o ROOT
 
   whose ``ROOT.star`` gives the final resolution (``rlnFinalResolution``), the
-  sharpening B-factor (``rlnBfactorUsedForSharpening``) and the FSC curves.
+  sharpening B-factor (``rlnBfactorUsedForSharpening``), the FSC curves and the Guinier
+  plot, from which :func:`report_from_relion_star` makes the report files every
+  post-processing back-end leaves.
 
 Standard output and standard error of every command go to a log file.  Outputs are
 written under temporary names and renamed only when every process succeeded, so a run
-killed while a program runs never leaves a half-written map under its final name.
+killed while a program runs never leaves a half-written map under its final name; the
+programs run in process groups of their own and are stopped with the run
+(:mod:`cryosieve.processes`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shlex
 import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import starfile
 
-from cryosieve.errors import CryoSieveInputError, ExternalCommandError
-from cryosieve.io.atomic import temporary_name
+from cryosieve import processes
+from cryosieve.backends import HalfMapJob, PostprocessJob
+from cryosieve.backends.builtin import AUTOB_LOWRES
+from cryosieve.errors import CryoSieveInputError, ExternalCommandError, setting
+from cryosieve.io.atomic import OutputGroup, temporary_name
+from cryosieve.postprocess import REPORT_FILES, PostprocessReport, output_paths, write_report_files
+from cryosieve.progress import ProgressFactory
 
 log = logging.getLogger("cryosieve")
 
+#: Seconds a stopped program gets to end after SIGTERM before its group gets SIGKILL.
+STOP_GRACE = 5.0
 
-def split_command(option: str, command_line: str) -> list[str]:
+
+def split_command(field: str, command_line: str) -> list[str]:
     """Split a user-given program line into words and check that its program exists.
 
-    Raises :class:`CryoSieveInputError` naming ``option`` for an empty line, unbalanced
-    quotes or a program that is not found on ``PATH``.
+    Raises :class:`CryoSieveInputError` naming the setting ``field`` for an empty line,
+    unbalanced quotes or a program that is not found on ``PATH``.
     """
     try:
         words = shlex.split(command_line)
     except ValueError as error:
-        raise CryoSieveInputError(f"{option} {command_line!r}: cannot be split into words ({error})") from None
+        raise CryoSieveInputError(f"{setting(field)} {command_line!r}: cannot be split into words ({error})") from None
     if not words:
-        raise CryoSieveInputError(f"{option}: empty command")
+        raise CryoSieveInputError(f"{setting(field)}: empty command")
     if shutil.which(words[0]) is None:
-        raise CryoSieveInputError(f"{option} {command_line!r}: program {words[0]!r} not found")
+        raise CryoSieveInputError(f"{setting(field)} {command_line!r}: program {words[0]!r} not found")
     return words
 
 
@@ -66,6 +77,9 @@ def with_launcher(words: Sequence[str], num_procs: int | None) -> list[str]:
     """Prefix ``mpirun -n N`` (the published ``--num_procs``); ``None`` leaves the line as given."""
     if num_procs is None:
         return list(words)
+    if num_procs < 1:
+        raise CryoSieveInputError(f"{setting('num_procs')} {num_procs}: must be at least 1")
+    split_command("num_procs", "mpirun")
     return ["mpirun", "-n", str(int(num_procs)), *words]
 
 
@@ -81,15 +95,19 @@ def postprocess_command(program: Sequence[str], half1: Path, half2: Path, mask: 
     """``relion_postprocess`` arguments (absolute paths), as the published CryoSieve runs it."""
     return [*program, "--i", str(Path(half1).absolute()), "--i2", str(Path(half2).absolute()),
             "--mask", str(Path(mask).absolute()), "--angpix", repr(float(angpix)), "--auto_bfac",
-            "--autob_lowres", "10", "--o", str(Path(root).absolute())]
+            "--autob_lowres", f"{AUTOB_LOWRES:g}", "--o", str(Path(root).absolute())]
 
 
 def run_in_parallel(commands: Sequence[Sequence[str]], log_paths: Sequence[Path], cwd: Path | None = None) -> None:
     """Start every command at once, wait for all, raise for the first that failed.
 
-    Each command's standard output and error are written to its log file (replaced).
+    Each command's standard output and error are written to its log file (replaced). If
+    this process is interrupted meanwhile, every program is stopped before the exception
+    goes on.
     """
-    processes = []
+    import subprocess
+
+    started: list[subprocess.Popen[bytes]] = []
     handles = []
     try:
         for command, log_path in zip(commands, log_paths):
@@ -98,129 +116,162 @@ def run_in_parallel(commands: Sequence[Sequence[str]], log_paths: Sequence[Path]
             handles.append(handle)
             handle.write("$ " + shlex.join(command) + "\n")
             handle.flush()
-            # Each program in a process group of its own, so that stopping it reaches every
-            # process it started (the ranks under mpirun) and nothing else.
-            processes.append(subprocess.Popen(list(command), stdout=handle, stderr=subprocess.STDOUT,
-                                              cwd=str(cwd) if cwd is not None else None,
-                                              start_new_session=os.name == "posix",
-                                              preexec_fn=_die_with_parent if os.name == "posix" else None))
-        for process in processes:
+            started.append(processes.start(command, stdout=handle, stderr=subprocess.STDOUT,
+                                           cwd=str(cwd) if cwd is not None else None))
+        for process in started:
             process.wait()
     finally:
-        _stop_all([process for process in processes if process.poll() is None])
+        processes.stop(started, STOP_GRACE)
         for handle in handles:
             handle.close()
-    for command, log_path, process in zip(commands, log_paths, processes):
+    for command, log_path, process in zip(commands, log_paths, started):
         if process.returncode != 0:
             raise ExternalCommandError(shlex.join(command), str(log_path), process.returncode)
 
 
-#: Seconds a stopped program gets to end after SIGTERM before its group gets SIGKILL.
-STOP_GRACE = 5.0
+@dataclass(frozen=True)
+class RelionReconstructor:
+    """``relion_reconstruct`` (or a program with its command line) for both half-sets at once.
 
+    ``program``: the command's words, launcher included (:meth:`from_command_line`).
+    """
 
-def _stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
-    """Interrupted while programs run: SIGTERM to each one's process group, SIGKILL after
-    :data:`STOP_GRACE` seconds to what is left, so no orphan keeps running."""
-    import signal
+    program: tuple[str, ...]
 
-    def signal_group(process: subprocess.Popen[bytes], number: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.name == "posix":
-                os.killpg(process.pid, number)
-            else:  # pragma: no cover
-                process.send_signal(number)
+    @classmethod
+    def from_command_line(cls, command_line: str, num_procs: int | None = None) -> RelionReconstructor:
+        """From the user's command line (``reconstructor``) and the published ``--num_procs``."""
+        return cls(tuple(with_launcher(split_command("reconstructor", command_line), num_procs)))
 
-    for process in processes:
-        signal_group(process, signal.SIGTERM)
-    for process in processes:
+    def describe(self) -> str:
+        return shlex.join(self.program)
+
+    def reconstruct_half_maps(self, job: HalfMapJob, progress: ProgressFactory) -> None:
+        temporaries = [temporary_name(Path(output)) for output in job.outputs]
+        commands = [reconstruct_command(self.program, job.star, temporary, job.pixel_size, job.symmetry, subset)
+                    for subset, temporary in zip((1, 2), temporaries)]
+        cwd = (job.directory or Path.cwd()).absolute()
         try:
-            process.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
-    for process in processes:
-        signal_group(process, signal.SIGKILL)
-        process.wait()
+            run_in_parallel(commands, job.logs, cwd)
+            for command, temporary, log_path in zip(commands, temporaries, job.logs):
+                if not temporary.is_file():
+                    raise ExternalCommandError(shlex.join(command), str(log_path), 1)
+            for temporary, output in zip(temporaries, job.outputs):
+                os.replace(temporary, output)
+        finally:
+            for temporary in temporaries:
+                with contextlib.suppress(FileNotFoundError):
+                    temporary.unlink()
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: have the kernel kill the child when this process dies (no orphaned programs)."""
-    try:
-        import ctypes
-        import signal
+@dataclass(frozen=True)
+class RelionPostProcessor:
+    """``relion_postprocess`` (or a program with its command line); the report files of every
+    back-end are made from its STAR file beside its own files."""
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+    program: tuple[str, ...]
+
+    @classmethod
+    def from_command_line(cls, command_line: str) -> RelionPostProcessor:
+        """From the user's command line (``postprocessor``)."""
+        return cls(tuple(split_command("postprocessor", command_line)))
+
+    def describe(self) -> str:
+        return shlex.join(self.program)
+
+    def postprocess(self, job: PostprocessJob) -> PostprocessReport:
+        with OutputGroup() as group:
+            folder = group.folder_for(job.folder)
+            root = folder / job.root_name
+            command = postprocess_command(self.program, *job.half_maps, Path(job.mask.path), job.pixel_size, root)
+            run_in_parallel([command], [job.log])
+            star = root.with_name(root.name + ".star")
+            if not star.is_file():
+                raise ExternalCommandError(shlex.join(command), str(job.log), 1)
+            report = report_from_relion_star(star, int(job.mask.data.shape[0]), job.pixel_size,
+                                             autob_lowres=AUTOB_LOWRES)
+            paths = output_paths(root)
+            write_report_files(report, {key: Path(paths[key]) for key in REPORT_FILES}, job.pixel_size)
+        return report
 
 
-def reconstruct_half_maps(program: Sequence[str], star: Path, outputs: tuple[Path, Path], angpix: float,
-                          symmetry: str, log_paths: tuple[Path, Path], cwd: Path | None) -> None:
-    """Reconstruct half-sets 1 and 2 of ``star`` in parallel into ``outputs`` (both or neither)."""
-    temporaries = [temporary_name(Path(output)) for output in outputs]
-    commands = [reconstruct_command(program, star, temporary, angpix, symmetry, subset)
-                for subset, temporary in zip((1, 2), temporaries)]
-    try:
-        run_in_parallel(commands, log_paths, cwd)
-        for temporary in temporaries:
-            if not temporary.is_file():
-                raise ExternalCommandError(shlex.join(commands[temporaries.index(temporary)]),
-                                           str(log_paths[temporaries.index(temporary)]), 1)
-        for temporary, output in zip(temporaries, outputs):
-            os.replace(temporary, output)
-    finally:
-        for temporary in temporaries:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
+def report_from_relion_star(star: str | os.PathLike[str], box: int, voxel_size: float,
+                       autob_lowres: float = 10.0) -> PostprocessReport:
+    """The :class:`PostprocessReport` of a ``relion_postprocess`` run, from its ``ROOT.star``.
 
-
-def run_postprocess(program: Sequence[str], half1: Path, half2: Path, mask: Path, angpix: float,
-                    root: Path, log_path: Path) -> Path:
-    """Post-process into ``root.*`` (in a folder the caller makes appear atomically).
-
-    Returns the path of ``root.star``.
+    RELION 3.1's blocks: ``data_general`` (``rlnFinalResolution``,
+    ``rlnBfactorUsedForSharpening``, ``rlnRandomiseFrom``, ``rlnFittedSlopeGuinierPlot``,
+    ``rlnFittedInterceptGuinierPlot``, ``rlnCorrelationFitGuinierPlot``), ``data_fsc`` (one
+    row per shell) and ``data_guinier`` (one row per shell, -99 where no amplitude). The
+    shells of the automatic fit are those from ``autob_lowres`` on whose weighted amplitude
+    is not zero, as RELION fits them with ``--autob_highres 0``.
     """
-    command = postprocess_command(program, half1, half2, mask, angpix, root)
-    run_in_parallel([command], [log_path])
-    star = root.with_name(root.name + ".star")
-    if not star.is_file():
-        raise ExternalCommandError(shlex.join(command), str(log_path), 1)
-    return star
+    import starfile
+
+    path = str(star)
+    try:
+        blocks = starfile.read(path, always_dict=True)
+        general = blocks["general"]
+        general = general if isinstance(general, pd.DataFrame) else pd.DataFrame([general])
+        fsc, guinier = blocks["fsc"], blocks["guinier"]
+
+        def number(name: str) -> float | None:
+            if name not in general.columns:
+                return None
+            value = float(general[name].iloc[0])
+            return value if math.isfinite(value) else None
+
+        resolution = number("rlnFinalResolution")
+        shells = fsc["rlnSpectralIndex"].to_numpy(dtype=np.int64)
+        table = pd.DataFrame({
+            "shell": shells,
+            "resolution_angstrom": np.where(shells > 0, box * voxel_size / np.maximum(shells, 1), np.inf),
+            "fsc_unmasked": fsc["rlnFourierShellCorrelationUnmaskedMaps"].to_numpy(dtype=np.float64),
+            "fsc_masked": fsc["rlnFourierShellCorrelationMaskedMaps"].to_numpy(dtype=np.float64),
+            "fsc_phase_randomised": fsc["rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps"]
+            .to_numpy(dtype=np.float64),
+            "fsc_corrected": fsc["rlnFourierShellCorrelationCorrected"].to_numpy(dtype=np.float64),
+        })
+        inverse_squared = guinier["rlnResolutionSquared"].to_numpy(dtype=np.float64)
+
+        def amplitude(name: str) -> np.ndarray:
+            values = guinier[name].to_numpy(dtype=np.float64)
+            return np.where(values <= -99, np.nan, values)
+
+        guinier_shells = np.rint(np.sqrt(inverse_squared) * box * voxel_size).astype(np.int64)
+        with np.errstate(divide="ignore"):
+            guinier_resolution = np.where(inverse_squared > 0, 1 / np.sqrt(np.maximum(inverse_squared, 1e-300)), np.inf)
+        guinier_table = pd.DataFrame({
+            "shell": guinier_shells,
+            "resolution_angstrom": guinier_resolution,
+            "inverse_resolution_squared": inverse_squared,
+            "log_amplitude_original": amplitude("rlnLogAmplitudesOriginal"),
+            "log_amplitude_weighted": amplitude("rlnLogAmplitudesWeighted"),
+            "log_amplitude_sharpened": amplitude("rlnLogAmplitudesSharpened"),
+            "in_fit": (guinier_shells >= box * voxel_size / autob_lowres - 1e-6)
+            & np.isfinite(amplitude("rlnLogAmplitudesWeighted")),
+        })
+    except (KeyError, ValueError, TypeError, OSError) as error:
+        raise CryoSieveInputError(f"{path}: not a relion_postprocess output ({type(error).__name__}: {error})") \
+            from None
+    randomise = number("rlnRandomiseFrom")
+    fitted = guinier_table.loc[guinier_table["in_fit"], "resolution_angstrom"]
+    summary: dict[str, object] = {
+        "program": "relion_postprocess",
+        "final_resolution_angstrom": resolution,
+        "final_resolution_shell": int(round(box * voxel_size / resolution)) if resolution else 0,
+        "bfactor": number("rlnBfactorUsedForSharpening") or 0.0,
+        "bfactor_source": "auto",
+        "bfactor_fit_lowres_angstrom": float(fitted.max()) if len(fitted) else None,
+        "bfactor_fit_highres_angstrom": float(fitted.min()) if len(fitted) else None,
+        "guinier_fit_slope": number("rlnFittedSlopeGuinierPlot"),
+        "guinier_fit_intercept": number("rlnFittedInterceptGuinierPlot"),
+        "guinier_fit_correlation": number("rlnCorrelationFitGuinierPlot"),
+        "randomise_from_angstrom": randomise,
+        "randomise_from_shell": int(round(box * voxel_size / randomise)) if randomise else 0,
+        "voxel_size_angstrom": float(voxel_size),
+        "box": int(box),
+    }
+    return PostprocessReport(fsc_table=table, guinier=guinier_table, summary=summary, box=int(box))
 
 
-@dataclass
-class PostprocessOutcome:
-    """What a post-processing reports.
-
-    ``resolution``: final resolution (Å); ``bfactor``: sharpening B-factor (Å^2, negative
-    sharpens); ``frequency``: ``(m,)`` spatial frequency of each FSC shell (1/Å);
-    ``fsc_corrected``: ``(m,)`` the corrected FSC the resolution was read from.
-    """
-
-    resolution: float
-    bfactor: float
-    frequency: np.ndarray
-    fsc_corrected: np.ndarray
-
-
-def read_postprocess_star(path: Path) -> PostprocessOutcome:
-    """Read ``rlnFinalResolution``, ``rlnBfactorUsedForSharpening`` and the corrected FSC."""
-    blocks = starfile.read(path, always_dict=True)
-    general = blocks.get("general")
-    if general is None or "fsc" not in blocks:
-        raise CryoSieveInputError(f"{path}: no data_general or data_fsc block (not a relion_postprocess output)")
-    if not isinstance(general, pd.DataFrame):
-        general = pd.DataFrame([general])
-    fsc = blocks["fsc"]
-    resolution = float(general["rlnFinalResolution"].iloc[0])
-    bfactor = float(general["rlnBfactorUsedForSharpening"].iloc[0]) \
-        if "rlnBfactorUsedForSharpening" in general.columns else 0.0
-    frequency = fsc["rlnSpectralIndex"].to_numpy(dtype=np.float64)
-    angstrom = fsc["rlnAngstromResolution"].to_numpy(dtype=np.float64)
-    # rlnResolution of shell 0 is a placeholder (RELION writes 999 Å there): use index / (box * voxel)
-    with np.errstate(divide="ignore"):
-        box_angstrom = np.median((frequency * angstrom)[1:])
-    frequency = frequency / box_angstrom
-    return PostprocessOutcome(resolution=resolution, bfactor=bfactor, frequency=frequency,
-                              fsc_corrected=fsc["rlnFourierShellCorrelationCorrected"].to_numpy(dtype=np.float64))

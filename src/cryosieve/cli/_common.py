@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -204,9 +204,10 @@ def _exit_code_of(returncode: int) -> int:
 
 
 def run_command(program: str, body: Callable[[Sequence[str] | None], int | None],
-                argv: Sequence[str] | None = None) -> int:
+                argv: Sequence[str] | None = None, flags: Mapping[str, str] | None = None) -> int:
     """Run ``body(argv)`` and turn every failure into one line on stderr and an exit code
-    (see the module docstring)."""
+    (see the module docstring). ``flags`` maps the library's setting fields to the command's
+    flags, so that an input error names the flag the user typed."""
 
     def say(message: str) -> None:
         print(f"{program}: {message}", file=sys.stderr, flush=True)
@@ -217,7 +218,7 @@ def run_command(program: str, body: Callable[[Sequence[str] | None], int | None]
                 code = int(body(argv) or 0)
             except CryoSieveInputError as error:
                 if not interrupted():
-                    say(f"error: {one_line(error)}")
+                    say(f"error: {one_line(error.message_with(flags or {}))}")
                     return EXIT_BAD_INPUT
             except ExternalCommandError as error:
                 if not interrupted():

@@ -74,8 +74,17 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+#: The library's setting fields -> this command's flags.
+FLAGS = {
+    "input_star": "--i", "output": "--o", "directory": "--directory", "angpix": "--angpix", "volumes": "--volume",
+    "mask": "--mask", "retention_ratio": "--retention_ratio", "highpass_angstrom": "--frequency",
+    "balance": "--balance", "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size",
+    "projector": "--projector", "reference_weighting": "--reference_weighting",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command("cryosieve-core", _main, argv)
+    return run_command("cryosieve-core", _main, argv, FLAGS)
 
 
 if __name__ == "__main__":

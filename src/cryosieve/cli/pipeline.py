@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from cryosieve.errors import CryoSieveInputError
 from cryosieve.cli._common import (
     add_device_argument,
     check_interrupt,
@@ -72,15 +73,21 @@ def _main(argv: Sequence[str] | None) -> int:
     setup_logging(not args.quiet)
     device = choose_device(args.device)
 
+    from cryosieve.backends.relion import RelionPostProcessor, RelionReconstructor
     from cryosieve.pipeline import PipelineSettings, run_pipeline
 
+    if args.num_procs is not None and args.reconstruct_software is None:
+        raise CryoSieveInputError("--num_procs: give --reconstruct_software to run under mpirun")
+    reconstructor = None if args.reconstruct_software is None else \
+        RelionReconstructor.from_command_line(args.reconstruct_software, args.num_procs)
+    postprocessor = None if args.postprocess_software is None else \
+        RelionPostProcessor.from_command_line(args.postprocess_software)
     settings = PipelineSettings(
         input_star=args.i, output_prefix=args.o, angpix=args.angpix, mask=args.mask,
         directory=args.directory or None, symmetry=args.sym, num_iters=args.num_iters,
         frequency_start=args.frequency_start, frequency_end=args.frequency_end,
-        retention_ratio=args.retention_ratio, balance=args.balance,
-        reconstruct_software=args.reconstruct_software, postprocess_software=args.postprocess_software,
-        num_procs=args.num_procs, num_gpus=args.num_gpus, device=device, batch_size=args.batch_size,
+        retention_ratio=args.retention_ratio, balance=args.balance, reconstructor=reconstructor,
+        postprocessor=postprocessor, num_processes=args.num_gpus, device=device, batch_size=args.batch_size,
         projector=args.projector, reference_weighting=args.reference_weighting, report=args.report,
     )
     result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
@@ -92,8 +99,19 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+#: The library's setting fields -> this command's flags.
+FLAGS = {
+    "input_star": "--i", "output_prefix": "--o", "angpix": "--angpix", "mask": "--mask", "directory": "--directory",
+    "symmetry": "--sym", "num_iters": "--num_iters", "frequency_start": "--frequency_start",
+    "frequency_end": "--frequency_end", "retention_ratio": "--retention_ratio", "balance": "--balance",
+    "reconstructor": "--reconstruct_software", "postprocessor": "--postprocess_software", "num_procs": "--num_procs",
+    "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size", "projector": "--projector",
+    "reference_weighting": "--reference_weighting", "resume": "--continue", "highpass_angstrom": "--frequency_start",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command("cryosieve", _main, argv)
+    return run_command("cryosieve", _main, argv, FLAGS)
 
 
 if __name__ == "__main__":

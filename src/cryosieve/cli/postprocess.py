@@ -85,9 +85,18 @@ def _body(argv: Sequence[str] | None) -> int:
     return 0
 
 
+#: The library's setting fields -> this command's flags.
+FLAGS = {
+    "half_map_1": "--i", "half_map_2": "--i2", "mask": "--mask", "angpix": "--angpix", "root": "--o",
+    "auto_bfactor": "--auto_bfac", "autob_lowres": "--autob_lowres", "autob_highres": "--autob_highres",
+    "adhoc_bfactor": "--adhoc_bfac", "low_pass": "--low_pass", "force_mask": "--force_mask",
+    "randomize_threshold": "--randomize_at_fsc", "seed": "--random_seed", "device": "--device",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cryosieve-postprocess``; returns the exit code (2 for bad input)."""
-    return run_command("cryosieve-postprocess", _body, argv)
+    return run_command("cryosieve-postprocess", _body, argv, FLAGS)
 
 
 if __name__ == "__main__":

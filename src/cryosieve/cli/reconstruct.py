@@ -79,8 +79,15 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+#: The library's setting fields -> this command's flags.
+FLAGS = {
+    "input_star": "--i", "output": "--o", "angpix": "--angpix", "symmetry": "--sym", "apply_ctf": "--ctf",
+    "subset": "--subset", "directory": "--directory", "device": "--device", "batch_size": "--batch_size",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command("cryosieve-reconstruct", _main, argv)
+    return run_command("cryosieve-reconstruct", _main, argv, FLAGS)
 
 
 if __name__ == "__main__":

@@ -100,8 +100,16 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+#: The library's setting fields -> this command's flags.
+FLAGS = {name: f"--{name}" for name in (
+    "num_particles", "box", "angpix", "junk_fraction", "snr", "bfactor_min", "bfactor_max", "defocus_min",
+    "defocus_max", "astigmatism", "max_origin", "voltage", "cs", "amplitude_contrast", "phase_shift", "seed",
+    "batch_size", "model", "junk_model", "device")} | {"output_folder": "--o", "overwrite": "--force",
+                                                      "half_maps": "--no_half_maps"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command("cryosieve-simulate", _main, argv)
+    return run_command("cryosieve-simulate", _main, argv, FLAGS)
 
 
 if __name__ == "__main__":

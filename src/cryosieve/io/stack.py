@@ -27,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; numpy does the same, more slowly
     numba = None
 
-from cryosieve.errors import CryoSieveInputError
+from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.mrc import MRC_LABEL, check_mrc_file, quiet_mrcfile, resolve_path, set_fixed_label
 from cryosieve.particles import ParticleSet
 
@@ -41,7 +41,7 @@ def _open_stack(path: Path, name: str, directory: str | os.PathLike[str] | None,
         else:
             base = os.path.abspath(directory) if directory else os.getcwd()
             hint = (f"names in {star} are read relative to {base}"
-                    f"{'' if directory else ' (the current folder)'}; give --directory for another folder")
+                    f"{'' if directory else ' (the current folder)'}; give {setting('directory')} for another folder")
         raise CryoSieveInputError(f"{name}: particle stack not found at {where} ({hint})")
     check_mrc_file(path, "particle stack")
     try:

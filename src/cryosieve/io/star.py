@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryosieve.errors import CryoSieveInputError
+from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.particles import ParticleSet
 from cryosieve.tolerances import ORIGIN_TOLERANCE_PIXELS, pixel_sizes_agree
 
@@ -156,7 +156,7 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
         if len(repeated):
             raise CryoSieveInputError(f"{path}: column {repeated[0]} appears twice in data_{name}")
     if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
-        raise CryoSieveInputError(f"--angpix {angpix}: must be a positive number of Å")
+        raise CryoSieveInputError(f"{setting('angpix')} {angpix}: must be a positive number of Å")
     if "optics" in blocks and "particles" in blocks:
         table = _read_31(path, blocks)
         table.angpix = angpix
@@ -165,8 +165,8 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
             worst = float(pixel[np.argmax(np.abs(pixel - angpix))])
             if not pixel_sizes_agree(worst, angpix):
                 raise CryoSieveInputError(
-                    f"--angpix {angpix}: differs from rlnImagePixelSize {worst:g} Å in {path} "
-                    "(leave --angpix out for RELION 3.1+ files; rescaling is not supported)")
+                    f"{setting('angpix')} {angpix}: differs from rlnImagePixelSize {worst:g} Å in {path} "
+                    f"(leave {setting('angpix')} out for RELION 3.1+ files; rescaling is not supported)")
         return table
     particle_blocks = [name for name, frame in blocks.items() if "rlnImageName" in frame.columns]
     if len(particle_blocks) != 1:
@@ -217,7 +217,7 @@ def _read_30(path: str, blocks: dict[str, pd.DataFrame], block: str, angpix: flo
     values = _read_common(path, label, frame)
     if angpix is None or angpix <= 0:
         raise CryoSieveInputError(
-            f"{path}: RELION 3.0 STAR file carries no pixel size; give --angpix"
+            f"{path}: RELION 3.0 STAR file carries no pixel size; give {setting('angpix')}"
         )
     n = len(frame)
     values.update(

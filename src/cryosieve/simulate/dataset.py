@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryosieve.errors import CryoSieveInputError
+from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.mrc import write_volume_to
 from cryosieve.io.paths import InputFile, check_outputs
@@ -55,7 +55,7 @@ def _check_output_folder(target: Path, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
         raise CryoSieveInputError(f"{target}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise CryoSieveInputError(f"{target}: output folder exists and is not empty (use --force)")
+        raise CryoSieveInputError(f"{target}: output folder exists and is not empty (use {setting('overwrite')})")
 
 
 @contextlib.contextmanager
@@ -86,9 +86,9 @@ def check_inputs(output_folder: str | os.PathLike[str], settings: SimulationSett
             raise CryoSieveInputError(f"{path}: atomic model file not found")
     target = Path(output_folder)
     if not str(output_folder).strip():
-        raise CryoSieveInputError("--o: empty output path")
+        raise CryoSieveInputError(f"{setting('output_folder')}: empty output path")
     _check_output_folder(target, overwrite)
-    check_outputs([], [InputFile(Path(model), "--model"), InputFile(Path(junk_model), "--junk_model")], [target])
+    check_outputs([], [InputFile(Path(model), setting("model")), InputFile(Path(junk_model), setting("junk_model"))], [target])
     return model, junk_model
 
 

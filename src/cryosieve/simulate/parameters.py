@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cryosieve.errors import CryoSieveInputError
+from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.geometry import uniform_random_euler
 
 
@@ -69,12 +69,12 @@ class SimulationSettings:
     def check(self) -> None:
         """Raise :class:`CryoSieveInputError` naming the first bad setting."""
         def bad(name: str, value: object, why: str) -> CryoSieveInputError:
-            return CryoSieveInputError(f"--{name} {value}: {why}")
+            return CryoSieveInputError(f"{setting(name)} {value}: {why}")
 
         if self.num_particles < 1:
             raise bad("num_particles", self.num_particles, "must be at least 1")
         if self.half_maps and self.num_particles < 2:
-            raise bad("num_particles", self.num_particles, "half maps need at least 2 particles (or --no_half_maps)")
+            raise bad("num_particles", self.num_particles, f"half maps need at least 2 particles (or {setting('half_maps')})")
         if self.box < 16 or self.box % 2:
             raise bad("box", self.box, "must be even and at least 16")
         if not (self.pixel_size > 0 and math.isfinite(self.pixel_size)):
