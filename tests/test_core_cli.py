@@ -71,6 +71,12 @@ def test_without_half_sets_one_volume_scores_all(known_truth, tmp_path):
     assert main(args) == 0
     kept = starfile.read(tmp_path / "out.star", always_dict=True)["particles"]
     assert len(kept) == round(0.5 * len(blocks["particles"]))
+    # every particle scored against the one map, the lowest half of all of them kept
+    scores = pd.read_csv(tmp_path / "out_scores.csv")
+    assert (scores["half_set"] == 1).all() and scores["score"].notna().all() and scores["score"].nunique() == len(scores)
+    lowest = set(scores.nsmallest(len(kept), "score")["rlnImageName"])
+    assert set(kept["rlnImageName"]) == lowest
+    assert scores.loc[scores.kept == 1, "score"].max() < scores.loc[scores.kept == 0, "score"].min()
 
 
 def test_relion30_star_gives_the_same_scores(known_truth, tmp_path):
@@ -95,11 +101,43 @@ def test_relion30_star_gives_the_same_scores(known_truth, tmp_path):
 
 
 def test_help_lists_the_original_flags():
+    """Every flag of the published cryosieve-core (1.3.3) is accepted, with its published meaning."""
+    from cryosieve.cli.core import build_parser
+
     result = subprocess.run([sys.executable, "-m", "cryosieve.cli.core", "-h"], capture_output=True, text=True)
     assert result.returncode == 0
-    for flag in ("--i", "--o", "--directory", "--angpix", "--volume", "--mask", "--retention_ratio", "--frequency",
-                 "--num_gpus", "--device", "--batch_size", "--projector", "--reference_weighting"):
-        assert flag in result.stdout
+    published = {"--i": "i", "--o": "o", "--directory": "directory", "--angpix": "angpix", "--volume": "volume",
+                 "--mask": "mask", "--retention_ratio": "retention_ratio", "--frequency": "frequency",
+                 "--balance": "balance", "--num_gpus": "num_gpus"}
+    ours = {option: action.dest for action in build_parser()._actions for option in action.option_strings}
+    for flag, destination in published.items():
+        assert flag in result.stdout.split(), flag
+        assert ours.get(flag) == destination, flag
+    for flag in ("--device", "--batch_size", "--projector", "--reference_weighting"):
+        assert flag in ours
+
+
+def test_balance_keeps_the_same_number_in_both_half_sets(known_truth, tmp_path):
+    blocks = starfile.read(known_truth.star, always_dict=True)
+    particles = blocks["particles"]
+    blocks["particles"] = particles.drop(index=particles.index[particles["rlnRandomSubset"] == 2][:200])
+    star = tmp_path / "unbalanced.star"
+    starfile.write(blocks, star)
+    for name, extra in (("plain", []), ("balanced", ["--balance"])):
+        args = core_args(known_truth, tmp_path / name / "kept.star", *extra)
+        args[1] = str(star)
+        assert main(args) == 0
+    plain = pd.read_csv(tmp_path / "plain" / "kept_scores.csv")
+    balanced = pd.read_csv(tmp_path / "balanced" / "kept_scores.csv")
+    counts = {subset: int((plain.half_set == subset).sum()) for subset in (1, 2)}
+    assert counts[1] - counts[2] == 200
+    assert [int(plain[plain.half_set == s].kept.sum()) for s in (1, 2)] == [round(0.8 * counts[s]) for s in (1, 2)]
+    target = round(0.8 * counts[2])
+    assert [int(balanced[balanced.half_set == s].kept.sum()) for s in (1, 2)] == [target, target]
+    pd.testing.assert_series_equal(plain["score"], balanced["score"])  # same scores, another cut
+    for subset in (1, 2):  # still the lowest of each half-set
+        group = balanced[balanced.half_set == subset]
+        assert group.loc[group.kept == 1, "score"].max() <= group.loc[group.kept == 0, "score"].min()
 
 
 def _copy_data(data, folder: Path) -> Path:

@@ -127,7 +127,8 @@ def test_fast_sine_and_exponential_agree_with_libm() -> None:
     assert np.all(large >= 0) and large[0] < 1e-40 and np.all(large[1:] < 1e-300)
 
 
-def test_scores_model_relion_projections_with_envelope_and_scale(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_scores_model_relion_projections_with_envelope_and_scale(tmp_path: Path, engine: str) -> None:
     """Noise-free ``relion_project --ctf`` images with per-particle rlnCtfBfactor and rlnCtfScalefactor are
     the scoring model itself: ||HP(M - I)||^2 ~ 0, so each score is -||HP(I)||^2 (computed here with numpy).
     Ignoring the envelope or the scale would leave a residual of the order of the image."""
@@ -148,7 +149,7 @@ def test_scores_model_relion_projections_with_envelope_and_scale(tmp_path: Path)
     images = mrcfile.read(tmp_path / "projected.mrcs").astype(np.float64)
     table = read_particles(star)
     reference = mrcfile.read(tmp_path / "map.mrc").astype(np.float32)
-    settings = SieveSettings(retention_ratio=1.0, highpass_angstrom=cutoff, reference_weighting="none")
+    settings = SieveSettings(retention_ratio=1.0, highpass_angstrom=cutoff, reference_weighting="none", engine=engine)
     with StackReader(table, tmp_path) as reader:
         scores = score_rows(table, reader, [reference], np.ones(count, dtype=np.int64), settings,
                             volume_pixel_size=Volume(reference, voxel, "map").voxel_size)

@@ -186,8 +186,14 @@ class SampleBlocks:
                    width=width)
 
 
+#: The implementations of the Fourier scorer: ``numba`` (the fused CPU kernel), ``torch`` (batched
+#: tensors on any device: the CUDA path, which runs on the CPU too), ``auto`` (numba on the CPU).
+ENGINES = ("auto", "numba", "torch")
+
+
 def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor | BatchImages, batch: ParticleBatch,
-                   samples: BandSamples, volume_pixel_size: float | None = None) -> torch.Tensor:
+                   samples: BandSamples, volume_pixel_size: float | None = None, engine: str = "auto"
+                   ) -> torch.Tensor:
     """Scores of a batch with the Fourier-slice projector.
 
     Parameters
@@ -204,6 +210,8 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor | Batc
     volume_pixel_size:
         Voxel size (Å) of the half map; particles of another pixel size are sampled
         at their own physical frequencies. ``None``: same as the particles.
+    engine:
+        One of :data:`ENGINES`.
 
     Returns
     -------
@@ -213,7 +221,8 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor | Batc
     if volume_pixel_size is not None:
         scale = volume_pixel_size / batch.pixel_size
     on_demand = isinstance(images, BatchImages)
-    if (on_demand or images.device.type == "cpu") and _kernels.AVAILABLE:
+    on_cpu = on_demand or images.device.type == "cpu"
+    if engine == "numba" or (engine == "auto" and on_cpu and _kernels.AVAILABLE):
         return _fourier_scores_cpu(projector, images, batch, samples, scale)
     if on_demand:
         images = torch.from_numpy(images.slice(0, len(images)).copy()).to(projector.device)

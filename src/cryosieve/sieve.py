@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cryosieve import _kernels
 from cryosieve.band import HighPass
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.fsc import filter_by_shell, fourier_shell_correlation, fsc_weight
@@ -31,6 +32,7 @@ from cryosieve.projection import FourierSliceProjector
 from cryosieve.mask import check_mask
 from cryosieve.published import published_batch, published_scores
 from cryosieve.score import (
+    ENGINES,
     BandSamples,
     ParticleBatch,
     fourier_scores,
@@ -66,6 +68,9 @@ class SieveSettings:
         Worker processes, each scoring a disjoint shard (one per GPU on CUDA).
     balance:
         Keep the same number in every half-set: the smallest ``round(R n)`` of them.
+    engine:
+        Implementation of the Fourier scorer (:data:`cryosieve.score.ENGINES`): ``torch`` runs the
+        CUDA path's batched tensors on any device, the CPU included.
     """
 
     retention_ratio: float
@@ -76,6 +81,7 @@ class SieveSettings:
     device: torch.device | str = "cpu"
     num_processes: int = 1
     balance: bool = False
+    engine: str = "auto"
 
 
 @dataclass
@@ -106,6 +112,10 @@ def check_settings(settings: SieveSettings) -> None:
         raise CryoSieveInputError(f"{setting('reference_weighting')} {settings.reference_weighting}: must be auto, fsc or none")
     if settings.batch_size < 1:
         raise CryoSieveInputError(f"{setting('batch_size')} {settings.batch_size}: must be at least 1")
+    if settings.engine not in ENGINES:
+        raise CryoSieveInputError(f"{setting('engine')} {settings.engine}: must be one of {', '.join(ENGINES)}")
+    if settings.engine == "numba" and (torch.device(settings.device).type != "cpu" or not _kernels.AVAILABLE):
+        raise CryoSieveInputError(f"{setting('engine')} numba: runs on the CPU only, with numba installed")
     if settings.num_processes < 1:
         raise CryoSieveInputError(f"{setting('num_processes')} {settings.num_processes}: must be at least 1")
 
@@ -251,13 +261,13 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
         # On the CPU the scorer keeps every core busy: read each batch in turn, and for the
         # Fourier scorer slice by slice as it transforms them (see prefetch_batches).
         on_cpu = device.type == "cpu"
+        kernel = settings.projector == "fourier" and on_cpu and settings.engine != "torch" and _kernels.AVAILABLE
         for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank, world_size),
-                                                   background=not on_cpu,
-                                                   on_demand=on_cpu and settings.projector == "fourier"):
+                                                   background=not on_cpu, on_demand=kernel):
             if settings.projector == "fourier":
                 batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
                 image_input = images if isinstance(images, BatchImages) else torch.from_numpy(images).to(device)
-                values = fourier_scores(projector, image_input, batch, samples, volume_pixel_size)
+                values = fourier_scores(projector, image_input, batch, samples, volume_pixel_size, settings.engine)
             else:
                 batch = published_batch(table, batch_rows, settings.highpass_angstrom, device)
                 values = published_scores(volume_tensor, torch.from_numpy(images).to(device), batch)
