@@ -9,6 +9,7 @@ RELION's, independent of this package.
 from __future__ import annotations
 
 import gzip
+import inspect
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -22,6 +23,31 @@ import pytest
 import starfile
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "cryosieve" / "data"
+
+#: What a test or one of its fixtures calls when it uses RELION's programs as a reference.
+RELION_USES = ("relion_project(", "relion_reconstruct(", "relion_postprocess", "relion_refine", "relion_image_handler",
+               "require(", "known_truth")
+
+
+def _uses_relion(function: object) -> bool:
+    try:
+        source = inspect.getsource(function)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return False
+    return any(use in source for use in RELION_USES)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``relion`` every test that runs a RELION program, itself or through a fixture
+    (``pytest -m "not relion"`` runs the others, without RELION installed)."""
+    for item in items:
+        functions = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None:
+            functions += [definition.func for definitions in info.name2fixturedefs.values()
+                          for definition in definitions]
+        if any(_uses_relion(function) for function in functions if function is not None):
+            item.add_marker(pytest.mark.relion)
 
 
 def require(program: str) -> str:

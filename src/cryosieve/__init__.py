@@ -6,5 +6,6 @@ the masked half map of its random half-set, and the lowest-scoring fraction is k
 
 from cryosieve.errors import CryoSieveInputError
 
-__version__ = "0.1.0"
+#: The package version, defined here only (``pyproject.toml`` reads it).
+__version__ = "0.2.0"
 __all__ = ["CryoSieveInputError", "__version__"]
