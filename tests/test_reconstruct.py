@@ -34,11 +34,12 @@ import starfile
 import torch
 from conftest import model_map, optics_table, require, write_map
 
-import cryosieve._reconstruct_torch as reconstruction_torch
 import cryosieve.reconstruct as reconstruction
+import cryosieve.reconstruct.tensor_path as reconstruction_torch
 from cryosieve.cli.reconstruct import main
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.fsc import fourier_shell_correlation, resolution_at_threshold, shell_index
+from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import StackReader
 from cryosieve.io.star import read_particles
 from cryosieve.reconstruct import reconstruct, reconstruct_subsets
@@ -249,12 +250,19 @@ def test_batch_size_and_thread_count_do_not_change_the_map(small: Simulated) -> 
 
 
 @pytest.mark.parametrize("symmetry", ["C1", "D2"])
-def test_torch_path_equals_cpu_kernels(small: Simulated, monkeypatch: pytest.MonkeyPatch, symmetry: str) -> None:
-    """The ``index_add_`` path (used on CUDA) computes the same map as the numba kernels."""
-    cpu = ours(small, symmetry=symmetry)
-    monkeypatch.setattr(reconstruction, "_numba_for", lambda device: False)
-    generic = ours(small, symmetry=symmetry)
+def test_torch_engine_equals_numba_engine(small: Simulated, symmetry: str) -> None:
+    """The ``index_add_`` engine (used on CUDA), run on the CPU, computes the same maps as the
+    numba kernels: one map, and two half maps from one pass."""
+    cpu = ours(small, symmetry=symmetry, engine="numba")
+    generic = ours(small, symmetry=symmetry, engine="torch")
     np.testing.assert_allclose(generic, cpu, rtol=0, atol=1e-5 * np.abs(cpu).max())
+    table = read_particles(small.star)
+    with StackReader(table, small.folder) as reader:
+        halves = {engine: reconstruct_subsets(table, reader, symmetry=symmetry, engine=engine)
+                  for engine in ("numba", "torch")}
+    for subset in (1, 2):
+        expected = halves["numba"][subset]
+        np.testing.assert_allclose(halves["torch"][subset], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def brute_force_full_insertion(image: np.ndarray, rotations: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,15 +298,15 @@ def test_half_grid_insertion_equals_full_hermitian_insertion(path: str) -> None:
     padded = pad * box
     rng = np.random.default_rng(4)
     image = rng.normal(size=(box, box))
-    rotations = reconstruction.euler_to_matrix(*(rng.uniform(-180, 180, 3) for _ in range(3)))
-    rotations[0] = reconstruction.euler_to_matrix(np.array(0.0), np.array(90.0), np.array(0.0))
+    rotations = euler_to_matrix(*(rng.uniform(-180, 180, 3) for _ in range(3)))
+    rotations[0] = euler_to_matrix(np.array(0.0), np.array(90.0), np.array(0.0))
     samples = reconstruction.SliceSamples.for_box(box)
     spectrum = np.fft.rfft2(image).reshape(-1)[samples.flat_index]
     radius2 = samples.frequency_x ** 2 + samples.frequency_y ** 2
     values = np.stack([spectrum.real * samples.multiplicity, spectrum.imag * samples.multiplicity,
                        (1 + radius2 / 10) * samples.multiplicity], axis=-1)
     values = np.ascontiguousarray(np.broadcast_to(values[None], (len(rotations), *values.shape)))
-    shape = (padded + 1, padded + 1, padded // 2 + 2, 3)
+    shape = reconstruction.grid_shape(box, pad)
     if path == "numba":
         grid = np.zeros(shape)
         reconstruction.insert_slices_cpu(grid, rotations, samples.frequency_y, samples.frequency_x, values, pad)
@@ -306,11 +314,9 @@ def test_half_grid_insertion_equals_full_hermitian_insertion(path: str) -> None:
     else:
         tensor = torch.zeros(shape, dtype=torch.float64)
         torch_samples = reconstruction_torch.TorchSamples.from_samples(samples)
-        values_tensor = torch.from_numpy(values)
         reconstruction_torch.insert_slices_torch(tensor, torch.from_numpy(rotations), torch_samples.frequency_y,
-                                                 torch_samples.frequency_x, values_tensor[..., 0],
-                                                 values_tensor[..., 1], values_tensor[..., 2], pad)
-        reconstruction_torch.enforce_hermitian_torch(tensor)
+                                                 torch_samples.frequency_x, torch.from_numpy(values), pad)
+        reconstruction.enforce_hermitian(tensor)
         grid = tensor.numpy()
     data, weight = brute_force_full_insertion(image, rotations, pad)
     half = padded // 2
