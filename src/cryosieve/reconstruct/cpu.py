@@ -233,9 +233,9 @@ def locate_samples(shape: tuple[int, ...], rotations: np.ndarray, frequency_y: n
     ``rotations``: ``(b, 3, 3)`` RELION matrices; ``frequency_y``, ``frequency_x``:
     ``(p,)`` cycles per box; ``values``: ``(b, p, 3)`` from :func:`prepare_slices_cpu`.
     Returns ``(base, record, plane_owner)``: ``(b, p)`` int64 flat voxel indices into a
-    grid of ``shape[:3]`` (:mod:`cryosieve.reconstruct.grid`), ``(b, p, 6)`` float64 (real, imaginary, weight, fx, fy,
-    fz), and ``(b, p)`` int8 ``z % sharers`` of the lower corner; written into ``buffers``
-    (sliced to ``b``) when given.
+    grid of ``shape[:3]`` (:mod:`cryosieve.reconstruct.grid`), ``(b, p, 6)`` float64
+    (real, imaginary, weight, fx, fy, fz), and ``(b, p)`` int8 ``z % sharers`` of the
+    lower corner; written into ``buffers`` (sliced to ``b``) when given.
     """
     half = (shape[0] - 1) // 2
     count, points = values.shape[0], values.shape[1]
@@ -275,9 +275,10 @@ class GridAccumulators:
     Each map (half-set) gets ``copies`` float64 grids of ``shape``
     (:func:`~cryosieve.reconstruct.grid.grid_shape`, summed at the end), each filled with
     its share of every batch by ``sharers`` threads that split its z planes (plane ``z``
-    belongs to thread ``z % sharers``). So threads never write to the same memory. Copies are preferred (no thread re-reads another's
-    samples) as long as all grids fit in ``memory_budget`` bytes; two half maps on two
-    threads need one grid each and no sharing at all.
+    belongs to thread ``z % sharers``). So threads never write to the same memory.
+    Copies are preferred (no thread re-reads another's samples) as long as all grids fit
+    in ``memory_budget`` bytes; two half maps on two threads need one grid each and no
+    sharing at all.
     """
 
     def __init__(self, shape: tuple[int, ...], groups: Sequence[int], threads: int, memory_budget: int,
