@@ -584,6 +584,8 @@ def test_grid_operations_agree_between_engines() -> None:
         torch_map = reconstruction.finish_grid(torch.from_numpy(grid.copy()), box, pad, rotations)
         assert numba_map.shape == torch_map.shape == (box,) * 3 and torch_map.dtype == np.float32
         np.testing.assert_allclose(torch_map, numba_map, rtol=0, atol=1e-5 * np.abs(numba_map).max())
+    with pytest.raises(CryoSieveInputError, match="not for box 16 padded 2 times"):
+        reconstruction.grid_to_map(grid, 16, pad)
 
 
 def test_numba_engine_does_not_import_torch(small: Simulated, tmp_path: Path) -> None:

@@ -59,6 +59,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Union
 import numpy as np
 import scipy.fft
 
+from cryosieve.errors import CryoSieveInputError
+
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency; keep the torch engine usable
@@ -492,6 +494,9 @@ def grid_to_map(grid: Grid, size: int, pad_factor: int, relative_regularisation:
         ``Kx`` columns divided and transformed along z at a time (bounds the memory to
         the grid plus a ``(n, P, h + 1)`` complex array).
 
+    Raises :class:`~cryosieve.errors.CryoSieveInputError` when the grid is not one of
+    ``P = pad_factor * size``.
+
     Returns
     -------
     ``(n, n, n)`` float64 map ``[z, y, x]`` centred at voxel ``n // 2``, of the grid's kind
@@ -506,7 +511,7 @@ def grid_to_map(grid: Grid, size: int, pad_factor: int, relative_regularisation:
     padded = grid.shape[0] - 1
     half = padded // 2
     if padded != pad_factor * size:
-        raise ValueError(f"grid of {padded} padded voxels is not for box {size} padded {pad_factor} times")
+        raise CryoSieveInputError(f"a grid of {padded} padded voxels is not for box {size} padded {pad_factor} times")
     regularisation = relative_regularisation * operations.mean_weight(grid) + 1e-300
     start = half - size // 2
     # Inverse transform one axis at a time, keeping only the n central real-space planes
