@@ -1,9 +1,11 @@
-"""The built-in reconstruction against RELION and against the known truth.
+"""The built-in reconstruction against RELION, against the known truth and exact identities.
 
 Particles are simulated with RELION's own ``relion_project --ctf`` from a map made with
 gemmi (random uniform poses, origins, astigmatic defocus, per-particle rlnCtfBfactor,
 random half-sets), with seeded Gaussian noise added here. The STAR file given to the
 reconstruction programs has no rlnCtfBfactor (the B-factors are the unknown truth).
+Each test against RELION or the truth runs both engines (``engine="numba"``, the CPU
+kernels, and ``engine="torch"``, the tensor code CUDA uses, here on the CPU):
 
 * CTF-corrected, noisy, C1: our map's FSC with the ground truth crosses 0.5 at a
   resolution within 5 % of (or better than) ``relion_reconstruct --ctf``'s, and the two
@@ -12,12 +14,19 @@ reconstruction programs has no rlnCtfBfactor (the B-factors are the unknown trut
   ``relion_image_handler --sym``.
 * Noiseless, CTF-free round trip: FSC with the truth above 0.99 to 0.9 x Nyquist and
   amplitudes within 3 %.
-* Half-set maps from one pass equal single-subset reconstructions; batch size and the
-  torch (CUDA) code path give the same map as the CPU kernels.
+* The half maps of the shared known-truth stack (conftest) against RELION's half maps.
+
+Exact identities, for each engine: half-grid insertion equals a brute-force insertion of
+both Friedel halves; the filled ``x = 0`` plane is Hermitian; the symmetrised grid of a
+lattice-preserving group (D2, O) is the sum over the group looked up directly, and
+invariant under it; one image inserted on grid points is read back along its slice.
+The two engines give the same maps (float tolerance), from the stack and from one grid;
+half-set maps from one pass equal single-subset reconstructions; batch size and thread
+count do not change the map; the CPU engine does not import torch.
+
 * The command line: exit 2 with one line and no output for bad input; the same map
   through ``main`` and ``python -m``.
 """
-
 from __future__ import annotations
 
 import shutil
@@ -32,16 +41,17 @@ import pandas as pd
 import pytest
 import starfile
 import torch
-from conftest import model_map, optics_table, require, write_map
+from conftest import KnownTruthData, model_map, optics_table, require, write_map
 
-import cryosieve._reconstruct_torch as reconstruction_torch
 import cryosieve.reconstruct as reconstruction
+import cryosieve.reconstruct.tensor_path as reconstruction_torch
 from cryosieve.cli.reconstruct import main
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.fsc import fourier_shell_correlation, resolution_at_threshold, shell_index
+from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import StackReader
 from cryosieve.io.star import read_particles
-from cryosieve.reconstruct import reconstruct, reconstruct_subsets
+from cryosieve.reconstruct import reconstruct, reconstruct_star_file, reconstruct_subsets
 
 VOXEL = 2.0
 
@@ -151,12 +161,22 @@ def noisy(tmp_path_factory: pytest.TempPathFactory) -> Simulated:
 # ---------------------------------------------------------------------------------------
 
 
-def test_ctf_corrected_resolution_matches_relion(noisy: Simulated) -> None:
-    mine = ours(noisy, apply_ctf=True)
-    theirs = relion_reconstruct(noisy, "C1")
+ENGINES = ["numba", "torch"]
+
+
+@pytest.fixture(scope="module")
+def relion_noisy(noisy: Simulated) -> np.ndarray:
+    return relion_reconstruct(noisy, "C1")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ctf_corrected_resolution_matches_relion(noisy: Simulated, relion_noisy: np.ndarray, engine: str) -> None:
+    mine = ours(noisy, apply_ctf=True, engine=engine)
+    theirs = relion_noisy
     ours_resolution = resolution(mine, noisy.truth)
     relion_resolution = resolution(theirs, noisy.truth)
-    print(f"FSC 0.5 with the truth: ours {ours_resolution:.3f} Å, relion_reconstruct {relion_resolution:.3f} Å")
+    print(f"{engine}: FSC 0.5 with the truth: ours {ours_resolution:.3f} Å, relion_reconstruct "
+          f"{relion_resolution:.3f} Å")
     # measured: ours 6.19 Å, RELION 6.20 Å (box 64, 2 Å/px, 2000 particles, SNR 0.05)
     assert ours_resolution <= 1.05 * relion_resolution
     assert ours_resolution < 8.0  # and the data do resolve the map
@@ -167,43 +187,84 @@ def test_ctf_corrected_resolution_matches_relion(noisy: Simulated) -> None:
     assert np.all(np.abs(ratio[2:29] - 1) < 0.03), ratio
     assert abs(ratio[1] - 1) < 0.06, ratio  # measured 0.96 at 128 Å, where the CTF is small
     # CTF correction matters: without it the map is much worse.
-    uncorrected = ours(noisy, apply_ctf=False)
+    uncorrected = ours(noisy, apply_ctf=False, engine=engine)
     assert resolution(uncorrected, noisy.truth) > 1.3 * ours_resolution
 
 
-@pytest.mark.parametrize("symmetry", ["D2", "C4"])
-def test_symmetric_reconstruction_matches_relion(tmp_path: Path, symmetry: str) -> None:
-    asymmetric = tmp_path / "asymmetric.mrc"
+@dataclass
+class SymmetricCase:
+    symmetry: str
+    data: Simulated
+    relion: np.ndarray  # relion_reconstruct --sym symmetry
+
+
+@pytest.fixture(scope="module", params=["D2", "C4"])
+def symmetric(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SymmetricCase:
+    """600 particles projected from a map symmetrised by ``relion_image_handler --sym``."""
+    symmetry = request.param
+    folder = tmp_path_factory.mktemp(f"symmetric_{symmetry}")
+    asymmetric = folder / "asymmetric.mrc"
     write_map(asymmetric, model_map("1BD2.pdb.gz", 64, VOXEL), VOXEL)
-    symmetric_path = tmp_path / "symmetric.mrc"
+    symmetric_path = folder / "symmetric.mrc"
     subprocess.run([require("relion_image_handler"), "--i", str(asymmetric), "--o", str(symmetric_path),
                     "--sym", symmetry], check=True, capture_output=True)
     truth = mrcfile.read(symmetric_path).astype(np.float32)
-    data = simulate(tmp_path / "particles", truth, 600, seed=5)
-    mine = ours(data, symmetry=symmetry)
-    theirs = relion_reconstruct(data, symmetry)
+    data = simulate(folder / "particles", truth, 600, seed=5)
+    return SymmetricCase(symmetry, data, relion_reconstruct(data, symmetry))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_symmetric_reconstruction_matches_relion(symmetric: SymmetricCase, engine: str) -> None:
+    symmetry, data, truth = symmetric.symmetry, symmetric.data, symmetric.data.truth
+    mine = ours(data, symmetry=symmetry, engine=engine)
     ours_resolution = resolution(mine, truth)
-    relion_resolution = resolution(theirs, truth)
-    print(f"{symmetry}: FSC 0.5 with the truth: ours {ours_resolution:.3f} Å, relion {relion_resolution:.3f} Å")
+    relion_resolution = resolution(symmetric.relion, truth)
+    print(f"{symmetry}, {engine}: FSC 0.5 with the truth: ours {ours_resolution:.3f} Å, "
+          f"relion {relion_resolution:.3f} Å")
     # measured: D2 7.13 vs 7.12 Å, C4 6.67 vs 6.65 Å
     assert ours_resolution <= 1.05 * relion_resolution
-    assert fsc(mine, theirs)[1:25].min() > 0.98
+    assert fsc(mine, symmetric.relion)[1:25].min() > 0.98
     # Imposing the symmetry helps (600 particles are few), and a wrong group hurts.
-    assert resolution(ours(data, symmetry="C1"), truth) > 1.1 * ours_resolution
+    assert resolution(ours(data, symmetry="C1", engine=engine), truth) > 1.1 * ours_resolution
     wrong = "C4" if symmetry == "D2" else "D2"
-    assert resolution(ours(data, symmetry=wrong), truth) > 1.2 * ours_resolution
+    assert resolution(ours(data, symmetry=wrong, engine=engine), truth) > 1.2 * ours_resolution
 
 
-def test_round_trip_recovers_the_map(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def noiseless(tmp_path_factory: pytest.TempPathFactory) -> Simulated:
     truth = model_map("4E43.pdb.gz", 48, VOXEL)
-    data = simulate(tmp_path, truth, 3000, seed=3, ctf=False, snr=None)
-    mine = ours(data, apply_ctf=False)
+    return simulate(tmp_path_factory.mktemp("noiseless"), truth, 3000, seed=3, ctf=False, snr=None)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_round_trip_recovers_the_map(noiseless: Simulated, engine: str) -> None:
+    truth = noiseless.truth
+    mine = ours(noiseless, apply_ctf=False, engine=engine)
     correlation = fsc(mine, truth)
     last = int(0.9 * 48 / 2)
-    print("round trip FSC:", np.round(correlation, 4))
+    print(f"{engine}: round trip FSC:", np.round(correlation, 4))
     assert correlation[1:last + 1].min() > 0.99  # measured 0.9997
     ratio = shell_amplitude_ratio(mine, truth)
     assert np.all(np.abs(ratio[1:last + 1] - 1) < 0.03), ratio
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_half_maps_match_relion_half_maps(known_truth: KnownTruthData, engine: str) -> None:
+    """The two half maps of the shared known-truth stack (10 % junk, per-particle B-factors
+    unknown to the reconstruction) against ``relion_reconstruct --subset 1|2`` of it."""
+    table = read_particles(known_truth.star)
+    with StackReader(table, known_truth.folder) as reader:
+        maps = reconstruct_subsets(table, reader, engine=engine)
+    truth = mrcfile.read(known_truth.folder / "truth.mrc").astype(np.float32)
+    for subset, path in ((1, known_truth.half1), (2, known_truth.half2)):
+        theirs = mrcfile.read(path).astype(np.float32)
+        ours_resolution, relion_resolution = resolution(maps[subset], truth), resolution(theirs, truth)
+        print(f"{engine}, half {subset}: FSC 0.5 with the truth: ours {ours_resolution:.3f} Å, "
+              f"relion {relion_resolution:.3f} Å; FSC with RELION's", np.round(fsc(maps[subset], theirs), 4))
+        assert ours_resolution <= 1.05 * relion_resolution
+        assert fsc(maps[subset], theirs)[1:25].min() > 0.98
+        ratio = shell_amplitude_ratio(maps[subset], theirs)
+        assert np.all(np.abs(ratio[2:29] - 1) < 0.03), ratio
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,12 +310,19 @@ def test_batch_size_and_thread_count_do_not_change_the_map(small: Simulated) -> 
 
 
 @pytest.mark.parametrize("symmetry", ["C1", "D2"])
-def test_torch_path_equals_cpu_kernels(small: Simulated, monkeypatch: pytest.MonkeyPatch, symmetry: str) -> None:
-    """The ``index_add_`` path (used on CUDA) computes the same map as the numba kernels."""
-    cpu = ours(small, symmetry=symmetry)
-    monkeypatch.setattr(reconstruction, "_numba_for", lambda device: False)
-    generic = ours(small, symmetry=symmetry)
+def test_torch_engine_equals_numba_engine(small: Simulated, symmetry: str) -> None:
+    """The ``index_add_`` engine (used on CUDA), run on the CPU, computes the same maps as the
+    numba kernels: one map, and two half maps from one pass."""
+    cpu = ours(small, symmetry=symmetry, engine="numba")
+    generic = ours(small, symmetry=symmetry, engine="torch")
     np.testing.assert_allclose(generic, cpu, rtol=0, atol=1e-5 * np.abs(cpu).max())
+    table = read_particles(small.star)
+    with StackReader(table, small.folder) as reader:
+        halves = {engine: reconstruct_subsets(table, reader, symmetry=symmetry, engine=engine)
+                  for engine in ("numba", "torch")}
+    for subset in (1, 2):
+        expected = halves["numba"][subset]
+        np.testing.assert_allclose(halves["torch"][subset], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def brute_force_full_insertion(image: np.ndarray, rotations: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,15 +358,15 @@ def test_half_grid_insertion_equals_full_hermitian_insertion(path: str) -> None:
     padded = pad * box
     rng = np.random.default_rng(4)
     image = rng.normal(size=(box, box))
-    rotations = reconstruction.euler_to_matrix(*(rng.uniform(-180, 180, 3) for _ in range(3)))
-    rotations[0] = reconstruction.euler_to_matrix(np.array(0.0), np.array(90.0), np.array(0.0))
+    rotations = euler_to_matrix(*(rng.uniform(-180, 180, 3) for _ in range(3)))
+    rotations[0] = euler_to_matrix(np.array(0.0), np.array(90.0), np.array(0.0))
     samples = reconstruction.SliceSamples.for_box(box)
     spectrum = np.fft.rfft2(image).reshape(-1)[samples.flat_index]
     radius2 = samples.frequency_x ** 2 + samples.frequency_y ** 2
     values = np.stack([spectrum.real * samples.multiplicity, spectrum.imag * samples.multiplicity,
                        (1 + radius2 / 10) * samples.multiplicity], axis=-1)
     values = np.ascontiguousarray(np.broadcast_to(values[None], (len(rotations), *values.shape)))
-    shape = (padded + 1, padded + 1, padded // 2 + 2, 3)
+    shape = reconstruction.grid_shape(box, pad)
     if path == "numba":
         grid = np.zeros(shape)
         reconstruction.insert_slices_cpu(grid, rotations, samples.frequency_y, samples.frequency_x, values, pad)
@@ -306,11 +374,9 @@ def test_half_grid_insertion_equals_full_hermitian_insertion(path: str) -> None:
     else:
         tensor = torch.zeros(shape, dtype=torch.float64)
         torch_samples = reconstruction_torch.TorchSamples.from_samples(samples)
-        values_tensor = torch.from_numpy(values)
         reconstruction_torch.insert_slices_torch(tensor, torch.from_numpy(rotations), torch_samples.frequency_y,
-                                                 torch_samples.frequency_x, values_tensor[..., 0],
-                                                 values_tensor[..., 1], values_tensor[..., 2], pad)
-        reconstruction_torch.enforce_hermitian_torch(tensor)
+                                                 torch_samples.frequency_x, torch.from_numpy(values), pad)
+        reconstruction.enforce_hermitian(tensor)
         grid = tensor.numpy()
     data, weight = brute_force_full_insertion(image, rotations, pad)
     half = padded // 2
@@ -319,6 +385,223 @@ def test_half_grid_insertion_equals_full_hermitian_insertion(path: str) -> None:
     np.testing.assert_allclose(grid[:, :, :half + 1, 1], expected.imag, atol=1e-9)
     np.testing.assert_allclose(grid[:, :, :half + 1, 2], weight[:padded + 1, :padded + 1, half:2 * half + 1],
                                atol=1e-9)
+
+
+def random_batch(count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The per-particle columns the engines read (cryosieve.reconstruct.BATCH_COLUMNS)."""
+    defocus_u = rng.uniform(8000, 25000, count)
+    batch = {"origin_x": rng.uniform(-3, 3, count), "origin_y": rng.uniform(-3, 3, count),
+             "pixel_size": np.full(count, VOXEL), "defocus_u": defocus_u,
+             "defocus_v": defocus_u - rng.uniform(0, 2000, count), "defocus_angle": rng.uniform(-180, 180, count),
+             "voltage": np.full(count, 300.0), "spherical_aberration": np.full(count, 2.7),
+             "amplitude_contrast": np.full(count, 0.1), "phase_shift": np.zeros(count),
+             "ctf_bfactor": rng.uniform(0, 100, count), "ctf_scalefactor": rng.uniform(0.5, 1.5, count),
+             "rot": rng.uniform(-180, 180, count), "tilt": np.degrees(np.arccos(rng.uniform(-1, 1, count))),
+             "psi": rng.uniform(-180, 180, count)}
+    assert set(batch) == set(reconstruction.BATCH_COLUMNS)
+    return batch
+
+
+def inserted_grid(engine: str, images: np.ndarray, batch: dict[str, np.ndarray], pad: int,
+                  apply_ctf: bool) -> np.ndarray | torch.Tensor:
+    """One grid filled by an engine's batch insertion (before the Hermitian fill)."""
+    box = images.shape[-1]
+    if engine == "numba":
+        insertion = reconstruction.NumbaInsertion(box, pad, [0], apply_ctf, len(images))
+    else:
+        insertion = reconstruction_torch.TensorInsertion(box, pad, [0], apply_ctf, "cpu")
+    insertion.insert(images.astype(np.float32), batch, np.zeros(len(images), dtype=np.int64))
+    return insertion.pop(0)
+
+
+def as_numpy(grid: np.ndarray | torch.Tensor) -> np.ndarray:
+    return grid.numpy() if isinstance(grid, torch.Tensor) else grid
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_filled_grid_is_hermitian_on_the_x0_plane(engine: str) -> None:
+    """After the fill, (0, Ky, Kz) and (0, -Ky, -Kz) hold conjugate data and equal weights,
+    and the fill added each one's mate (the plane is not what the insertion left)."""
+    rng = np.random.default_rng(8)
+    box, pad = 16, 2
+    padded = pad * box
+    grid = inserted_grid(engine, rng.normal(size=(6, box, box)), random_batch(6, rng), pad, apply_ctf=True)
+    before = as_numpy(grid)[:, :, 0].copy()
+    reconstruction.enforce_hermitian(grid)
+    plane = as_numpy(grid)[:, :, 0]
+    mirror = plane[padded::-1, padded::-1]  # index i <-> P - i, i.e. K <-> -K
+    scale = np.abs(plane).max()
+    np.testing.assert_allclose(plane[..., 0], mirror[..., 0], rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(plane[..., 1], -mirror[..., 1], rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(plane[..., 2], mirror[..., 2], rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(plane, before + np.stack([before[padded::-1, padded::-1, 0],
+                                                         -before[padded::-1, padded::-1, 1],
+                                                         before[padded::-1, padded::-1, 2]], axis=-1),
+                               rtol=0, atol=1e-12 * scale)
+    assert np.abs(before[..., 1] + before[padded::-1, padded::-1, 1]).max() > 1e-3 * scale
+
+
+def full_hermitian(rng: np.random.Generator, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random data ``F`` (complex) and weights ``W`` (real) over ``K`` in ``[-h, h]^3``, indexed
+    ``[Kz + h, Ky + h, Kx + h]``, with ``F(-K) = conj F(K)`` and ``W(-K) = W(K)``."""
+    size = 2 * half + 1
+    data = rng.normal(size=(size,) * 3) + 1j * rng.normal(size=(size,) * 3)
+    weight = rng.uniform(0, 1, (size,) * 3)
+    return (data + np.conj(data[::-1, ::-1, ::-1])) / 2, (weight + weight[::-1, ::-1, ::-1]) / 2
+
+
+def half_grid_of(data: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The stored half (Kx >= 0) of a full transform, in the layout of cryosieve.reconstruct.grid."""
+    half = (data.shape[0] - 1) // 2
+    grid = np.zeros((2 * half + 1, 2 * half + 1, half + 2, 3))
+    grid[:, :, :half + 1, 0] = data[:, :, half:].real
+    grid[:, :, :half + 1, 1] = data[:, :, half:].imag
+    grid[:, :, :half + 1, 2] = weight[:, :, half:]
+    return grid
+
+
+def full_of(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The full transform a half grid stands for (Kx < 0 from the Friedel mates)."""
+    half = (grid.shape[0] - 1) // 2
+    data = np.zeros((2 * half + 1,) * 3, dtype=np.complex128)
+    weight = np.zeros((2 * half + 1,) * 3)
+    data[:, :, half:] = grid[:, :, :half + 1, 0] + 1j * grid[:, :, :half + 1, 1]
+    weight[:, :, half:] = grid[:, :, :half + 1, 2]
+    data[:, :, :half] = np.conj(data[::-1, ::-1, :half:-1])
+    weight[:, :, :half] = weight[::-1, ::-1, :half:-1]
+    return data, weight
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("symmetry", ["D2", "O"])
+def test_symmetrised_grid_is_the_sum_over_the_group(engine: str, symmetry: str) -> None:
+    """Every rotation of D2 and O maps the integer lattice onto itself, so trilinear
+    interpolation is exact: inside the sphere the symmetrised grid must be
+    ``sum_R G(R K)`` looked up directly in the full transform, zero outside, and invariant
+    under the group's rotations."""
+    from cryosieve.symmetry import symmetry_matrices
+
+    half = 10
+    rng = np.random.default_rng(12)
+    data, weight = full_hermitian(rng, half)
+    grid = half_grid_of(data, weight)
+    rotations = symmetry_matrices(symmetry)
+    if engine == "numba":
+        result = reconstruction.symmetrise_grid(grid, rotations)
+    else:
+        result = reconstruction.symmetrise_grid(torch.from_numpy(grid), torch.from_numpy(rotations)).numpy()
+    axis = np.arange(-half, half + 1)
+    kz, ky, kx = np.meshgrid(axis, axis, np.arange(half + 2), indexing="ij")
+    inside = kx * kx + ky * ky + kz * kz < half * half
+    points = np.stack([kx[inside], ky[inside], kz[inside]], axis=-1)  # (x, y, z)
+    expected_data = np.zeros(len(points), dtype=np.complex128)
+    expected_weight = np.zeros(len(points))
+    for matrix in rotations:
+        moved = points @ matrix.T
+        lattice = np.rint(moved).astype(np.int64)
+        assert np.abs(moved - lattice).max() < 1e-9
+        expected_data += data[lattice[:, 2] + half, lattice[:, 1] + half, lattice[:, 0] + half]
+        expected_weight += weight[lattice[:, 2] + half, lattice[:, 1] + half, lattice[:, 0] + half]
+    np.testing.assert_allclose(result[..., 0][inside], expected_data.real, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(result[..., 1][inside], expected_data.imag, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(result[..., 2][inside], expected_weight, rtol=0, atol=1e-9)
+    assert not result[~inside].any()
+    # invariance: G'(R K) = G'(K) for every K in the sphere and every R of the group
+    symmetric_data, symmetric_weight = full_of(result)
+    for matrix in rotations:
+        lattice = np.rint(points @ matrix.T).astype(np.int64) + half
+        np.testing.assert_allclose(symmetric_data[lattice[:, 2], lattice[:, 1], lattice[:, 0]],
+                                   symmetric_data[points[:, 2] + half, points[:, 1] + half, points[:, 0] + half],
+                                   rtol=0, atol=1e-9)
+        np.testing.assert_allclose(symmetric_weight[lattice[:, 2], lattice[:, 1], lattice[:, 0]],
+                                   symmetric_weight[points[:, 2] + half, points[:, 1] + half, points[:, 0] + half],
+                                   rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("apply_ctf", [False, True])
+def test_single_image_is_read_back_from_its_slice(engine: str, apply_ctf: bool) -> None:
+    """One image inserted at a pose whose slice lies on grid points (Euler angles in steps
+    of 90 degrees), then read back along the same slice (the Fourier slice theorem's
+    projection): at ``K = pad A^T k`` the data divided by the weight is the image's own DFT
+    ``S(k)`` (about pixel n // 2, moved by the origin) without CTF, and with CTF the data is
+    ``C S`` and the weight ``C^2`` for one real ``C`` per sample; every other voxel is empty."""
+    box, pad = 16, 2
+    padded, half = pad * box, box
+    rng = np.random.default_rng(21)
+    frequencies = np.fft.fftfreq(box, 1.0 / box)
+    ky, kx = np.meshgrid(frequencies, frequencies, indexing="ij")
+    disc = kx * kx + ky * ky < (box / 2) ** 2
+    for rot, tilt, psi in ((0, 0, 0), (90, 90, 0), (180, 90, 270), (-90, 180, 90)):
+        image = rng.normal(size=(1, box, box))
+        batch = random_batch(1, rng)
+        batch.update(rot=np.array([rot], float), tilt=np.array([tilt], float), psi=np.array([psi], float))
+        grid = inserted_grid(engine, image, batch, pad, apply_ctf)
+        reconstruction.enforce_hermitian(grid)
+        grid = as_numpy(grid)
+        centre = box // 2
+        expected = np.fft.fft2(image[0].astype(np.float32)) * np.exp(
+            2j * np.pi / box * (kx * (centre - batch["origin_x"][0]) + ky * (centre - batch["origin_y"][0])))
+        matrix = euler_to_matrix(np.array(float(rot)), np.array(float(tilt)), np.array(float(psi)))
+        points = pad * np.stack([kx[disc], ky[disc], np.zeros(disc.sum())], axis=-1) @ matrix  # A^T k, (x, y, z)
+        lattice = np.rint(points).astype(np.int64)
+        assert np.abs(points - lattice).max() < 1e-9
+        folded = np.where(lattice[:, :1] < 0, -lattice, lattice)
+        sign = np.where(lattice[:, 0] < 0, -1.0, 1.0)
+        voxels = grid[folded[:, 2] + half, folded[:, 1] + half, folded[:, 0]]
+        data = voxels[:, 0] + 1j * sign * voxels[:, 1]
+        weight = voxels[:, 2]
+        spectrum = expected[disc]
+        scale = np.abs(spectrum).max()
+        if apply_ctf:
+            # C = data / S is real, and its square is the weight
+            ctf = data / spectrum
+            assert np.abs(ctf.imag).max() < 1e-5 * np.abs(ctf.real).max()
+            np.testing.assert_allclose(ctf.real ** 2, weight, rtol=1e-4, atol=1e-6)
+            assert weight.min() < 0.5 * weight.max()  # the CTF varies: it was applied
+        else:
+            np.testing.assert_allclose(weight, 1.0, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(data / weight, spectrum, rtol=0, atol=1e-5 * scale)
+        touched = np.zeros(grid.shape[:3], dtype=bool)
+        touched[folded[:, 2] + half, folded[:, 1] + half, folded[:, 0]] = True
+        touched[padded - folded[:, 2] - half, padded - folded[:, 1] - half, 0] |= folded[:, 0] == 0
+        assert np.abs(grid[~touched]).max() < 1e-9 * scale
+
+
+def test_grid_operations_agree_between_engines() -> None:
+    """The numba and torch code of each grid operation (symmetrisation, mean weight,
+    division, inverse transform, mask and gridding correction) give the same map from the
+    same accumulated grid."""
+    from cryosieve.symmetry import symmetry_matrices
+
+    box, pad = 12, 2
+    rng = np.random.default_rng(5)
+    data, weight = full_hermitian(rng, pad * box // 2)
+    grid = half_grid_of(data, weight * 10)
+    for symmetry in ("C1", "C3", "D2"):
+        rotations = symmetry_matrices(symmetry)
+        numba_map = reconstruction.finish_grid(grid.copy(), box, pad, rotations)
+        torch_map = reconstruction.finish_grid(torch.from_numpy(grid.copy()), box, pad, rotations)
+        assert numba_map.shape == torch_map.shape == (box,) * 3 and torch_map.dtype == np.float32
+        np.testing.assert_allclose(torch_map, numba_map, rtol=0, atol=1e-5 * np.abs(numba_map).max())
+    with pytest.raises(CryoSieveInputError, match="not for box 16 padded 2 times"):
+        reconstruction.grid_to_map(grid, 16, pad)
+
+
+def test_numba_engine_does_not_import_torch(small: Simulated, tmp_path: Path) -> None:
+    """The CPU reconstruction (engine auto or numba) runs without importing torch; the torch
+    engine does import it."""
+    for engine, imports_torch in (("auto", False), ("torch", True)):
+        code = ("import sys\n"
+                "from cryosieve.reconstruct import reconstruct_star_file\n"
+                f"reconstruct_star_file({str(small.star)!r}, {str(tmp_path / (engine + '.mrc'))!r}, "
+                f"directory={str(small.folder)!r}, engine={engine!r})\n"
+                "print('torch' in sys.modules)\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == str(imports_torch), (engine, result.stdout)
+    np.testing.assert_allclose(mrcfile.read(tmp_path / "torch.mrc"), mrcfile.read(tmp_path / "auto.mrc"), rtol=0,
+                               atol=1e-5 * np.abs(mrcfile.read(tmp_path / "auto.mrc")).max())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -361,8 +644,16 @@ def test_bad_library_input(small: Simulated) -> None:
         reconstruct(table, reader, rows=np.array([], dtype=np.int64))
     with pytest.raises(CryoSieveInputError, match="no particles with rlnRandomSubset 3"):
         reconstruct_subsets(table, reader, subsets=(1, 3))
-    with pytest.raises(CryoSieveInputError, match="^--sym Q: unknown symmetry"):
+    with pytest.raises(CryoSieveInputError, match="^symmetry Q: unknown symmetry"):
         reconstruct(table, reader, symmetry="Q")
+    with pytest.raises(CryoSieveInputError, match="engine 'fast': expected one of auto, numba, torch"):
+        reconstruct(table, reader, engine="fast")
+    with pytest.raises(CryoSieveInputError, match="engine numba: runs on the CPU only"):
+        reconstruct_subsets(table, reader, engine="numba", device="cuda")
+    with pytest.raises(CryoSieveInputError, match="engine 'gpu'"):
+        reconstruct_star_file(str(small.star), str(small.folder / "never.mrc"), directory=str(small.folder),
+                              engine="gpu")
+    assert not (small.folder / "never.mrc").exists()
 
 
 # ---------------------------------------------------------------------------------------

@@ -56,10 +56,6 @@ class StarSource:
         write_star_to(path, self.blocks)
 
 
-#: Kept for callers that name the set by its old STAR-shaped name.
-ParticleTable = ParticleSet
-
-
 def write_star_to(path: str | os.PathLike[str], blocks: dict[str, pd.DataFrame]) -> None:
     """Write :func:`star_text` of these blocks to ``path`` directly (callers handle atomicity)."""
     Path(path).write_text(star_text(blocks))
