@@ -501,6 +501,21 @@ def check_inputs(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_s
     check_mask(Volume(mask, None, names[2]), half1.shape, against="the half maps")
 
 
+def check_options(*, auto_bfactor: bool = True, adhoc_bfactor: float | None = None, autob_lowres: float = 10.0,
+                  randomize_threshold: float = 0.8, angpix: float | None = None) -> None:
+    """Refuse unusable options of :func:`postprocess` before any map is read: both an automatic and a
+    given B-factor, a non-positive fit limit (Å) or pixel size (Å), a randomisation threshold outside (0, 1)."""
+    if auto_bfactor and adhoc_bfactor is not None and adhoc_bfactor != 0:
+        raise CryoSieveInputError(f"{setting('adhoc_bfactor')}: give either {setting('auto_bfactor')} or "
+                                  f"{setting('adhoc_bfactor')}, not both")
+    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
+        raise CryoSieveInputError(f"{setting('angpix')}: must be a positive pixel size in Å, got {angpix:g}")
+    if not autob_lowres > 0:
+        raise CryoSieveInputError(f"{setting('autob_lowres')}: must be a positive resolution in Å, got {autob_lowres:g}")
+    if not 0 < randomize_threshold < 1:
+        raise CryoSieveInputError(f"{setting('randomize_threshold')}: must lie in (0, 1), got {randomize_threshold:g}")
+
+
 def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLike[str],
                 mask_path: str | os.PathLike[str], angpix: float | None = None,
                 ) -> tuple[Volume, Volume, Volume, float]:
@@ -583,10 +598,7 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_si
     half2 = np.asarray(half2)
     mask = np.asarray(mask)
     check_inputs(half1, half2, mask, voxel_size)
-    if not 0 < randomize_threshold < 1:
-        raise CryoSieveInputError(f"{setting('randomize_threshold')}: must lie in (0, 1), got {randomize_threshold}")
-    if autob_lowres <= 0:
-        raise CryoSieveInputError(f"{setting('autob_lowres')}: must be a positive resolution in Å, got {autob_lowres}")
+    check_options(auto_bfactor=False, autob_lowres=autob_lowres, randomize_threshold=randomize_threshold)
     size = half1.shape[0]
     first = torch.as_tensor(half1, device=device).to(torch.float64)
     second = torch.as_tensor(half2, device=device).to(torch.float64)
@@ -598,7 +610,7 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_si
     randomise_shell = first_shell_below(fsc_unmasked, randomize_threshold)
     if randomise_shell is None:
         raise CryoSieveInputError(
-            f"half maps: the unmasked FSC never falls below --randomize_at_fsc {randomize_threshold:g}, "
+            f"half maps: the unmasked FSC never falls below {setting('randomize_threshold')} {randomize_threshold:g}, "
             "so no shell can be phase-randomised (are the two half maps identical?)")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     random_first = randomise_phases_beyond(first, randomise_shell, generator)
@@ -753,6 +765,10 @@ def postprocess_files(half1_path: str, half2_path: str, mask_path: str, root: st
 
     if not str(root).strip():
         raise CryoSieveInputError(f"{setting('root')}: empty output root")
+    check_options(angpix=angpix, **{name: value for name, value in options.items()  # type: ignore[arg-type]
+                                    if name in ("auto_bfactor", "adhoc_bfactor", "autob_lowres", "randomize_threshold")})
+    if options.get("auto_bfactor", True):
+        options["adhoc_bfactor"] = None  # the fitted one (a given 0 means none given)
     outputs = list(output_paths(root).values())
     check_outputs(outputs, [InputFile(Path(half1_path), f"{setting('half_map_1')}, first half map"),
                             InputFile(Path(half2_path), f"{setting('half_map_2')}, second half map"),

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Sequence
 
 from cryosieve.cli._common import add_device_argument, choose_device, run_command, setup_logging
-from cryosieve.errors import CryoSieveInputError
 
 log = logging.getLogger("cryosieve")
 
@@ -52,14 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _body(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.auto_bfac and args.adhoc_bfac is not None and args.adhoc_bfac != 0:
-        raise CryoSieveInputError("--adhoc_bfac: give either --auto_bfac or --adhoc_bfac, not both")
-    if args.angpix is not None and not args.angpix > 0:
-        raise CryoSieveInputError(f"--angpix: must be a positive pixel size in Å, got {args.angpix:g}")
-    if not args.autob_lowres > 0:
-        raise CryoSieveInputError(f"--autob_lowres: must be a positive resolution in Å, got {args.autob_lowres:g}")
-    if not 0 < args.randomize_at_fsc < 1:
-        raise CryoSieveInputError(f"--randomize_at_fsc: must lie in (0, 1), got {args.randomize_at_fsc:g}")
     device = choose_device(args.device)
     setup_logging(not args.quiet)
 
@@ -68,7 +59,7 @@ def _body(argv: Sequence[str] | None) -> int:
     result = postprocess_files(
         args.i, args.i2, args.mask, args.o, angpix=args.angpix,
         auto_bfactor=args.auto_bfac, autob_lowres=args.autob_lowres, autob_highres=args.autob_highres,
-        adhoc_bfactor=None if args.auto_bfac else args.adhoc_bfac,
+        adhoc_bfactor=args.adhoc_bfac,
         randomize_threshold=args.randomize_at_fsc, seed=args.random_seed, device=device,
         low_pass=args.low_pass, force_mask=args.force_mask,
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -12,7 +11,6 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from cryosieve.cli._common import add_device_argument, choose_device, run_command, setup_logging
-from cryosieve.errors import CryoSieveInputError
 
 log = logging.getLogger("cryosieve")
 
@@ -69,13 +67,6 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(not args.quiet)
     started = time.perf_counter()
-    if not args.o.strip():
-        raise CryoSieveInputError("--o: empty output path")
-    for name in ("angpix", "snr", "bfactor_min", "bfactor_max", "defocus_min", "defocus_max", "astigmatism",
-                 "max_origin", "voltage", "cs", "amplitude_contrast", "phase_shift", "junk_fraction"):
-        value = getattr(args, name)
-        if math.isnan(value) or (math.isinf(value) and name != "snr"):
-            raise CryoSieveInputError(f"--{name} {value}: must be a finite number")
     device = choose_device(args.device)
     settings = SimulationSettings(
         num_particles=args.num_particles, box=args.box, pixel_size=args.angpix, junk_fraction=args.junk_fraction,

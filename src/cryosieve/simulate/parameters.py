@@ -71,6 +71,16 @@ class SimulationSettings:
         def bad(name: str, value: object, why: str) -> CryoSieveInputError:
             return CryoSieveInputError(f"{setting(name)} {value}: {why}")
 
+        # the settings' names as users give them (cryosieve-simulate's flags)
+        for name, value in (("angpix", self.pixel_size), ("snr", self.snr), ("bfactor_min", self.bfactor_min),
+                            ("bfactor_max", self.bfactor_max), ("defocus_min", self.defocus_min),
+                            ("defocus_max", self.defocus_max), ("astigmatism", self.astigmatism),
+                            ("max_origin", self.max_origin), ("voltage", self.voltage),
+                            ("cs", self.spherical_aberration), ("amplitude_contrast", self.amplitude_contrast),
+                            ("phase_shift", self.phase_shift), ("junk_fraction", self.junk_fraction)):
+            if math.isnan(value) or (math.isinf(value) and name != "snr"):
+                raise bad(name, value, "must be a finite number")
+
         if self.num_particles < 1:
             raise bad("num_particles", self.num_particles, "must be at least 1")
         if self.half_maps and self.num_particles < 2:
