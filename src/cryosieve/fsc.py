@@ -4,7 +4,8 @@ Conventions (RELION's ``getFSC``): a component of the ``(n, n, n // 2 + 1)`` hal
 (``rfftn`` order, frequencies in cycles per box) belongs to shell ``round(|k|)``; shells
 0 .. n // 2 are reported (shell ``i`` has resolution ``n * voxel / i`` Å; the cube's corners
 beyond ``n / 2`` belong to none); every stored component of the half transform counts once.
-The same shells serve post-processing, the sieve's reference weighting and per-shell filters.
+The same shells serve post-processing, the sieve's reference weighting and per-shell filters
+(the sieve sums over the full transform, Friedel mates counted: :func:`fsc_of_transforms`).
 """
 
 from __future__ import annotations
@@ -42,24 +43,44 @@ def shell_sum(values: torch.Tensor, shells: torch.Tensor, count: int) -> torch.T
         0, shells[keep], values[keep].to(torch.float64))
 
 
-def fsc_of_transforms(first: torch.Tensor, second: torch.Tensor, size: int) -> torch.Tensor:
+def friedel_weights(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """How many components of the full transform each component of the ``(n, n, n // 2 + 1)`` half
+    transform stands for: 2, or 1 on the planes ``kx = 0`` and (even ``n``) ``kx = n / 2``; float64."""
+    weight = torch.full((size, size, size // 2 + 1), 2.0, dtype=torch.float64, device=device)
+    weight[..., 0] = 1.0
+    if size % 2 == 0:
+        weight[..., -1] = 1.0
+    return weight
+
+
+def fsc_of_transforms(first: torch.Tensor, second: torch.Tensor, size: int,
+                      friedel_weighted: bool = False) -> torch.Tensor:
     """FSC of two ``(n, n, n // 2 + 1)`` half transforms of an ``n`` box: ``(n // 2 + 1,)`` float64;
-    a shell without power gives 0."""
+    a shell without power gives 0.
+
+    ``friedel_weighted``: sum over every component of the full transform (each half-transform
+    component weighted by :func:`friedel_weights`) instead of RELION's one count per stored
+    component. The two differ by noise only; post-processing uses RELION's, to report RELION's
+    numbers, and the sieve's reference weighting the full transform, as it always has.
+    """
     shells = shell_index(size, first.device)
     count = shell_count(size)
-    cross = shell_sum((first * second.conj()).real, shells, count)
-    power_first = shell_sum(first.abs() ** 2, shells, count)
-    power_second = shell_sum(second.abs() ** 2, shells, count)
+    weight = friedel_weights(size, first.device) if friedel_weighted else torch.ones((), dtype=torch.float64,
+                                                                                     device=first.device)
+    cross = shell_sum((first * second.conj()).real * weight, shells, count)
+    power_first = shell_sum(first.abs() ** 2 * weight, shells, count)
+    power_second = shell_sum(second.abs() ** 2 * weight, shells, count)
     denominator = torch.sqrt(power_first * power_second)
     return torch.where(denominator > 0, cross / denominator.clamp_min(1e-300), torch.zeros_like(cross))
 
 
-def fourier_shell_correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """FSC of two ``(n, n, n)`` real maps (RELION's ``getFSC``): ``(n // 2 + 1,)`` float64 for shells
-    0 .. n // 2."""
+def fourier_shell_correlation(first: torch.Tensor, second: torch.Tensor, friedel_weighted: bool = False
+                              ) -> torch.Tensor:
+    """FSC of two ``(n, n, n)`` real maps: ``(n // 2 + 1,)`` float64 for shells 0 .. n // 2 (RELION's
+    ``getFSC``, or over the full transform: see :func:`fsc_of_transforms`)."""
     size = first.shape[-1]
     return fsc_of_transforms(torch.fft.rfftn(first.to(torch.float64), dim=(-3, -2, -1)),
-                             torch.fft.rfftn(second.to(torch.float64), dim=(-3, -2, -1)), size)
+                             torch.fft.rfftn(second.to(torch.float64), dim=(-3, -2, -1)), size, friedel_weighted)
 
 
 def fsc_weight(fsc: np.ndarray) -> np.ndarray:

@@ -190,7 +190,8 @@ def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting
             raise CryoSieveInputError(
                 f"{setting('reference_weighting')} fsc needs two half maps ({setting('volumes')}), got {len(volumes)}"
             )
-        fsc = fourier_shell_correlation(torch.from_numpy(masked[0]), torch.from_numpy(masked[1])).numpy()
+        fsc = fourier_shell_correlation(torch.from_numpy(masked[0]), torch.from_numpy(masked[1]),
+                                       friedel_weighted=True).numpy()
         return masked, fsc, "fsc"
     return masked, None, "none"
 
