@@ -88,7 +88,7 @@ class PeakPrivateMemory:
             self.peak = max(self.peak, self.current())
             self._stop.wait(0.005)
 
-    def __enter__(self) -> "PeakPrivateMemory":
+    def __enter__(self) -> PeakPrivateMemory:
         self._thread.start()
         return self
 

@@ -23,7 +23,6 @@ import starfile
 import torch
 
 from conftest import model_map, optics_table, random_particles, relion_project, soft_sphere_mask, write_map
-
 from cryosieve.cli.core import main
 from cryosieve.io.mrc import read_volume
 from cryosieve.io.star import read_particles

@@ -32,10 +32,10 @@ import pandas as pd
 import pytest
 import starfile
 import torch
-from conftest import model_map, optics_table, require, write_map
 
 import cryosieve._reconstruct_torch as reconstruction_torch
 import cryosieve.reconstruct as reconstruction
+from conftest import model_map, optics_table, require, write_map
 from cryosieve.cli.reconstruct import main
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.fsc import fourier_shell_correlation, resolution_at_threshold, shell_index

@@ -36,8 +36,8 @@ from cryosieve.simulate import (
     _read_model,
     atomic_model_map,
     bundled_model,
-    soft_mask,
     simulate_particles,
+    soft_mask,
 )
 
 BOX, PIXEL = 64, 2.5

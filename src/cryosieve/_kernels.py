@@ -23,7 +23,6 @@ import math
 
 import numpy as np
 
-
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency, but keep the torch path usable
@@ -48,13 +47,13 @@ BLOCK = 16
 
 if AVAILABLE:
     from llvmlite import binding as _llvm_binding
-
-    from cryosieve._fastmath import fast_sin  # noqa: F401 - re-exported for the kernels' tests
-    from cryosieve.ctf import ctf_value
     from llvmlite import ir as _llvm_ir
     from numba import types as _numba_types
     from numba.core import cgutils as _cgutils
     from numba.extending import intrinsic as _intrinsic
+
+    from cryosieve._fastmath import fast_sin  # noqa: F401 - re-exported for the kernels' tests
+    from cryosieve.ctf import ctf_value
 
     # LLVM 17+ has only opaque pointers (intrinsic suffix p0); older ones typed pointers.
     _PREFETCH_NAME = "llvm.prefetch.p0" if _llvm_binding.llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"

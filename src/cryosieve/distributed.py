@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.processes import start, stop
 from cryosieve.particles import ParticleSet
+from cryosieve.processes import start, stop
 
 #: How long a worker waits for the others to join before it gives up (seconds).
 RENDEZVOUS_TIMEOUT = 120.0

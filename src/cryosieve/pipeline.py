@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cryosieve.backends import HalfMapJob, PostProcessor, PostprocessJob, Reconstructor
+from cryosieve.backends import HalfMapJob, PostprocessJob, PostProcessor, Reconstructor
 from cryosieve.backends.builtin import BuiltinPostProcessor, BuiltinReconstructor
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic

@@ -171,7 +171,7 @@ def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
         edges = np.histogram_bin_edges(summary.scores[finite], bins=50) if finite.any() else 10
         for subset in sorted(set(summary.half_set.tolist())):
             members = (summary.half_set == subset) & finite
-            colour = colours.get(subset, None)
+            colour = colours.get(subset)
             axes.hist(summary.scores[members], bins=edges, histtype="step", color=colour, label=f"half {subset}")
             kept = members & summary.kept
             if kept.any() and not kept[members].all():

@@ -61,7 +61,7 @@ class ParticleBatch:
 
     @classmethod
     def from_table(cls, table, rows: np.ndarray, highpass_angstrom: float,
-                   device: torch.device | str) -> "ParticleBatch":
+                   device: torch.device | str) -> ParticleBatch:
         """Gather rows of a :class:`~cryosieve.particles.ParticleSet`.
 
         ``highpass_angstrom`` is the cut-off ``F`` (Å); each particle's cut-off in cycles
@@ -108,7 +108,7 @@ class BandSamples:
         self._blocks: SampleBlocks | None = None
 
     @property
-    def blocks(self) -> "SampleBlocks":
+    def blocks(self) -> SampleBlocks:
         """The same samples in the block layout of the CPU kernel (computed once)."""
         if self._blocks is None:
             self._blocks = SampleBlocks.from_band(self)
@@ -151,7 +151,7 @@ class SampleBlocks:
     width: int
 
     @classmethod
-    def from_band(cls, samples: BandSamples) -> "SampleBlocks":
+    def from_band(cls, samples: BandSamples) -> SampleBlocks:
         block = _kernels.BLOCK
         box = samples.box
         width = max(box // 2 + 1, block)

@@ -21,15 +21,15 @@ from cryosieve import _kernels
 from cryosieve.band import HighPass
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.fsc import filter_by_shell, fourier_shell_correlation, fsc_weight
-from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
+from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches, stack_paths
 from cryosieve.io.star import output_paths, read_particles
+from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.projection import FourierSliceProjector
-from cryosieve.mask import check_mask
 from cryosieve.published import published_batch, published_scores
 from cryosieve.score import (
     ENGINES,
