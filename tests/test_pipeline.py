@@ -88,7 +88,7 @@ def half_set_counts(path: str | Path) -> tuple[int, int]:
 def expected_counts() -> list[int]:
     counts = [1000 - DROPPED_FROM_HALF2]  # balanced: the smaller half-set
     for _ in range(NUM_ITERS):
-        counts.append(int(round(0.8 * counts[-1])))
+        counts.append(round(0.8 * counts[-1]))
     return counts  # per half-set: 900, 720, 576, 461
 
 

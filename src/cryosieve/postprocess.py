@@ -336,7 +336,7 @@ def low_pass_filter(transform: torch.Tensor, resolution: float, size: int, voxel
     The filter shell is ``round(n * voxel / resolution)``; the cosine edge runs from
     ``edge_width // 2`` shells below it to as many above (RELION's default width is 2).
     """
-    filter_shell = int(math.floor(size * voxel_size / resolution + 0.5))
+    filter_shell = math.floor(size * voxel_size / resolution + 0.5)
     half_width = edge_width // 2
     edge_low = max(0.0, (filter_shell - half_width) / size)
     edge_high = min(float(shell_count(size)), (filter_shell + half_width) / size)

@@ -161,7 +161,7 @@ def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
     sieved = [summary for summary in rounds if summary.scores is not None]
     count = max(len(sieved), 1)
     columns = min(count, 3)
-    rows = int(math.ceil(count / columns))
+    rows = math.ceil(count / columns)
     figure = _new_figure(4.0 * columns, 3.2 * rows)
     colours = {1: "tab:blue", 2: "tab:orange"}
     for index, summary in enumerate(sieved):

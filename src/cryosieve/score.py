@@ -313,7 +313,7 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor |
 
 def retained_count(count: int, retention_ratio: float) -> int:
     """How many of ``count`` particles to keep: ``round(retention_ratio * count)`` (Python's round, as published)."""
-    return int(round(retention_ratio * count))
+    return round(retention_ratio * count)
 
 
 def select_lowest(scores: np.ndarray, groups: np.ndarray, retention_ratio: float, balance: bool = False

@@ -259,7 +259,7 @@ def report_from_relion_star(star: str | os.PathLike[str], box: int, voxel_size: 
     summary: dict[str, object] = {
         "program": "relion_postprocess",
         "final_resolution_angstrom": resolution,
-        "final_resolution_shell": int(round(box * voxel_size / resolution)) if resolution else 0,
+        "final_resolution_shell": round(box * voxel_size / resolution) if resolution else 0,
         "bfactor": number("rlnBfactorUsedForSharpening") or 0.0,
         "bfactor_source": "auto",
         "bfactor_fit_lowres_angstrom": float(fitted.max()) if len(fitted) else None,
@@ -268,7 +268,7 @@ def report_from_relion_star(star: str | os.PathLike[str], box: int, voxel_size: 
         "guinier_fit_intercept": number("rlnFittedInterceptGuinierPlot"),
         "guinier_fit_correlation": number("rlnCorrelationFitGuinierPlot"),
         "randomise_from_angstrom": randomise,
-        "randomise_from_shell": int(round(box * voxel_size / randomise)) if randomise else 0,
+        "randomise_from_shell": round(box * voxel_size / randomise) if randomise else 0,
         "voxel_size_angstrom": float(voxel_size),
         "box": int(box),
     }

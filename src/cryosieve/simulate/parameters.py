@@ -105,7 +105,7 @@ class SimulationSettings:
     @property
     def junk_count(self) -> int:
         """How many particles are junk: ``round(junk_fraction * num_particles)``."""
-        return int(round(self.junk_fraction * self.num_particles))
+        return round(self.junk_fraction * self.num_particles)
 
 
 @dataclass
