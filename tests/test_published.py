@@ -253,7 +253,7 @@ def test_realspace_references_are_the_float64_product_of_map_and_mask(published_
     mask = read_volume(published_data.mask, what="mask")
     masked, fsc, weighting = prepare_references(volumes, mask, "none", "realspace")
     assert fsc is None and weighting == "none"
-    for ours, expected in zip(masked, published_data.volumes):
+    for ours, expected in zip(masked, published_data.volumes, strict=True):
         assert ours.dtype == np.float64 and np.array_equal(ours, expected)
 
 

@@ -67,7 +67,7 @@ def ring_correlation(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 def image_correlations(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    return np.array([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(first, second)])
+    return np.array([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(first, second, strict=True)])
 
 
 def noiseless(**changes: object) -> SimulationSettings:

@@ -112,7 +112,7 @@ if AVAILABLE:
         # so that each lane becomes a vector over the samples, then 7 lerps per part in
         # x, y, z, times the Friedel signs, stored to model_real / model_imag.
         data = [context.make_array(kind)(context, builder, value).data
-                for kind, value in zip(sig.args, args) if isinstance(kind, _numba_types.Array)]
+                for kind, value in zip(sig.args, args, strict=True) if isinstance(kind, _numba_types.Array)]
         start = args[-1]
 
         def vector_at(pointer, vector_type=_VECTOR16):

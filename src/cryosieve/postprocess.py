@@ -489,7 +489,7 @@ def check_inputs(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_s
 
     if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
         raise CryoSieveInputError(f"{voxel_option}: the voxel size must be a positive number of Å, got {voxel_size}")
-    for array, name in zip((half1, half2, mask), names):
+    for array, name in zip((half1, half2, mask), names, strict=True):
         if array.ndim != 3 or len(set(array.shape)) != 1:
             raise CryoSieveInputError(f"{name}: expected a cubic 3D map, got shape {array.shape}")
         if array.shape[0] < 4:

@@ -142,7 +142,7 @@ def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
     for index, (x, y, x_label, y_label) in enumerate(panels):
         axes = figure.add_subplot(2, 2, index + 1)
         axes.plot(x, y, marker="o")
-        for label, x_value, y_value in zip(iterations.astype(int), x, y):
+        for label, x_value, y_value in zip(iterations.astype(int), x, y, strict=True):
             if x_label == "particles":
                 axes.annotate(str(label), (x_value, y_value), textcoords="offset points", xytext=(4, 4),
                               fontsize="small")

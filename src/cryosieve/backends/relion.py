@@ -110,7 +110,7 @@ def run_in_parallel(commands: Sequence[Sequence[str]], log_paths: Sequence[Path]
     started: list[subprocess.Popen[bytes]] = []
     handles = []
     try:
-        for command, log_path in zip(commands, log_paths):
+        for command, log_path in zip(commands, log_paths, strict=True):
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             handle = open(log_path, "w")
             handles.append(handle)
@@ -124,7 +124,7 @@ def run_in_parallel(commands: Sequence[Sequence[str]], log_paths: Sequence[Path]
         processes.stop(started, STOP_GRACE)
         for handle in handles:
             handle.close()
-    for command, log_path, process in zip(commands, log_paths, started):
+    for command, log_path, process in zip(commands, log_paths, started, strict=True):
         if process.returncode != 0:
             raise ExternalCommandError(shlex.join(command), str(log_path), process.returncode)
 
@@ -149,14 +149,14 @@ class RelionReconstructor:
     def reconstruct_half_maps(self, job: HalfMapJob, progress: ProgressFactory) -> None:
         temporaries = [temporary_name(Path(output)) for output in job.outputs]
         commands = [reconstruct_command(self.program, job.star, temporary, job.pixel_size, job.symmetry, subset)
-                    for subset, temporary in zip((1, 2), temporaries)]
+                    for subset, temporary in zip((1, 2), temporaries, strict=True)]
         cwd = (job.directory or Path.cwd()).absolute()
         try:
             run_in_parallel(commands, job.logs, cwd)
-            for command, temporary, log_path in zip(commands, temporaries, job.logs):
+            for command, temporary, log_path in zip(commands, temporaries, job.logs, strict=True):
                 if not temporary.is_file():
                     raise ExternalCommandError(shlex.join(command), str(log_path), 1)
-            for temporary, output in zip(temporaries, job.outputs):
+            for temporary, output in zip(temporaries, job.outputs, strict=True):
                 os.replace(temporary, output)
         finally:
             for temporary in temporaries:

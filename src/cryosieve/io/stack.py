@@ -280,9 +280,10 @@ class StackReader:
             if _cached(view, wanted[np.linspace(0, len(wanted) - 1, min(len(wanted), 32)).astype(np.int64)]):
                 continue  # a stack read before (the iterative pipeline's later rounds): nothing to ask for
             breaks = np.flatnonzero(np.diff(wanted) > 1 + ADVICE_GAP)
-            for first, last in zip(np.r_[wanted[0], wanted[breaks + 1]], np.r_[wanted[breaks], wanted[-1]]):
-                os.posix_fadvise(descriptor, offset + int(first) * image_bytes, (int(last) - int(first) + 1) * image_bytes,
-                                 os.POSIX_FADV_WILLNEED)
+            firsts, lasts = np.r_[wanted[0], wanted[breaks + 1]], np.r_[wanted[breaks], wanted[-1]]
+            for first, last in zip(firsts, lasts, strict=True):
+                os.posix_fadvise(descriptor, offset + int(first) * image_bytes,
+                                 (int(last) - int(first) + 1) * image_bytes, os.POSIX_FADV_WILLNEED)
 
     def __enter__(self) -> StackReader:
         return self
