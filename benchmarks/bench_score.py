@@ -165,7 +165,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--frequency", type=float, default=40.0)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="fresh-process runs of each configuration; the fastest is kept (shared machines are noisy)")
+                        help="fresh-process runs of each configuration; the fastest is kept "
+                             "(shared machines are noisy)")
     parser.add_argument("--worker", nargs=4, metavar=("FOLDER", "PROJECTOR", "COUNT", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -174,7 +175,8 @@ def main() -> None:
         return
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {args.device}, cut-off {args.frequency} Å")
-    print("| box | scorer | particles | particles/s (whole run) | particles/s (steady, batch timestamps) | forward FFT only, particles/s | peak private memory (MiB) | peak RSS incl. mapped stack (MiB) |")
+    print("| box | scorer | particles | particles/s (whole run) | particles/s (steady, batch timestamps) "
+          "| forward FFT only, particles/s | peak private memory (MiB) | peak RSS incl. mapped stack (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for box in args.boxes:

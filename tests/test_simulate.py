@@ -392,4 +392,5 @@ def test_gzip_and_plain_models_agree(tmp_path: Path) -> None:
     plain = tmp_path / "4E43.pdb"
     with gzip.open(bundled_model("4E43.pdb.gz"), "rb") as source:
         plain.write_bytes(source.read())
-    assert np.array_equal(atomic_model_map(str(plain), 48, 2.0), atomic_model_map(bundled_model("4E43.pdb.gz"), 48, 2.0))
+    assert np.array_equal(atomic_model_map(str(plain), 48, 2.0),
+                          atomic_model_map(bundled_model("4E43.pdb.gz"), 48, 2.0))

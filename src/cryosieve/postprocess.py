@@ -433,7 +433,8 @@ def sharpen_map(average: np.ndarray | torch.Tensor, fsc: np.ndarray, voxel_size:
     elif auto_bfactor:
         if np.count_nonzero(in_fit) < 2:
             raise CryoSieveInputError(
-                f"{setting('autob_lowres')} {autob_lowres:g}: fewer than two FSC-weighted shells between {autob_lowres:g} Å "
+                f"{setting('autob_lowres')} {autob_lowres:g}: "
+                f"fewer than two FSC-weighted shells between {autob_lowres:g} Å "
                 f"and {'Nyquist' if autob_highres <= 0 else f'{autob_highres:g} Å'} to fit a B-factor to; "
                 "lower the resolution limit or give an ad-hoc B-factor")
         slope, intercept, correlation = fit_straight_line(inverse_squared[in_fit], weighted[in_fit])
@@ -518,7 +519,8 @@ def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLik
     if angpix is None:
         voxel = half1.voxel_size if half1.voxel_size is not None else half2.voxel_size
         if voxel is None:
-            raise CryoSieveInputError(f"{setting('angpix')}: {half1.path} holds no voxel size; give {setting('angpix')}")
+            raise CryoSieveInputError(
+                f"{setting('angpix')}: {half1.path} holds no voxel size; give {setting('angpix')}")
         option = f"{half1.path} voxel size"
     else:
         voxel = angpix

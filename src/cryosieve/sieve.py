@@ -105,11 +105,13 @@ def check_settings(settings: SieveSettings) -> None:
     if not (0.0 < settings.retention_ratio <= 1.0):
         raise CryoSieveInputError(f"{setting('retention_ratio')} {settings.retention_ratio}: must be in (0, 1]")
     if not (settings.highpass_angstrom > 0) or not math.isfinite(settings.highpass_angstrom):
-        raise CryoSieveInputError(f"{setting('highpass_angstrom')} {settings.highpass_angstrom}: must be a positive number of Å")
+        raise CryoSieveInputError(
+            f"{setting('highpass_angstrom')} {settings.highpass_angstrom}: must be a positive number of Å")
     if settings.projector not in ("fourier", "realspace"):
         raise CryoSieveInputError(f"{setting('projector')} {settings.projector}: must be fourier or realspace")
     if settings.reference_weighting not in ("auto", "fsc", "none"):
-        raise CryoSieveInputError(f"{setting('reference_weighting')} {settings.reference_weighting}: must be auto, fsc or none")
+        raise CryoSieveInputError(
+            f"{setting('reference_weighting')} {settings.reference_weighting}: must be auto, fsc or none")
     if settings.batch_size < 1:
         raise CryoSieveInputError(f"{setting('batch_size')} {settings.batch_size}: must be at least 1")
     if settings.engine not in ENGINES:
@@ -129,17 +131,20 @@ def half_sets(table: ParticleSet, volume_count: int) -> np.ndarray:
     if table.random_subset is None:
         if volume_count != 1:
             raise CryoSieveInputError(
-                f"{table.path}: no rlnRandomSubset column, so give exactly one half map ({setting('volumes')}; got {volume_count})"
+                f"{table.path}: no rlnRandomSubset column, so give exactly one half map "
+                f"({setting('volumes')}; got {volume_count})"
             )
         return np.ones(len(table), dtype=np.int64)
     present = sorted(set(table.random_subset.tolist()))
     if present[-1] > volume_count:
         raise CryoSieveInputError(
-            f"{table.path}: rlnRandomSubset goes up to {present[-1]} but only {volume_count} half maps given ({setting('volumes')})"
+            f"{table.path}: rlnRandomSubset goes up to {present[-1]} "
+            f"but only {volume_count} half maps given ({setting('volumes')})"
         )
     if volume_count > present[-1]:
         raise CryoSieveInputError(
-            f"{volume_count} half maps given ({setting('volumes')}) but {table.path} has only {present[-1]} half-sets (rlnRandomSubset)"
+            f"{volume_count} half maps given ({setting('volumes')}) "
+            f"but {table.path} has only {present[-1]} half-sets (rlnRandomSubset)"
         )
     return table.random_subset.astype(np.int64)
 

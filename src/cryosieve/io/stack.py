@@ -311,10 +311,11 @@ class StackWriter:
     Images are written with :meth:`write` and can be read back with :meth:`read`, for a
     later pass that changes them (e.g. adds noise); memory holds what the caller passes
     and 32 bytes of statistics per image. Write every image before :meth:`close` (an
-    unwritten one is counted as zero in the statistics). :meth:`close` sets the header statistics (``dmin``, ``dmax``, ``dmean``,
-    ``rms`` over every pixel of the stack) from per-image sums kept as images are written,
-    so the file depends only on the images, not on how they were batched: the same images
-    give the same bytes. Writes to ``path`` directly (callers handle atomicity).
+    unwritten one is counted as zero in the statistics). :meth:`close` sets the header
+    statistics (``dmin``, ``dmax``, ``dmean``, ``rms`` over every pixel of the stack)
+    from per-image sums kept as images are written, so the file depends only on the
+    images, not on how they were batched: the same images give the same bytes. Writes to
+    ``path`` directly (callers handle atomicity).
 
     Use as a context manager; on an exception the file is closed as it is.
 

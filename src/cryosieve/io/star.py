@@ -286,7 +286,8 @@ def _origin_31(path: str, frame: pd.DataFrame, axis: str, pixel: np.ndarray) -> 
         if differs.size:
             row = int(differs[0])
             raise CryoSieveInputError(
-                f"{path}: {pixel_name} ({from_pixels[row]:g} px) and {angstrom_name} ({from_angstrom[row] * pixel[row]:g} Å "
+                f"{path}: {pixel_name} ({from_pixels[row]:g} px) and "
+                f"{angstrom_name} ({from_angstrom[row] * pixel[row]:g} Å "
                 f"= {from_angstrom[row]:g} px) disagree at row {row + 1} of data_particles; keep one of them")
     if from_angstrom is not None:
         return from_angstrom

@@ -88,7 +88,8 @@ def check_inputs(output_folder: str | os.PathLike[str], settings: SimulationSett
     if not str(output_folder).strip():
         raise CryoSieveInputError(f"{setting('output_folder')}: empty output path")
     _check_output_folder(target, overwrite)
-    check_outputs([], [InputFile(Path(model), setting("model")), InputFile(Path(junk_model), setting("junk_model"))], [target])
+    check_outputs([], [InputFile(Path(model), setting("model")), InputFile(Path(junk_model), setting("junk_model"))],
+                  [target])
     return model, junk_model
 
 
