@@ -342,10 +342,7 @@ def low_pass_filter(transform: torch.Tensor, resolution: float, size: int, voxel
     edge_high = min(float(shell_count(size)), (filter_shell + half_width) / size)
     edge = edge_high - edge_low
     frequency = torch.sqrt(squared_radius(size, transform.device)) / size  # cycles per pixel
-    if edge > 0:
-        ramp = 0.5 + 0.5 * torch.cos(math.pi * (frequency - edge_low) / edge)
-    else:
-        ramp = torch.zeros_like(frequency)
+    ramp = 0.5 + 0.5 * torch.cos(math.pi * (frequency - edge_low) / edge) if edge > 0 else torch.zeros_like(frequency)
     factor = torch.where(frequency < edge_low, torch.ones_like(frequency),
                          torch.where(frequency > edge_high, torch.zeros_like(frequency), ramp))
     return transform * factor

@@ -180,11 +180,10 @@ def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting
     Returns ``(masked maps [z, y, x] float32 or float64, fsc (n//2+1,) or None, weighting used)``.
     """
     mask_data = mask.data if mask is not None else None
-    if mask is not None:
-        if mask.data.shape != volumes[0].data.shape:
-            raise CryoSieveInputError(
-                f"{mask.path}: mask shape {mask.data.shape} does not match the maps' {volumes[0].data.shape}"
-            )
+    if mask is not None and mask.data.shape != volumes[0].data.shape:
+        raise CryoSieveInputError(
+            f"{mask.path}: mask shape {mask.data.shape} does not match the maps' {volumes[0].data.shape}"
+        )
     dtype = np.float64 if projector == "realspace" else np.float32
     masked = [np.multiply(volume.data, mask_data, dtype=dtype) if mask_data is not None
               else volume.data.astype(dtype) for volume in volumes]

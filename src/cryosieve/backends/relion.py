@@ -108,22 +108,19 @@ def run_in_parallel(commands: Sequence[Sequence[str]], log_paths: Sequence[Path]
     import subprocess
 
     started: list[subprocess.Popen[bytes]] = []
-    handles = []
-    try:
-        for command, log_path in zip(commands, log_paths, strict=True):
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            handle = open(log_path, "w")
-            handles.append(handle)
-            handle.write("$ " + shlex.join(command) + "\n")
-            handle.flush()
-            started.append(processes.start(command, stdout=handle, stderr=subprocess.STDOUT,
-                                           cwd=str(cwd) if cwd is not None else None))
-        for process in started:
-            process.wait()
-    finally:
-        processes.stop(started, STOP_GRACE)
-        for handle in handles:
-            handle.close()
+    with contextlib.ExitStack() as handles:  # the logs are closed after every program is stopped
+        try:
+            for command, log_path in zip(commands, log_paths, strict=True):
+                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+                handle = handles.enter_context(open(log_path, "w"))
+                handle.write("$ " + shlex.join(command) + "\n")
+                handle.flush()
+                started.append(processes.start(command, stdout=handle, stderr=subprocess.STDOUT,
+                                               cwd=str(cwd) if cwd is not None else None))
+            for process in started:
+                process.wait()
+        finally:
+            processes.stop(started, STOP_GRACE)
     for command, log_path, process in zip(commands, log_paths, started, strict=True):
         if process.returncode != 0:
             raise ExternalCommandError(shlex.join(command), str(log_path), process.returncode)

@@ -11,6 +11,7 @@ images at a time, with deterministic bytes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -461,10 +462,8 @@ def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray], on_demand:
 
     def advise() -> None:
         while (rows := requests.get()) is not None:
-            try:
+            with contextlib.suppress(Exception):  # only a hint: reading the batch reports any real problem
                 reader.advise(rows)
-            except Exception:  # only a hint: reading the batch reports any real problem
-                pass
 
     adviser = threading.Thread(target=advise, daemon=True)
     adviser.start()
