@@ -205,11 +205,11 @@ def main() -> None:
     print()
     for box in args.boxes:
         fourier = [r for r in results if r["box"] == box and r["projector"] == "fourier"]
-        realspace = [r for r in results if r["box"] == box and r["projector"] == "realspace"][0]
+        realspace = next(r for r in results if r["box"] == box and r["projector"] == "realspace")
         first, last = fourier[0], fourier[-1]
         difference = (last["count"] - first["count"]) / max(last["seconds"] - first["seconds"], 1e-9)
         steady = last["steady_per_second"]
-        fft_rate = 1 / min(r["fft_per_particle"] for r in fourier + [realspace])  # the fastest seen
+        fft_rate = 1 / min(r["fft_per_particle"] for r in [*fourier, realspace])  # the fastest seen
         print(f"box {box}: Fourier scorer steady state {steady:.0f} particles/s from batch timestamps (runs: "
               f"{', '.join(f'{value:.0f}' for value in last['all_steady'])}; {difference:.0f} from the difference "
               f"of the two stack sizes), {steady / realspace['per_second']:.0f}x the published real-space "

@@ -275,10 +275,10 @@ def test_published_scorer_by_hand():
     image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, box, box)))
 
     def batch(rot: float, origin_x: float, origin_y: float) -> ParticleBatch:
-        values = dict(rot=rot, tilt=0.0, psi=0.0, origin_x=origin_x, origin_y=origin_y, defocus_u=0.0,
-                      defocus_v=0.0, defocus_angle=0.0, phase_shift=0.0, voltage=300.0, spherical_aberration=0.0,
-                      amplitude_contrast=1.0, pixel_size=1.0, highpass_cycles_per_pixel=0.0, ctf_bfactor=0.0,
-                      ctf_scalefactor=1.0)
+        values = {"rot": rot, "tilt": 0.0, "psi": 0.0, "origin_x": origin_x, "origin_y": origin_y,
+                  "defocus_u": 0.0, "defocus_v": 0.0, "defocus_angle": 0.0, "phase_shift": 0.0, "voltage": 300.0,
+                  "spherical_aberration": 0.0, "amplitude_contrast": 1.0, "pixel_size": 1.0,
+                  "highpass_cycles_per_pixel": 0.0, "ctf_bfactor": 0.0, "ctf_scalefactor": 1.0}
         return ParticleBatch(**{name: torch.tensor([value], dtype=torch.float64) for name, value in values.items()})
 
     volume = torch.zeros((box, box, box), dtype=torch.float64)

@@ -361,7 +361,7 @@ def test_bad_library_input(small: Simulated) -> None:
         reconstruct(table, reader, rows=np.array([], dtype=np.int64))
     with pytest.raises(CryoSieveInputError, match="no particles with rlnRandomSubset 3"):
         reconstruct_subsets(table, reader, subsets=(1, 3))
-    with pytest.raises(CryoSieveInputError, match="^--sym Q: unknown symmetry"):
+    with pytest.raises(CryoSieveInputError, match=r"^--sym Q: unknown symmetry"):
         reconstruct(table, reader, symmetry="Q")
 
 
@@ -456,7 +456,7 @@ def _bad_inputs(small: Simulated, folder: Path) -> dict[str, tuple[list[str], st
 def test_command_line_bad_input(small: Simulated, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for name, (arguments, expected) in _bad_inputs(small, tmp_path).items():
         output = tmp_path / f"{name.replace(' ', '_')}.mrc"
-        code = main(arguments + ["--o", str(output), "--quiet"])
+        code = main([*arguments, "--o", str(output), "--quiet"])
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()
         assert code == 2, name

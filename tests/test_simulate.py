@@ -71,8 +71,8 @@ def image_correlations(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 def noiseless(**changes: object) -> SimulationSettings:
-    values: dict[str, object] = dict(num_particles=120, box=BOX, pixel_size=PIXEL, snr=math.inf,
-                                     half_maps=False, seed=3)
+    values: dict[str, object] = {"num_particles": 120, "box": BOX, "pixel_size": PIXEL, "snr": math.inf,
+                                 "half_maps": False, "seed": 3}
     values.update(changes)
     return SimulationSettings(**values)  # type: ignore[arg-type]
 
