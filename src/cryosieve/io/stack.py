@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import mrcfile
@@ -26,7 +26,7 @@ import numpy as np
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency; numpy does the same, more slowly
-    numba = None
+    numba = None  # type: ignore[assignment]  # None marks numba as missing
 
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.mrc import MRC_LABEL, check_mrc_file, quiet_mrcfile, resolve_path, set_fixed_label
@@ -76,7 +76,8 @@ def _non_finite_images(images: np.ndarray) -> np.ndarray:
     return bad
 
 
-def _copy_image_bits(stack, indices, out, positions, bad):  # pragma: no cover - compiled below
+# Compiled by numba below, which types the arguments itself: no annotations.
+def _copy_image_bits(stack, indices, out, positions, bad):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled below
     # Copies the 32-bit pixels of stack[indices[k]] to out[positions[k]] and flags an
     # image whose exponent bits are all ones somewhere (NaN or infinity). Integer
     # operations only, so the loop vectorises and the check is exact.
@@ -105,7 +106,7 @@ if numba is not None:
 ADVICE_GAP = 2
 
 
-def _page_residency():
+def _page_residency() -> Callable[..., int] | None:
     """``mincore`` from the C library, or ``None`` where there is none."""
     try:
         import ctypes
