@@ -168,7 +168,8 @@ def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
         axes = figure.add_subplot(rows, columns, index + 1)
         assert summary.scores is not None and summary.half_set is not None and summary.kept is not None
         finite = np.isfinite(summary.scores)
-        edges = np.histogram_bin_edges(summary.scores[finite], bins=50) if finite.any() else 10
+        edges: list[float] | int = (np.histogram_bin_edges(summary.scores[finite], bins=50).tolist()
+                                    if finite.any() else 10)
         for subset in sorted(set(summary.half_set.tolist())):
             members = (summary.half_set == subset) & finite
             colour = colours.get(subset)

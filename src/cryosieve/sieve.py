@@ -271,6 +271,7 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
             if settings.projector == "fourier":
                 batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
                 image_input = images if isinstance(images, BatchImages) else torch.from_numpy(images).to(device)
+                assert samples is not None  # made above for the Fourier scorer
                 values = fourier_scores(projector, image_input, batch, samples, volume_pixel_size, settings.engine)
             else:
                 batch = published_batch(table, batch_rows, settings.highpass_angstrom, device)
