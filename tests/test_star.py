@@ -41,7 +41,7 @@ def test_relion30_single_table_needs_angpix(tmp_path):
     particles["rlnSphericalAberration"] = 2.7
     particles["rlnAmplitudeContrast"] = 0.1
     starfile.write({"images": particles}, tmp_path / "in.star", overwrite=True)
-    with pytest.raises(CryoSieveInputError, match="--angpix"):
+    with pytest.raises(CryoSieveInputError, match="give angpix"):
         read_particles(tmp_path / "in.star")
     table = read_particles(tmp_path / "in.star", angpix=1.7)
     assert table.source.version == "3.0"
