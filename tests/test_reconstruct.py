@@ -361,7 +361,7 @@ def test_bad_library_input(small: Simulated) -> None:
         reconstruct(table, reader, rows=np.array([], dtype=np.int64))
     with pytest.raises(CryoSieveInputError, match="no particles with rlnRandomSubset 3"):
         reconstruct_subsets(table, reader, subsets=(1, 3))
-    with pytest.raises(CryoSieveInputError, match=r"^--sym Q: unknown symmetry"):
+    with pytest.raises(CryoSieveInputError, match=r"^symmetry Q: unknown symmetry"):
         reconstruct(table, reader, symmetry="Q")
 
 

@@ -89,7 +89,7 @@ def test_names_are_case_insensitive() -> None:
 
 @pytest.mark.parametrize("name", ["XYZ", "C0", "D0", "Cs", "Ci", "C2v", "D2h", "Oh", "I5", "Ih", "C100", ""])
 def test_unknown_symmetry_is_an_input_error(name: str) -> None:
-    with pytest.raises(CryoSieveInputError, match=rf"^--sym {re.escape(name)}: unknown symmetry"):
+    with pytest.raises(CryoSieveInputError, match=rf"^symmetry {re.escape(name)}: unknown symmetry"):
         symmetry_matrices(name)
 
 
