@@ -88,7 +88,7 @@ class PeakPrivateMemory:
             self.peak = max(self.peak, self.current())
             self._stop.wait(0.005)
 
-    def __enter__(self) -> "PeakPrivateMemory":
+    def __enter__(self) -> PeakPrivateMemory:
         self._thread.start()
         return self
 
@@ -165,7 +165,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--frequency", type=float, default=40.0)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="fresh-process runs of each configuration; the fastest is kept (shared machines are noisy)")
+                        help="fresh-process runs of each configuration; the fastest is kept "
+                             "(shared machines are noisy)")
     parser.add_argument("--worker", nargs=4, metavar=("FOLDER", "PROJECTOR", "COUNT", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -174,7 +175,8 @@ def main() -> None:
         return
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {args.device}, cut-off {args.frequency} Å")
-    print("| box | scorer | particles | particles/s (whole run) | particles/s (steady, batch timestamps) | forward FFT only, particles/s | peak private memory (MiB) | peak RSS incl. mapped stack (MiB) |")
+    print("| box | scorer | particles | particles/s (whole run) | particles/s (steady, batch timestamps) "
+          "| forward FFT only, particles/s | peak private memory (MiB) | peak RSS incl. mapped stack (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for box in args.boxes:
@@ -203,11 +205,11 @@ def main() -> None:
     print()
     for box in args.boxes:
         fourier = [r for r in results if r["box"] == box and r["projector"] == "fourier"]
-        realspace = [r for r in results if r["box"] == box and r["projector"] == "realspace"][0]
+        realspace = next(r for r in results if r["box"] == box and r["projector"] == "realspace")
         first, last = fourier[0], fourier[-1]
         difference = (last["count"] - first["count"]) / max(last["seconds"] - first["seconds"], 1e-9)
         steady = last["steady_per_second"]
-        fft_rate = 1 / min(r["fft_per_particle"] for r in fourier + [realspace])  # the fastest seen
+        fft_rate = 1 / min(r["fft_per_particle"] for r in [*fourier, realspace])  # the fastest seen
         print(f"box {box}: Fourier scorer steady state {steady:.0f} particles/s from batch timestamps (runs: "
               f"{', '.join(f'{value:.0f}' for value in last['all_steady'])}; {difference:.0f} from the difference "
               f"of the two stack sizes), {steady / realspace['per_second']:.0f}x the published real-space "

@@ -163,7 +163,7 @@ def build_known_truth(folder: Path, count: int = 2000, box: int = 64, voxel: flo
     good_map, junk_map = model_map("1BD2.pdb.gz", box, voxel), model_map("4E43.pdb.gz", box, voxel)
     write_map(folder / "truth.mrc", good_map, voxel)
     write_map(folder / "junk.mrc", junk_map, voxel)
-    junk_count = int(round(junk_fraction * count))
+    junk_count = round(junk_fraction * count)
     is_junk = np.zeros(count, dtype=bool)
     is_junk[rng.choice(count, junk_count, replace=False)] = True
     particles = random_particles(count, rng, voxel, "particles.mrcs")

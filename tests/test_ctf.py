@@ -164,5 +164,6 @@ def test_scores_model_relion_projections_with_envelope_and_scale(tmp_path: Path,
     with StackReader(table, tmp_path) as reader:
         ignored = score_rows(table, reader, [reference], np.ones(count, dtype=np.int64), settings,
                              volume_pixel_size=voxel)
-    changed = (particles["rlnCtfBfactor"] > 0).to_numpy() | (np.abs(particles["rlnCtfScalefactor"] - 1) > 0.2).to_numpy()
+    changed = ((particles["rlnCtfBfactor"] > 0).to_numpy()
+               | (np.abs(particles["rlnCtfScalefactor"] - 1) > 0.2).to_numpy())
     assert np.all(np.abs(-ignored[changed] / energy[changed] - 1) > 0.1)

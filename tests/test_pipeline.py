@@ -63,16 +63,16 @@ def common_arguments(known_truth, star: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def builtin_run(known_truth, unbalanced, tmp_path_factory):
     prefix = str(tmp_path_factory.mktemp("builtin") / "out") + "/"
-    assert main(common_arguments(known_truth, unbalanced) + ["--o", prefix]) == 0
+    assert main([*common_arguments(known_truth, unbalanced), "--o", prefix]) == 0
     return prefix
 
 
 @pytest.fixture(scope="module")
 def relion_run(known_truth, unbalanced, tmp_path_factory):
     prefix = str(tmp_path_factory.mktemp("relion") / "run")
-    assert main(common_arguments(known_truth, unbalanced) + [
-        "--o", prefix, "--reconstruct_software", "relion_reconstruct",
-        "--postprocess_software", "relion_postprocess"]) == 0
+    assert main([*common_arguments(known_truth, unbalanced),
+                 "--o", prefix, "--reconstruct_software", "relion_reconstruct",
+                 "--postprocess_software", "relion_postprocess"]) == 0
     return prefix
 
 
@@ -88,7 +88,7 @@ def half_set_counts(path: str | Path) -> tuple[int, int]:
 def expected_counts() -> list[int]:
     counts = [1000 - DROPPED_FROM_HALF2]  # balanced: the smaller half-set
     for _ in range(NUM_ITERS):
-        counts.append(int(round(0.8 * counts[-1])))
+        counts.append(round(0.8 * counts[-1]))
     return counts  # per half-set: 900, 720, 576, 461
 
 
@@ -227,7 +227,7 @@ def test_external_reconstruction_with_builtin_postprocess_and_failures(known_tru
     arguments[arguments.index("--num_iters") + 1] = "1"
     arguments.remove("--balance")
     prefix = str(tmp_path / "mixed")
-    assert main(arguments + ["--o", prefix, "--reconstruct_software", "relion_reconstruct", "--no-report"]) == 0
+    assert main([*arguments, "--o", prefix, "--reconstruct_software", "relion_reconstruct", "--no-report"]) == 0
     assert Path(f"{prefix}_postprocess_iter0/iter0.json").is_file()  # built-in post-processing
     # without --balance, _iter0.star is the input as it is, and each half-set keeps round(0.8 n)
     assert Path(f"{prefix}_iter0.star").read_bytes() == unbalanced.read_bytes()
@@ -236,7 +236,7 @@ def test_external_reconstruction_with_builtin_postprocess_and_failures(known_tru
     capsys.readouterr()
     # a failing program stops the run with its exit code and names the command and its log
     failing = str(tmp_path / "failing")
-    assert main(arguments + ["--o", failing, "--reconstruct_software", "false"]) == 1
+    assert main([*arguments, "--o", failing, "--reconstruct_software", "false"]) == 1
     message = capsys.readouterr().err.strip().splitlines()
     assert len(message) == 1 and "'false --i" in message[0] and "failing_iter0_reconstruct_half1.txt" in message[0]
     assert not Path(f"{failing}_iter0_half1.mrc").exists()
@@ -348,7 +348,7 @@ def test_kill_and_continue(builtin_run, known_truth, unbalanced, tmp_path):
     ({"--reconstruct_software": "no_such_reconstruct_program"}, "no_such_reconstruct_program"),
 ])
 def test_bad_input(known_truth, unbalanced, tmp_path, capsys, change, expected):
-    arguments = common_arguments(known_truth, unbalanced) + ["--o", str(tmp_path / "out" / "run")]
+    arguments = [*common_arguments(known_truth, unbalanced), "--o", str(tmp_path / "out" / "run")]
     for option, value in change.items():
         if option in arguments:
             arguments[arguments.index(option) + 1] = value

@@ -153,7 +153,7 @@ def ours(data: PostprocessData):
 
 
 def relion_shell(resolution: float) -> int:
-    return int(round(BOX * VOXEL / resolution))
+    return round(BOX * VOXEL / resolution)
 
 
 def guinier_values(column: pd.Series) -> np.ndarray:

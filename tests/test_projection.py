@@ -13,9 +13,9 @@ import torch
 from conftest import model_map, optics_table, random_particles, relion_project, write_map
 from cryosieve.ctf import ctf_2d
 from cryosieve.geometry import euler_to_matrix, matrix_to_euler
-from cryosieve.published import published_quaternions
 from cryosieve.io.star import read_particles
 from cryosieve.projection import FourierSliceProjector, half_plane_frequencies
+from cryosieve.published import published_quaternions
 
 
 def our_images(table, volume: np.ndarray) -> torch.Tensor:

@@ -23,7 +23,6 @@ import starfile
 import torch
 
 from conftest import model_map, optics_table, random_particles, relion_project, soft_sphere_mask, write_map
-
 from cryosieve.cli.core import main
 from cryosieve.io.mrc import read_volume
 from cryosieve.io.star import read_particles
@@ -254,7 +253,7 @@ def test_realspace_references_are_the_float64_product_of_map_and_mask(published_
     mask = read_volume(published_data.mask, what="mask")
     masked, fsc, weighting = prepare_references(volumes, mask, "none", "realspace")
     assert fsc is None and weighting == "none"
-    for ours, expected in zip(masked, published_data.volumes):
+    for ours, expected in zip(masked, published_data.volumes, strict=True):
         assert ours.dtype == np.float64 and np.array_equal(ours, expected)
 
 
@@ -276,10 +275,10 @@ def test_published_scorer_by_hand():
     image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, box, box)))
 
     def batch(rot: float, origin_x: float, origin_y: float) -> ParticleBatch:
-        values = dict(rot=rot, tilt=0.0, psi=0.0, origin_x=origin_x, origin_y=origin_y, defocus_u=0.0,
-                      defocus_v=0.0, defocus_angle=0.0, phase_shift=0.0, voltage=300.0, spherical_aberration=0.0,
-                      amplitude_contrast=1.0, pixel_size=1.0, highpass_cycles_per_pixel=0.0, ctf_bfactor=0.0,
-                      ctf_scalefactor=1.0)
+        values = {"rot": rot, "tilt": 0.0, "psi": 0.0, "origin_x": origin_x, "origin_y": origin_y,
+                  "defocus_u": 0.0, "defocus_v": 0.0, "defocus_angle": 0.0, "phase_shift": 0.0, "voltage": 300.0,
+                  "spherical_aberration": 0.0, "amplitude_contrast": 1.0, "pixel_size": 1.0,
+                  "highpass_cycles_per_pixel": 0.0, "ctf_bfactor": 0.0, "ctf_scalefactor": 1.0}
         return ParticleBatch(**{name: torch.tensor([value], dtype=torch.float64) for name, value in values.items()})
 
     volume = torch.zeros((box, box, box), dtype=torch.float64)

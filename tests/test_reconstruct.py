@@ -41,10 +41,10 @@ import pandas as pd
 import pytest
 import starfile
 import torch
-from conftest import KnownTruthData, model_map, optics_table, require, write_map
 
 import cryosieve.reconstruct as reconstruction
 import cryosieve.reconstruct.tensor_path as reconstruction_torch
+from conftest import KnownTruthData, model_map, optics_table, require, write_map
 from cryosieve.cli.reconstruct import main
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.fsc import fourier_shell_correlation, resolution_at_threshold, shell_index
@@ -644,7 +644,7 @@ def test_bad_library_input(small: Simulated) -> None:
         reconstruct(table, reader, rows=np.array([], dtype=np.int64))
     with pytest.raises(CryoSieveInputError, match="no particles with rlnRandomSubset 3"):
         reconstruct_subsets(table, reader, subsets=(1, 3))
-    with pytest.raises(CryoSieveInputError, match="^symmetry Q: unknown symmetry"):
+    with pytest.raises(CryoSieveInputError, match=r"^symmetry Q: unknown symmetry"):
         reconstruct(table, reader, symmetry="Q")
     with pytest.raises(CryoSieveInputError, match="engine 'fast': expected one of auto, numba, torch"):
         reconstruct(table, reader, engine="fast")
@@ -747,7 +747,7 @@ def _bad_inputs(small: Simulated, folder: Path) -> dict[str, tuple[list[str], st
 def test_command_line_bad_input(small: Simulated, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for name, (arguments, expected) in _bad_inputs(small, tmp_path).items():
         output = tmp_path / f"{name.replace(' ', '_')}.mrc"
-        code = main(arguments + ["--o", str(output), "--quiet"])
+        code = main([*arguments, "--o", str(output), "--quiet"])
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()
         assert code == 2, name

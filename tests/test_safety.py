@@ -58,7 +58,7 @@ def arguments(options: dict[str, object], overrides: dict[str, object]) -> list[
             continue
         for item in value if isinstance(value, list) else [value]:
             words += [key, str(item)]
-    return words + ["--quiet"]
+    return [*words, "--quiet"]
 
 
 def core_args(d: SmallData, w: Path, **overrides: object) -> list[str]:

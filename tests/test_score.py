@@ -21,12 +21,12 @@ from cryosieve.sieve import SieveSettings, load_inputs, sieve
 def make_batch(count: int, rng: np.random.Generator, pixel: float, highpass_angstrom: float,
                **overrides: np.ndarray) -> ParticleBatch:
     rot, tilt, psi = uniform_random_euler(count, rng)
-    values = dict(rot=rot, tilt=tilt, psi=psi, origin_x=rng.uniform(-4, 4, count),
-                  origin_y=rng.uniform(-4, 4, count), defocus_u=rng.uniform(9000, 20000, count),
-                  defocus_v=rng.uniform(8000, 9000, count), defocus_angle=rng.uniform(-180, 180, count),
-                  phase_shift=rng.uniform(0, 40, count), voltage=np.full(count, 300.0),
-                  spherical_aberration=np.full(count, 2.7), amplitude_contrast=np.full(count, 0.1),
-                  pixel_size=np.full(count, pixel))
+    values = {"rot": rot, "tilt": tilt, "psi": psi, "origin_x": rng.uniform(-4, 4, count),
+              "origin_y": rng.uniform(-4, 4, count), "defocus_u": rng.uniform(9000, 20000, count),
+              "defocus_v": rng.uniform(8000, 9000, count), "defocus_angle": rng.uniform(-180, 180, count),
+              "phase_shift": rng.uniform(0, 40, count), "voltage": np.full(count, 300.0),
+              "spherical_aberration": np.full(count, 2.7), "amplitude_contrast": np.full(count, 0.1),
+              "pixel_size": np.full(count, pixel)}
     values.update({"ctf_bfactor": np.zeros(count), "ctf_scalefactor": np.ones(count)} | overrides)
     tensors = {name: torch.tensor(value, dtype=torch.float64) for name, value in values.items()}
     return ParticleBatch(**tensors, highpass_cycles_per_pixel=tensors["pixel_size"] / highpass_angstrom)

@@ -183,10 +183,12 @@ def test_the_lock_of_a_killed_run_is_taken_over(small: SmallData, tmp_path: Path
 
 
 def test_lock_held_by_this_process_refuses_and_names_it(tmp_path: Path) -> None:
-    with exclusive_lock(tmp_path / "x.lock", "--o here"):
-        with pytest.raises(Exception, match=f"process {os.getpid()} on"):
-            with exclusive_lock(tmp_path / "x.lock", "--o here"):
-                pass
+    with (
+        exclusive_lock(tmp_path / "x.lock", "--o here"),
+        pytest.raises(Exception, match=f"process {os.getpid()} on"),
+        exclusive_lock(tmp_path / "x.lock", "--o here"),
+    ):
+        pass
     assert not (tmp_path / "x.lock").exists()
     with exclusive_lock(tmp_path / "x.lock", "--o here"):  # free again
         pass

@@ -36,8 +36,8 @@ from cryosieve.simulate import (
     _read_model,
     atomic_model_map,
     bundled_model,
-    soft_mask,
     simulate_particles,
+    soft_mask,
 )
 
 BOX, PIXEL = 64, 2.5
@@ -67,12 +67,12 @@ def ring_correlation(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 def image_correlations(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    return np.array([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(first, second)])
+    return np.array([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(first, second, strict=True)])
 
 
 def noiseless(**changes: object) -> SimulationSettings:
-    values: dict[str, object] = dict(num_particles=120, box=BOX, pixel_size=PIXEL, snr=math.inf,
-                                     half_maps=False, seed=3)
+    values: dict[str, object] = {"num_particles": 120, "box": BOX, "pixel_size": PIXEL, "snr": math.inf,
+                                 "half_maps": False, "seed": 3}
     values.update(changes)
     return SimulationSettings(**values)  # type: ignore[arg-type]
 
@@ -392,4 +392,5 @@ def test_gzip_and_plain_models_agree(tmp_path: Path) -> None:
     plain = tmp_path / "4E43.pdb"
     with gzip.open(bundled_model("4E43.pdb.gz"), "rb") as source:
         plain.write_bytes(source.read())
-    assert np.array_equal(atomic_model_map(str(plain), 48, 2.0), atomic_model_map(bundled_model("4E43.pdb.gz"), 48, 2.0))
+    assert np.array_equal(atomic_model_map(str(plain), 48, 2.0),
+                          atomic_model_map(bundled_model("4E43.pdb.gz"), 48, 2.0))

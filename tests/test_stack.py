@@ -110,7 +110,7 @@ def test_non_finite_pixels_are_an_input_error(tmp_path: Path, bad: float | str) 
         images[2, 3, 4] = bad
     reader = one_stack_reader(tmp_path, images)
     np.testing.assert_array_equal(reader.read(np.array([0, 1, 3])), images[[0, 1, 3]])
-    with pytest.raises(CryoSieveInputError, match="000003@a.mrcs"):
+    with pytest.raises(CryoSieveInputError, match=r"000003@a\.mrcs"):
         reader.read(np.array([1, 2]))
     reader.close()
 
@@ -126,7 +126,7 @@ def test_huge_finite_pixels_are_read_and_non_finite_ones_found(tmp_path: Path, d
     images[3, 7, 7] = np.nan
     reader = one_stack_reader(tmp_path, images, dtype)
     np.testing.assert_array_equal(reader.read(np.array([2, 1, 0])), images[[2, 1, 0]])
-    with pytest.raises(CryoSieveInputError, match="000004@a.mrcs"):
+    with pytest.raises(CryoSieveInputError, match=r"000004@a\.mrcs"):
         reader.read(np.array([1, 3]))
     reader.close()
 
@@ -191,7 +191,7 @@ def test_batch_images_name_a_non_finite_image(tmp_path: Path) -> None:
     reader = one_stack_reader(tmp_path, images)
     batch = BatchImages(reader, np.array([0, 1, 2, 3, 4]))
     np.testing.assert_array_equal(batch.slice(0, 3), images[:3])
-    with pytest.raises(CryoSieveInputError, match="000004@a.mrcs"):
+    with pytest.raises(CryoSieveInputError, match=r"000004@a\.mrcs"):
         batch.slice(2, 5)
     reader.close()
 

@@ -17,8 +17,8 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
-from conftest import model_map, require, write_map
 
+from conftest import model_map, require, write_map
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.symmetry import axis_rotation, group_order, symmetrise_volume, symmetry_matrices
 

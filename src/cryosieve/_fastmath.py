@@ -11,7 +11,7 @@ import numpy as np
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency
-    numba = None
+    numba = None  # type: ignore[assignment]  # None marks numba as missing
 
 AVAILABLE = numba is not None
 

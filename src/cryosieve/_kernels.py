@@ -20,14 +20,14 @@ CPU only; CUDA uses the batched torch path in :mod:`cryosieve.score`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
-
 
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency, but keep the torch path usable
-    numba = None
+    numba = None  # type: ignore[assignment]  # None marks numba as missing
 
 AVAILABLE = numba is not None
 
@@ -48,22 +48,31 @@ BLOCK = 16
 
 if AVAILABLE:
     from llvmlite import binding as _llvm_binding
-
-    from cryosieve._fastmath import fast_sin  # noqa: F401 - re-exported for the kernels' tests
-    from cryosieve.ctf import ctf_value
     from llvmlite import ir as _llvm_ir
     from numba import types as _numba_types
     from numba.core import cgutils as _cgutils
+    from numba.core.base import BaseContext as _TargetContext
+    from numba.core.typing.context import BaseContext as _TypingContext
+    from numba.core.typing.templates import Signature as _Signature
     from numba.extending import intrinsic as _intrinsic
+
+    from cryosieve._fastmath import fast_sin  # noqa: F401 - re-exported for the kernels' tests
+    from cryosieve.ctf import ctf_value
 
     # LLVM 17+ has only opaque pointers (intrinsic suffix p0); older ones typed pointers.
     _PREFETCH_NAME = "llvm.prefetch.p0" if _llvm_binding.llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"
 
-    def _prefetch_intrinsic(write: int):
-        def prefetch(typingctx, array, index):  # pragma: no cover - compiled
+    # The intrinsics' typing functions get numba types, their code generators llvmlite's IR
+    # builder and values; both run in Python while a kernel is compiled.
+    _Codegen = Callable[[_TargetContext, _llvm_ir.IRBuilder, _Signature, Sequence[_llvm_ir.Value]], _llvm_ir.Value]
+
+    def _prefetch_intrinsic(write: int) -> Callable[..., None]:
+        def prefetch(typingctx: _TypingContext, array: _numba_types.Type,
+                     index: _numba_types.Type) -> tuple[_Signature, _Codegen]:  # pragma: no cover - compiled
             signature = _numba_types.void(array, _numba_types.intp)
 
-            def codegen(context, builder, sig, args):
+            def codegen(context: _TargetContext, builder: _llvm_ir.IRBuilder, sig: _Signature,
+                    args: Sequence[_llvm_ir.Value]) -> _llvm_ir.Value:
                 data = context.make_array(sig.args[0])(context, builder, args[0]).data
                 pointer = builder.bitcast(builder.gep(data, [args[1]]), _llvm_ir.IntType(8).as_pointer())
                 int32 = _llvm_ir.IntType(32)
@@ -88,10 +97,14 @@ if AVAILABLE:
     _VECTOR16 = _llvm_ir.VectorType(_FLOAT, 16)
     _VECTOR4 = _llvm_ir.VectorType(_FLOAT, 4)
 
-    def _mask(lanes):
+    def _mask(lanes: Sequence[int]) -> _llvm_ir.Constant:
         return _llvm_ir.Constant(_llvm_ir.VectorType(_INT32, len(lanes)), list(lanes))
 
-    def _transpose16(builder, rows):
+    #: Loads sample k's 8 trilinear neighbours (builder, source array, voxel, the intrinsic's arguments).
+    _LoadNeighbours = Callable[[_llvm_ir.IRBuilder, _llvm_ir.Value, _llvm_ir.Value, Sequence[_llvm_ir.Value]],
+                               _llvm_ir.Value]
+
+    def _transpose16(builder: _llvm_ir.IRBuilder, rows: Sequence[_llvm_ir.Value]) -> list[_llvm_ir.Value]:
         # 16 vectors of 16 lanes -> columns[lane][k] = rows[k][lane]: four rounds of
         # two-source shuffles that swap off-diagonal blocks of 8, 4, 2, 1 lanes
         rows = list(rows)
@@ -106,17 +119,18 @@ if AVAILABLE:
             rows = swapped
         return rows
 
-    def _interpolate_block(context, builder, sig, args, load_neighbours):
+    def _interpolate_block(context: _TargetContext, builder: _llvm_ir.IRBuilder, sig: _Signature,
+                           args: Sequence[_llvm_ir.Value], load_neighbours: _LoadNeighbours) -> _llvm_ir.Value:
         # Shared body of the two block intrinsics below. For the BLOCK samples from
         # ``start``: load each sample's 8 trilinear neighbours as one 16-lane vector
         # (re, im of corner dz dy dx = 000, 001, 010, ... in lanes 2c, 2c + 1), transpose
         # so that each lane becomes a vector over the samples, then 7 lerps per part in
         # x, y, z, times the Friedel signs, stored to model_real / model_imag.
         data = [context.make_array(kind)(context, builder, value).data
-                for kind, value in zip(sig.args, args) if isinstance(kind, _numba_types.Array)]
+                for kind, value in zip(sig.args, args, strict=True) if isinstance(kind, _numba_types.Array)]
         start = args[-1]
 
-        def vector_at(pointer, vector_type=_VECTOR16):
+        def vector_at(pointer: _llvm_ir.Value, vector_type: _llvm_ir.Type = _VECTOR16) -> _llvm_ir.Value:
             return builder.load(builder.bitcast(builder.gep(pointer, [start]), vector_type.as_pointer()), align=4)
 
         source, corner, offset_x, offset_y, offset_z, sign_real, sign_imag, model_real, model_imag = (
@@ -127,7 +141,7 @@ if AVAILABLE:
         columns = _transpose16(builder, rows)
         fractions = [vector_at(offset_x), vector_at(offset_y), vector_at(offset_z)]
 
-        def lerp(a, b, fraction):
+        def lerp(a: _llvm_ir.Value, b: _llvm_ir.Value, fraction: _llvm_ir.Value) -> _llvm_ir.Value:
             return builder.fadd(a, builder.fmul(fraction, builder.fsub(b, a)))
 
         for part, signs, target in ((0, sign_real, model_real), (1, sign_imag, model_imag)):
@@ -146,35 +160,45 @@ if AVAILABLE:
     # with every read in cache). Machines without 512-bit vectors get the same code split
     # into narrower ones. The ``start`` entries must lie inside every array.
     @_intrinsic
-    def interpolate_corner_block(typingctx, corners, corner, offset_x, offset_y, offset_z, sign_real, sign_imag,
-                                 model_real, model_imag, start):  # pragma: no cover - compiled
+    def interpolate_corner_block(typingctx: _TypingContext, corners: _numba_types.Type, corner: _numba_types.Type,
+                                 offset_x: _numba_types.Type, offset_y: _numba_types.Type, offset_z: _numba_types.Type,
+                                 sign_real: _numba_types.Type, sign_imag: _numba_types.Type,
+                                 model_real: _numba_types.Type, model_imag: _numba_types.Type, start: _numba_types.Type,
+                                 ) -> tuple[_Signature, _Codegen]:  # pragma: no cover - compiled
         """From the 8-corner layout (float32 view): ``corner[start + k]`` is sample k's
         voxel in it (16 floats each)."""
         signature = _numba_types.void(corners, corner, offset_x, offset_y, offset_z, sign_real, sign_imag,
                                       model_real, model_imag, _numba_types.intp)
 
-        def load_neighbours(builder, source, voxel, args):
+        def load_neighbours(builder: _llvm_ir.IRBuilder, source: _llvm_ir.Value, voxel: _llvm_ir.Value,
+                            args: Sequence[_llvm_ir.Value]) -> _llvm_ir.Value:
             pointer = builder.gep(source, [builder.mul(voxel, _llvm_ir.Constant(_INT64, 16))])
             return builder.load(builder.bitcast(pointer, _VECTOR16.as_pointer()), align=4)
 
-        def codegen(context, builder, sig, args):
+        def codegen(context: _TargetContext, builder: _llvm_ir.IRBuilder, sig: _Signature,
+                    args: Sequence[_llvm_ir.Value]) -> _llvm_ir.Value:
             return _interpolate_block(context, builder, sig, args, load_neighbours)
 
         return signature, codegen
 
     @_intrinsic
-    def interpolate_grid_block(typingctx, grid, row, plane, corner, offset_x, offset_y, offset_z, sign_real,
-                               sign_imag, model_real, model_imag, start):  # pragma: no cover - compiled
+    def interpolate_grid_block(typingctx: _TypingContext, grid: _numba_types.Type, row: _numba_types.Type,
+                               plane: _numba_types.Type, corner: _numba_types.Type, offset_x: _numba_types.Type,
+                               offset_y: _numba_types.Type, offset_z: _numba_types.Type,
+                               sign_real: _numba_types.Type, sign_imag: _numba_types.Type,
+                               model_real: _numba_types.Type, model_imag: _numba_types.Type,
+                               start: _numba_types.Type) -> tuple[_Signature, _Codegen]:  # pragma: no cover - compiled
         """From the grid itself (float32 view of the complex grid): ``corner[start + k]`` is
         sample k's lower corner (complex element), ``row`` and ``plane`` (int64) the complex
         strides of y and z."""
         signature = _numba_types.void(grid, row, plane, corner, offset_x, offset_y, offset_z, sign_real, sign_imag,
                                       model_real, model_imag, _numba_types.intp)
 
-        def load_neighbours(builder, source, voxel, args):
+        def load_neighbours(builder: _llvm_ir.IRBuilder, source: _llvm_ir.Value, voxel: _llvm_ir.Value,
+                            args: Sequence[_llvm_ir.Value]) -> _llvm_ir.Value:
             row, plane = args[1], args[2]
 
-            def pair(offset):  # the x and x + 1 corners: 4 floats
+            def pair(offset: _llvm_ir.Value) -> _llvm_ir.Value:  # the x and x + 1 corners: 4 floats
                 pointer = builder.gep(source, [builder.mul(offset, _llvm_ir.Constant(_INT64, 2))])
                 return builder.load(builder.bitcast(pointer, _VECTOR4.as_pointer()), align=4)
 
@@ -183,13 +207,16 @@ if AVAILABLE:
             upper_rows = builder.shuffle_vector(pair(upper), pair(builder.add(upper, row)), _mask(range(8)))
             return builder.shuffle_vector(lower_rows, upper_rows, _mask(range(16)))
 
-        def codegen(context, builder, sig, args):
+        def codegen(context: _TargetContext, builder: _llvm_ir.IRBuilder, sig: _Signature,
+                    args: Sequence[_llvm_ir.Value]) -> _llvm_ir.Value:
             return _interpolate_block(context, builder, sig, args, load_neighbours)
 
         return signature, codegen
 
+    # The compiled functions below take no annotations: numba types their arguments itself, and
+    # their bodies by its own rules (pyproject.toml leaves them out of mypy's checks).
     @numba.njit(inline="always", cache=True)
-    def friedel_fold(x, y, z):  # pragma: no cover - compiled
+    def friedel_fold(x, y, z):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         # A 3D frequency moved to the stored x >= 0 half of a Hermitian transform, with the
         # sign its value's imaginary part takes there (-1 when it was mirrored).
         if x < 0:
@@ -197,7 +224,7 @@ if AVAILABLE:
         return x, y, z, 1.0
 
     @numba.njit(inline="always", cache=True)
-    def _phase_powers(origin, box, real, imag, count):  # pragma: no cover - compiled
+    def _phase_powers(origin, box, real, imag, count):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         # real[k] + i imag[k] = exp(-2 pi i k (origin - box // 2) / box) for k < count: powers
         # of one step by recurrence in float64 (error ~1e-14 after box steps)
         step = -2.0 * math.pi / box * (origin - box // 2)
@@ -210,8 +237,8 @@ if AVAILABLE:
                                       power_real * step_imag + power_imag * step_real)
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def fourier_scores_kernel(grid, corners, shape_y, shape_x, half, pad_factor, spectra, width,
-                              block_row, block_column, block_ky, u2_cycles, cos2_sample, sin2_sample,
+    def fourier_scores_kernel(grid, corners, shape_y, shape_x, half, pad_factor,  # type: ignore[no-untyped-def]
+                              spectra, width, block_row, block_column, block_ky, u2_cycles, cos2_sample, sin2_sample,
                               sample_weight, rotations, scale, origin_x, origin_y,
                               defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
                               envelope, ctf_scale, highpass2_cycles, box, out):  # pragma: no cover - compiled
@@ -367,7 +394,7 @@ if AVAILABLE:
             out[i] = total / (box * box)
 
     @numba.njit(parallel=True, cache=True)
-    def corner_layout_kernel(grid, out):  # pragma: no cover - compiled
+    def corner_layout_kernel(grid, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         # out[z, y, x] = the 8 trilinear neighbours of grid voxel (z, y, x), ordered
         # (dz, dy, dx) = 000, 001, 010, 011, 100, ...: 64 bytes, one cache line when
         # ``out`` is 64-byte aligned.

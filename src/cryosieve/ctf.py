@@ -171,8 +171,8 @@ if _NUMBA:
     from cryosieve._fastmath import fast_exp_neg, fast_sin
 
     @numba.njit(inline="always", cache=True)
-    def ctf_value(u2, cos2, sin2, defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
-                  envelope, scale):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    def ctf_value(u2, cos2, sin2, defocus_average, deviation_cos, deviation_sin,  # type: ignore[no-untyped-def]
+                  k1, k2, phase_constant, envelope, scale):  # pragma: no cover - compiled
         """The CTF at one sample for the numba kernels: ``u2`` = |k|^2 (cycles per box squared),
         ``cos2``, ``sin2`` of twice the sample's angle, the other arguments one particle's terms
         from :meth:`CtfParameters.in_cycles_per_box`. The sine and exponential are the

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.processes import start, stop
 from cryosieve.particles import ParticleSet
+from cryosieve.processes import start, stop
 
 #: How long a worker waits for the others to join before it gives up (seconds).
 RENDEZVOUS_TIMEOUT = 120.0
@@ -120,33 +120,30 @@ def score_in_processes(table: ParticleSet, directory: Any, references: Sequence[
                         protocol=pickle.HIGHEST_PROTOCOL)
         port = _free_port()
         processes: list[subprocess.Popen[bytes]] = []
-        logs = []
-        try:
-            for rank in range(world_size):
-                log_file = open(folder / f"rank{rank}.log", "wb")
-                logs.append(log_file)
-                with _signals_deferred():
-                    processes.append(start(
-                        [sys.executable, "-m", "cryosieve.distributed", str(rank), str(world_size), str(port),
-                         str(folder)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT))
-            while any(process.poll() is None for process in processes):
+        with contextlib.ExitStack() as logs:  # the logs are closed after every worker is stopped
+            try:
+                for rank in range(world_size):
+                    log_file = logs.enter_context(open(folder / f"rank{rank}.log", "wb"))
+                    with _signals_deferred():
+                        processes.append(start(
+                            [sys.executable, "-m", "cryosieve.distributed", str(rank), str(world_size), str(port),
+                             str(folder)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT))
+                while any(process.poll() is None for process in processes):
+                    failed = [rank for rank, process in enumerate(processes) if process.poll() not in (None, 0)]
+                    if failed:
+                        break
+                    time.sleep(POLL_INTERVAL)
                 failed = [rank for rank, process in enumerate(processes) if process.poll() not in (None, 0)]
                 if failed:
-                    break
-                time.sleep(POLL_INTERVAL)
-            failed = [rank for rank, process in enumerate(processes) if process.poll() not in (None, 0)]
-            if failed:
+                    _stop(processes)
+                    error = _worst_error(folder, world_size)
+                    if error is not None:
+                        raise error
+                    rank = failed[0]
+                    raise RuntimeError(f"scoring process {rank} ended with exit code {processes[rank].returncode} "
+                                       f"({_last_line(folder / f'rank{rank}.log')})")
+            finally:
                 _stop(processes)
-                error = _worst_error(folder, world_size)
-                if error is not None:
-                    raise error
-                rank = failed[0]
-                raise RuntimeError(f"scoring process {rank} ended with exit code {processes[rank].returncode} "
-                                   f"({_last_line(folder / f'rank{rank}.log')})")
-        finally:
-            _stop(processes)
-            for log_file in logs:
-                log_file.close()
         return np.load(folder / "scores.npy")
 
 

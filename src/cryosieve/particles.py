@@ -33,7 +33,9 @@ RELION_NAMES = {
 class SourceRecord(Protocol):
     """What a codec keeps of the file a set was read from, to write a subset back untouched."""
 
-    format: str
+    @property
+    def format(self) -> str:
+        """The format's name (``"star"``...)."""
 
     def subset(self, rows: np.ndarray) -> SourceRecord:
         """The record of these rows (integer indices, in this order)."""

@@ -30,6 +30,7 @@ The library never prints: it logs to the ``cryosieve`` logger (and, while runnin
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cryosieve.backends import HalfMapJob, PostProcessor, PostprocessJob, Reconstructor
+from cryosieve.backends import HalfMapJob, PostprocessJob, PostProcessor, Reconstructor
 from cryosieve.backends.builtin import BuiltinPostProcessor, BuiltinReconstructor
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
@@ -652,21 +653,22 @@ class _Run:
                 log.info("[ITER %d] %d particles (half-sets %d + %d); cut-off %.3f Å", iteration, len(particles),
                          int(np.sum(particles.random_subset == 1)), int(np.sum(particles.random_subset == 2)),
                          prepared.schedule[iteration])
-                current = particles
+                # each step runs at once; partial binds this round's particles and iteration
                 self.step(f"reconstruct {iteration}",
-                          lambda: _reconstruct(prepared, current, iteration, self.progress))
-                self.step(f"postprocess {iteration}", lambda: _postprocess(prepared, iteration))
+                          functools.partial(_reconstruct, prepared, particles, iteration, self.progress))
+                self.step(f"postprocess {iteration}", functools.partial(_postprocess, prepared, iteration))
                 outcome = state.outcomes[f"postprocess {iteration}"]
                 log.info("[ITER %d] resolution %s Å, B-factor %.1f Å^2", iteration,
                          "-" if outcome["resolution_angstrom"] is None else f"{outcome['resolution_angstrom']:.2f}",
                          outcome["bfactor"])
-                self.step(f"sieve {iteration}", lambda: _sieve(prepared, current, iteration, self.progress))
+                self.step(f"sieve {iteration}",
+                          functools.partial(_sieve, prepared, particles, iteration, self.progress))
                 rounds.append(_round_summary(prepared, iteration, particles, state))
                 particles = particles.subset(_kept(names, iteration, particles))
                 log.info("[ITER %d] kept %d particles (half-sets %d + %d)", iteration, len(particles),
                          int(np.sum(particles.random_subset == 1)), int(np.sum(particles.random_subset == 2)))
                 self.checkpoint()
-                write_report(names.prefix, rounds + [_round_summary(prepared, iteration + 1, particles, state)],
+                write_report(names.prefix, [*rounds, _round_summary(prepared, iteration + 1, particles, state)],
                              plots=settings.report)
             rounds.append(_round_summary(prepared, settings.num_iters, particles, state))
             report = write_report(names.prefix, rounds, plots=settings.report)

@@ -336,16 +336,13 @@ def low_pass_filter(transform: torch.Tensor, resolution: float, size: int, voxel
     The filter shell is ``round(n * voxel / resolution)``; the cosine edge runs from
     ``edge_width // 2`` shells below it to as many above (RELION's default width is 2).
     """
-    filter_shell = int(math.floor(size * voxel_size / resolution + 0.5))
+    filter_shell = math.floor(size * voxel_size / resolution + 0.5)
     half_width = edge_width // 2
     edge_low = max(0.0, (filter_shell - half_width) / size)
     edge_high = min(float(shell_count(size)), (filter_shell + half_width) / size)
     edge = edge_high - edge_low
     frequency = torch.sqrt(squared_radius(size, transform.device)) / size  # cycles per pixel
-    if edge > 0:
-        ramp = 0.5 + 0.5 * torch.cos(math.pi * (frequency - edge_low) / edge)
-    else:
-        ramp = torch.zeros_like(frequency)
+    ramp = 0.5 + 0.5 * torch.cos(math.pi * (frequency - edge_low) / edge) if edge > 0 else torch.zeros_like(frequency)
     factor = torch.where(frequency < edge_low, torch.ones_like(frequency),
                          torch.where(frequency > edge_high, torch.zeros_like(frequency), ramp))
     return transform * factor
@@ -433,7 +430,8 @@ def sharpen_map(average: np.ndarray | torch.Tensor, fsc: np.ndarray, voxel_size:
     elif auto_bfactor:
         if np.count_nonzero(in_fit) < 2:
             raise CryoSieveInputError(
-                f"{setting('autob_lowres')} {autob_lowres:g}: fewer than two FSC-weighted shells between {autob_lowres:g} Å "
+                f"{setting('autob_lowres')} {autob_lowres:g}: "
+                f"fewer than two FSC-weighted shells between {autob_lowres:g} Å "
                 f"and {'Nyquist' if autob_highres <= 0 else f'{autob_highres:g} Å'} to fit a B-factor to; "
                 "lower the resolution limit or give an ad-hoc B-factor")
         slope, intercept, correlation = fit_straight_line(inverse_squared[in_fit], weighted[in_fit])
@@ -489,7 +487,7 @@ def check_inputs(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_s
 
     if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
         raise CryoSieveInputError(f"{voxel_option}: the voxel size must be a positive number of Å, got {voxel_size}")
-    for array, name in zip((half1, half2, mask), names):
+    for array, name in zip((half1, half2, mask), names, strict=True):
         if array.ndim != 3 or len(set(array.shape)) != 1:
             raise CryoSieveInputError(f"{name}: expected a cubic 3D map, got shape {array.shape}")
         if array.shape[0] < 4:
@@ -511,9 +509,11 @@ def check_options(*, auto_bfactor: bool = True, adhoc_bfactor: float | None = No
     if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
         raise CryoSieveInputError(f"{setting('angpix')}: must be a positive pixel size in Å, got {angpix:g}")
     if not autob_lowres > 0:
-        raise CryoSieveInputError(f"{setting('autob_lowres')}: must be a positive resolution in Å, got {autob_lowres:g}")
+        raise CryoSieveInputError(
+            f"{setting('autob_lowres')}: must be a positive resolution in Å, got {autob_lowres:g}")
     if not 0 < randomize_threshold < 1:
-        raise CryoSieveInputError(f"{setting('randomize_threshold')}: must lie in (0, 1), got {randomize_threshold:g}")
+        raise CryoSieveInputError(
+            f"{setting('randomize_threshold')}: must lie in (0, 1), got {randomize_threshold:g}")
 
 
 def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLike[str],
@@ -533,7 +533,8 @@ def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLik
     if angpix is None:
         voxel = half1.voxel_size if half1.voxel_size is not None else half2.voxel_size
         if voxel is None:
-            raise CryoSieveInputError(f"{setting('angpix')}: {half1.path} holds no voxel size; give {setting('angpix')}")
+            raise CryoSieveInputError(
+                f"{setting('angpix')}: {half1.path} holds no voxel size; give {setting('angpix')}")
         option = f"{half1.path} voxel size"
     else:
         voxel = angpix
@@ -765,8 +766,9 @@ def postprocess_files(half1_path: str, half2_path: str, mask_path: str, root: st
 
     if not str(root).strip():
         raise CryoSieveInputError(f"{setting('root')}: empty output root")
+    checked = ("auto_bfactor", "adhoc_bfactor", "autob_lowres", "randomize_threshold")
     check_options(angpix=angpix, **{name: value for name, value in options.items()  # type: ignore[arg-type]
-                                    if name in ("auto_bfactor", "adhoc_bfactor", "autob_lowres", "randomize_threshold")})
+                                    if name in checked})
     if options.get("auto_bfactor", True):
         options["adhoc_bfactor"] = None  # the fitted one (a given 0 means none given)
     outputs = list(output_paths(root).values())

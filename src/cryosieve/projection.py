@@ -164,7 +164,7 @@ class FourierSliceProjector:
         half = self.padded_size // 2
         x0, y0, z0 = torch.floor(x), torch.floor(y), torch.floor(z)
         fx, fy, fz = x - x0, y - y0, z - z0
-        nz, ny, nx = self.shape
+        _, ny, nx = self.shape
         limit = half
         outside = (x0 >= limit) | (y0 + 1 > limit) | (z0 + 1 > limit) | (y0 < -limit) | (z0 < -limit)
         base = ((z0.long() + half) * ny + (y0.long() + half)) * nx + x0.long()

@@ -162,7 +162,7 @@ def published_realspace_projection(volume: torch.Tensor, rot: np.ndarray, tilt: 
     axis = torch.arange(size, device=device, dtype=torch.float64) - size // 2
     # Splat onto an image with a margin wide enough for every rotated voxel and its +1
     # neighbour, then crop: the same sums as dropping outside contributions, without masks.
-    margin = int(math.ceil(size * math.sqrt(3) / 2)) + 2
+    margin = math.ceil(size * math.sqrt(3) / 2) + 2
     wide = size + 2 * margin
     rows = published_projection_rows(published_quaternions(rot, tilt, psi))
     images = torch.empty((len(rows), size, size), dtype=torch.float64, device=device)

@@ -142,7 +142,7 @@ def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
     for index, (x, y, x_label, y_label) in enumerate(panels):
         axes = figure.add_subplot(2, 2, index + 1)
         axes.plot(x, y, marker="o")
-        for label, x_value, y_value in zip(iterations.astype(int), x, y):
+        for label, x_value, y_value in zip(iterations.astype(int), x, y, strict=True):
             if x_label == "particles":
                 axes.annotate(str(label), (x_value, y_value), textcoords="offset points", xytext=(4, 4),
                               fontsize="small")
@@ -161,17 +161,18 @@ def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
     sieved = [summary for summary in rounds if summary.scores is not None]
     count = max(len(sieved), 1)
     columns = min(count, 3)
-    rows = int(math.ceil(count / columns))
+    rows = math.ceil(count / columns)
     figure = _new_figure(4.0 * columns, 3.2 * rows)
     colours = {1: "tab:blue", 2: "tab:orange"}
     for index, summary in enumerate(sieved):
         axes = figure.add_subplot(rows, columns, index + 1)
         assert summary.scores is not None and summary.half_set is not None and summary.kept is not None
         finite = np.isfinite(summary.scores)
-        edges = np.histogram_bin_edges(summary.scores[finite], bins=50) if finite.any() else 10
+        edges: list[float] | int = (np.histogram_bin_edges(summary.scores[finite], bins=50).tolist()
+                                    if finite.any() else 10)
         for subset in sorted(set(summary.half_set.tolist())):
             members = (summary.half_set == subset) & finite
-            colour = colours.get(subset, None)
+            colour = colours.get(subset)
             axes.hist(summary.scores[members], bins=edges, histtype="step", color=colour, label=f"half {subset}")
             kept = members & summary.kept
             if kept.any() and not kept[members].all():

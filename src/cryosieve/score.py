@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from cryosieve import _kernels
@@ -29,6 +30,7 @@ from cryosieve.band import HighPass
 from cryosieve.ctf import CtfParameters
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import BatchImages
+from cryosieve.particles import ParticleSet
 from cryosieve.projection import FourierSliceProjector
 
 
@@ -60,8 +62,8 @@ class ParticleBatch:
                                          self.ctf_bfactor, self.ctf_scalefactor)
 
     @classmethod
-    def from_table(cls, table, rows: np.ndarray, highpass_angstrom: float,
-                   device: torch.device | str) -> "ParticleBatch":
+    def from_table(cls, table: ParticleSet, rows: np.ndarray, highpass_angstrom: float,
+                   device: torch.device | str) -> ParticleBatch:
         """Gather rows of a :class:`~cryosieve.particles.ParticleSet`.
 
         ``highpass_angstrom`` is the cut-off ``F`` (Å); each particle's cut-off in cycles
@@ -108,7 +110,7 @@ class BandSamples:
         self._blocks: SampleBlocks | None = None
 
     @property
-    def blocks(self) -> "SampleBlocks":
+    def blocks(self) -> SampleBlocks:
         """The same samples in the block layout of the CPU kernel (computed once)."""
         if self._blocks is None:
             self._blocks = SampleBlocks.from_band(self)
@@ -151,7 +153,7 @@ class SampleBlocks:
     width: int
 
     @classmethod
-    def from_band(cls, samples: BandSamples) -> "SampleBlocks":
+    def from_band(cls, samples: BandSamples) -> SampleBlocks:
         block = _kernels.BLOCK
         box = samples.box
         width = max(box // 2 + 1, block)
@@ -220,11 +222,10 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor | Batc
     scale = None
     if volume_pixel_size is not None:
         scale = volume_pixel_size / batch.pixel_size
-    on_demand = isinstance(images, BatchImages)
-    on_cpu = on_demand or images.device.type == "cpu"
+    on_cpu = isinstance(images, BatchImages) or images.device.type == "cpu"
     if engine == "numba" or (engine == "auto" and on_cpu and _kernels.AVAILABLE):
         return _fourier_scores_cpu(projector, images, batch, samples, scale)
-    if on_demand:
+    if isinstance(images, BatchImages):
         images = torch.from_numpy(images.slice(0, len(images)).copy()).to(projector.device)
     box = images.shape[-1]
     real_dtype = torch.float32
@@ -267,13 +268,12 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor |
     of :data:`CPU_CHUNK` images: a forward FFT, then the kernel while the spectra are in the
     caches. The kernel reads the projector's 8-corner layout where that fits in memory, else
     the grid itself."""
-    def array(values, dtype=np.float64) -> np.ndarray:
+    def array(values: torch.Tensor | np.ndarray, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
         if isinstance(values, torch.Tensor):
             values = values.detach().cpu().numpy()
         return np.ascontiguousarray(values, dtype=dtype)
 
-    on_demand = isinstance(images, BatchImages)
-    count, box = (len(images), images.box) if on_demand else (images.shape[0], images.shape[-1])
+    count, box = (len(images), images.box) if isinstance(images, BatchImages) else (images.shape[0], images.shape[-1])
     blocks = samples.blocks
     rot, tilt, psi = (array(angle) for angle in (batch.rot, batch.tilt, batch.psi))
     rotations = np.ascontiguousarray(euler_to_matrix(rot, tilt, psi))
@@ -287,13 +287,14 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor |
     grid = torch.view_as_real(projector.grid).reshape(-1).numpy()
     corners = projector.corner_layout()
     corners = np.zeros(0, dtype=np.float32) if corners is None else corners.view(np.float32)
-    if not on_demand:
+    if not isinstance(images, BatchImages):
         images = images.to(torch.float32)
     out = np.zeros(count, dtype=np.float64)
     width = box // 2 + 1
     for start in range(0, count, CPU_CHUNK):
         stop = min(start + CPU_CHUNK, count)
-        chunk_images = torch.from_numpy(images.slice(start, stop)) if on_demand else images[start:stop]
+        chunk_images = (torch.from_numpy(images.slice(start, stop)) if isinstance(images, BatchImages)
+                        else images[start:stop])
         spectra = torch.view_as_real(torch.fft.rfft2(chunk_images)).numpy().reshape(stop - start, box, 2 * width)
         if blocks.width > width:  # boxes narrower than a block: zero columns to read
             padded = np.zeros((stop - start, box, 2 * blocks.width), dtype=np.float32)
@@ -313,7 +314,7 @@ def _fourier_scores_cpu(projector: FourierSliceProjector, images: torch.Tensor |
 
 def retained_count(count: int, retention_ratio: float) -> int:
     """How many of ``count`` particles to keep: ``round(retention_ratio * count)`` (Python's round, as published)."""
-    return int(round(retention_ratio * count))
+    return round(retention_ratio * count)
 
 
 def select_lowest(scores: np.ndarray, groups: np.ndarray, retention_ratio: float, balance: bool = False

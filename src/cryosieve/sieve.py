@@ -21,15 +21,15 @@ from cryosieve import _kernels
 from cryosieve.band import HighPass
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.fsc import filter_by_shell, fourier_shell_correlation, fsc_weight
-from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
+from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches, stack_paths
 from cryosieve.io.star import output_paths, read_particles
+from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.projection import FourierSliceProjector
-from cryosieve.mask import check_mask
 from cryosieve.published import published_batch, published_scores
 from cryosieve.score import (
     ENGINES,
@@ -105,11 +105,13 @@ def check_settings(settings: SieveSettings) -> None:
     if not (0.0 < settings.retention_ratio <= 1.0):
         raise CryoSieveInputError(f"{setting('retention_ratio')} {settings.retention_ratio}: must be in (0, 1]")
     if not (settings.highpass_angstrom > 0) or not math.isfinite(settings.highpass_angstrom):
-        raise CryoSieveInputError(f"{setting('highpass_angstrom')} {settings.highpass_angstrom}: must be a positive number of Å")
+        raise CryoSieveInputError(
+            f"{setting('highpass_angstrom')} {settings.highpass_angstrom}: must be a positive number of Å")
     if settings.projector not in ("fourier", "realspace"):
         raise CryoSieveInputError(f"{setting('projector')} {settings.projector}: must be fourier or realspace")
     if settings.reference_weighting not in ("auto", "fsc", "none"):
-        raise CryoSieveInputError(f"{setting('reference_weighting')} {settings.reference_weighting}: must be auto, fsc or none")
+        raise CryoSieveInputError(
+            f"{setting('reference_weighting')} {settings.reference_weighting}: must be auto, fsc or none")
     if settings.batch_size < 1:
         raise CryoSieveInputError(f"{setting('batch_size')} {settings.batch_size}: must be at least 1")
     if settings.engine not in ENGINES:
@@ -129,17 +131,20 @@ def half_sets(table: ParticleSet, volume_count: int) -> np.ndarray:
     if table.random_subset is None:
         if volume_count != 1:
             raise CryoSieveInputError(
-                f"{table.path}: no rlnRandomSubset column, so give exactly one half map ({setting('volumes')}; got {volume_count})"
+                f"{table.path}: no rlnRandomSubset column, so give exactly one half map "
+                f"({setting('volumes')}; got {volume_count})"
             )
         return np.ones(len(table), dtype=np.int64)
     present = sorted(set(table.random_subset.tolist()))
     if present[-1] > volume_count:
         raise CryoSieveInputError(
-            f"{table.path}: rlnRandomSubset goes up to {present[-1]} but only {volume_count} half maps given ({setting('volumes')})"
+            f"{table.path}: rlnRandomSubset goes up to {present[-1]} "
+            f"but only {volume_count} half maps given ({setting('volumes')})"
         )
     if volume_count > present[-1]:
         raise CryoSieveInputError(
-            f"{volume_count} half maps given ({setting('volumes')}) but {table.path} has only {present[-1]} half-sets (rlnRandomSubset)"
+            f"{volume_count} half maps given ({setting('volumes')}) "
+            f"but {table.path} has only {present[-1]} half-sets (rlnRandomSubset)"
         )
     return table.random_subset.astype(np.int64)
 
@@ -175,11 +180,10 @@ def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting
     Returns ``(masked maps [z, y, x] float32 or float64, fsc (n//2+1,) or None, weighting used)``.
     """
     mask_data = mask.data if mask is not None else None
-    if mask is not None:
-        if mask.data.shape != volumes[0].data.shape:
-            raise CryoSieveInputError(
-                f"{mask.path}: mask shape {mask.data.shape} does not match the maps' {volumes[0].data.shape}"
-            )
+    if mask is not None and mask.data.shape != volumes[0].data.shape:
+        raise CryoSieveInputError(
+            f"{mask.path}: mask shape {mask.data.shape} does not match the maps' {volumes[0].data.shape}"
+        )
     dtype = np.float64 if projector == "realspace" else np.float32
     masked = [np.multiply(volume.data, mask_data, dtype=dtype) if mask_data is not None
               else volume.data.astype(dtype) for volume in volumes]
@@ -268,6 +272,7 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
             if settings.projector == "fourier":
                 batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
                 image_input = images if isinstance(images, BatchImages) else torch.from_numpy(images).to(device)
+                assert samples is not None  # made above for the Fourier scorer
                 values = fourier_scores(projector, image_input, batch, samples, volume_pixel_size, settings.engine)
             else:
                 batch = published_batch(table, batch_rows, settings.highpass_angstrom, device)

@@ -35,7 +35,7 @@ class BuiltinReconstructor:
             maps = reconstruct_subsets(job.particles, reader, subsets=(1, 2), symmetry=job.symmetry, apply_ctf=True,
                                        batch_size=self.batch_size, device=self.device, progress=update)
         with OutputGroup() as group:
-            for subset, output in zip((1, 2), job.outputs):
+            for subset, output in zip((1, 2), job.outputs, strict=True):
                 write_volume_to(group.path_for(output), maps[subset], job.pixel_size)
 
 

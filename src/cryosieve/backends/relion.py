@@ -108,23 +108,20 @@ def run_in_parallel(commands: Sequence[Sequence[str]], log_paths: Sequence[Path]
     import subprocess
 
     started: list[subprocess.Popen[bytes]] = []
-    handles = []
-    try:
-        for command, log_path in zip(commands, log_paths):
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            handle = open(log_path, "w")
-            handles.append(handle)
-            handle.write("$ " + shlex.join(command) + "\n")
-            handle.flush()
-            started.append(processes.start(command, stdout=handle, stderr=subprocess.STDOUT,
-                                           cwd=str(cwd) if cwd is not None else None))
-        for process in started:
-            process.wait()
-    finally:
-        processes.stop(started, STOP_GRACE)
-        for handle in handles:
-            handle.close()
-    for command, log_path, process in zip(commands, log_paths, started):
+    with contextlib.ExitStack() as handles:  # the logs are closed after every program is stopped
+        try:
+            for command, log_path in zip(commands, log_paths, strict=True):
+                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+                handle = handles.enter_context(open(log_path, "w"))
+                handle.write("$ " + shlex.join(command) + "\n")
+                handle.flush()
+                started.append(processes.start(command, stdout=handle, stderr=subprocess.STDOUT,
+                                               cwd=str(cwd) if cwd is not None else None))
+            for process in started:
+                process.wait()
+        finally:
+            processes.stop(started, STOP_GRACE)
+    for command, log_path, process in zip(commands, log_paths, started, strict=True):
         if process.returncode != 0:
             raise ExternalCommandError(shlex.join(command), str(log_path), process.returncode)
 
@@ -149,14 +146,14 @@ class RelionReconstructor:
     def reconstruct_half_maps(self, job: HalfMapJob, progress: ProgressFactory) -> None:
         temporaries = [temporary_name(Path(output)) for output in job.outputs]
         commands = [reconstruct_command(self.program, job.star, temporary, job.pixel_size, job.symmetry, subset)
-                    for subset, temporary in zip((1, 2), temporaries)]
+                    for subset, temporary in zip((1, 2), temporaries, strict=True)]
         cwd = (job.directory or Path.cwd()).absolute()
         try:
             run_in_parallel(commands, job.logs, cwd)
-            for command, temporary, log_path in zip(commands, temporaries, job.logs):
+            for command, temporary, log_path in zip(commands, temporaries, job.logs, strict=True):
                 if not temporary.is_file():
                     raise ExternalCommandError(shlex.join(command), str(log_path), 1)
-            for temporary, output in zip(temporaries, job.outputs):
+            for temporary, output in zip(temporaries, job.outputs, strict=True):
                 os.replace(temporary, output)
         finally:
             for temporary in temporaries:
@@ -259,7 +256,7 @@ def report_from_relion_star(star: str | os.PathLike[str], box: int, voxel_size: 
     summary: dict[str, object] = {
         "program": "relion_postprocess",
         "final_resolution_angstrom": resolution,
-        "final_resolution_shell": int(round(box * voxel_size / resolution)) if resolution else 0,
+        "final_resolution_shell": round(box * voxel_size / resolution) if resolution else 0,
         "bfactor": number("rlnBfactorUsedForSharpening") or 0.0,
         "bfactor_source": "auto",
         "bfactor_fit_lowres_angstrom": float(fitted.max()) if len(fitted) else None,
@@ -268,7 +265,7 @@ def report_from_relion_star(star: str | os.PathLike[str], box: int, voxel_size: 
         "guinier_fit_intercept": number("rlnFittedInterceptGuinierPlot"),
         "guinier_fit_correlation": number("rlnCorrelationFitGuinierPlot"),
         "randomise_from_angstrom": randomise,
-        "randomise_from_shell": int(round(box * voxel_size / randomise)) if randomise else 0,
+        "randomise_from_shell": round(box * voxel_size / randomise) if randomise else 0,
         "voxel_size_angstrom": float(voxel_size),
         "box": int(box),
     }

@@ -7,7 +7,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cryosieve.errors import CryoSieveInputError
 from cryosieve.cli._common import (
     add_device_argument,
     check_interrupt,
@@ -16,6 +15,7 @@ from cryosieve.cli._common import (
     run_command,
     setup_logging,
 )
+from cryosieve.errors import CryoSieveInputError
 
 log = logging.getLogger("cryosieve")
 

@@ -242,7 +242,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield group.folder_for(path)
 
 
-def write_atomic(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
+def write_atomic(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> None:
     """Call ``writer(temporary_path)`` and rename the result onto ``path``."""
     with atomic_path(path) as temporary:
         writer(temporary)

@@ -11,12 +11,13 @@ images at a time, with deterministic bytes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import mrcfile
@@ -25,7 +26,7 @@ import numpy as np
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency; numpy does the same, more slowly
-    numba = None
+    numba = None  # type: ignore[assignment]  # None marks numba as missing
 
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.mrc import MRC_LABEL, check_mrc_file, quiet_mrcfile, resolve_path, set_fixed_label
@@ -75,7 +76,8 @@ def _non_finite_images(images: np.ndarray) -> np.ndarray:
     return bad
 
 
-def _copy_image_bits(stack, indices, out, positions, bad):  # pragma: no cover - compiled below
+# Compiled by numba below, which types the arguments itself: no annotations.
+def _copy_image_bits(stack, indices, out, positions, bad):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled below
     # Copies the 32-bit pixels of stack[indices[k]] to out[positions[k]] and flags an
     # image whose exponent bits are all ones somewhere (NaN or infinity). Integer
     # operations only, so the loop vectorises and the check is exact.
@@ -104,7 +106,7 @@ if numba is not None:
 ADVICE_GAP = 2
 
 
-def _page_residency():
+def _page_residency() -> Callable[..., int] | None:
     """``mincore`` from the C library, or ``None`` where there is none."""
     try:
         import ctypes
@@ -280,9 +282,10 @@ class StackReader:
             if _cached(view, wanted[np.linspace(0, len(wanted) - 1, min(len(wanted), 32)).astype(np.int64)]):
                 continue  # a stack read before (the iterative pipeline's later rounds): nothing to ask for
             breaks = np.flatnonzero(np.diff(wanted) > 1 + ADVICE_GAP)
-            for first, last in zip(np.r_[wanted[0], wanted[breaks + 1]], np.r_[wanted[breaks], wanted[-1]]):
-                os.posix_fadvise(descriptor, offset + int(first) * image_bytes, (int(last) - int(first) + 1) * image_bytes,
-                                 os.POSIX_FADV_WILLNEED)
+            firsts, lasts = np.r_[wanted[0], wanted[breaks + 1]], np.r_[wanted[breaks], wanted[-1]]
+            for first, last in zip(firsts, lasts, strict=True):
+                os.posix_fadvise(descriptor, offset + int(first) * image_bytes,
+                                 (int(last) - int(first) + 1) * image_bytes, os.POSIX_FADV_WILLNEED)
 
     def __enter__(self) -> StackReader:
         return self
@@ -310,10 +313,11 @@ class StackWriter:
     Images are written with :meth:`write` and can be read back with :meth:`read`, for a
     later pass that changes them (e.g. adds noise); memory holds what the caller passes
     and 32 bytes of statistics per image. Write every image before :meth:`close` (an
-    unwritten one is counted as zero in the statistics). :meth:`close` sets the header statistics (``dmin``, ``dmax``, ``dmean``,
-    ``rms`` over every pixel of the stack) from per-image sums kept as images are written,
-    so the file depends only on the images, not on how they were batched: the same images
-    give the same bytes. Writes to ``path`` directly (callers handle atomicity).
+    unwritten one is counted as zero in the statistics). :meth:`close` sets the header
+    statistics (``dmin``, ``dmax``, ``dmean``, ``rms`` over every pixel of the stack)
+    from per-image sums kept as images are written, so the file depends only on the
+    images, not on how they were batched: the same images give the same bytes. Writes to
+    ``path`` directly (callers handle atomicity).
 
     Use as a context manager; on an exception the file is closed as it is.
 
@@ -459,10 +463,8 @@ def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray], on_demand:
 
     def advise() -> None:
         while (rows := requests.get()) is not None:
-            try:
+            with contextlib.suppress(Exception):  # only a hint: reading the batch reports any real problem
                 reader.advise(rows)
-            except Exception:  # only a hint: reading the batch reports any real problem
-                pass
 
     adviser = threading.Thread(target=advise, daemon=True)
     adviser.start()

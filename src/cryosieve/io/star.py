@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -175,13 +176,14 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
     return table
 
 
-def _read_common(path: str, block: str, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+def _read_common(path: str, block: str, frame: pd.DataFrame) -> dict[str, Any]:
     if len(frame) == 0:
         raise CryoSieveInputError(f"{path}: data_{block} holds no particles")
     if "rlnImageName" not in frame.columns:
         raise CryoSieveInputError(f"{path}: column rlnImageName missing in data_{block}")
     files, indices = parse_image_names(path, frame["rlnImageName"])
-    values: dict[str, np.ndarray] = {
+    # ParticleSet's keyword arguments: arrays, and None for an absent optional column
+    values: dict[str, Any] = {
         "image_name": frame["rlnImageName"].astype(str).to_numpy(dtype=object),
         "image_file": files,
         "image_index": indices,
@@ -282,7 +284,8 @@ def _origin_31(path: str, frame: pd.DataFrame, axis: str, pixel: np.ndarray) -> 
         if differs.size:
             row = int(differs[0])
             raise CryoSieveInputError(
-                f"{path}: {pixel_name} ({from_pixels[row]:g} px) and {angstrom_name} ({from_angstrom[row] * pixel[row]:g} Å "
+                f"{path}: {pixel_name} ({from_pixels[row]:g} px) and "
+                f"{angstrom_name} ({from_angstrom[row] * pixel[row]:g} Å "
                 f"= {from_angstrom[row]:g} px) disagree at row {row + 1} of data_particles; keep one of them")
     if from_angstrom is not None:
         return from_angstrom

@@ -184,8 +184,9 @@ def _reconstruct(table: ParticleSet, reader: StackReader, rows: np.ndarray, labe
 
         insertion = TensorInsertion(box, pad_factor, groups, apply_ctf, device)
     batches = [rows[start:start + batch_size] for start in range(0, rows.size, batch_size)]
-    label_of = dict(zip(rows.tolist(), labels.tolist()))
+    label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))
     for batch_rows, images in prefetch_batches(reader, batches):
+        assert isinstance(images, np.ndarray)  # whole batches (not read on demand)
         batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
         insertion.insert(images, batch_parameters(table, batch_rows), batch_labels)
         if progress is not None:
@@ -228,7 +229,8 @@ def reconstruct_star_file(star: str, out: str, *, angpix: float | None = None, s
             raise CryoSieveInputError(f"{star}: column rlnRandomSubset missing (needed by {setting('subset')})")
         rows = np.flatnonzero(table.random_subset == subset)
         if rows.size == 0:
-            raise CryoSieveInputError(f"{setting('subset')} {subset}: no particles with rlnRandomSubset {subset} in {star}")
+            raise CryoSieveInputError(
+                f"{setting('subset')} {subset}: no particles with rlnRandomSubset {subset} in {star}")
     remove_stale_temporaries_of([out])
     with StackReader(table, directory) as reader:
         box = reader.validate()

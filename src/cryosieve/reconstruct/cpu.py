@@ -23,6 +23,7 @@ start-up, a quarter of the whole run at box 128 with 5,000 particles).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -34,7 +35,7 @@ from cryosieve.reconstruct.samples import SliceSamples, batch_ctf, origin_phases
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency; the tensor engine works without it
-    numba = None
+    numba = None  # type: ignore[assignment]  # None marks numba as missing
 
 #: Whether this engine can run (numba is installed).
 AVAILABLE = numba is not None
@@ -51,10 +52,12 @@ if numba is not None:
     from cryosieve.ctf import ctf_value
     from cryosieve.reconstruct.grid import fold_and_locate
 
+    # The kernels take no annotations: numba types their arguments.
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _prepare_kernel(spectra, rows, columns, radius2, cos_sample2, sin_sample2, multiplicity, phase_y,
-                        phase_x, apply_ctf, defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
-                        envelope, scale, values):  # pragma: no cover - compiled
+    def _prepare_kernel(  # type: ignore[no-untyped-def]
+            spectra, rows, columns, radius2, cos_sample2, sin_sample2, multiplicity, phase_y,
+            phase_x, apply_ctf, defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
+            envelope, scale, values):  # pragma: no cover - compiled
         # values[i, j] = (C S, C^2) of sample j of particle i (the CTF of cryosieve.ctf, its
         # terms per particle for frequencies in cycles per box), with the sample's direction
         # terms cos/sin(2 angle) shared by all particles.
@@ -77,8 +80,9 @@ if numba is not None:
                     values[i, j, 2] = m
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _locate_kernel(half, size_y, size_x, rotations, frequency_y, frequency_x, values, sharers, base,
-                       record, plane_owner):  # pragma: no cover - compiled
+    def _locate_kernel(  # type: ignore[no-untyped-def]
+            half, size_y, size_x, rotations, frequency_y, frequency_x, values, sharers, base,
+            record, plane_owner):  # pragma: no cover - compiled
         # Where each sample lands (fold_and_locate): flat index of its lower trilinear
         # corner in a (size_z, size_y, size_x) grid, its fractional offsets, its value
         # (conjugated when the sample is stored as its Friedel mate, x < 0), and which of
@@ -109,8 +113,9 @@ if numba is not None:
                 record[i, j, 5] = fz
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _scatter_kernel(grids, base, record, plane_owner, particle_lists, tasks,
-                        distance):  # pragma: no cover - compiled
+    def _scatter_kernel(  # type: ignore[no-untyped-def]
+            grids, base, record, plane_owner, particle_lists, tasks,
+            distance):  # pragma: no cover - compiled
         # Task t = (grid g, owner r, sharers k) scatters the particles particle_lists[g]
         # (-1 ends a list) into grids[g], writing only the z planes with z % k == r: the
         # threads of a grid never write to the same plane, so there are no races. The grid
@@ -325,7 +330,8 @@ class GridAccumulators:
 
     def release(self) -> None:
         """Drop the grids and work space."""
-        self.grids = self.values = self.base = self.record = self.plane_owner = np.empty(0)
+        empty: Any = np.empty(0)
+        self.grids = self.values = self.base = self.record = self.plane_owner = empty
 
 
 class NumbaInsertion:

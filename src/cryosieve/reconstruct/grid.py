@@ -64,7 +64,7 @@ from cryosieve.errors import CryoSieveInputError
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency; keep the torch engine usable
-    numba = None
+    numba = None  # type: ignore[assignment]  # None marks numba as missing
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -84,10 +84,6 @@ def grid_shape(box: int, pad_factor: int) -> tuple[int, int, int, int]:
     """``(P + 1, P + 1, P // 2 + 2, 3)`` with ``P = pad_factor * box``: the shape of a grid."""
     padded = pad_factor * box
     return padded + 1, padded + 1, padded // 2 + 2, 3
-
-
-def _is_numpy(grid: Grid) -> bool:
-    return isinstance(grid, np.ndarray)
 
 
 def fft_workers() -> int:
@@ -152,8 +148,8 @@ def enforce_hermitian(grid: Grid) -> None:
     become the sum of the two (conjugated for the imaginary part), which is what a full
     (both halves) Hermitian insertion would have accumulated there.
     """
-    plane = grid[:, :, 0, :]
-    mirror = plane[::-1, ::-1].copy() if _is_numpy(grid) else plane.flip((0, 1))
+    plane: Any = grid[:, :, 0, :]  # an array or a tensor: the same operators below
+    mirror = plane[::-1, ::-1].copy() if isinstance(grid, np.ndarray) else plane.flip((0, 1))
     plane[..., 0] += mirror[..., 0]
     plane[..., 1] -= mirror[..., 1]
     plane[..., 2] += mirror[..., 2]
@@ -171,7 +167,7 @@ def symmetrise_grid(grid: Grid, rotations: Any) -> Grid:
     point-group matrices acting on ``(x, y, z)`` (array or tensor). Returns a new grid of the
     same kind, zero outside the sphere (RELION's ``BackProjector::applyPointGroupSymmetry``).
     """
-    if _is_numpy(grid):
+    if isinstance(grid, np.ndarray):
         out = np.zeros_like(grid)
         _symmetrise_kernel(np.ascontiguousarray(grid), out, (grid.shape[0] - 1) // 2,
                            np.ascontiguousarray(rotations, dtype=np.float64))
@@ -181,8 +177,9 @@ def symmetrise_grid(grid: Grid, rotations: Any) -> Grid:
 
 if numba is not None:
 
+    # The kernels take no annotations: numba types their arguments.
     @numba.njit(parallel=True, cache=True)
-    def _symmetrise_kernel(source, target, half, rotations):  # pragma: no cover - compiled
+    def _symmetrise_kernel(source, target, half, rotations):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         size_z = target.shape[0]
         size_y = target.shape[1]
         size_x = target.shape[2]
@@ -328,7 +325,7 @@ class _NumbaGrid:
 if numba is not None:
 
     @numba.njit(parallel=True, cache=True)
-    def _sphere_weight_kernel(grid, half):  # pragma: no cover - compiled
+    def _sphere_weight_kernel(grid, half):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         # Sum of the weights over |K| < h, and the number of voxels there.
         limit = half * half
         total = 0.0
@@ -344,7 +341,7 @@ if numba is not None:
         return total, voxels
 
     @numba.njit(parallel=True, cache=True)
-    def _divide_kernel(grid, half, regularisation, x_start, spectrum):  # pragma: no cover - compiled
+    def _divide_kernel(grid, half, regularisation, x_start, spectrum):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         # spectrum[Kz mod P, Ky mod P, Kx - x_start] = (-1)^(Kx+Ky+Kz) D(K) / (W(K) + lambda)
         # inside |K| < h, else 0.
         padded = 2 * half
@@ -367,7 +364,7 @@ if numba is not None:
                     spectrum[oz, oy, c] = complex(grid[iz, iy, ix, 0] * factor, grid[iz, iy, ix, 1] * factor)
 
     @numba.njit(parallel=True, cache=True)
-    def _finish_kernel(volume, radius, width, padded):  # pragma: no cover - compiled
+    def _finish_kernel(volume, radius, width, padded):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         # In place: RELION's softMaskOutsideMap (outside ``radius`` blend to the raised-cosine
         # weighted mean over the outside) then division by sinc^2(r / padded).
         size = volume.shape[0]
@@ -507,7 +504,7 @@ def grid_to_map(grid: Grid, size: int, pad_factor: int, relative_regularisation:
     """
     if relative_regularisation is None:
         relative_regularisation = RELATIVE_REGULARISATION
-    operations: _GridOperations = _NumbaGrid if _is_numpy(grid) else _TorchGrid  # type: ignore[assignment]
+    operations: _GridOperations = _NumbaGrid if isinstance(grid, np.ndarray) else _TorchGrid
     padded = grid.shape[0] - 1
     half = padded // 2
     if padded != pad_factor * size:
@@ -534,7 +531,7 @@ def finish_grid(grid: Grid, size: int, pad_factor: int, symmetry_rotations: np.n
     if symmetry_rotations.shape[0] > 1:
         grid = symmetrise_grid(grid, symmetry_rotations)
     volume = grid_to_map(grid, size, pad_factor)
-    if _is_numpy(volume):
+    if isinstance(volume, np.ndarray):
         return volume.astype(np.float32)
     import torch
 

@@ -88,7 +88,8 @@ def check_inputs(output_folder: str | os.PathLike[str], settings: SimulationSett
     if not str(output_folder).strip():
         raise CryoSieveInputError(f"{setting('output_folder')}: empty output path")
     _check_output_folder(target, overwrite)
-    check_outputs([], [InputFile(Path(model), setting("model")), InputFile(Path(junk_model), setting("junk_model"))], [target])
+    check_outputs([], [InputFile(Path(model), setting("model")), InputFile(Path(junk_model), setting("junk_model"))],
+                  [target])
     return model, junk_model
 
 
@@ -99,7 +100,7 @@ def _batches(count: int, batch_size: int) -> list[np.ndarray]:
 
 def _render_stack(writer: StackWriter, parameters: ParticleParameters, settings: SimulationSettings,
                   projectors: dict[bool, FourierSliceProjector], formation: ImageFormation,
-                  progress: Callable[[int], object] | None) -> float:
+                  progress: Callable[[int], None] | None) -> float:
     """Write every noiseless image, one batch at a time; returns the signal variance.
 
     ``projectors``: by junk flag (``False``: the main model). Memory: one batch of images.
@@ -134,7 +135,7 @@ def _add_stack_noise(writer: StackWriter, settings: SimulationSettings, sigma: f
 def simulate_particles(output_folder: str | os.PathLike[str], settings: SimulationSettings, *,
                        model: str | None = None, junk_model: str | None = None,
                        device: torch.device | str = "cpu", overwrite: bool = False,
-                       progress: Callable[[int], object] | None = None) -> SimulationResult:
+                       progress: Callable[[int], None] | None = None) -> SimulationResult:
     """Simulate a known-truth particle data set into ``output_folder``.
 
     Writes, all together or not at all (a temporary folder beside the target is renamed
@@ -210,7 +211,7 @@ def simulate_particles(output_folder: str | os.PathLike[str], settings: Simulati
 
 
 def reconstruct_half_maps(folder: Path, device: torch.device | str = "cpu",
-                          progress: Callable[[int], object] | None = None) -> dict[int, np.ndarray]:
+                          progress: Callable[[int], None] | None = None) -> dict[int, np.ndarray]:
     """Reconstruct the two half maps of a simulated data set from its own particles.
 
     ``cryosieve.reconstruct.reconstruct_subsets`` (CTF-corrected direct Fourier

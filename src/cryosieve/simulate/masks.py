@@ -76,7 +76,7 @@ def soft_mask(volume: np.ndarray, voxel_size: float, threshold: float | None = N
         raise CryoSieveInputError(f"mask: no voxel of the low-passed map reaches the threshold {level:g}")
     extend = extend_angstrom / voxel_size
     edge = soft_edge_angstrom / voxel_size
-    reach = int(math.ceil(extend + edge)) + 1
+    reach = math.ceil(extend + edge) + 1
     distance = _distance_outside(inside, reach)
     if edge > 0:
         ramp = torch.clamp((distance - extend) / edge, 0.0, 1.0)

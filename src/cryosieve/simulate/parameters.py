@@ -84,7 +84,8 @@ class SimulationSettings:
         if self.num_particles < 1:
             raise bad("num_particles", self.num_particles, "must be at least 1")
         if self.half_maps and self.num_particles < 2:
-            raise bad("num_particles", self.num_particles, f"half maps need at least 2 particles (or {setting('half_maps')})")
+            raise bad("num_particles", self.num_particles,
+                      f"half maps need at least 2 particles (or {setting('half_maps')})")
         if self.box < 16 or self.box % 2:
             raise bad("box", self.box, "must be even and at least 16")
         if not (self.pixel_size > 0 and math.isfinite(self.pixel_size)):
@@ -115,7 +116,7 @@ class SimulationSettings:
     @property
     def junk_count(self) -> int:
         """How many particles are junk: ``round(junk_fraction * num_particles)``."""
-        return int(round(self.junk_fraction * self.num_particles))
+        return round(self.junk_fraction * self.num_particles)
 
 
 @dataclass
