@@ -171,11 +171,11 @@ def test_corner_layout_and_grid_reads_give_the_same_scores(monkeypatch) -> None:
 
 
 def test_viewing_direction_order_is_a_permutation_and_leaves_scores_unchanged(known_truth, monkeypatch):
-    from cryosieve import sieve as sieve_module
+    from cryosieve import scoring as scoring_module
 
     rng = np.random.default_rng(9)
     rot, tilt, _ = uniform_random_euler(1000, rng)
-    order = sieve_module.viewing_direction_order(rot, tilt, chunk=300)
+    order = scoring_module.viewing_direction_order(rot, tilt, chunk=300)
     assert sorted(order.tolist()) == list(range(1000))
     assert all(set(order[start:start + 300]) == set(range(start, min(start + 300, 1000)))
                for start in range(0, 1000, 300))
@@ -190,7 +190,7 @@ def test_viewing_direction_order_is_a_permutation_and_leaves_scores_unchanged(kn
     paths = [str(known_truth.half1), str(known_truth.half2)]
     reader, volumes, mask, half_set = load_inputs(table, known_truth.folder, paths, str(known_truth.mask), settings)
     ordered = sieve(table, reader, volumes, mask, half_set, settings).scores
-    monkeypatch.setattr(sieve_module, "viewing_direction_order", lambda rot, tilt: np.arange(len(rot)))
+    monkeypatch.setattr(scoring_module, "viewing_direction_order", lambda rot, tilt: np.arange(len(rot)))
     unordered = sieve(table, reader, volumes, mask, half_set, settings).scores
     assert np.array_equal(ordered, unordered)
 

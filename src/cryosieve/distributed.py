@@ -7,7 +7,7 @@ workers since the gathered tensor lives in host memory).
 The workers are separate programs (``python -m cryosieve.distributed``) that the parent
 process watches the whole time:
 
-* the job (table, maps, settings) is written to a file before any worker starts, so no
+* the job (table, maps, scoring options) is written to a file before any worker starts, so no
   worker ever reads half of it;
 * each worker runs in a process group of its own, so Ctrl-C in a terminal reaches only the
   parent, which then stops every worker (SIGTERM, then SIGKILL after
@@ -29,18 +29,17 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.particles import ParticleSet
-from cryosieve.processes import start, stop
+from cryosieve.processes import start, stop, stop_signals_deferred
+from cryosieve.scoring import ScoringOptions
 
 #: How long a worker waits for the others to join before it gives up (seconds).
 RENDEZVOUS_TIMEOUT = 120.0
@@ -54,28 +53,6 @@ def _free_port() -> int:
     with socket.socket() as handle:
         handle.bind(("127.0.0.1", 0))
         return int(handle.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while a worker is being started (a process half made
-    would escape the clean-up), then deliver them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def record(number: int, _frame: FrameType | None) -> None:
-        received.append(number)
-
-    previous = {number: signal.signal(number, record) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        if received:
-            signal.raise_signal(received[0])
 
 
 def _stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
@@ -106,17 +83,19 @@ def _last_line(path: Path) -> str:
 
 
 def score_in_processes(table: ParticleSet, directory: Any, references: Sequence[np.ndarray], half_set: np.ndarray,
-                       settings: Any, voxel: float | None, fsc: np.ndarray | None) -> np.ndarray:
-    """Scores of every particle computed by ``settings.num_processes`` worker processes.
+                       options: ScoringOptions, processes_count: int, voxel: float | None,
+                       fsc: np.ndarray | None) -> np.ndarray:
+    """Scores of every particle computed by ``processes_count`` worker processes with ``options``
+    (:func:`cryosieve.scoring.score_rows` on disjoint shards).
 
     Returns ``(n,)`` float64, equal bit for bit to one process's scores. A worker's
     exception is raised again here; any failure or interrupt stops every worker.
     """
-    world_size = int(settings.num_processes)
+    world_size = int(processes_count)
     with tempfile.TemporaryDirectory(prefix="cryosieve-scoring-") as name:
         folder = Path(name)
         with open(folder / "job.pkl", "wb") as handle:
-            pickle.dump((table, directory, list(references), half_set, settings, voxel, fsc), handle,
+            pickle.dump((table, directory, list(references), half_set, options, voxel, fsc), handle,
                         protocol=pickle.HIGHEST_PROTOCOL)
         port = _free_port()
         processes: list[subprocess.Popen[bytes]] = []
@@ -124,7 +103,7 @@ def score_in_processes(table: ParticleSet, directory: Any, references: Sequence[
             try:
                 for rank in range(world_size):
                     log_file = logs.enter_context(open(folder / f"rank{rank}.log", "wb"))
-                    with _signals_deferred():
+                    with stop_signals_deferred():
                         processes.append(start(
                             [sys.executable, "-m", "cryosieve.distributed", str(rank), str(world_size), str(port),
                              str(folder)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT))
@@ -154,22 +133,22 @@ def _score_shard(rank: int, world_size: int, port: int, folder: Path) -> None:
     import torch.distributed as dist
 
     from cryosieve.io.stack import StackReader
-    from cryosieve.sieve import score_rows
+    from cryosieve.scoring import score_rows
 
     with open(folder / "job.pkl", "rb") as handle:
-        table, directory, references, half_set, settings, voxel, fsc = pickle.load(handle)
+        table, directory, references, half_set, options, voxel, fsc = pickle.load(handle)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT))
     try:
-        device = torch.device(settings.device)
+        device = torch.device(options.device)
         if device.type == "cuda":
             device = torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
             torch.cuda.set_device(device)
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        local = replace(settings, device=device, num_processes=1)
+        local = replace(options, device=device)
         with StackReader(table, directory) as reader:
             scores = score_rows(table, reader, references, half_set, local, rank=rank, world_size=world_size,
                                 volume_pixel_size=voxel, reference_fsc=fsc)

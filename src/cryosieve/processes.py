@@ -9,9 +9,14 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import Any
+
+#: The signals that stop a command: Ctrl-C and a polite kill (workload managers send SIGTERM).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -52,3 +57,29 @@ def stop(processes: Sequence[subprocess.Popen[bytes]], grace: float) -> None:
         if process.poll() is None:
             _signal_group(process, signal.SIGKILL)
         process.wait()
+
+
+@contextlib.contextmanager
+def handling_stop_signals(handler: Callable[[int, FrameType | None], Any]) -> Iterator[None]:
+    """Call ``handler(number, frame)`` for :data:`STOP_SIGNALS` while the block runs, then restore the
+    previous handlers. Python handles signals in the main thread only: elsewhere nothing changes."""
+    if os.name != "posix" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Hold :data:`STOP_SIGNALS` back while the block runs (e.g. while a child process is being
+    started: one half made would escape the clean-up), then deliver the first one received."""
+    received: list[int] = []
+    with handling_stop_signals(lambda number, _frame: received.append(number)):
+        yield
+    if received:
+        signal.raise_signal(received[0])

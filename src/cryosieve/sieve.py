@@ -20,24 +20,17 @@ import torch
 from cryosieve import _kernels
 from cryosieve.band import HighPass
 from cryosieve.errors import CryoSieveInputError, setting
-from cryosieve.fsc import filter_by_shell, fourier_shell_correlation, fsc_weight
+from cryosieve.fsc import fourier_shell_correlation, fsc_weight
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.paths import InputFile, check_outputs
-from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches, stack_paths
+from cryosieve.io.stack import StackReader, stack_paths
 from cryosieve.io.star import output_paths, read_particles
 from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.progress import ProgressFactory, no_progress
-from cryosieve.projection import FourierSliceProjector
-from cryosieve.published import published_batch, published_scores
-from cryosieve.score import (
-    ENGINES,
-    BandSamples,
-    ParticleBatch,
-    fourier_scores,
-    select_lowest,
-)
+from cryosieve.score import ENGINES, select_lowest
+from cryosieve.scoring import ScoringOptions, score_rows
 from cryosieve.tolerances import pixel_sizes_agree
 
 log = logging.getLogger("cryosieve")
@@ -82,6 +75,11 @@ class SieveSettings:
     num_processes: int = 1
     balance: bool = False
     engine: str = "auto"
+
+    def scoring(self) -> ScoringOptions:
+        """What the scoring loop needs of these settings."""
+        return ScoringOptions(highpass_angstrom=self.highpass_angstrom, projector=self.projector,
+                              batch_size=self.batch_size, device=self.device, engine=self.engine)
 
 
 @dataclass
@@ -200,91 +198,6 @@ def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting
     return masked, None, "none"
 
 
-#: Rows are put in viewing-direction order within chunks of this many particles (see below).
-DIRECTION_ORDER_CHUNK = 4096
-
-
-def viewing_direction_order(rot: np.ndarray, tilt: np.ndarray, chunk: int = DIRECTION_ORDER_CHUNK,
-                            bands: int = 24) -> np.ndarray:
-    """A permutation that puts particles of similar viewing direction next to each other.
-
-    A particle's central slice depends only on its viewing direction (``rot``, ``tilt``;
-    ``psi`` turns the image within the slice), so scoring neighbours in direction one
-    after another reuses the cached grid lines of the half map's transform (measured
-    1.3x at box 128 on 2 cores). Within each chunk of ``chunk`` consecutive particles,
-    the sphere of directions is cut into ``bands`` bands of equal area by ``cos(tilt)``,
-    walked back and forth in ``rot``. Chunks keep the stack reads mostly sequential.
-    Scores do not depend on the order; only the speed does.
-
-    ``rot``, ``tilt``: ``(n,)`` degrees. Returns ``(n,)`` int64 indices.
-    """
-    order = np.empty(len(rot), dtype=np.int64)
-    for start in range(0, len(rot), chunk):
-        stop = min(start + chunk, len(rot))
-        height = np.cos(np.radians(tilt[start:stop]))
-        band = np.minimum(((height + 1) / 2 * bands).astype(np.int64), bands - 1)
-        walk = np.where(band % 2 == 0, rot[start:stop], -rot[start:stop])
-        order[start:stop] = start + np.lexsort((walk, band))
-    return order
-
-
-def shard_batches(rows: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
-    """Batches of ``rows`` for one worker: batch ``j`` goes to worker ``j % world_size``.
-
-    Batch boundaries are the same whatever the number of workers, so every particle is
-    scored in the same batch (and to the same bits) by any split.
-    """
-    batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
-    return batches[rank::world_size]
-
-
-def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.ndarray],
-               half_set: np.ndarray, settings: SieveSettings, *, rank: int = 0, world_size: int = 1,
-               volume_pixel_size: float | None = None, reference_fsc: np.ndarray | None = None,
-               progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Score the particles of this worker's shard; other entries of the result stay zero.
-
-    Returns ``(n,)`` float64.
-    """
-    device = torch.device(settings.device)
-    scores = np.zeros(len(table), dtype=np.float64)
-    box = references[0].shape[-1]
-    weight = torch.from_numpy(fsc_weight(reference_fsc)) if reference_fsc is not None else None
-    lowest = HighPass(settings.highpass_angstrom).cycles_per_pixel(float(np.min(table.pixel_size)))
-    samples = BandSamples(box, lowest, device) if settings.projector == "fourier" else None
-    for subset_number in sorted(set(half_set.tolist())):
-        rows = np.flatnonzero(half_set == subset_number)
-        if settings.projector == "fourier":
-            rows = rows[viewing_direction_order(table.rot[rows], table.tilt[rows])]
-        reference = references[subset_number - 1]
-        if settings.projector == "fourier":
-            projector = FourierSliceProjector(torch.from_numpy(reference).to(device), spectrum_weight=weight)
-        else:
-            volume_tensor = torch.from_numpy(reference).to(device=device, dtype=torch.float64)
-            if weight is not None:
-                volume_tensor = filter_by_shell(volume_tensor, weight.to(device))
-        # On the CPU the scorer keeps every core busy: read each batch in turn, and for the
-        # Fourier scorer slice by slice as it transforms them (see prefetch_batches).
-        on_cpu = device.type == "cpu"
-        kernel = settings.projector == "fourier" and on_cpu and settings.engine != "torch" and _kernels.AVAILABLE
-        for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank, world_size),
-                                                   background=not on_cpu, on_demand=kernel):
-            if settings.projector == "fourier":
-                batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
-                image_input = images if isinstance(images, BatchImages) else torch.from_numpy(images).to(device)
-                assert samples is not None  # made above for the Fourier scorer
-                values = fourier_scores(projector, image_input, batch, samples, volume_pixel_size, settings.engine)
-            else:
-                batch = published_batch(table, batch_rows, settings.highpass_angstrom, device)
-                values = published_scores(volume_tensor, torch.from_numpy(images).to(device), batch)
-            scores[batch_rows] = values.cpu().numpy()
-            if progress is not None:
-                progress(len(batch_rows))
-        if settings.projector == "fourier":
-            del projector
-    return scores
-
-
 def load_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, volume_paths: Sequence[str],
                 mask_path: str | None, settings: SieveSettings, reader: StackReader | None = None
                 ) -> tuple[StackReader, list[Volume], Volume | None, np.ndarray]:
@@ -322,14 +235,16 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
     voxel = volumes[0].voxel_size
     if fsc is not None:
         _log_reference_fsc(fsc, references[0].shape[-1], voxel or float(np.min(table.pixel_size)))
+    options = settings.scoring()
     if settings.num_processes > 1:
         from cryosieve.distributed import score_in_processes
 
-        scores = score_in_processes(table, reader.directory, references, half_set, settings, voxel, fsc)
+        scores = score_in_processes(table, reader.directory, references, half_set, options,
+                                    settings.num_processes, voxel, fsc)
         if progress is not None:
             progress(len(table))
     else:
-        scores = score_rows(table, reader, references, half_set, settings, volume_pixel_size=voxel,
+        scores = score_rows(table, reader, references, half_set, options, volume_pixel_size=voxel,
                             reference_fsc=fsc, progress=progress)
     kept = select_lowest(scores, half_set, settings.retention_ratio, balance=settings.balance)
     return SieveResult(scores=scores, kept=kept, half_set=half_set, reference_fsc=fsc,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from cryosieve.errors import CryoSieveInputError, ExternalCommandError
+from cryosieve.processes import handling_stop_signals
 from cryosieve.progress import ProgressFactory
 
 if TYPE_CHECKING:
@@ -164,21 +165,8 @@ def _on_signal(number: int, _frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def _signal_handlers() -> Iterator[None]:
     _Signals.received = None
-    if sys.platform == "win32" or not _in_main_thread():
+    with handling_stop_signals(_on_signal):
         yield
-        return
-    previous = {number: signal.signal(number, _on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # --------------------------------------------------------------------------- errors
