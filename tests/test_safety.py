@@ -350,6 +350,9 @@ CASES: dict[str, Case] = {
                                     "complex-valued"),
     "postprocess_truncated_map": Case("cryosieve-postprocess",
                                       lambda d, w: (truncate(d.half2), postprocess_args(d, w))[1], 2, "truncated"),
+    "postprocess_both_bfactors": Case(
+        "cryosieve-postprocess", lambda d, w: postprocess_args(d, w, **o(**{"--adhoc_bfac": -100})), 2,
+        "--adhoc_bfac: give either --auto_bfac or --adhoc_bfac, not both"),
     "postprocess_o_in_proc": Case("cryosieve-postprocess",
                                   lambda d, w: postprocess_args(d, w, **o(**{"--o": "/proc/post"})), 2, "/proc"),
     # ---- cryosieve (the pipeline)
