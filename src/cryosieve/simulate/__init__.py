@@ -40,16 +40,17 @@ Truth and noise
     model's particles (all pixels of the whole box, pooled over those particles) divided
     by the noise variance.
 
-Modules: :mod:`~cryosieve.simulate.models` (maps of atomic models, bundled models),
-:mod:`~cryosieve.simulate.masks` (soft mask of a map), :mod:`~cryosieve.simulate.parameters`
+Modules: :mod:`~cryosieve.simulate.models` (maps of atomic models, bundled models; the mask is
+:func:`cryosieve.mask.soft_mask`),
+:mod:`~cryosieve.simulate.parameters`
 (settings and per-particle draws), :mod:`~cryosieve.simulate.images` (image formation and
 noise), :mod:`~cryosieve.simulate.tables` (what the STAR file and ``truth.csv`` hold) and
 :mod:`~cryosieve.simulate.dataset` (the whole data set, written through :mod:`cryosieve.io`).
 """
 
+from cryosieve.mask import soft_mask
 from cryosieve.simulate.dataset import SimulationResult, check_inputs, reconstruct_half_maps, simulate_particles
 from cryosieve.simulate.images import ImageFormation, SignalStatistics, add_noise, noise_sigma
-from cryosieve.simulate.masks import soft_mask
 from cryosieve.simulate.models import (
     DEFAULT_JUNK_MODEL,
     DEFAULT_MODEL,

@@ -23,9 +23,9 @@ from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import StackWriter
 from cryosieve.io.star import write_star_to
 from cryosieve.io.tables import write_csv_to
+from cryosieve.mask import soft_mask
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.simulate.images import ImageFormation, SignalStatistics, add_noise, noise_sigma
-from cryosieve.simulate.masks import soft_mask
 from cryosieve.simulate.models import DEFAULT_JUNK_MODEL, DEFAULT_MODEL, atomic_model_map, bundled_model
 from cryosieve.simulate.parameters import ParticleParameters, SimulationSettings, draw_parameters
 from cryosieve.simulate.tables import STACK_NAME, STAR_NAME, TRUTH_CSV_NAME, star_blocks, truth_table
