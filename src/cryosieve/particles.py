@@ -43,6 +43,9 @@ class SourceRecord(Protocol):
     def write_to(self, path: str | os.PathLike[str]) -> None:
         """Write the rows in this format to ``path`` directly (callers handle atomicity)."""
 
+    def with_random_subset(self, halves: np.ndarray) -> SourceRecord:
+        """The record with new half-sets ``(n,)`` int64 (1, 2) written back."""
+
 
 @dataclass
 class ParticleSet:
@@ -97,6 +100,11 @@ class ParticleSet:
             values[item.name] = value
         values["source"] = self.source.subset(rows)
         return ParticleSet(**values)
+
+    def with_halves(self, halves: np.ndarray) -> ParticleSet:
+        """The same particles in new half-sets ``halves`` ``(n,)`` int64 (1, 2), written back too."""
+        halves = np.asarray(halves, dtype=np.int64)
+        return replace(self, random_subset=halves, source=self.source.with_random_subset(halves))
 
     def with_values(self, **values: Any) -> ParticleSet:
         """The same particles with some values replaced (the source is not changed)."""

@@ -56,6 +56,11 @@ class StarSource:
     def write_to(self, path: str | os.PathLike[str]) -> None:
         write_star_to(path, self.blocks)
 
+    def with_random_subset(self, halves: np.ndarray) -> StarSource:
+        blocks = dict(self.blocks)
+        blocks[self.particles_block] = self.particles.assign(rlnRandomSubset=np.asarray(halves, dtype=np.int64))
+        return StarSource(version=self.version, blocks=blocks, particles_block=self.particles_block)
+
 
 def write_star_to(path: str | os.PathLike[str], blocks: dict[str, pd.DataFrame]) -> None:
     """Write :func:`star_text` of these blocks to ``path`` directly (callers handle atomicity)."""
