@@ -8,7 +8,10 @@ Each step is a small protocol, so that a new back-end touches nothing else:
 * :class:`PostProcessor`: resolution, B-factor and FSC of two half maps, as a
   :class:`~cryosieve.postprocess.PostprocessReport`, leaving the same report files whatever
   runs (:class:`~cryosieve.backends.builtin.BuiltinPostProcessor`,
-  :class:`~cryosieve.backends.relion.RelionPostProcessor`).
+  :class:`~cryosieve.backends.relion.RelionPostProcessor`);
+* :class:`Refiner`: resolution and B-factor of a particle set, with its poses re-estimated
+  (:class:`~cryosieve.backends.relion.RelionRefiner`) or as given
+  (:class:`~cryosieve.backends.builtin.FixedPoseRefiner`, an optimistic estimate).
 
 A back-end's :meth:`describe` is recorded with a run: resuming with another one is refused.
 """
@@ -79,4 +82,60 @@ class PostProcessor(Protocol):
         return what it measured."""
 
 
-__all__ = ["HalfMapJob", "PostProcessor", "PostprocessJob", "Reconstructor"]
+@dataclass(frozen=True)
+class RefinementJob:
+    """Refine the particles of ``particles_star`` in ``folder`` (made, and removed on failure, by the caller).
+
+    ``directory``: the folder image names are relative to (``None``: the current one); ``symmetry``:
+    canonical point group; ``pixel_size`` in Å; ``reference``: initial map, or ``None`` to make one
+    from the particles with their given poses; ``ini_high``: its low-pass, Å; ``mask``: for
+    post-processing, or ``None`` to make one around the refined map; ``particle_diameter``: Å
+    (``None``: 90 % of the box); ``local``: search only around the given poses; ``seed``: of the
+    back-end's random choices; ``log``: where an external program's output goes (outside
+    ``folder``, so that it outlives a failure).
+    """
+
+    particles_star: Path
+    folder: Path
+    directory: Path | None
+    symmetry: str
+    pixel_size: float
+    box: int
+    reference: Path | None
+    ini_high: float
+    mask: Path | None
+    particle_diameter: float | None
+    local: bool
+    seed: int
+    log: Path
+
+
+@dataclass(frozen=True)
+class RefinementResult:
+    """What a refinement measured: ``particles`` refined, ``resolution_angstrom`` at FSC 0.143 of the
+    phase-randomisation-corrected FSC (``None``: not reached), the post-processing ``bfactor`` (Å^2),
+    ``alignment_star``: the refined particles' STAR file, relative to the job's folder, and
+    ``fixed_pose``: the given poses were used as they are (an optimistic estimate)."""
+
+    particles: int
+    resolution_angstrom: float | None
+    bfactor: float
+    alignment_star: str
+    fixed_pose: bool
+
+
+class Refiner(Protocol):
+    """Measures a particle set, with its poses re-estimated or not."""
+
+    def describe(self) -> str:
+        """What refines (recorded with each job)."""
+
+    def plan(self, job: RefinementJob) -> list[str]:
+        """The steps or command lines :meth:`refine` would run (for a dry run)."""
+
+    def refine(self, job: RefinementJob, progress: ProgressFactory) -> RefinementResult:
+        """Refine, writing into ``job.folder``."""
+
+
+__all__ = ["HalfMapJob", "PostProcessor", "PostprocessJob", "Reconstructor", "RefinementJob", "RefinementResult",
+           "Refiner"]

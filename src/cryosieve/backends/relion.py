@@ -30,6 +30,7 @@ programs run in process groups of their own and are stopped with the run
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -38,15 +39,18 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cryosieve import processes
-from cryosieve.backends import HalfMapJob, PostprocessJob
-from cryosieve.backends.builtin import AUTOB_LOWRES
+from cryosieve.backends import HalfMapJob, PostprocessJob, RefinementJob, RefinementResult
+from cryosieve.backends.builtin import AUTOB_LOWRES, measure_half_maps, result_of
 from cryosieve.errors import CryoSieveInputError, ExternalCommandError, setting
 from cryosieve.io.atomic import OutputGroup, temporary_name
+from cryosieve.io.mrc import write_volume
+from cryosieve.io.stack import StackReader
 from cryosieve.postprocess import REPORT_FILES, PostprocessReport, output_paths, write_report_files
 from cryosieve.progress import ProgressFactory
 
@@ -190,6 +194,99 @@ class RelionPostProcessor:
             paths = output_paths(root)
             write_report_files(report, {key: Path(paths[key]) for key in REPORT_FILES}, job.pixel_size)
         return report
+
+
+#: Fewest MPI ranks of a gold-standard ``relion_refine_mpi`` (a leader and one follower per half-set).
+MIN_MPI_RANKS = 3
+
+
+def _ranks(program: Sequence[str]) -> int | None:
+    """The ``-n``/``-np`` of an ``mpirun``/``mpiexec``/``srun`` launcher at the head of ``program``,
+    ``None`` without a launcher."""
+    if not program or Path(program[0]).name not in ("mpirun", "mpiexec", "srun"):
+        return None
+    for flag, value in itertools.pairwise(program):
+        if flag in ("-n", "-np", "--np", "-N", "--ntasks") and value.isdigit():
+            return int(value)
+    return None
+
+
+@dataclass(frozen=True)
+class RelionRefiner:
+    """A gold-standard 3D auto-refinement with ``relion_refine_mpi`` (RELION 3.1's command line),
+    then the built-in post-processing of its unfiltered half maps.
+
+    ``program``: the launcher and program (``mpirun -n 3 relion_refine_mpi`` at least: one leader and
+    one follower per half-set); ``threads``: its ``--j``; ``device``: where the built-in steps
+    compute (a reference made from the particles, the post-processing).
+    """
+
+    program: tuple[str, ...]
+    threads: int = 1
+    device: Any = "cpu"
+
+    @classmethod
+    def from_command_line(cls, command_line: str, threads: int = 1, device: Any = "cpu") -> RelionRefiner:
+        """From the user's command line (``relion_refine``), e.g. ``"mpirun -n 3 relion_refine_mpi"``."""
+        words = split_command("relion_refine", command_line)
+        ranks = _ranks(words)
+        if ranks is None or ranks < MIN_MPI_RANKS:
+            raise CryoSieveInputError(
+                f"{setting('relion_refine')} {command_line!r}: a gold-standard refinement needs "
+                f"relion_refine_mpi under mpirun with at least {MIN_MPI_RANKS} ranks, e.g. "
+                f"\"mpirun -n {MIN_MPI_RANKS} relion_refine_mpi\"")
+        if threads < 1:
+            raise CryoSieveInputError(f"{setting('threads')} {threads}: must be at least 1")
+        return cls(tuple(words), threads, device)
+
+    def describe(self) -> str:
+        return f"{shlex.join(self.program)} --j {self.threads}"
+
+    def command(self, job: RefinementJob, reference: Path) -> list[str]:
+        """The ``relion_refine`` command line of ``job`` (absolute paths) from the map ``reference``."""
+        diameter = job.particle_diameter if job.particle_diameter is not None else 0.9 * job.box * job.pixel_size
+        words = [*self.program, "--o", str((job.folder / "run").absolute()), "--auto_refine", "--split_random_halves",
+                 "--i", str(job.particles_star.absolute()), "--ref", str(reference.absolute()),
+                 "--ini_high", f"{job.ini_high:g}", "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2",
+                 "--ctf", "--particle_diameter", f"{diameter:g}", "--flatten_solvent", "--zero_mask",
+                 "--oversampling", "1", "--offset_step", "1" if job.local else "2", "--sym", job.symmetry,
+                 "--low_resol_join_halves", "40", "--norm", "--scale", "--j", str(self.threads),
+                 "--random_seed", str(job.seed)]
+        if job.local:  # local searches around the given poses from the start
+            words += ["--healpix_order", "4", "--auto_local_healpix_order", "4", "--sigma_ang", "2",
+                      "--offset_range", "3"]
+        else:
+            words += ["--healpix_order", "2", "--auto_local_healpix_order", "4", "--offset_range", "5"]
+        return words
+
+    def plan(self, job: RefinementJob) -> list[str]:
+        reference = job.reference if job.reference is not None else job.folder / "reference.mrc"
+        steps = [] if job.reference is not None else [
+            f"built-in reconstruction of {job.particles_star} with its given poses -> {reference}"]
+        return [*steps, shlex.join(self.command(job, reference)),
+                "built-in post-processing of run_half1_class001_unfil.mrc and run_half2_class001_unfil.mrc"]
+
+    def refine(self, job: RefinementJob, progress: ProgressFactory) -> RefinementResult:
+        from cryosieve.io.star import read_particles
+
+        reference = job.reference
+        if reference is None:
+            from cryosieve.reconstruct import reconstruct
+
+            particles = read_particles(job.particles_star)
+            reference = job.folder / "reference.mrc"
+            with StackReader(particles, job.directory) as reader, progress("reference", len(particles)) as update:
+                volume = reconstruct(particles, reader, symmetry=job.symmetry, apply_ctf=True, device=self.device,
+                                     progress=update)
+            write_volume(reference, volume, job.pixel_size)
+        run_in_parallel([self.command(job, reference)], [job.log], (job.directory or Path.cwd()).absolute())
+        half_maps = (job.folder / "run_half1_class001_unfil.mrc", job.folder / "run_half2_class001_unfil.mrc")
+        data_star = job.folder / "run_data.star"
+        for path in (*half_maps, data_star):
+            if not path.is_file():
+                raise ExternalCommandError(shlex.join(self.program), str(job.log), 1)
+        report = measure_half_maps(half_maps, job, self.device, around=job.folder / "run_class001.mrc")
+        return result_of(report, len(read_particles(data_star)), data_star.name, fixed_pose=False)
 
 
 def report_from_relion_star(star: str | os.PathLike[str], box: int, voxel_size: float,
