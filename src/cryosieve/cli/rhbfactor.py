@@ -1,0 +1,47 @@
+"""``cryosieve-rhbfactor``: the Rosenthal-Henderson B-factor of particle sets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cryosieve.cli._common import progress_factory, run_command, setup_logging
+from cryosieve.cli.refine import FLAGS, add_refine_arguments, settings_and_refiner
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryosieve-rhbfactor",
+        description="Refine each particle set and nested random halves of it (--halves times), and fit the "
+                    "Rosenthal-Henderson B-factor to resolution against particle count, as the original "
+                    "cryosieve-csrhbfactor does with CryoSPARC. Writes OUT.csv, OUT_raw.csv and OUT_rh.png.")
+    add_refine_arguments(parser)
+    parser.add_argument("--voltage", type=int, default=300,
+                        help="acceleration voltage (kV), 300 by default; only 200 and 300 are supported.")
+    parser.add_argument("--halves", type=int, default=4, help="number of halvings, 4 by default.")
+    return parser
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(not args.quiet)
+    settings, refiner = settings_and_refiner(args)
+
+    from cryosieve.refine import rhbfactor_files
+
+    outcome = rhbfactor_files(settings, refiner, voltage=args.voltage, halves=args.halves, dry_run=args.dry_run,
+                              progress=progress_factory(not args.quiet))
+    if args.dry_run:
+        print("\n".join(outcome.plan))
+    else:
+        print(f"cryosieve-rhbfactor: written to {args.o}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("cryosieve-rhbfactor", _main, argv, FLAGS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

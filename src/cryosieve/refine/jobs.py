@@ -1,0 +1,282 @@
+"""Refinement jobs: planned, run in parallel in worker processes, each in a folder of its own.
+
+Each job refines one particle set (an input, or a random subset of one for the
+Rosenthal-Henderson fit) with a :class:`~cryosieve.backends.Refiner`. A job runs in a worker
+process (``python -m cryosieve.refine.worker FOLDER``) in a temporary folder beside its final
+one, which is renamed when the job has written ``result.json``: a job folder is whole or
+absent. A folder whose ``job.json`` records the same job is not recomputed, so running a
+command again resumes it; one that records another job (other settings) is refused. Up to
+``workers`` jobs run at once; a failing job stops the others and names its log, which stays
+beside the job folders (``NAME.log``, and ``NAME.program.txt`` for an external program's
+output). The worker processes run in process groups of their own and die with the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryosieve import processes
+from cryosieve.backends import RefinementJob, RefinementResult, Refiner
+from cryosieve.errors import CryoSieveInputError, ExternalCommandError
+from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries, write_text_atomic
+from cryosieve.io.lock import exclusive_lock
+from cryosieve.io.star import read_particles
+from cryosieve.progress import ProgressFactory, no_progress
+
+#: How often the runner looks at its workers (seconds).
+POLL_INTERVAL = 0.1
+#: Seconds a stopped worker gets before SIGKILL.
+STOP_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One refinement to run.
+
+    ``name``: its folder's name; ``source``: the input STAR file (absolute); ``trial``: 0-based;
+    ``level``: halving level of a Rosenthal-Henderson subset (0: the whole input); ``rows``: the
+    input's rows it refines (``None``: all); ``halves``: new half-sets for those rows
+    (``--resplit``), or ``None`` to keep ``rlnRandomSubset``; ``seed``: the back-end's.
+    """
+
+    name: str
+    source: Path
+    trial: int
+    level: int
+    seed: int
+    rows: np.ndarray | None = None
+    halves: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What every job of a command shares (see :class:`~cryosieve.backends.RefinementJob`)."""
+
+    directory: Path | None
+    symmetry: str
+    reference: Path | None
+    ini_high: float
+    mask: Path | None
+    particle_diameter: float | None
+    local: bool
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _array_sha256(values: np.ndarray | None) -> str | None:
+    if values is None:
+        return None
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()
+
+
+def job_record(spec: JobSpec, settings: JobSettings, refiner: Refiner) -> dict[str, Any]:
+    """What ``job.json`` records of a job: a folder is reused only for the same record."""
+    def file(path: Path | None) -> dict[str, str] | None:
+        return None if path is None else {"path": str(path), "sha256": _sha256(path)}
+
+    return {
+        "input": file(spec.source), "trial": spec.trial, "level": spec.level, "seed": spec.seed,
+        "rows_sha256": _array_sha256(spec.rows), "halves_sha256": _array_sha256(spec.halves),
+        "refiner": refiner.describe(), "directory": str(settings.directory) if settings.directory else None,
+        "symmetry": settings.symmetry, "reference": file(settings.reference), "ini_high": settings.ini_high,
+        "mask": file(settings.mask), "particle_diameter": settings.particle_diameter, "local": settings.local,
+    }
+
+
+def _log(root: Path, spec: JobSpec) -> Path:
+    return root / f"{spec.name}.log"
+
+
+def _program_log(root: Path, spec: JobSpec) -> Path:
+    return root / f"{spec.name}.program.txt"
+
+
+def refinement_job(spec: JobSpec, settings: JobSettings, folder: Path, root: Path, box: int,
+                   pixel_size: float) -> RefinementJob:
+    """The back-end's job for ``spec`` in ``folder``."""
+    return RefinementJob(particles_star=folder / "particles.star", folder=folder, directory=settings.directory,
+                         symmetry=settings.symmetry, pixel_size=pixel_size, box=box, reference=settings.reference,
+                         ini_high=settings.ini_high, mask=settings.mask, particle_diameter=settings.particle_diameter,
+                         local=settings.local, seed=spec.seed, log=_program_log(root, spec))
+
+
+def plan(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root: Path) -> list[str]:
+    """What running the jobs would do, a line or more per job (nothing is run or written)."""
+    lines = []
+    for spec in specs:
+        particles = read_particles(spec.source)
+        count = len(particles) if spec.rows is None else len(spec.rows)
+        box = int(particles.image_size[0]) if particles.image_size is not None else 0
+        job = refinement_job(spec, settings, root / spec.name, root, box, float(particles.pixel_size[0]))
+        state = "done, kept" if (root / spec.name / "result.json").is_file() else "to run"
+        lines.append(f"job {spec.name}: {count} particles of {spec.source} (trial {spec.trial + 1}, halving "
+                     f"{spec.level}, seed {spec.seed}; {state})")
+        lines += [f"  {step}" for step in refiner.plan(job)]
+    return lines
+
+
+def _reusable(folder: Path, record: dict[str, Any]) -> RefinementResult | None:
+    """The result of a finished folder of the same job; ``None`` if there is no folder; refused if it is
+    another job's."""
+    if not folder.exists():
+        return None
+    try:
+        recorded = json.loads((folder / "job.json").read_text())
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CryoSieveInputError(f"{folder}: not a finished job folder of this program ({error}); remove it or "
+                                  "choose another output") from None
+    if recorded != json.loads(json.dumps(record)):
+        raise CryoSieveInputError(f"{folder}: made by a run with other settings or inputs; remove it or choose "
+                                  "another output")
+    return RefinementResult(**result)
+
+
+class _Running:
+    """A job in a worker process, in its temporary folder."""
+
+    def __init__(self, spec: JobSpec, group: OutputGroup, folder: Path, process: subprocess.Popen[bytes],
+                 log: Any) -> None:
+        self.spec, self.group, self.folder, self.process, self.log = spec, group, folder, process, log
+
+
+def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root: Path, *, workers: int = 1,
+        progress: ProgressFactory = no_progress) -> dict[str, RefinementResult]:
+    """Run every job not done yet, up to ``workers`` at once, in folders ``root / name``; returns every
+    job's result by name.
+
+    Raises :class:`~cryosieve.errors.ExternalCommandError` naming a failed job's log,
+    :class:`CryoSieveInputError` for a job's bad input, and stops every other job first.
+    """
+    if workers < 1:
+        raise CryoSieveInputError("workers must be at least 1")
+    results: dict[str, RefinementResult] = {}
+    pending: list[tuple[JobSpec, dict[str, Any]]] = []
+    for spec in specs:
+        record = job_record(spec, settings, refiner)
+        done = _reusable(root / spec.name, record)
+        if done is not None:
+            results[spec.name] = done
+        else:
+            pending.append((spec, record))
+    if not pending:
+        return results
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(root / ".lock", str(root)), progress("refinement jobs", len(specs)) as update:
+        update(len(results))
+        remove_stale_temporaries(root, lambda name: True, any_owner=True)  # under the lock: of killed runs
+        running: list[_Running] = []
+        try:
+            while pending or running:
+                while pending and len(running) < workers:
+                    spec, record = pending.pop(0)
+                    running.append(_start(spec, record, settings, refiner, root))
+                time.sleep(POLL_INTERVAL)
+                for job in list(running):
+                    code = job.process.poll()
+                    if code is None:
+                        continue
+                    running.remove(job)
+                    job.log.close()
+                    if code != 0:
+                        _stop(running)
+                        raise _failure(job, root)
+                    job.group.commit()
+                    results[job.spec.name] = RefinementResult(
+                        **json.loads((root / job.spec.name / "result.json").read_text()))
+                    update(1)
+        finally:
+            _stop(running)
+    return results
+
+
+def _start(spec: JobSpec, record: dict[str, Any], settings: JobSettings, refiner: Refiner, root: Path) -> _Running:
+    group = OutputGroup()
+    try:
+        folder = group.folder_for(root / spec.name)
+        particles = read_particles(spec.source)
+        subset = particles if spec.rows is None else particles.subset(spec.rows)
+        if spec.halves is not None:
+            subset = subset.with_halves(spec.halves)
+        subset.write_to(folder / "particles.star")
+        box = int(subset.image_size[0]) if subset.image_size is not None else 0
+        job = refinement_job(spec, settings, folder, root, box, float(subset.pixel_size[0]))
+        (folder / "job.json").write_text(json.dumps(record, indent=2) + "\n")
+        with open(folder / "job.pkl", "wb") as handle:
+            pickle.dump((refiner, job), handle, protocol=pickle.HIGHEST_PROTOCOL)
+        log = open(_log(root, spec), "wb")  # noqa: SIM115 - open while the worker runs, closed by _stop or run
+        try:
+            with processes.stop_signals_deferred():
+                process = processes.start([sys.executable, "-m", "cryosieve.refine.worker", str(folder)],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        except BaseException:
+            log.close()
+            raise
+    except BaseException:
+        group.discard()
+        raise
+    return _Running(spec, group, folder, process, log)
+
+
+def _stop(running: list[_Running]) -> None:
+    processes.stop([job.process for job in running], STOP_GRACE)
+    for job in running:
+        job.log.close()
+        job.group.discard()
+    running.clear()
+
+
+def _failure(job: _Running, root: Path) -> BaseException:
+    """The error a failed job reports, its temporary folder removed."""
+    error: BaseException | None = None
+    with contextlib.suppress(OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        error = pickle.loads((job.folder / "error.pkl").read_bytes())
+    job.group.discard()
+    if isinstance(error, (CryoSieveInputError, ExternalCommandError)):
+        return error
+    return ExternalCommandError(f"refinement job {job.spec.name}", str(_log(root, job.spec)),
+                                job.process.returncode or 1)
+
+
+def work(folder: Path) -> None:
+    """Run the job whose ``job.pkl`` is in ``folder`` (in a worker process): ``result.json``, or
+    ``error.pkl`` and an exception."""
+    with open(folder / "job.pkl", "rb") as handle:
+        refiner, job = pickle.load(handle)
+    try:
+        result = refiner.refine(job, no_progress)
+    except BaseException as error:
+        try:
+            payload = pickle.dumps(error)
+        except Exception:
+            payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))
+        (folder / "error.pkl").write_bytes(payload)
+        raise
+    write_text_atomic(folder / "result.json", json.dumps(result.__dict__, indent=2) + "\n")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / "job.pkl")
+
+
+def with_trials(specs: Sequence[JobSpec], repeat: int) -> list[JobSpec]:
+    """Each spec once per trial, named ``NAME_trialT`` and seeded ``seed + T``."""
+    return [replace(spec, name=f"{spec.name}_trial{trial + 1}", trial=trial, seed=spec.seed + trial)
+            for spec in specs for trial in range(repeat)]
