@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cryosieve.backends import HalfMapJob, PostprocessJob, PostProcessor, Reconstructor
+from cryosieve.backends import HalfMapJob, PostprocessJob, PostProcessor, Reconstructor, Refiner
 from cryosieve.backends.builtin import BuiltinPostProcessor, BuiltinReconstructor
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
@@ -59,6 +59,8 @@ from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.postprocess import PostprocessReport
 from cryosieve.progress import ProgressFactory, no_progress
+from cryosieve.refine import jobs
+from cryosieve.refine.rh import fit_rh, nested_subsets, voltage_constant
 from cryosieve.report import ReportPaths, RoundSummary, report_paths, write_report
 from cryosieve.schedule import CutoffSchedule
 from cryosieve.sieve import (
@@ -70,7 +72,7 @@ from cryosieve.sieve import (
     sieve_output_paths,
     write_sieve_outputs,
 )
-from cryosieve.symmetry import canonical_name
+from cryosieve.symmetry import canonical_name, group_order
 from cryosieve.tolerances import pixel_sizes_agree
 
 log = logging.getLogger("cryosieve")
@@ -102,6 +104,13 @@ class PipelineSettings:
         As in the published CryoSieve (cut-offs in Å).
     reconstructor, postprocessor:
         The back-ends (``None``: the built-in ones on ``device``).
+    validator:
+        Re-estimates the poses of every set (``--validate``): each round's set and the last kept
+        set are also refined, and their resolution and B-factor reported beside the fixed-pose
+        ones; ``None``: no validation.
+    validate_rh:
+        With a validator, also the Rosenthal-Henderson B-factor of every set (``rh_halves``
+        nested halvings).
     num_processes:
         Scoring processes (one per GPU on CUDA).
     device:
@@ -127,6 +136,9 @@ class PipelineSettings:
     balance: bool = False
     reconstructor: Reconstructor | None = None
     postprocessor: PostProcessor | None = None
+    validator: Refiner | None = None
+    validate_rh: bool = False
+    rh_halves: int = 4
     num_processes: int = 1
     device: Any = "cpu"
     batch_size: int = 256
@@ -202,8 +214,13 @@ class OutputNames:
         return paths
 
     def folders(self, num_iters: int) -> list[Path]:
-        """The post-processing folders of a run (each replaced as a whole)."""
-        return [self.postprocess_directory(iteration) for iteration in range(num_iters)]
+        """The post-processing folders of a run (each replaced as a whole) and the validation jobs' folder."""
+        return [*(self.postprocess_directory(iteration) for iteration in range(num_iters)), self.validation]
+
+    @property
+    def validation(self) -> Path:
+        """Where the validation jobs of every set go (``--validate``)."""
+        return self._path("_validate")
 
     def owns(self, name: str) -> bool:
         """Whether a file name in the prefix's folder is one of the run's output names."""
@@ -225,12 +242,13 @@ def cutoff_frequencies(frequency_start: float, frequency_end: float, num_iters: 
     return CutoffSchedule(frequency_start, frequency_end, num_iters).cutoffs
 
 
-def step_names(num_iters: int) -> list[str]:
+def step_names(num_iters: int, validate: bool = False) -> list[str]:
     """Every step of a run, in order."""
     names = ["prepare"]
     for iteration in range(num_iters):
         names += [f"reconstruct {iteration}", f"postprocess {iteration}", f"sieve {iteration}"]
-    return names
+        names += [f"validate {iteration}"] if validate else []
+    return names + ([f"validate {num_iters}"] if validate else [])
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
@@ -351,6 +369,13 @@ def prepare(settings: PipelineSettings) -> _Prepared:
     check_mask(mask, (box, box, box), angpix, against="the particles")
     schedule = settings.schedule
     schedule.check(box, float(np.max(particles.pixel_size)))
+    if settings.validate_rh and settings.validator is None:
+        raise CryoSieveInputError(f"{setting('validate_rh')}: needs {setting('validator')} (fixed or relion)")
+    if settings.validator is not None and settings.validate_rh:
+        for voltage in np.unique(particles.voltage):
+            voltage_constant(round(float(voltage)))
+        if settings.rh_halves < 1:
+            raise CryoSieveInputError(f"{setting('rh_halves')} {settings.rh_halves}: must be at least 1")
     rows0 = balanced_rows(particles.random_subset) if settings.balance else np.arange(len(particles))
     arguments = {
         "input_star": os.path.abspath(settings.input_star),
@@ -367,6 +392,8 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         "balance": bool(settings.balance),
         "reconstructor": reconstructor.describe(),
         "postprocessor": postprocessor.describe(),
+        "validator": settings.validator.describe() if settings.validator is not None else "none",
+        "validate_rh": bool(settings.validate_rh and settings.validator is not None),
         "projector": settings.projector,
         "reference_weighting": settings.reference_weighting,
     }
@@ -436,7 +463,8 @@ def _open_state(prepared: _Prepared, resume: bool) -> _State:
                                           f"since the run recorded in {path}")
             raise CryoSieveInputError(
                 f"{setting('resume')}: {setting(name)} changed ({recorded[name]!r} in {path}, now {value!r})")
-    unknown = [step for step in completed if step not in step_names(prepared.settings.num_iters)]
+    unknown = [step for step in completed
+               if step not in step_names(prepared.settings.num_iters, prepared.settings.validator is not None)]
     if unknown:
         raise CryoSieveInputError(f"{path}: unknown step {unknown[0]!r}")
     return _State(path, prepared.arguments, completed, outcomes)
@@ -507,6 +535,42 @@ def _sieve(prepared: _Prepared, particles: ParticleSet, iteration: int, progress
     write_sieve_outputs(particles, result, names.star(iteration + 1))
 
 
+def _validate(prepared: _Prepared, iteration: int, progress: ProgressFactory) -> dict[str, Any]:
+    """Refine set ``iteration`` (``PREFIX_iter{i}.star``) with the validator, and with ``validate_rh`` nested
+    halves of it for the Rosenthal-Henderson fit; returns the outcome the state records."""
+    settings, names = prepared.settings, prepared.names
+    validator = settings.validator
+    assert validator is not None
+    star = names.star(iteration).absolute()
+    particles = read_particles(star, prepared.angpix)
+    job_settings = jobs.JobSettings(
+        directory=Path(os.path.abspath(settings.directory)) if settings.directory else None,
+        symmetry=prepared.symmetry, reference=None, ini_high=30.0, mask=Path(os.path.abspath(settings.mask)),
+        particle_diameter=None, local=False)
+    subsets = nested_subsets(len(particles), particles.random_subset,
+                             settings.rh_halves if settings.validate_rh else 0, seed=1, resplit=False)
+    specs = [jobs.JobSpec(name=f"set{iteration}_half{level}", source=star, trial=0, level=level, seed=1,
+                          rows=None if level == 0 else rows) for level, rows in enumerate(subsets)]
+
+    @contextlib.contextmanager
+    def labelled(description: str, total: int) -> Iterator[Callable[[int], None]]:
+        with progress(f"set {iteration}: validate", total) as update:
+            yield update
+
+    results = jobs.run(specs, job_settings, validator, names.validation, progress=labelled)
+    full = results[specs[0].name]
+    rh_bfactor = None
+    if settings.validate_rh:
+        fit = fit_rh(np.array([math.nan if results[spec.name].resolution_angstrom is None
+                               else results[spec.name].resolution_angstrom for spec in specs]),
+                     np.array([results[spec.name].particles for spec in specs]), group_order(prepared.symmetry),
+                     round(float(particles.voltage[0])))
+        rh_bfactor = fit.bfactor
+    return {"resolution_angstrom": full.resolution_angstrom, "bfactor": full.bfactor, "particles": full.particles,
+            "alignment3D": str(names.validation / specs[0].name / full.alignment_star), "fixed_pose": full.fixed_pose,
+            "rh_bfactor": rh_bfactor, "validator": validator.describe()}
+
+
 def _kept(names: OutputNames, iteration: int, particles: ParticleSet) -> np.ndarray:
     """Kept mask ``(n,)`` of sieve ``iteration``, from ``PREFIX_iter{i+1}_scores.csv``."""
     path = names.scores(iteration + 1)
@@ -538,6 +602,12 @@ def _round_summary(prepared: _Prepared, iteration: int, particles: ParticleSet, 
         summary.bfactor = float(outcome["bfactor"])
         summary.fsc_frequency = np.asarray(outcome["fsc_frequency"], dtype=np.float64)
         summary.fsc_corrected = np.asarray(outcome["fsc_corrected"], dtype=np.float64)
+    validated = state.outcomes.get(f"validate {iteration}")
+    if validated is not None:
+        summary.validated_resolution_angstrom = (math.nan if validated["resolution_angstrom"] is None
+                                                 else float(validated["resolution_angstrom"]))
+        summary.validated_bfactor = float(validated["bfactor"])
+        summary.rh_bfactor = None if validated["rh_bfactor"] is None else float(validated["rh_bfactor"])
     if state.done(f"sieve {iteration}"):
         scores = pd.read_csv(names.scores(iteration + 1), keep_default_na=False, dtype={"rlnImageName": str})
         summary.scores = scores["score"].to_numpy(dtype=np.float64)
@@ -663,15 +733,21 @@ class _Run:
                          outcome["bfactor"])
                 self.step(f"sieve {iteration}",
                           functools.partial(_sieve, prepared, particles, iteration, self.progress))
+                if settings.validator is not None:
+                    self.step(f"validate {iteration}", functools.partial(_validate, prepared, iteration, self.progress))
                 rounds.append(_round_summary(prepared, iteration, particles, state))
                 particles = particles.subset(_kept(names, iteration, particles))
                 log.info("[ITER %d] kept %d particles (half-sets %d + %d)", iteration, len(particles),
                          int(np.sum(particles.random_subset == 1)), int(np.sum(particles.random_subset == 2)))
                 self.checkpoint()
                 write_report(names.prefix, [*rounds, _round_summary(prepared, iteration + 1, particles, state)],
-                             plots=settings.report)
+                             plots=settings.report, validation=prepared.arguments["validator"])
+            if settings.validator is not None:
+                self.step(f"validate {settings.num_iters}",
+                          functools.partial(_validate, prepared, settings.num_iters, self.progress))
             rounds.append(_round_summary(prepared, settings.num_iters, particles, state))
-            report = write_report(names.prefix, rounds, plots=settings.report)
+            report = write_report(names.prefix, rounds, plots=settings.report,
+                                  validation=prepared.arguments["validator"])
             measured = [summary for summary in rounds if summary.resolution_angstrom is not None
                         and math.isfinite(summary.resolution_angstrom)]
             if measured:

@@ -34,7 +34,7 @@ from cryosieve.io.atomic import atomic_path, write_text_atomic
 from cryosieve.plots import plot_fsc_curves
 
 SUMMARY_COLUMNS = ("iteration", "cutoff_angstrom", "particles_half1", "particles_half2", "resolution_angstrom",
-                   "bfactor")
+                   "bfactor", "validated_resolution_angstrom", "validated_bfactor", "rh_bfactor")
 
 
 @dataclass
@@ -55,6 +55,10 @@ class RoundSummary:
         ``(m,)`` spatial frequency (1/Å) and corrected FSC per shell, or ``None``.
     scores, half_set, kept:
         ``(n,)`` float64 sieve scores, int64 half-sets and bool selection, or ``None``.
+    validated_resolution_angstrom, validated_bfactor:
+        Resolution (Å) and B-factor (Å^2) of the set with its poses re-estimated (``--validate``), or ``None``.
+    rh_bfactor:
+        Its Rosenthal-Henderson B-factor (Å^2, the original's sign: negative), or ``None``.
     """
 
     iteration: int
@@ -68,6 +72,9 @@ class RoundSummary:
     scores: np.ndarray | None = None
     half_set: np.ndarray | None = None
     kept: np.ndarray | None = None
+    validated_resolution_angstrom: float | None = None
+    validated_bfactor: float | None = None
+    rh_bfactor: float | None = None
 
     @property
     def particles(self) -> int:
@@ -103,16 +110,22 @@ def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
         "particles_half2": [summary.particles_half2 for summary in rounds],
         "resolution_angstrom": [value(summary.resolution_angstrom) for summary in rounds],
         "bfactor": [value(summary.bfactor) for summary in rounds],
+        "validated_resolution_angstrom": [value(summary.validated_resolution_angstrom) for summary in rounds],
+        "validated_bfactor": [value(summary.validated_bfactor) for summary in rounds],
+        "rh_bfactor": [value(summary.rh_bfactor) for summary in rounds],
     }, columns=list(SUMMARY_COLUMNS))
 
 
-def best_round(rounds: Sequence[RoundSummary]) -> RoundSummary | None:
-    """The measured round with the finest resolution (the earliest on a tie), or ``None``."""
-    measured = [summary for summary in rounds
-                if summary.resolution_angstrom is not None and math.isfinite(summary.resolution_angstrom)]
+def best_round(rounds: Sequence[RoundSummary], validated: bool = False) -> RoundSummary | None:
+    """The measured round with the finest resolution (the earliest on a tie), or ``None``; ``validated``:
+    by the resolution with poses re-estimated."""
+    def resolution(summary: RoundSummary) -> float | None:
+        return summary.validated_resolution_angstrom if validated else summary.resolution_angstrom
+
+    measured = [summary for summary in rounds if (value := resolution(summary)) is not None and math.isfinite(value)]
     if not measured:
         return None
-    return min(measured, key=lambda summary: (summary.resolution_angstrom, summary.iteration))
+    return min(measured, key=lambda summary: (resolution(summary) or math.inf, summary.iteration))
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -129,21 +142,31 @@ def _save_png(figure: Figure, path: Path) -> None:
 
 def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
     """Resolution (Å) and B-factor (Å^2) against iteration and against the number of particles."""
-    measured = [summary for summary in rounds if summary.resolution_angstrom is not None]
-    iterations = np.array([summary.iteration for summary in measured], dtype=np.float64)
-    particles = np.array([summary.particles for summary in measured], dtype=np.float64)
-    resolution = np.array([summary.resolution_angstrom for summary in measured], dtype=np.float64)
-    bfactor = np.array([summary.bfactor for summary in measured], dtype=np.float64)
+    measured = [summary for summary in rounds
+                if summary.resolution_angstrom is not None or summary.validated_resolution_angstrom is not None]
+
+    def column(name: str) -> np.ndarray:
+        return np.array([math.nan if getattr(summary, name) is None else getattr(summary, name)
+                         for summary in measured], dtype=np.float64)
+
+    iterations = column("iteration")
+    particles = column("particles")
+    validated = bool(np.isfinite(column("validated_resolution_angstrom")).any())
     figure = _new_figure(10.0, 7.0)
-    panels = ((iterations, resolution, "iteration", "resolution (Å)"),
-              (particles, resolution, "particles", "resolution (Å)"),
-              (iterations, bfactor, "iteration", "B-factor (Å²)"),
-              (particles, bfactor, "particles", "B-factor (Å²)"))
-    for index, (x, y, x_label, y_label) in enumerate(panels):
+    panels = ((iterations, "resolution", "iteration", "resolution (Å)"),
+              (particles, "resolution", "particles", "resolution (Å)"),
+              (iterations, "bfactor", "iteration", "B-factor (Å²)"),
+              (particles, "bfactor", "particles", "B-factor (Å²)"))
+    for index, (x, quantity, x_label, y_label) in enumerate(panels):
         axes = figure.add_subplot(2, 2, index + 1)
-        axes.plot(x, y, marker="o")
-        for label, x_value, y_value in zip(iterations.astype(int), x, y, strict=True):
-            if x_label == "particles":
+        given = column("resolution_angstrom" if quantity == "resolution" else "bfactor")
+        axes.plot(x, given, marker="o", label="given poses")
+        if validated:
+            again = column("validated_resolution_angstrom" if quantity == "resolution" else "validated_bfactor")
+            axes.plot(x, again, marker="s", label="poses re-estimated")
+            axes.legend(fontsize="small")
+        for label, x_value, y_value in zip(iterations.astype(int), x, given, strict=True):
+            if x_label == "particles" and math.isfinite(y_value):
                 axes.annotate(str(label), (x_value, y_value), textcoords="offset points", xytext=(4, 4),
                               fontsize="small")
         axes.set_xlabel(x_label)
@@ -216,9 +239,11 @@ def _cell(value: float | int | None, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str) -> str:
-    """The report page: best round, summary table and the three plots embedded."""
+def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, validation: str = "none") -> str:
+    """The report page: best round, summary table and the three plots embedded. ``validation``: what
+    re-estimated the poses of each set (``"none"``: nothing)."""
     best = best_round(rounds)
+    best_validated = best_round(rounds, validated=True)
     lines = [
         "<!DOCTYPE html>", "<html lang=\"en\">", "<head>", "<meta charset=\"utf-8\">",
         f"<title>{html.escape(title)}</title>",
@@ -229,19 +254,39 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str) 
     ]
     if best is not None:
         lines.append(
-            f"<p class=\"best\">Best resolution: <b>{best.resolution_angstrom:.2f} Å</b> at iteration "
-            f"<b>{best.iteration}</b> ({best.particles} particles: {best.particles_half1} + "
-            f"{best.particles_half2}; B-factor {_cell(best.bfactor, 1)} Å²).</p>")
+            f"<p class=\"best\">Best resolution with the given poses: <b>{best.resolution_angstrom:.2f} Å</b> at "
+            f"iteration <b>{best.iteration}</b> ({best.particles} particles: {best.particles_half1} + "
+            f"{best.particles_half2}; B-factor {_cell(best.bfactor, 1)} Å²). It is optimistic: those poses were "
+            "found with the particles sieved since.</p>")
     else:
         lines.append("<p>No round post-processed yet.</p>")
-    lines += ["<table>", "<tr><th>iteration</th><th>cut-off (Å)</th><th>half-set 1</th><th>half-set 2</th>"
-              "<th>particles</th><th>resolution (Å)</th><th>B-factor (Å²)</th></tr>"]
-    for summary in rounds:
-        row_class = " class=\"best\"" if best is not None and summary.iteration == best.iteration else ""
+    lines.append(f"<p>Poses re-estimated (<code>--validate</code>): <b>{html.escape(validation)}</b>.</p>")
+    if best_validated is not None:
         lines.append(
-            f"<tr{row_class}><td>{summary.iteration}</td><td>{_cell(summary.cutoff_angstrom, 2)}</td>"
-            f"<td>{summary.particles_half1}</td><td>{summary.particles_half2}</td><td>{summary.particles}</td>"
-            f"<td>{_cell(summary.resolution_angstrom, 2)}</td><td>{_cell(summary.bfactor, 1)}</td></tr>")
+            f"<p class=\"best\">Best resolution with poses re-estimated: "
+            f"<b>{best_validated.validated_resolution_angstrom:.2f} Å</b> at iteration "
+            f"<b>{best_validated.iteration}</b> ({best_validated.particles} particles).</p>")
+    validated = any(summary.validated_resolution_angstrom is not None for summary in rounds)
+    rh = any(summary.rh_bfactor is not None for summary in rounds)
+    header = ("<tr><th>iteration</th><th>cut-off (Å)</th><th>half-set 1</th><th>half-set 2</th><th>particles</th>"
+              "<th>resolution (Å)</th><th>B-factor (Å²)</th>")
+    if validated:
+        header += "<th>resolution, poses re-estimated (Å)</th><th>B-factor, poses re-estimated (Å²)</th>"
+    if rh:
+        header += "<th>RH B-factor (Å²)</th>"
+    lines += ["<table>", header + "</tr>"]
+    highlight = best_validated if best_validated is not None else best
+    for summary in rounds:
+        row_class = " class=\"best\"" if highlight is not None and summary.iteration == highlight.iteration else ""
+        row = (f"<tr{row_class}><td>{summary.iteration}</td><td>{_cell(summary.cutoff_angstrom, 2)}</td>"
+               f"<td>{summary.particles_half1}</td><td>{summary.particles_half2}</td><td>{summary.particles}</td>"
+               f"<td>{_cell(summary.resolution_angstrom, 2)}</td><td>{_cell(summary.bfactor, 1)}</td>")
+        if validated:
+            row += (f"<td>{_cell(summary.validated_resolution_angstrom, 2)}</td>"
+                    f"<td>{_cell(summary.validated_bfactor, 1)}</td>")
+        if rh:
+            row += f"<td>{_cell(summary.rh_bfactor, 1)}</td>"
+        lines.append(row + "</tr>")
     lines.append("</table>")
     lines.append("<p>Set <i>i</i> is <code>_iter<i>i</i>.star</code>; its half maps were post-processed for the "
                  "resolution, then sieved at the cut-off into set <i>i</i>+1.</p>")
@@ -254,7 +299,7 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str) 
 
 
 def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None = None, *,
-                 plots: bool = True) -> ReportPaths:
+                 plots: bool = True, validation: str = "none") -> ReportPaths:
     """Write the summary CSV and (``plots``) the plots and the HTML page for ``prefix``; returns their paths."""
     paths = report_paths(prefix)
     paths.summary_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +310,7 @@ def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None 
     plot_resolution(rounds, paths.resolution_plot)
     plot_all_fsc(rounds, paths.fsc_plot)
     plot_scores(rounds, paths.scores_plot)
-    page = render_html(rounds, paths, title or f"CryoSieve report: {os.path.basename(os.path.normpath(prefix))}")
+    page = render_html(rounds, paths, title or f"CryoSieve report: {os.path.basename(os.path.normpath(prefix))}",
+                       validation)
     write_text_atomic(paths.html, page)
     return paths

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from cryosieve.cli._common import (
     add_device_argument,
@@ -64,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sieving projector: fourier (default) or realspace (the published one).")
     parser.add_argument("--reference_weighting", choices=("auto", "fsc", "none"), default="auto",
                         help="weighting of the half maps for scoring (see cryosieve-core).")
+    parser.add_argument("--validate", choices=("none", "fixed", "relion"), default="none",
+                        help="also refine every set with its poses re-estimated (relion: relion_refine_mpi; fixed: "
+                             "the given poses, built-in) and report that resolution beside the fixed-pose one "
+                             "(default none).")
+    parser.add_argument("--validate_rh", action="store_true",
+                        help="with --validate, also the Rosenthal-Henderson B-factor of every set (4 halvings).")
+    parser.add_argument("--relion_refine", default="mpirun -n 3 relion_refine_mpi",
+                        help="the relion_refine command line of --validate relion (at least 3 MPI ranks).")
+    parser.add_argument("--j", type=int, default=1, help="threads per RELION rank of --validate relion.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines.")
     return parser
 
@@ -82,6 +92,15 @@ def _main(argv: Sequence[str] | None) -> int:
         RelionReconstructor.from_command_line(args.reconstruct_software, args.num_procs)
     postprocessor = None if args.postprocess_software is None else \
         RelionPostProcessor.from_command_line(args.postprocess_software)
+    validator: Any = None
+    if args.validate == "fixed":
+        from cryosieve.backends.builtin import FixedPoseRefiner
+
+        validator = FixedPoseRefiner(device)
+    elif args.validate == "relion":
+        from cryosieve.backends.relion import RelionRefiner
+
+        validator = RelionRefiner.from_command_line(args.relion_refine, args.j, device)
     settings = PipelineSettings(
         input_star=args.i, output_prefix=args.o, angpix=args.angpix, mask=args.mask,
         directory=args.directory or None, symmetry=args.sym, num_iters=args.num_iters,
@@ -89,6 +108,7 @@ def _main(argv: Sequence[str] | None) -> int:
         retention_ratio=args.retention_ratio, balance=args.balance, reconstructor=reconstructor,
         postprocessor=postprocessor, num_processes=args.num_gpus, device=device, batch_size=args.batch_size,
         projector=args.projector, reference_weighting=args.reference_weighting, report=args.report,
+        validator=validator, validate_rh=args.validate_rh,
     )
     result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
                           checkpoint=check_interrupt)
@@ -107,6 +127,7 @@ FLAGS = {
     "reconstructor": "--reconstruct_software", "postprocessor": "--postprocess_software", "num_procs": "--num_procs",
     "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size", "projector": "--projector",
     "reference_weighting": "--reference_weighting", "resume": "--continue", "highpass_angstrom": "--frequency_start",
+    "validator": "--validate", "validate_rh": "--validate_rh", "relion_refine": "--relion_refine", "threads": "--j",
 }
 
 
