@@ -403,3 +403,25 @@ def test_kill_during_external_reconstruction(relion_run, known_truth, unbalanced
     for name in ("_iter1.star", "_iter1_sieved.star", "_iter1_scores.csv"):
         assert content(prefix + name) == content(relion_run + name), name
     assert not [path for path in tmp_path.iterdir() if "partial" in path.name]
+
+
+def test_validate_fixed_with_rh(builtin_run, known_truth, unbalanced, tmp_path):
+    """--validate fixed: every set, the last one included, is measured again with its given poses, so the
+    re-estimated resolution of the reconstructed sets is exactly the pipeline's own; --validate_rh adds both
+    RH B-factors; the report says which validation ran."""
+    prefix = str(tmp_path / "out") + "/"
+    assert main([*common_arguments(known_truth, unbalanced), "--o", prefix, "--validate", "fixed",
+                 "--validate_rh"]) == 0
+    summary = pd.read_csv(prefix + "_summary.csv")
+    assert len(summary) == NUM_ITERS + 1
+    assert np.isfinite(summary["validated_resolution_angstrom"]).all()
+    np.testing.assert_array_equal(summary["validated_resolution_angstrom"][:NUM_ITERS],
+                                  summary["resolution_angstrom"][:NUM_ITERS])
+    np.testing.assert_array_equal(summary["resolution_angstrom"],
+                                  pd.read_csv(builtin_run + "_summary.csv")["resolution_angstrom"])
+    assert (summary["rh_bfactor"] < 0).all() and (summary["rh_bfactor_classical"] > 0).all()
+    report = Path(prefix + "_report.html").read_text()
+    assert "Poses re-estimated (<code>--validate</code>): <b>fixed poses" in report
+    assert "Best resolution with poses re-estimated" in report
+    jobs = sorted(path.name for path in Path(prefix + "_validate").iterdir() if path.is_dir())
+    assert jobs == [f"set{i}_half{level}" for i in range(NUM_ITERS + 1) for level in range(5)]

@@ -58,3 +58,7 @@ class ExternalCommandError(RuntimeError):
         self.log_path = log_path
         self.returncode = returncode
         super().__init__(f"{command!r} failed with exit code {returncode}; see {log_path}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int]]:
+        # pickled by the worker processes that run refinement jobs
+        return (type(self), (self.command, self.log_path, self.returncode))

@@ -559,16 +559,16 @@ def _validate(prepared: _Prepared, iteration: int, progress: ProgressFactory) ->
 
     results = jobs.run(specs, job_settings, validator, names.validation, progress=labelled)
     full = results[specs[0].name]
-    rh_bfactor = None
+    rh_bfactor = rh_classical = None
     if settings.validate_rh:
         fit = fit_rh(np.array([math.nan if results[spec.name].resolution_angstrom is None
                                else results[spec.name].resolution_angstrom for spec in specs]),
                      np.array([results[spec.name].particles for spec in specs]), group_order(prepared.symmetry),
                      round(float(particles.voltage[0])))
-        rh_bfactor = fit.bfactor
+        rh_bfactor, rh_classical = fit.bfactor, fit.classical_bfactor
     return {"resolution_angstrom": full.resolution_angstrom, "bfactor": full.bfactor, "particles": full.particles,
             "alignment3D": str(names.validation / specs[0].name / full.alignment_star), "fixed_pose": full.fixed_pose,
-            "rh_bfactor": rh_bfactor, "validator": validator.describe()}
+            "rh_bfactor": rh_bfactor, "rh_bfactor_classical": rh_classical, "validator": validator.describe()}
 
 
 def _kept(names: OutputNames, iteration: int, particles: ParticleSet) -> np.ndarray:
@@ -608,6 +608,8 @@ def _round_summary(prepared: _Prepared, iteration: int, particles: ParticleSet, 
                                                  else float(validated["resolution_angstrom"]))
         summary.validated_bfactor = float(validated["bfactor"])
         summary.rh_bfactor = None if validated["rh_bfactor"] is None else float(validated["rh_bfactor"])
+        classical = validated.get("rh_bfactor_classical")
+        summary.rh_bfactor_classical = None if classical is None else float(classical)
     if state.done(f"sieve {iteration}"):
         scores = pd.read_csv(names.scores(iteration + 1), keep_default_na=False, dtype={"rlnImageName": str})
         summary.scores = scores["score"].to_numpy(dtype=np.float64)

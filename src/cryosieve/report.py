@@ -34,7 +34,8 @@ from cryosieve.io.atomic import atomic_path, write_text_atomic
 from cryosieve.plots import plot_fsc_curves
 
 SUMMARY_COLUMNS = ("iteration", "cutoff_angstrom", "particles_half1", "particles_half2", "resolution_angstrom",
-                   "bfactor", "validated_resolution_angstrom", "validated_bfactor", "rh_bfactor")
+                   "bfactor", "validated_resolution_angstrom", "validated_bfactor", "rh_bfactor",
+                   "rh_bfactor_classical")
 
 
 @dataclass
@@ -57,8 +58,10 @@ class RoundSummary:
         ``(n,)`` float64 sieve scores, int64 half-sets and bool selection, or ``None``.
     validated_resolution_angstrom, validated_bfactor:
         Resolution (Å) and B-factor (Å^2) of the set with its poses re-estimated (``--validate``), or ``None``.
-    rh_bfactor:
-        Its Rosenthal-Henderson B-factor (Å^2, the original's sign: negative), or ``None``.
+    rh_bfactor, rh_bfactor_classical:
+        Its Rosenthal-Henderson B-factor (Å^2; ``--validate_rh``), or ``None``: the original's fit
+        (``B = -a``, negative for real data; closer to 0 is better) and the straight line
+        (``2 x`` slope; lower is better); see :mod:`cryosieve.refine.rh`.
     """
 
     iteration: int
@@ -75,6 +78,7 @@ class RoundSummary:
     validated_resolution_angstrom: float | None = None
     validated_bfactor: float | None = None
     rh_bfactor: float | None = None
+    rh_bfactor_classical: float | None = None
 
     @property
     def particles(self) -> int:
@@ -113,6 +117,7 @@ def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
         "validated_resolution_angstrom": [value(summary.validated_resolution_angstrom) for summary in rounds],
         "validated_bfactor": [value(summary.validated_bfactor) for summary in rounds],
         "rh_bfactor": [value(summary.rh_bfactor) for summary in rounds],
+        "rh_bfactor_classical": [value(summary.rh_bfactor_classical) for summary in rounds],
     }, columns=list(SUMMARY_COLUMNS))
 
 
@@ -273,7 +278,8 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
     if validated:
         header += "<th>resolution, poses re-estimated (Å)</th><th>B-factor, poses re-estimated (Å²)</th>"
     if rh:
-        header += "<th>RH B-factor (Å²)</th>"
+        header += ("<th>RH B-factor, fit of CryoSieve (Å², −a: closer to 0 is better)</th>"
+                   "<th>RH B-factor, straight line (Å²: lower is better)</th>")
     lines += ["<table>", header + "</tr>"]
     highlight = best_validated if best_validated is not None else best
     for summary in rounds:
@@ -285,7 +291,7 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
             row += (f"<td>{_cell(summary.validated_resolution_angstrom, 2)}</td>"
                     f"<td>{_cell(summary.validated_bfactor, 1)}</td>")
         if rh:
-            row += f"<td>{_cell(summary.rh_bfactor, 1)}</td>"
+            row += f"<td>{_cell(summary.rh_bfactor, 1)}</td><td>{_cell(summary.rh_bfactor_classical, 1)}</td>"
         lines.append(row + "</tr>")
     lines.append("</table>")
     lines.append("<p>Set <i>i</i> is <code>_iter<i>i</i>.star</code>; its half maps were post-processed for the "

@@ -235,6 +235,13 @@ class RelionRefiner:
                 f"{setting('relion_refine')} {command_line!r}: a gold-standard refinement needs "
                 f"relion_refine_mpi under mpirun with at least {MIN_MPI_RANKS} ranks, e.g. "
                 f"\"mpirun -n {MIN_MPI_RANKS} relion_refine_mpi\"")
+        programs = [word for word in words[1:] if "relion_refine" in Path(word).name]
+        if not programs:
+            raise CryoSieveInputError(f"{setting('relion_refine')} {command_line!r}: names no relion_refine_mpi "
+                                      "program")
+        if shutil.which(programs[0]) is None:
+            raise CryoSieveInputError(f"{setting('relion_refine')} {command_line!r}: program {programs[0]!r} not "
+                                      "found")
         if threads < 1:
             raise CryoSieveInputError(f"{setting('threads')} {threads}: must be at least 1")
         return cls(tuple(words), threads, device)
@@ -251,7 +258,11 @@ class RelionRefiner:
                  "--ctf", "--particle_diameter", f"{diameter:g}", "--flatten_solvent", "--zero_mask",
                  "--oversampling", "1", "--offset_step", "1" if job.local else "2", "--sym", job.symmetry,
                  "--low_resol_join_halves", "40", "--norm", "--scale", "--j", str(self.threads),
-                 "--random_seed", str(job.seed)]
+                 "--random_seed", str(job.seed),
+                 # cross-correlation in the first iteration: without it RELION 3.1 assigned confident but wrong
+                 # poses (median error > 50 degrees) to simulated particles of SNR 0.3 from a correct reference;
+                 # with it they were found (median error 10 degrees in the first iteration)
+                 "--firstiter_cc"]
         if job.local:  # local searches around the given poses from the start
             words += ["--healpix_order", "4", "--auto_local_healpix_order", "4", "--sigma_ang", "2",
                       "--offset_range", "3"]

@@ -121,8 +121,9 @@ def _check(settings: RefineSettings, outputs: tuple[Path, ...], folders: list[Pa
         smallest = min(counts) // 2 if settings.resplit else min(counts)
         if smallest < minimum_per_half:
             raise CryoSieveInputError(
-                f"{path}: {smallest} particles in a half-set of the smallest set to refine; at least "
-                f"{minimum_per_half} are needed (fewer {setting('halves')}, or more particles)")
+                f"{path}: {smallest} particles in its smaller half-set; at least {minimum_per_half} are needed, so "
+                f"that every set refined keeps {MIN_PER_HALF_SET} per half-set (more particles"
+                + (f", or fewer {setting('halves')})" if minimum_per_half > MIN_PER_HALF_SET else ")"))
         with StackReader(particles, directory) as reader:
             box = reader.validate()
         pixel = float(particles.pixel_size[0])
@@ -179,9 +180,10 @@ def refine_files(settings: RefineSettings, refiner: Refiner, *, dry_run: bool = 
     (summary,) = _paths(settings.output, ())
     root = Path(os.path.abspath(settings.output[: -len(".csv")] + "_jobs"))
     paths, job_settings = _check(settings, (summary,), [root], MIN_PER_HALF_SET)
-    specs = jobs.with_trials([jobs.JobSpec(name=_job_name(index, path), source=path, trial=0, level=0,
-                                           seed=settings.seed) for index, path in enumerate(paths)], settings.repeat)
-    specs = [_resplit(spec, settings) for spec in specs]
+    per_input = [[_resplit(spec, settings) for spec in jobs.with_trials(
+        [jobs.JobSpec(name=_job_name(index, path), source=path, trial=0, level=0, seed=settings.seed)],
+        settings.repeat)] for index, path in enumerate(paths)]
+    specs = [spec for trials in per_input for spec in trials]
     if dry_run:
         return Outcome(None, [f"{len(specs)} refinement jobs with {refiner.describe()}, up to {settings.workers} at "
                               f"once, in {root}", *jobs.plan(specs, job_settings, refiner, root)])
@@ -189,8 +191,7 @@ def refine_files(settings: RefineSettings, refiner: Refiner, *, dry_run: bool = 
         log.warning("fixed poses: the resolutions are optimistic (the poses were found with other particles)")
     results = jobs.run(specs, job_settings, refiner, root, workers=settings.workers, progress=progress)
     rows = []
-    for path in paths:
-        trials = [spec for spec in specs if spec.source == path]
+    for path, trials in zip(paths, per_input, strict=True):
         resolutions = [results[spec.name].resolution_angstrom for spec in trials]
         bfactors: list[float | None] = [results[spec.name].bfactor for spec in trials]
         for spec in trials:
@@ -224,9 +225,11 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
     summary, raw, plot = _paths(settings.output, ("_raw.csv", "_rh.png"))
     root = Path(os.path.abspath(settings.output[: -len(".csv")] + "_jobs"))
     paths, job_settings = _check(settings, (summary, raw, plot), [root], MIN_PER_HALF_SET * 2 ** halves)
-    specs: list[jobs.JobSpec] = []
+    per_input: list[list[jobs.JobSpec]] = []
     for index, path in enumerate(paths):
         particles = read_particles(path)
+        specs: list[jobs.JobSpec] = []
+        per_input.append(specs)
         for trial in range(settings.repeat):
             seed = settings.seed + trial
             subsets = nested_subsets(len(particles), particles.random_subset, halves, seed,
@@ -235,6 +238,7 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
                 spec = jobs.JobSpec(name=f"{_job_name(index, path)}_trial{trial + 1}_half{level}", source=path,
                                     trial=trial, level=level, seed=seed, rows=subset)
                 specs.append(_resplit(spec, settings, len(subset)))
+    specs = [spec for mine in per_input for spec in mine]
     if dry_run:
         return Outcome(None, [f"{len(specs)} refinement jobs with {refiner.describe()}, up to {settings.workers} at "
                               f"once, in {root}", *jobs.plan(specs, job_settings, refiner, root)])
@@ -244,9 +248,8 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
     order = group_order(job_settings.symmetry)
     raw_rows: list[list[object]] = []
     rows: list[list[object]] = []
-    fits: dict[str, tuple[RHFit, list[jobs.JobSpec]]] = {}
-    for path in paths:
-        mine = [spec for spec in specs if spec.source == path]
+    fits: list[tuple[str, RHFit, list[jobs.JobSpec]]] = []
+    for path, mine in zip(paths, per_input, strict=True):
         for spec in mine:
             result = results[spec.name]
             raw_rows.append([str(path), spec.trial + 1, spec.level, result.particles,
@@ -254,7 +257,7 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
                              str(root / spec.name / result.alignment_star), result.fixed_pose])
         fit = fit_rh(np.array([_value(results[spec.name].resolution_angstrom) for spec in mine]),
                      np.array([results[spec.name].particles for spec in mine]), order, voltage)
-        fits[str(path)] = (fit, mine)
+        fits.append((str(path), fit, mine))
         full = [results[spec.name].resolution_angstrom for spec in mine if spec.level == 0]
         rows.append([str(path), _median(full), fit.bfactor, fit.classical_bfactor, settings.repeat,
                      all(results[spec.name].fixed_pose for spec in mine)])
@@ -262,13 +265,13 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
     with OutputGroup() as group:
         table.to_csv(group.path_for(summary), index=False, float_format="%.6g")
         pd.DataFrame(raw_rows, columns=RAW_COLUMNS).to_csv(group.path_for(raw), index=False, float_format="%.6g")
-        _plot_rh(group.path_for(plot), {name: (fit, [(results[spec.name].resolution_angstrom,
-                                                       results[spec.name].particles) for spec in mine])
-                                        for name, (fit, mine) in fits.items()}, order, voltage)
+        _plot_rh(group.path_for(plot), [(name, fit, [(results[spec.name].resolution_angstrom,
+                                                      results[spec.name].particles) for spec in mine])
+                                        for name, fit, mine in fits], order, voltage)
     return Outcome(table, [])
 
 
-def _plot_rh(path: Path, fits: dict[str, tuple[RHFit, list[tuple[float | None, int]]]], order: int,
+def _plot_rh(path: Path, fits: list[tuple[str, RHFit, list[tuple[float | None, int]]]], order: int,
              voltage: int) -> None:
     """``ln N`` against ``1 / d^2`` for each input, with both fits and their B-factors in the legend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -278,7 +281,7 @@ def _plot_rh(path: Path, fits: dict[str, tuple[RHFit, list[tuple[float | None, i
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     constant = voltage_constant(voltage)
-    for index, (name, (fit, points)) in enumerate(fits.items()):
+    for index, (name, fit, points) in enumerate(fits):
         colour = f"C{index % 10}"
         measured = [(d, n) for d, n in points if d is not None and math.isfinite(d)]
         x = np.array([1 / d**2 for d, _ in measured])
