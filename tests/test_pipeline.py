@@ -425,3 +425,28 @@ def test_validate_fixed_with_rh(builtin_run, known_truth, unbalanced, tmp_path):
     assert "Best resolution with poses re-estimated" in report
     jobs = sorted(path.name for path in Path(prefix + "_validate").iterdir() if path.is_dir())
     assert jobs == [f"set{i}_half{level}" for i in range(NUM_ITERS + 1) for level in range(5)]
+
+
+def test_validate_relion_failure_names_the_refinement_log(known_truth, unbalanced, tmp_path, capsys):
+    """--validate relion runs relion_refine_mpi under the given launcher from the particle directory; a failing
+    refinement stops the run with RELION's exit code and the path of its output, and is not recorded as done."""
+    program = tmp_path / "relion_refine_mpi"
+    program.write_text("#!/bin/sh\necho \"called in $(pwd) with: $*\"\necho 'ERROR: no memory' >&2\nexit 4\n")
+    launcher = tmp_path / "mpirun"
+    launcher.write_text('#!/bin/sh\nshift 2\nexec "$@"\n')  # "mpirun -n 3 PROGRAM ARGS" runs PROGRAM ARGS
+    for path in (program, launcher):
+        path.chmod(0o755)
+    arguments = common_arguments(known_truth, unbalanced)
+    arguments[arguments.index("--num_iters") + 1] = "1"
+    prefix = str(tmp_path / "out") + "/"
+    code = main([*arguments, "--o", prefix, "--validate", "relion", "--relion_refine", f"{launcher} -n 3 {program}",
+                 "--j", "2"])
+    message = capsys.readouterr().err.strip().splitlines()
+    assert code == 4, message
+    log = Path(prefix + "_validate") / "set0_half0.program.txt"
+    assert len(message) == 1 and str(log) in message[0]
+    text = log.read_text()
+    assert f"called in {known_truth.folder}" in text and "ERROR: no memory" in text
+    assert "--auto_refine --split_random_halves" in text and "--j 2" in text and "--firstiter_cc" in text
+    state = json.loads(Path(prefix + "_state.json").read_text())
+    assert "validate 0" not in state["completed"]
