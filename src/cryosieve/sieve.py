@@ -23,9 +23,10 @@ from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.fsc import fourier_shell_correlation, fsc_weight
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.mrc import Volume, read_volume
+from cryosieve.io.particle_files import in_format_of, read_particle_file
 from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import StackReader, stack_paths
-from cryosieve.io.star import output_paths, read_particles
+from cryosieve.io.star import output_paths
 from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.progress import ProgressFactory, no_progress
@@ -260,13 +261,14 @@ def sieve_output_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
 
 
 def scores_table(table: ParticleSet, result: SieveResult) -> pd.DataFrame:
-    """One row per particle in input order: image name, half-set, score, kept (0/1)."""
-    return pd.DataFrame({
-        "rlnImageName": table.image_name,
-        "half_set": result.half_set,
-        "score": result.scores,
-        "kept": result.kept.astype(int),
-    })
+    """One row per particle in input order: image name (and ``uid`` for a ``.cs`` input), half-set, score,
+    kept (0/1)."""
+    columns: dict[str, object] = {"rlnImageName": table.image_name}
+    uid = getattr(table.source, "uid", None)
+    if uid is not None:
+        columns["uid"] = uid
+    columns.update(half_set=result.half_set, score=result.scores, kept=result.kept.astype(int))
+    return pd.DataFrame(columns)
 
 
 def write_sieve_outputs(table: ParticleSet, result: SieveResult, out: str | os.PathLike[str]
@@ -274,9 +276,10 @@ def write_sieve_outputs(table: ParticleSet, result: SieveResult, out: str | os.P
     """Write the kept STAR, the sieved STAR and the scores CSV, all together or none
     (:func:`sieve_output_paths`); returns their paths."""
     kept_path, sieved_path, scores_path = sieve_output_paths(out)
+    written = in_format_of(table, kept_path)
     with OutputGroup() as group:
-        table.subset(result.kept).write_to(group.path_for(kept_path))
-        table.subset(~result.kept).write_to(group.path_for(sieved_path))
+        written.subset(result.kept).write_to(group.path_for(kept_path))
+        written.subset(~result.kept).write_to(group.path_for(sieved_path))
         scores_table(table, result).to_csv(group.path_for(scores_path), index=False, float_format="%.10g")
     return kept_path, sieved_path, scores_path
 
@@ -284,7 +287,7 @@ def write_sieve_outputs(table: ParticleSet, result: SieveResult, out: str | os.P
 def sieve_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, volume_paths: Sequence[str],
                  mask_path: str | None) -> list[InputFile]:
     """Every file a sieve of ``table`` reads (for :func:`cryosieve.io.paths.check_outputs`)."""
-    inputs = [InputFile(Path(table.path), "particle STAR file")]
+    inputs = [InputFile(Path(table.path), "particle file")]
     inputs += [InputFile(path, f"particle stack of {table.path}") for path in stack_paths(table, directory)]
     inputs += [InputFile(Path(path), "half map") for path in volume_paths]
     if mask_path:
@@ -294,7 +297,8 @@ def sieve_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, v
 
 def sieve_star_file(star: str, out: str, volume_paths: Sequence[str], settings: SieveSettings, *,
                     directory: str | None = None, mask_path: str | None = None, angpix: float | None = None,
-                    progress: ProgressFactory = no_progress) -> tuple[SieveResult, tuple[Path, Path, Path]]:
+                    passthrough: tuple[str, ...] = (), progress: ProgressFactory = no_progress
+                    ) -> tuple[SieveResult, tuple[Path, Path, Path]]:
     """One sieve from files to files (``cryosieve-core``).
 
     Reads ``star``, refuses outputs that would land on any input or in an unwritable place,
@@ -304,9 +308,10 @@ def sieve_star_file(star: str, out: str, volume_paths: Sequence[str], settings: 
     check_settings(settings)
     if not str(out).strip():
         raise CryoSieveInputError(f"{setting('output')}: empty output path")
-    table = read_particles(star, angpix)
+    table = read_particle_file(star, angpix, passthrough)
     outputs = sieve_output_paths(out)
-    check_outputs(outputs, sieve_inputs(table, directory, volume_paths, mask_path))
+    check_outputs(outputs, [*sieve_inputs(table, directory, volume_paths, mask_path),
+                            *(InputFile(Path(path), "passthrough file") for path in passthrough)])
     remove_stale_temporaries_of(outputs)
     with contextlib.closing(StackReader(table, directory)) as reader:
         reader, volumes, mask, half_set = load_inputs(table, directory, volume_paths, mask_path, settings, reader)

@@ -20,9 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="CryoSieve core: score each particle against the masked half map of its half-set "
                     "and keep the lowest-scoring fraction.",
     )
-    parser.add_argument("--i", required=True, help="input star file path.")
-    parser.add_argument("--o", required=True, help="output star file path (kept particles); "
-                        "OUT_sieved.star and OUT_scores.csv are written beside it.")
+    parser.add_argument("--i", required=True, help="input particles: a RELION STAR file, or a CryoSPARC .cs file.")
+    parser.add_argument("--passthrough", nargs="+", default=[],
+                        help="for a .cs input: further .cs files of the same particles (e.g. the _passthrough "
+                             "file), whose fields the main file lacks are taken by uid.")
+    parser.add_argument("--o", required=True,
+                        help="output particle file (kept particles), .star or .cs (a format other than the "
+                             "input's converts); OUT_sieved.EXT and OUT_scores.csv are written beside it.")
     parser.add_argument("--directory", default="", help="directory of particles, empty (current directory) by default.")
     parser.add_argument("--angpix", type=float, default=None,
                         help="pixelsize in Angstrom (needed for RELION 3.0 STAR files; 3.1+ files carry it).")
@@ -69,7 +73,8 @@ def _main(argv: Sequence[str] | None) -> int:
                              batch_size=args.batch_size, device=device, num_processes=args.num_gpus,
                              balance=args.balance)
     _, paths = sieve_star_file(args.i, args.o, args.volume, settings, directory=args.directory or None,
-                               mask_path=args.mask, angpix=args.angpix, progress=progress_factory(not args.quiet))
+                               mask_path=args.mask, angpix=args.angpix, passthrough=tuple(args.passthrough),
+                               progress=progress_factory(not args.quiet))
     log.info("wrote %s in %.2f s", ", ".join(str(path) for path in paths), time.perf_counter() - started)
     return 0
 
@@ -79,7 +84,7 @@ FLAGS = {
     "input_star": "--i", "output": "--o", "directory": "--directory", "angpix": "--angpix", "volumes": "--volume",
     "mask": "--mask", "retention_ratio": "--retention_ratio", "highpass_angstrom": "--frequency",
     "balance": "--balance", "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size",
-    "projector": "--projector", "reference_weighting": "--reference_weighting",
+    "projector": "--projector", "reference_weighting": "--reference_weighting", "passthrough": "--passthrough",
 }
 
 

@@ -304,3 +304,33 @@ def output_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
     out = Path(out)
     root, ext = os.path.splitext(str(out))
     return out, Path(root + "_sieved" + (ext or ".star"))
+
+
+def star_source_of(particles: ParticleSet) -> StarSource:
+    """A RELION 3.1 description of ``particles`` (for a set read from another format, ``--o x.star``):
+    ``data_optics`` with one row per optics group, ``data_particles`` with the values the set holds
+    (origins in Å)."""
+    groups = np.unique(particles.optics_group)
+    first = np.array([int(np.flatnonzero(particles.optics_group == group)[0]) for group in groups])
+    optics = pd.DataFrame({
+        "rlnOpticsGroup": groups.astype(np.int64),
+        "rlnOpticsGroupName": [f"opticsGroup{int(group)}" for group in groups],
+        "rlnVoltage": particles.voltage[first], "rlnSphericalAberration": particles.spherical_aberration[first],
+        "rlnAmplitudeContrast": particles.amplitude_contrast[first], "rlnImagePixelSize": particles.pixel_size[first],
+    })
+    if particles.image_size is not None:
+        optics["rlnImageSize"] = particles.image_size[first].astype(np.int64)
+    optics["rlnImageDimensionality"] = 2
+    table = pd.DataFrame({
+        "rlnImageName": particles.image_name.astype(str), "rlnAngleRot": particles.rot,
+        "rlnAngleTilt": particles.tilt, "rlnAnglePsi": particles.psi,
+        "rlnOriginXAngst": particles.origin_x * particles.pixel_size,
+        "rlnOriginYAngst": particles.origin_y * particles.pixel_size,
+        "rlnDefocusU": particles.defocus_u, "rlnDefocusV": particles.defocus_v,
+        "rlnDefocusAngle": particles.defocus_angle, "rlnPhaseShift": particles.phase_shift,
+        "rlnCtfBfactor": particles.ctf_bfactor, "rlnCtfScalefactor": particles.ctf_scalefactor,
+        "rlnOpticsGroup": particles.optics_group.astype(np.int64),
+    })
+    if particles.random_subset is not None:
+        table["rlnRandomSubset"] = particles.random_subset.astype(np.int64)
+    return StarSource(version="3.1", blocks={"optics": optics, "particles": table}, particles_block="particles")
