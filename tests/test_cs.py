@@ -156,3 +156,47 @@ def test_missing_fields_are_one_line_errors(small: SmallData, cs_file: Path, tmp
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert list(out.iterdir()) == []
     damaged.unlink()
+
+
+def test_pipeline_runs_on_cs_input_with_passthrough(small: SmallData, cs_file: Path, tmp_path: Path) -> None:
+    """The pipeline on a .cs input (CTF fields in a passthrough file) keeps the same particles round by round as on
+    the STAR description, writes every set as .cs rows of the input, and validates them (--validate fixed)."""
+    from cryosieve.cli.pipeline import main as pipeline_main
+
+    full = Dataset.load(cs_file)
+    ctf = [name for name in full.fields() if name.startswith("ctf/")]
+    main_cs = write_cs(full.copy().drop_fields(ctf), tmp_path / "main.cs")
+    passthrough = write_cs(full.filter_fields(["uid", *ctf]), tmp_path / "passthrough.cs")
+    common = ["--mask", str(small.mask), "--directory", str(small.folder), "--num_iters", "2", "--frequency_start",
+              "30", "--frequency_end", "12", "--device", "cpu", "--quiet"]
+    assert pipeline_main(["--i", str(small.star), "--o", str(tmp_path / "star") + "/", *common]) == 0
+    assert pipeline_main(["--i", str(main_cs), "--passthrough", str(passthrough), "--o", str(tmp_path / "cs") + "/",
+                          "--validate", "fixed", *common]) == 0
+    for iteration in (1, 2):
+        star_scores = pd.read_csv(tmp_path / "star" / f"_iter{iteration}_scores.csv")
+        cs_scores = pd.read_csv(tmp_path / "cs" / f"_iter{iteration}_scores.csv")
+        np.testing.assert_array_equal(cs_scores["kept"], star_scores["kept"])
+        kept = Dataset.load(tmp_path / "cs" / f"_iter{iteration}.cs")
+        assert kept.fields() == Dataset.load(main_cs).fields()
+        assert set(np.asarray(kept["uid"]).tolist()) <= set(np.asarray(full["uid"]).tolist())
+    star_summary = pd.read_csv(tmp_path / "star" / "_summary.csv")
+    cs_summary = pd.read_csv(tmp_path / "cs" / "_summary.csv")
+    np.testing.assert_allclose(cs_summary["resolution_angstrom"][:2], star_summary["resolution_angstrom"][:2],
+                               rtol=0.05)
+    assert np.isfinite(cs_summary["validated_resolution_angstrom"]).all()
+    assert not (tmp_path / "cs" / "_iter0.star").exists()
+
+
+def test_pipeline_gives_an_external_reconstruction_a_star_description(small: SmallData, cs_file: Path,
+                                                                       tmp_path: Path) -> None:
+    from conftest import require
+    from cryosieve.cli.pipeline import main as pipeline_main
+
+    require("relion_reconstruct")
+    prefix = str(tmp_path / "out") + "/"
+    assert pipeline_main(["--i", str(cs_file), "--o", prefix, "--mask", str(small.mask), "--directory",
+                          str(small.folder), "--num_iters", "1", "--frequency_start", "20", "--frequency_end", "20",
+                          "--reconstruct_software", "relion_reconstruct", "--device", "cpu", "--quiet"]) == 0
+    view = read_particles(prefix + "_iter0_relion.star")
+    np.testing.assert_array_equal(view.image_name, read_cs_particles(cs_file).image_name)
+    assert Path(prefix + "_iter0_half1.mrc").is_file() and Path(prefix + "_iter1.cs").is_file()

@@ -30,8 +30,8 @@ def test_names_wildcards_and_lists_in_order(folder: Path) -> None:
 @pytest.mark.parametrize(("items", "content", "message"), [
     (["out/_iter?.mrc"], None, "out/_iter\\?.mrc: matches no file"),
     (["missing.star"], None, "missing.star: file not found"),
-    (["b.mrcs"], None, "neither a STAR"),
-    (["list.txt"], "b.star\nparticles.mrcs\n", "list.txt: line 2 \\(particles.mrcs\\) is not a STAR file"),
+    (["b.mrcs"], None, "neither a particle file"),
+    (["list.txt"], "b.star\nparticles.mrcs\n", "list.txt: line 2 \\(particles.mrcs\\) is not a STAR or .cs file"),
     (["list.txt"], "gone.star\n", "list.txt: line 1: gone.star: file not found"),
     (["list.txt"], "# nothing\n", "no particle set given"),
 ])

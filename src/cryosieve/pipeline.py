@@ -52,9 +52,9 @@ from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from cryosieve.io.lock import exclusive_lock
 from cryosieve.io.mrc import Volume, read_volume
+from cryosieve.io.particle_files import format_of, in_format_of, read_particle_file
 from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import StackReader, stack_paths
-from cryosieve.io.star import read_particles
 from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.postprocess import PostprocessReport
@@ -146,6 +146,7 @@ class PipelineSettings:
     reference_weighting: str = "auto"
     reconstruct_batch_size: int = 128
     report: bool = True
+    passthrough: tuple[str, ...] = ()
 
     @property
     def schedule(self) -> CutoffSchedule:
@@ -162,15 +163,21 @@ class OutputNames:
     """Every output path of a run, from its prefix (string concatenation, as published)."""
 
     prefix: str
+    extension: str = ".star"  # the particle files' format, the input's: ".star" or ".cs"
 
     def _path(self, suffix: str) -> Path:
         return Path(self.prefix + suffix)
 
     def star(self, iteration: int) -> Path:
-        return self._path(f"_iter{iteration}.star")
+        """The particle file of set ``iteration`` (``_iter{i}.star``, or ``.cs`` for a ``.cs`` input)."""
+        return self._path(f"_iter{iteration}{self.extension}")
 
     def sieved(self, iteration: int) -> Path:
-        return self._path(f"_iter{iteration}_sieved.star")
+        return self._path(f"_iter{iteration}_sieved{self.extension}")
+
+    def relion_star(self, iteration: int) -> Path:
+        """The STAR description of a ``.cs`` set for an external reconstruction program."""
+        return self._path(f"_iter{iteration}_relion.star")
 
     def scores(self, iteration: int) -> Path:
         return self._path(f"_iter{iteration}_scores.csv")
@@ -209,6 +216,8 @@ class OutputNames:
             paths += [self.half_map(iteration, 1), self.half_map(iteration, 2),
                       self.reconstruct_log(iteration, 1), self.reconstruct_log(iteration, 2),
                       self.postprocess_log(iteration), *sieve_output_paths(self.star(iteration + 1))]
+            if self.extension != ".star":
+                paths.append(self.relion_star(iteration))
         report = report_paths(self.prefix)
         paths += [report.summary_csv, report.resolution_plot, report.fsc_plot, report.scores_plot, report.html]
         return paths
@@ -332,8 +341,9 @@ def _pixel_size(settings: PipelineSettings, particles: ParticleSet) -> float:
 
 
 def _inputs(settings: PipelineSettings, particles: ParticleSet) -> list[InputFile]:
-    inputs = [InputFile(Path(settings.input_star), f"{setting('input_star')}, the particle STAR file"),
+    inputs = [InputFile(Path(settings.input_star), f"{setting('input_star')}, the particle file"),
               InputFile(Path(settings.mask), setting("mask"))]
+    inputs += [InputFile(Path(path), setting("passthrough")) for path in settings.passthrough]
     inputs += [InputFile(path, f"particle stack of {settings.input_star}")
                for path in stack_paths(particles, settings.directory or None)]
     return inputs
@@ -348,13 +358,13 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         raise CryoSieveInputError(f"{setting('directory')} {settings.directory}: not a folder")
     if not os.path.isfile(settings.input_star):
         raise CryoSieveInputError(f"{setting('input_star')} {settings.input_star}: file not found")
-    if not settings.input_star.endswith(".star"):
+    if format_of(settings.input_star) == "star" and not settings.input_star.endswith(".star"):
         raise CryoSieveInputError(
-            f"{setting('input_star')} {settings.input_star}: not a STAR file (name must end in .star)")
+            f"{setting('input_star')} {settings.input_star}: not a particle file (name must end in .star or .cs)")
     if not os.path.isfile(settings.mask):
         raise CryoSieveInputError(f"{setting('mask')} {settings.mask}: file not found")
-    particles = read_particles(settings.input_star, settings.angpix)
-    names = OutputNames(settings.output_prefix)
+    particles = read_particle_file(settings.input_star, settings.angpix, settings.passthrough)
+    names = OutputNames(settings.output_prefix, Path(settings.input_star).suffix.lower())
     check_outputs(names.files(settings.num_iters), _inputs(settings, particles), names.folders(settings.num_iters))
     if particles.random_subset is None:
         raise CryoSieveInputError(f"{settings.input_star}: column rlnRandomSubset missing (half-sets 1 and 2 needed)")
@@ -380,6 +390,8 @@ def prepare(settings: PipelineSettings) -> _Prepared:
     arguments = {
         "input_star": os.path.abspath(settings.input_star),
         "input_star_sha256": _sha256(settings.input_star),
+        "passthrough": [os.path.abspath(path) for path in settings.passthrough],
+        "passthrough_sha256": [_sha256(path) for path in settings.passthrough],
         "mask": os.path.abspath(settings.mask),
         "mask_sha256": _sha256(settings.mask),
         "directory": os.path.abspath(settings.directory or "."),
@@ -485,7 +497,12 @@ def _write_iter0(prepared: _Prepared) -> None:
 def _reconstruct(prepared: _Prepared, particles: ParticleSet, iteration: int, progress: ProgressFactory) -> None:
     names = prepared.names
     directory = Path(prepared.settings.directory) if prepared.settings.directory else None
-    job = HalfMapJob(particles=particles, star=names.star(iteration).absolute(), directory=directory,
+    star = names.star(iteration).absolute()
+    if names.extension != ".star" and not isinstance(prepared.reconstructor, BuiltinReconstructor):
+        # an external program reads STAR files: the set described in RELION's terms
+        star = names.relion_star(iteration).absolute()
+        in_format_of(particles, star).write(star)
+    job = HalfMapJob(particles=particles, star=star, directory=directory,
                      outputs=(names.half_map(iteration, 1), names.half_map(iteration, 2)),
                      logs=(names.reconstruct_log(iteration, 1), names.reconstruct_log(iteration, 2)),
                      pixel_size=prepared.angpix, symmetry=prepared.symmetry)
@@ -542,11 +559,12 @@ def _validate(prepared: _Prepared, iteration: int, progress: ProgressFactory) ->
     validator = settings.validator
     assert validator is not None
     star = names.star(iteration).absolute()
-    particles = read_particles(star, prepared.angpix)
+    particles = read_particle_file(star, prepared.angpix, settings.passthrough)
     job_settings = jobs.JobSettings(
         directory=Path(os.path.abspath(settings.directory)) if settings.directory else None,
         symmetry=prepared.symmetry, reference=None, ini_high=30.0, mask=Path(os.path.abspath(settings.mask)),
-        particle_diameter=None, local=False)
+        particle_diameter=None, local=False,
+        passthrough=tuple(Path(os.path.abspath(path)) for path in settings.passthrough))
     subsets = nested_subsets(len(particles), particles.random_subset,
                              settings.rh_halves if settings.validate_rh else 0, seed=1, resplit=False)
     specs = [jobs.JobSpec(name=f"set{iteration}_half{level}", source=star, trial=0, level=level, seed=1,

@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "lowest-scoring fraction of each half-set at a high-pass cut-off going from --frequency_start to "
                     "--frequency_end, and repeat --num_iters times.",
     )
-    parser.add_argument("--i", required=True, help="input star file path.")
+    parser.add_argument("--i", required=True,
+                        help="input particles: a RELION STAR file, or a CryoSPARC .cs file (then every set is written "
+                             "as .cs, with every field and uid of its rows).")
+    parser.add_argument("--passthrough", nargs="+", default=[],
+                        help="for a .cs input: further .cs files of the same particles, whose fields the main file "
+                             "lacks are taken by uid.")
     parser.add_argument("--o", required=True, help="output path prefix (e.g. output/ gives output/_iter0.star ...).")
     parser.add_argument("--angpix", type=float, default=None,
                         help="pixelsize in Angstrom (needed for RELION 3.0 STAR files; 3.1+ files carry it).")
@@ -108,7 +113,7 @@ def _main(argv: Sequence[str] | None) -> int:
         retention_ratio=args.retention_ratio, balance=args.balance, reconstructor=reconstructor,
         postprocessor=postprocessor, num_processes=args.num_gpus, device=device, batch_size=args.batch_size,
         projector=args.projector, reference_weighting=args.reference_weighting, report=args.report,
-        validator=validator, validate_rh=args.validate_rh,
+        validator=validator, validate_rh=args.validate_rh, passthrough=tuple(args.passthrough),
     )
     result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
                           checkpoint=check_interrupt)
@@ -127,7 +132,8 @@ FLAGS = {
     "reconstructor": "--reconstruct_software", "postprocessor": "--postprocess_software", "num_procs": "--num_procs",
     "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size", "projector": "--projector",
     "reference_weighting": "--reference_weighting", "resume": "--continue", "highpass_angstrom": "--frequency_start",
-    "validator": "--validate", "validate_rh": "--validate_rh", "relion_refine": "--relion_refine", "threads": "--j",
+    "validator": "--validate", "validate_rh": "--validate_rh", "passthrough": "--passthrough",
+    "relion_refine": "--relion_refine", "threads": "--j",
 }
 
 

@@ -25,9 +25,9 @@ from cryosieve.backends.builtin import FixedPoseRefiner
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.mrc import read_volume
+from cryosieve.io.particle_files import read_particle_file
 from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import StackReader, stack_paths
-from cryosieve.io.star import read_particles
 from cryosieve.mask import check_mask
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.refine import jobs
@@ -111,7 +111,7 @@ def _check(settings: RefineSettings, outputs: tuple[Path, ...], folders: list[Pa
             inputs.append(InputFile(Path(given), setting(name)))
     shape: tuple[int, float] | None = None
     for path in paths:
-        particles = read_particles(path)
+        particles = read_particle_file(path)
         inputs += [InputFile(stack, f"particle stack of {path}") for stack in stack_paths(particles, directory)]
         if particles.random_subset is None and not settings.resplit:
             raise CryoSieveInputError(f"{path}: column rlnRandomSubset missing; give {setting('resplit')} to split the "
@@ -210,7 +210,7 @@ def _resplit(spec: jobs.JobSpec, settings: RefineSettings, count: int | None = N
     if not settings.resplit:
         return spec
     if count is None:
-        count = len(spec.rows) if spec.rows is not None else len(read_particles(spec.source))
+        count = len(spec.rows) if spec.rows is not None else len(read_particle_file(spec.source))
     return replace(spec, halves=random_halves(count, spec.seed))
 
 
@@ -227,7 +227,7 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
     paths, job_settings = _check(settings, (summary, raw, plot), [root], MIN_PER_HALF_SET * 2 ** halves)
     per_input: list[list[jobs.JobSpec]] = []
     for index, path in enumerate(paths):
-        particles = read_particles(path)
+        particles = read_particle_file(path)
         specs: list[jobs.JobSpec] = []
         per_input.append(specs)
         for trial in range(settings.repeat):
@@ -267,13 +267,15 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
         pd.DataFrame(raw_rows, columns=RAW_COLUMNS).to_csv(group.path_for(raw), index=False, float_format="%.6g")
         _plot_rh(group.path_for(plot), [(name, fit, [(results[spec.name].resolution_angstrom,
                                                       results[spec.name].particles) for spec in mine])
-                                        for name, fit, mine in fits], order, voltage)
+                                        for name, fit, mine in fits], order, voltage,
+                 fixed_pose=all(result.fixed_pose for result in results.values()))
     return Outcome(table, [])
 
 
 def _plot_rh(path: Path, fits: list[tuple[str, RHFit, list[tuple[float | None, int]]]], order: int,
-             voltage: int) -> None:
-    """``ln N`` against ``1 / d^2`` for each input, with both fits and their B-factors in the legend."""
+             voltage: int, fixed_pose: bool) -> None:
+    """``ln N`` against ``1 / d^2`` for each input, with both fits and their B-factors in the legend; the title
+    says when the poses were the given ones."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -295,7 +297,7 @@ def _plot_rh(path: Path, fits: list[tuple[str, RHFit, list[tuple[float | None, i
                   label=f"straight line: B = {fit.classical_bfactor:.0f} Å²")
     axes.set_xlabel("1 / resolution² (1/Å²)")
     axes.set_ylabel("ln(number of particles)")
-    axes.set_title("Rosenthal-Henderson plot")
+    axes.set_title("Rosenthal-Henderson plot" + (" (fixed poses: optimistic)" if fixed_pose else ""))
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(str(path), format="png")

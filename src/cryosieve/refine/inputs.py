@@ -34,17 +34,18 @@ def expand_inputs(items: Sequence[str]) -> list[Path]:
                     if not name or name.startswith("#"):
                         continue
                     listed = Path(name)
-                    if listed.suffix != ".star":
-                        raise CryoSieveInputError(f"{path}: line {number} ({name}) is not a STAR file")
+                    if listed.suffix not in (".star", ".cs"):
+                        raise CryoSieveInputError(f"{path}: line {number} ({name}) is not a STAR or .cs file")
                     if not listed.is_file():
                         raise CryoSieveInputError(f"{path}: line {number}: {name}: file not found")
                     paths.append(Path(os.path.abspath(listed)))
-            elif path.suffix == ".star":
+            elif path.suffix in (".star", ".cs"):
                 if not path.is_file():
                     raise CryoSieveInputError(f"{setting('inputs')} {path}: file not found")
                 paths.append(Path(os.path.abspath(path)))
             else:
-                raise CryoSieveInputError(f"{setting('inputs')} {path}: neither a STAR (.star) nor a list (.txt) file")
+                raise CryoSieveInputError(f"{setting('inputs')} {path}: neither a particle file (.star, .cs) nor "
+                                          "a list (.txt) file")
     if not paths:
         raise CryoSieveInputError(f"{setting('inputs')}: no particle set given")
     return paths

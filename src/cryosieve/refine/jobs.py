@@ -33,7 +33,7 @@ from cryosieve.backends import RefinementJob, RefinementResult, Refiner
 from cryosieve.errors import CryoSieveInputError, ExternalCommandError
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries, write_text_atomic
 from cryosieve.io.lock import exclusive_lock
-from cryosieve.io.star import read_particles
+from cryosieve.io.particle_files import in_format_of, read_particle_file
 from cryosieve.progress import ProgressFactory, no_progress
 
 #: How often the runner looks at its workers (seconds).
@@ -72,6 +72,7 @@ class JobSettings:
     mask: Path | None
     particle_diameter: float | None
     local: bool
+    passthrough: tuple[Path, ...] = ()  # further .cs files of the particles of a .cs input
 
 
 def _sha256(path: Path) -> str:
@@ -99,6 +100,7 @@ def job_record(spec: JobSpec, settings: JobSettings, refiner: Refiner) -> dict[s
         "refiner": refiner.describe(), "directory": str(settings.directory) if settings.directory else None,
         "symmetry": settings.symmetry, "reference": file(settings.reference), "ini_high": settings.ini_high,
         "mask": file(settings.mask), "particle_diameter": settings.particle_diameter, "local": settings.local,
+        "passthrough": [file(path) for path in settings.passthrough],
     }
 
 
@@ -123,7 +125,7 @@ def plan(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root
     """What running the jobs would do, a line or more per job (nothing is run or written)."""
     lines = []
     for spec in specs:
-        particles = read_particles(spec.source)
+        particles = read_particle_file(spec.source, None, tuple(str(path) for path in settings.passthrough))
         count = len(particles) if spec.rows is None else len(spec.rows)
         box = int(particles.image_size[0]) if particles.image_size is not None else 0
         job = refinement_job(spec, settings, root / spec.name, root, box, float(particles.pixel_size[0]))
@@ -213,11 +215,11 @@ def _start(spec: JobSpec, record: dict[str, Any], settings: JobSettings, refiner
     group = OutputGroup()
     try:
         folder = group.folder_for(root / spec.name)
-        particles = read_particles(spec.source)
+        particles = read_particle_file(spec.source, None, tuple(str(path) for path in settings.passthrough))
         subset = particles if spec.rows is None else particles.subset(spec.rows)
         if spec.halves is not None:
             subset = subset.with_halves(spec.halves)
-        subset.write_to(folder / "particles.star")
+        in_format_of(subset, folder / "particles.star").write_to(folder / "particles.star")
         box = int(subset.image_size[0]) if subset.image_size is not None else 0
         job = refinement_job(spec, settings, folder, root, box, float(subset.pixel_size[0]))
         (folder / "job.json").write_text(json.dumps(record, indent=2) + "\n")
