@@ -90,10 +90,12 @@ def _main(argv: Sequence[str] | None) -> int:
     from cryosieve.refine import refine_files
 
     outcome = refine_files(settings, refiner, dry_run=args.dry_run, progress=progress_factory(not args.quiet))
-    if args.dry_run:
-        print("\n".join(outcome.plan))
-    else:
-        print(f"cryosieve-refine: summary written to {args.o}")
+    return report(outcome, args, "cryosieve-refine: summary written to")
+
+
+def report(outcome: Any, args: argparse.Namespace, written: str) -> int:
+    """Print a dry run's plan, or where the summary went; the exit status."""
+    print("\n".join(outcome.plan) if args.dry_run else f"{written} {args.o}")
     return 0
 
 

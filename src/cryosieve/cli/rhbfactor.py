@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from cryosieve.cli._common import progress_factory, run_command, setup_logging
-from cryosieve.cli.refine import FLAGS, add_refine_arguments, settings_and_refiner
+from cryosieve.cli.refine import FLAGS, add_refine_arguments, report, settings_and_refiner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +32,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     outcome = rhbfactor_files(settings, refiner, voltage=args.voltage, halves=args.halves, dry_run=args.dry_run,
                               progress=progress_factory(not args.quiet))
-    if args.dry_run:
-        print("\n".join(outcome.plan))
-    else:
-        print(f"cryosieve-rhbfactor: written to {args.o}")
-    return 0
+    return report(outcome, args, "cryosieve-rhbfactor: written to")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

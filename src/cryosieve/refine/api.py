@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryosieve.backends import Refiner
+from cryosieve.backends import RefinementResult, Refiner
 from cryosieve.backends.builtin import FixedPoseRefiner
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
@@ -173,6 +173,21 @@ def _value(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
+def _plan(specs: list[jobs.JobSpec], settings: RefineSettings, job_settings: jobs.JobSettings, refiner: Refiner,
+          root: Path) -> list[str]:
+    """The lines of a dry run: how many jobs, then each job's plan."""
+    return [f"{len(specs)} refinement jobs with {refiner.describe()}, up to {settings.workers} at once, in {root}",
+            *jobs.plan(specs, job_settings, refiner, root)]
+
+
+def _run(specs: list[jobs.JobSpec], settings: RefineSettings, job_settings: jobs.JobSettings, refiner: Refiner,
+         root: Path, progress: ProgressFactory) -> dict[str, RefinementResult]:
+    """Every job's result (running those not done yet), with a warning for fixed-pose estimates."""
+    if any(isinstance(refiner, kind) for kind in _FIXED):
+        log.warning("fixed poses: the resolutions are optimistic (the poses were found with other particles)")
+    return jobs.run(specs, job_settings, refiner, root, workers=settings.workers, progress=progress)
+
+
 def refine_files(settings: RefineSettings, refiner: Refiner, *, dry_run: bool = False,
                  progress: ProgressFactory = no_progress) -> Outcome:
     """``cryosieve-refine``: each input refined ``repeat`` times; writes the summary (one row per input and
@@ -185,11 +200,8 @@ def refine_files(settings: RefineSettings, refiner: Refiner, *, dry_run: bool = 
         settings.repeat)] for index, path in enumerate(paths)]
     specs = [spec for trials in per_input for spec in trials]
     if dry_run:
-        return Outcome(None, [f"{len(specs)} refinement jobs with {refiner.describe()}, up to {settings.workers} at "
-                              f"once, in {root}", *jobs.plan(specs, job_settings, refiner, root)])
-    if any(isinstance(refiner, kind) for kind in _FIXED):
-        log.warning("fixed poses: the resolutions are optimistic (the poses were found with other particles)")
-    results = jobs.run(specs, job_settings, refiner, root, workers=settings.workers, progress=progress)
+        return Outcome(None, _plan(specs, settings, job_settings, refiner, root))
+    results = _run(specs, settings, job_settings, refiner, root, progress)
     rows = []
     for path, trials in zip(paths, per_input, strict=True):
         resolutions = [results[spec.name].resolution_angstrom for spec in trials]
@@ -240,11 +252,8 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
                 specs.append(_resplit(spec, settings, len(subset)))
     specs = [spec for mine in per_input for spec in mine]
     if dry_run:
-        return Outcome(None, [f"{len(specs)} refinement jobs with {refiner.describe()}, up to {settings.workers} at "
-                              f"once, in {root}", *jobs.plan(specs, job_settings, refiner, root)])
-    if any(isinstance(refiner, kind) for kind in _FIXED):
-        log.warning("fixed poses: the resolutions are optimistic (the poses were found with other particles)")
-    results = jobs.run(specs, job_settings, refiner, root, workers=settings.workers, progress=progress)
+        return Outcome(None, _plan(specs, settings, job_settings, refiner, root))
+    results = _run(specs, settings, job_settings, refiner, root, progress)
     order = group_order(job_settings.symmetry)
     raw_rows: list[list[object]] = []
     rows: list[list[object]] = []
