@@ -207,3 +207,21 @@ def test_a_failing_relion_stops_the_run_with_its_log(small: Path, tmp_path: Path
     assert sorted(path.name for path in (out / "s_jobs").iterdir() if not path.name.startswith(".")) == [
         "01_particles_trial1.log", "01_particles_trial1.program.txt"]
     os.unlink(log)
+
+
+def test_pipeline_refuses_a_validation_its_last_set_cannot_feed(small: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """200 per half-set, two rounds at 0.5: the last set keeps 50; RH with 4 halvings needs 160 per half-set."""
+    from cryosieve.cli.pipeline import main as pipeline_main
+
+    prefix = tmp_path / "out"
+    prefix.mkdir()
+    code = pipeline_main(["--i", str(small), "--o", str(prefix) + "/", "--mask", str(small.parent / "mask.mrc"),
+                          "--directory", str(small.parent), "--num_iters", "2", "--retention_ratio", "0.5",
+                          "--frequency_start", "20", "--frequency_end", "10", "--validate", "fixed", "--validate_rh",
+                          "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--validate: the last set keeps 50 particles in its smaller half-set" in err[0]
+    assert "need at least 160" in err[0]
+    assert list(prefix.iterdir()) == []

@@ -60,9 +60,11 @@ from cryosieve.particles import ParticleSet
 from cryosieve.postprocess import PostprocessReport
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.refine import jobs
+from cryosieve.refine.api import MIN_PER_HALF_SET
 from cryosieve.refine.rh import fit_rh, nested_subsets, voltage_constant
 from cryosieve.report import ReportPaths, RoundSummary, report_paths, write_report
 from cryosieve.schedule import CutoffSchedule
+from cryosieve.score import retained_count
 from cryosieve.sieve import (
     SieveSettings,
     check_geometry,
@@ -349,6 +351,22 @@ def _inputs(settings: PipelineSettings, particles: ParticleSet) -> list[InputFil
     return inputs
 
 
+def _check_validation_size(settings: PipelineSettings, halves: np.ndarray) -> None:
+    """Refuse, before anything runs, a validation whose last (smallest) set, or its smallest
+    Rosenthal-Henderson halving, would keep fewer than ``MIN_PER_HALF_SET`` particles per half-set."""
+    smallest = min(int(np.sum(halves == value)) for value in (1, 2))
+    for _ in range(settings.num_iters):
+        smallest = retained_count(smallest, settings.retention_ratio)
+    halvings = settings.rh_halves if settings.validate_rh else 0
+    needed = MIN_PER_HALF_SET * 2**halvings
+    if smallest < needed:
+        raise CryoSieveInputError(
+            f"{setting('validator')}: the last set keeps {smallest} particles in its smaller half-set, and its "
+            f"refinement{' and RH halvings' if halvings else ''} need at least {needed} (fewer "
+            f"{setting('num_iters')}, a higher {setting('retention_ratio')}"
+            + (f", or no {setting('validate_rh')})" if halvings else ")"))
+
+
 def prepare(settings: PipelineSettings) -> _Prepared:
     """Read and check every input; raises :class:`CryoSieveInputError` before anything is written."""
     _check_numbers(settings)
@@ -387,6 +405,8 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         if settings.rh_halves < 1:
             raise CryoSieveInputError(f"{setting('rh_halves')} {settings.rh_halves}: must be at least 1")
     rows0 = balanced_rows(particles.random_subset) if settings.balance else np.arange(len(particles))
+    if settings.validator is not None:
+        _check_validation_size(settings, particles.random_subset[rows0])
     arguments = {
         "input_star": os.path.abspath(settings.input_star),
         "input_star_sha256": _sha256(settings.input_star),

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -225,8 +224,3 @@ def particles_to_dataset(particles: ParticleSet, seed: int = 0) -> Any:
     dataset["ctf/exp_group_id"] = particles.optics_group
     return dataset
 
-
-def write_dataset(dataset: Any, path: str | os.PathLike[str]) -> None:
-    """Write a Dataset to ``path`` directly (callers handle atomicity)."""
-    with open(Path(path), "wb") as handle:
-        dataset.save(handle)
