@@ -41,12 +41,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 
-from cryosieve.backends import HalfMapJob, PostprocessJob, PostProcessor, Reconstructor, Refiner
+from cryosieve.backends import (
+    HalfMapJob,
+    PostprocessJob,
+    PostProcessor,
+    Reconstructor,
+    Refiner,
+    RemoteRefiner,
+    is_remote,
+)
 from cryosieve.backends.builtin import BuiltinPostProcessor, BuiltinReconstructor
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
@@ -76,6 +84,9 @@ from cryosieve.sieve import (
 )
 from cryosieve.symmetry import canonical_name, group_order
 from cryosieve.tolerances import pixel_sizes_agree
+
+if TYPE_CHECKING:
+    from cryosieve.cryosparc.selection import PreparedReturn, ReturnTarget
 
 log = logging.getLogger("cryosieve")
 
@@ -149,6 +160,7 @@ class PipelineSettings:
     reconstruct_batch_size: int = 128
     report: bool = True
     passthrough: tuple[str, ...] = ()
+    return_to: ReturnTarget | None = None
 
     @property
     def schedule(self) -> CutoffSchedule:
@@ -253,13 +265,17 @@ def cutoff_frequencies(frequency_start: float, frequency_end: float, num_iters: 
     return CutoffSchedule(frequency_start, frequency_end, num_iters).cutoffs
 
 
-def step_names(num_iters: int, validate: bool = False) -> list[str]:
+#: The last step of a run whose selection goes back to CryoSPARC.
+GIVE_BACK = "give back to CryoSPARC"
+
+
+def step_names(num_iters: int, validate: bool = False, give_back: bool = False) -> list[str]:
     """Every step of a run, in order."""
     names = ["prepare"]
     for iteration in range(num_iters):
         names += [f"reconstruct {iteration}", f"postprocess {iteration}", f"sieve {iteration}"]
         names += [f"validate {iteration}"] if validate else []
-    return names + ([f"validate {num_iters}"] if validate else [])
+    return names + ([f"validate {num_iters}"] if validate else []) + ([GIVE_BACK] if give_back else [])
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
@@ -308,6 +324,8 @@ class _Prepared:
     reconstructor: Reconstructor
     postprocessor: PostProcessor
     arguments: dict[str, Any]
+    validator: Refiner | None = None  # settings.validator, told where the particles come from
+    returning: PreparedReturn | None = None  # where the last selection goes back to CryoSPARC
 
 
 def _check_numbers(settings: PipelineSettings) -> None:
@@ -405,8 +423,18 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         if settings.rh_halves < 1:
             raise CryoSieveInputError(f"{setting('rh_halves')} {settings.rh_halves}: must be at least 1")
     rows0 = balanced_rows(particles.random_subset) if settings.balance else np.arange(len(particles))
-    if settings.validator is not None:
+    validator = settings.validator
+    if validator is not None:
         _check_validation_size(settings, particles.random_subset[rows0])
+        if is_remote(validator):  # the server and the particles' source job, checked before anything runs
+            validator = cast(RemoteRefiner, validator).for_origin(Path(settings.input_star))
+            validator.prepare([], dry_run=False)
+    returning = None
+    if settings.return_to is not None:
+        from cryosieve.cryosparc.selection import prepare_return
+        from cryosieve.sieve import uids_of
+
+        returning = prepare_return(settings.return_to, settings.input_star, uids_of(particles))
     arguments = {
         "input_star": os.path.abspath(settings.input_star),
         "input_star_sha256": _sha256(settings.input_star),
@@ -425,13 +453,16 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         "reconstructor": reconstructor.describe(),
         "postprocessor": postprocessor.describe(),
         "validator": settings.validator.describe() if settings.validator is not None else "none",
+        **({"cryosparc_return": f"{settings.return_to.project} {settings.return_to.workspace} "
+                                f"{returning.source[0]}.{returning.source[1]}"}
+           if settings.return_to is not None and returning is not None else {}),
         "validate_rh": bool(settings.validate_rh and settings.validator is not None),
         "projector": settings.projector,
         "reference_weighting": settings.reference_weighting,
     }
     return _Prepared(settings=settings, names=names, particles=particles, rows0=rows0, box=box, angpix=angpix,
                      symmetry=symmetry, mask=mask, schedule=schedule, reconstructor=reconstructor,
-                     postprocessor=postprocessor, arguments=arguments)
+                     postprocessor=postprocessor, arguments=arguments, validator=validator, returning=returning)
 
 
 # --------------------------------------------------------------------------- state
@@ -496,7 +527,8 @@ def _open_state(prepared: _Prepared, resume: bool) -> _State:
             raise CryoSieveInputError(
                 f"{setting('resume')}: {setting(name)} changed ({recorded[name]!r} in {path}, now {value!r})")
     unknown = [step for step in completed
-               if step not in step_names(prepared.settings.num_iters, prepared.settings.validator is not None)]
+               if step not in step_names(prepared.settings.num_iters, prepared.validator is not None,
+                                         prepared.returning is not None)]
     if unknown:
         raise CryoSieveInputError(f"{path}: unknown step {unknown[0]!r}")
     return _State(path, prepared.arguments, completed, outcomes)
@@ -576,7 +608,7 @@ def _validate(prepared: _Prepared, iteration: int, progress: ProgressFactory) ->
     """Refine set ``iteration`` (``PREFIX_iter{i}.star``) with the validator, and with ``validate_rh`` nested
     halves of it for the Rosenthal-Henderson fit; returns the outcome the state records."""
     settings, names = prepared.settings, prepared.names
-    validator = settings.validator
+    validator = prepared.validator
     assert validator is not None
     star = names.star(iteration).absolute()
     particles = read_particle_file(star, prepared.angpix, settings.passthrough)
@@ -607,6 +639,19 @@ def _validate(prepared: _Prepared, iteration: int, progress: ProgressFactory) ->
     return {"resolution_angstrom": full.resolution_angstrom, "bfactor": full.bfactor, "particles": full.particles,
             "alignment3D": str(names.validation / specs[0].name / full.alignment_star), "fixed_pose": full.fixed_pose,
             "rh_bfactor": rh_bfactor, "rh_bfactor_classical": rh_classical, "validator": validator.describe()}
+
+
+def _give_back(prepared: _Prepared, kept: ParticleSet) -> dict[str, Any]:
+    """The last kept set and the rest of the input, as an External job of CryoSPARC."""
+    from cryosieve.sieve import give_selection_back, uids_of
+
+    assert prepared.returning is not None
+    uids = uids_of(prepared.particles)
+    job = give_selection_back(prepared.returning, uids, np.isin(uids, uids_of(kept)),
+                              f"CryoSieve selection of {Path(prepared.settings.input_star).name} "
+                              f"({prepared.settings.num_iters} rounds)",
+                              [prepared.names.star(prepared.settings.num_iters)])
+    return {"cryosparc_job": job}
 
 
 def _kept(names: OutputNames, iteration: int, particles: ParticleSet) -> np.ndarray:
@@ -785,6 +830,8 @@ class _Run:
             if settings.validator is not None:
                 self.step(f"validate {settings.num_iters}",
                           functools.partial(_validate, prepared, settings.num_iters, self.progress))
+            if prepared.returning is not None:
+                self.step(GIVE_BACK, functools.partial(_give_back, prepared, particles))
             rounds.append(_round_summary(prepared, settings.num_iters, particles, state))
             report = write_report(names.prefix, rounds, plots=settings.report,
                                   validation=prepared.arguments["validator"])

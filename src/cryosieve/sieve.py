@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,9 @@ from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.score import ENGINES, select_lowest
 from cryosieve.scoring import ScoringOptions, score_rows
 from cryosieve.tolerances import pixel_sizes_agree
+
+if TYPE_CHECKING:
+    from cryosieve.cryosparc.selection import PreparedReturn, ReturnTarget
 
 log = logging.getLogger("cryosieve")
 
@@ -297,13 +301,15 @@ def sieve_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, v
 
 def sieve_star_file(star: str, out: str, volume_paths: Sequence[str], settings: SieveSettings, *,
                     directory: str | None = None, mask_path: str | None = None, angpix: float | None = None,
-                    passthrough: tuple[str, ...] = (), progress: ProgressFactory = no_progress
-                    ) -> tuple[SieveResult, tuple[Path, Path, Path]]:
+                    passthrough: tuple[str, ...] = (), progress: ProgressFactory = no_progress,
+                    return_to: ReturnTarget | None = None) -> tuple[SieveResult, tuple[Path, Path, Path]]:
     """One sieve from files to files (``cryosieve-core``).
 
     Reads ``star``, refuses outputs that would land on any input or in an unwritable place,
     checks every input, scores, selects and writes :func:`sieve_output_paths` of ``out``
-    (all three or none). Returns the result and the three paths.
+    (all three or none). With ``return_to`` (a ``.cs`` input), the selection then goes back to
+    CryoSPARC as an External job (:mod:`cryosieve.cryosparc.selection`), checked before scoring.
+    Returns the result and the three paths.
     """
     check_settings(settings)
     if not str(out).strip():
@@ -315,6 +321,11 @@ def sieve_star_file(star: str, out: str, volume_paths: Sequence[str], settings: 
     remove_stale_temporaries_of(outputs)
     with contextlib.closing(StackReader(table, directory)) as reader:
         reader, volumes, mask, half_set = load_inputs(table, directory, volume_paths, mask_path, settings, reader)
+        prepared = None
+        if return_to is not None:
+            from cryosieve.cryosparc.selection import prepare_return
+
+            prepared = prepare_return(return_to, star, uids_of(table))
         log.info("%d particles in %d half-set(s); cut-off %.2f Å; projector %s; device %s", len(table),
                  len(set(half_set.tolist())), settings.highpass_angstrom, settings.projector, settings.device)
         with progress("scoring", len(table)) as update:
@@ -323,4 +334,25 @@ def sieve_star_file(star: str, out: str, volume_paths: Sequence[str], settings: 
     for subset in sorted(set(half_set.tolist())):
         members = half_set == subset
         log.info("half-set %d: %d of %d particles kept", subset, int(result.kept[members].sum()), int(members.sum()))
+    if prepared is not None:
+        give_selection_back(prepared, uids_of(table), result.kept, f"CryoSieve selection of {Path(star).name}", paths)
     return result, paths
+
+
+def uids_of(table: ParticleSet) -> np.ndarray:
+    """The ``uid`` of each particle of a ``.cs`` set ``(n,)`` uint64 (``[]`` for other formats)."""
+    uid = getattr(table.source, "uid", None)
+    return np.asarray(uid if uid is not None else [], dtype=np.uint64)
+
+
+def give_selection_back(prepared: PreparedReturn, uids: np.ndarray, kept: np.ndarray, title: str,
+                        written: Sequence[Path]) -> str:
+    """The External job of ``kept`` (``(n,)`` bool) and the rest, once the files ``written`` are; a failure
+    says that they are."""
+    from cryosieve.cryosparc.selection import give_back
+
+    try:
+        return give_back(prepared, uids[kept], uids[~kept], title)
+    except CryoSieveInputError as error:
+        raise CryoSieveInputError(f"the selection is written ({', '.join(str(path) for path in written)}), but "
+                                  f"giving it back to CryoSPARC failed: {error.raw_message}") from None

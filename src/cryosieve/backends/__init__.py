@@ -18,6 +18,7 @@ A back-end's :meth:`describe` is recorded with a run: resuming with another one 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -108,6 +109,8 @@ class RefinementJob:
     local: bool
     seed: int
     log: Path
+    source: Path | None = None
+    particles_cs: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -137,5 +140,27 @@ class Refiner(Protocol):
         """Refine, writing into ``job.folder``."""
 
 
+class RemoteRefiner(Refiner, Protocol):
+    """A refiner whose work runs elsewhere (a CryoSPARC server): its jobs run in threads of the command,
+    which only wait, and stop when ``stop`` is set."""
+
+    remote: bool
+
+    def prepare(self, sources: list[Path], dry_run: bool) -> None:
+        """Check, before any job, that every input can be refined (and, unless ``dry_run``, that the
+        server is there); raises :class:`~cryosieve.errors.CryoSieveInputError`."""
+
+    def for_origin(self, path: Path) -> RemoteRefiner:
+        """The refiner of sets drawn from the particle file ``path`` (a CryoSPARC ``.cs`` file: its job)."""
+
+    def refine_until(self, job: RefinementJob, stop: threading.Event) -> RefinementResult:
+        """:meth:`refine`, giving up (and stopping its remote work) once ``stop`` is set."""
+
+
+def is_remote(refiner: Refiner) -> bool:
+    """Whether ``refiner`` is a :class:`RemoteRefiner`."""
+    return bool(getattr(refiner, "remote", False))
+
+
 __all__ = ["HalfMapJob", "PostProcessor", "PostprocessJob", "Reconstructor", "RefinementJob", "RefinementResult",
-           "Refiner"]
+           "Refiner", "RemoteRefiner", "is_remote"]

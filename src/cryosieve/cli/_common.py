@@ -22,7 +22,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -189,6 +189,35 @@ def _exit_code_of(returncode: int) -> int:
     if 0 < returncode < 256:
         return returncode
     return 128 - returncode if returncode < 0 else EXIT_FAILURE
+
+
+def add_return_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that give a selection back to CryoSPARC as an External job."""
+    group = parser.add_argument_group("giving the selection back to CryoSPARC (a .cs input; host, base port and "
+                                      "licence from CRYOSPARC_MASTER_HOSTNAME, CRYOSPARC_BASE_PORT, "
+                                      "CRYOSPARC_LICENSE_ID or `cryosparcm env`)")
+    group.add_argument("--cryosparc_project", default=None,
+                       help="project UID (P3): make an External job there with outputs kept and sieved, passing "
+                            "through the source job's particles.")
+    group.add_argument("--cryosparc_workspace", default=None, help="workspace UID (W1) of that job.")
+    group.add_argument("--cryosparc_source_job", default=None,
+                       help="the job whose particles the .cs input holds (J42, or J42.OUTPUT); read from the "
+                            "input's path (.../J42/J42_particles.cs) by default.")
+    group.add_argument("--cryosparc_user", default=None,
+                       help="e-mail address of the CryoSPARC user (password, if needed, from CRYOSPARC_PASSWORD).")
+
+
+def return_target(args: argparse.Namespace) -> Any:
+    """The :class:`~cryosieve.cryosparc.selection.ReturnTarget` of the parsed options, or ``None``."""
+    if not args.cryosparc_project and not args.cryosparc_workspace:
+        return None
+    if not (args.cryosparc_project and args.cryosparc_workspace):
+        raise CryoSieveInputError("--cryosparc_project and --cryosparc_workspace go together")
+    from cryosieve.cryosparc.connection import connection_from_environment
+    from cryosieve.cryosparc.selection import ReturnTarget
+
+    return ReturnTarget(connection_from_environment(args.cryosparc_user), args.cryosparc_project,
+                        args.cryosparc_workspace, args.cryosparc_source_job)
 
 
 def run_command(program: str, body: Callable[[Sequence[str] | None], int | None],

@@ -8,7 +8,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-from cryosieve.cli._common import add_device_argument, choose_device, progress_factory, run_command, setup_logging
+from cryosieve.cli._common import (
+    add_device_argument,
+    add_return_arguments,
+    choose_device,
+    progress_factory,
+    return_target,
+    run_command,
+    setup_logging,
+)
 from cryosieve.errors import CryoSieveInputError
 
 log = logging.getLogger("cryosieve")
@@ -50,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight each half map by sqrt(2 FSC/(1+FSC)) of the two half maps (fsc), or not "
                              "(none, the published behaviour); auto: fsc with two half maps and the fourier "
                              "projector, else none.")
+    add_return_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines.")
     return parser
 
@@ -74,7 +83,7 @@ def _main(argv: Sequence[str] | None) -> int:
                              balance=args.balance)
     _, paths = sieve_star_file(args.i, args.o, args.volume, settings, directory=args.directory or None,
                                mask_path=args.mask, angpix=args.angpix, passthrough=tuple(args.passthrough),
-                               progress=progress_factory(not args.quiet))
+                               progress=progress_factory(not args.quiet), return_to=return_target(args))
     log.info("wrote %s in %.2f s", ", ".join(str(path) for path in paths), time.perf_counter() - started)
     return 0
 
@@ -85,6 +94,7 @@ FLAGS = {
     "mask": "--mask", "retention_ratio": "--retention_ratio", "highpass_angstrom": "--frequency",
     "balance": "--balance", "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size",
     "projector": "--projector", "reference_weighting": "--reference_weighting", "passthrough": "--passthrough",
+    "cryosparc_project": "--cryosparc_project", "source_job": "--cryosparc_source_job",
 }
 
 

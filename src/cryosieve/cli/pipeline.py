@@ -13,9 +13,11 @@ from cryosieve.cli._common import (
     check_interrupt,
     choose_device,
     progress_factory,
+    return_target,
     run_command,
     setup_logging,
 )
+from cryosieve.cli.refine import add_cryosparc_arguments, cryosparc_refiner
 from cryosieve.errors import CryoSieveInputError
 
 log = logging.getLogger("cryosieve")
@@ -70,15 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sieving projector: fourier (default) or realspace (the published one).")
     parser.add_argument("--reference_weighting", choices=("auto", "fsc", "none"), default="auto",
                         help="weighting of the half maps for scoring (see cryosieve-core).")
-    parser.add_argument("--validate", choices=("none", "fixed", "relion"), default="none",
-                        help="also refine every set with its poses re-estimated (relion: relion_refine_mpi; fixed: "
-                             "the given poses, built-in) and report that resolution beside the fixed-pose one "
-                             "(default none).")
+    parser.add_argument("--validate", choices=("none", "fixed", "relion", "cryosparc"), default="none",
+                        help="also refine every set with its poses re-estimated (relion: relion_refine_mpi; "
+                             "cryosparc: CryoSPARC's refinement, see --cryosparc_*; fixed: the given poses, built-in) "
+                             "and report that resolution beside the fixed-pose one (default none).")
     parser.add_argument("--validate_rh", action="store_true",
                         help="with --validate, also the Rosenthal-Henderson B-factor of every set (4 halvings).")
     parser.add_argument("--relion_refine", default="mpirun -n 3 relion_refine_mpi",
                         help="the relion_refine command line of --validate relion (at least 3 MPI ranks).")
     parser.add_argument("--j", type=int, default=1, help="threads per RELION rank of --validate relion.")
+    add_cryosparc_arguments(parser, required=False, prefix="cryosparc_")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines.")
     return parser
 
@@ -106,6 +109,8 @@ def _main(argv: Sequence[str] | None) -> int:
         from cryosieve.backends.relion import RelionRefiner
 
         validator = RelionRefiner.from_command_line(args.relion_refine, args.j, device)
+    elif args.validate == "cryosparc":
+        validator = cryosparc_refiner(args, device, prefix="cryosparc_")
     settings = PipelineSettings(
         input_star=args.i, output_prefix=args.o, angpix=args.angpix, mask=args.mask,
         directory=args.directory or None, symmetry=args.sym, num_iters=args.num_iters,
@@ -114,6 +119,7 @@ def _main(argv: Sequence[str] | None) -> int:
         postprocessor=postprocessor, num_processes=args.num_gpus, device=device, batch_size=args.batch_size,
         projector=args.projector, reference_weighting=args.reference_weighting, report=args.report,
         validator=validator, validate_rh=args.validate_rh, passthrough=tuple(args.passthrough),
+        return_to=return_target(args),
     )
     result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
                           checkpoint=check_interrupt)
@@ -133,7 +139,8 @@ FLAGS = {
     "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size", "projector": "--projector",
     "reference_weighting": "--reference_weighting", "resume": "--continue", "highpass_angstrom": "--frequency_start",
     "validator": "--validate", "validate_rh": "--validate_rh", "passthrough": "--passthrough",
-    "relion_refine": "--relion_refine", "threads": "--j",
+    "relion_refine": "--relion_refine", "threads": "--j", "cryosparc_project": "--cryosparc_project",
+    "source_job": "--cryosparc_source_job",
 }
 
 

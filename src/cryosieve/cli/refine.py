@@ -15,45 +15,113 @@ FLAGS = {
     "ini_high": "--ini_high", "repeat": "--repeat", "resplit": "--resplit", "workers": "--workers", "mask": "--mask",
     "particle_diameter": "--particle_diameter", "local": "--local", "relion_refine": "--relion_refine",
     "threads": "--j", "halves": "--halves", "voltage": "--voltage", "device": "--device",
+    "source_job": "--source_job", "project": "--project", "workspace": "--workspace", "lane": "--lane",
+    "user": "--user", "min_angular_step": "--min_angular_step",
 }
 
 
-def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options cryosieve-refine and cryosieve-rhbfactor share (the original cryosieve-csrefine's, for RELION)."""
+def add_refine_arguments(parser: argparse.ArgumentParser, cryosparc_command: str | None = None) -> None:
+    """The options cryosieve-refine and cryosieve-rhbfactor share (the original cryosieve-csrefine's), and those of
+    the original's CryoSPARC commands when ``cryosparc_command`` names one (its summary's default name)."""
     parser.add_argument("--i", nargs="+", required=True,
-                        help="input STAR file(s), wildcards (e.g. 'output/_iter?.star') or .txt files listing STAR "
-                             "files.")
-    parser.add_argument("--o", required=True, help="output summary CSV; the jobs' folders go beside it (OUT_jobs/).")
+                        help="input STAR or .cs file(s), wildcards (e.g. 'output/_iter?.star') or .txt files listing "
+                             "them.")
+    if cryosparc_command:
+        parser.add_argument("--o", default=f"{cryosparc_command}.csv",
+                            help=f"output summary CSV ({cryosparc_command}.csv by default); the jobs' folders go "
+                                 "beside it (OUT_jobs/).")
+    else:
+        parser.add_argument("--o", required=True,
+                            help="output summary CSV; the jobs' folders go beside it (OUT_jobs/).")
     parser.add_argument("--directory", default="", help="directory of particles, empty (current directory) by default.")
     parser.add_argument("--sym", default="C1", help="molecular symmetry, C1 by default.")
     parser.add_argument("--ref", default=None,
-                        help="initial reference map; by default one is reconstructed from each input with its given "
-                             "poses (low-passed to --ini_high by the refinement).")
+                        help="initial reference map; by default RELION starts from a map reconstructed from each input "
+                             "with its given poses (low-passed to --ini_high), CryoSPARC from an ab-initio job.")
     parser.add_argument("--ini_high", type=float, default=30.0, help="initial resolution (Å), 30 by default.")
     parser.add_argument("--repeat", type=int, default=1,
                         help="number of trials (different random seeds), 1 by default.")
     parser.add_argument("--resplit", action="store_true",
                         help="split the particles into new random half-sets (seeded) instead of keeping "
                              "rlnRandomSubset.")
-    parser.add_argument("--workers", type=int, default=1, help="jobs run at once, 1 by default.")
+    parser.add_argument("--workers", type=int, default=None if cryosparc_command else 1,
+                        help="jobs run at once, " + ("unlimited by default." if cryosparc_command else "1 by default."))
     parser.add_argument("--mask", default=None,
-                        help="mask for the post-processing; by default one is made around each refined map.")
-    parser.add_argument("--particle_diameter", type=float, default=None,
-                        help="particle diameter (Å) for RELION; 90 %% of the box by default.")
+                        help="mask for the post-processing; by default CryoSPARC's FSC mask, or one made around each "
+                             "map RELION refined.")
+    if not cryosparc_command:
+        parser.add_argument("--particle_diameter", type=float, default=None,
+                            help="particle diameter (Å) for RELION; 90 %% of the box by default.")
     parser.add_argument("--local", action="store_true",
-                        help="local searches around the given poses only (RELION's local refinement).")
-    parser.add_argument("--backend", choices=("relion", "fixed"), default="relion",
-                        help="relion: a gold-standard 3D auto-refinement with relion_refine_mpi (default); fixed: no "
-                             "re-refinement, the given poses' built-in reconstruction and post-processing (fast, "
-                             "optimistic).")
-    parser.add_argument("--relion_refine", default="mpirun -n 3 relion_refine_mpi",
-                        help="the relion_refine command line, at least 3 MPI ranks (default: 'mpirun -n 3 "
-                             "relion_refine_mpi'; as root add --allow-run-as-root to mpirun).")
-    parser.add_argument("--j", type=int, default=1, help="threads per RELION rank (relion_refine --j), 1 by default.")
+                        help="RELION: local searches around the given poses only; CryoSPARC: a local refinement after "
+                             "the homogeneous / non-uniform one.")
+    if not cryosparc_command:
+        parser.add_argument("--backend", choices=("relion", "fixed", "cryosparc"), default="relion",
+                            help="relion: a gold-standard 3D auto-refinement with relion_refine_mpi (default); "
+                                 "cryosparc: CryoSPARC's refinement jobs (see --user, --project, --workspace, --lane); "
+                                 "fixed: no re-refinement, the given poses' built-in reconstruction and "
+                                 "post-processing (fast, optimistic).")
+    add_cryosparc_arguments(parser, required=bool(cryosparc_command))
+    if not cryosparc_command:
+        parser.add_argument("--relion_refine", default="mpirun -n 3 relion_refine_mpi",
+                            help="the relion_refine command line, at least 3 MPI ranks (default: 'mpirun -n 3 "
+                                 "relion_refine_mpi'; as root add --allow-run-as-root to mpirun).")
+        parser.add_argument("--j", type=int, default=1,
+                            help="threads per RELION rank (relion_refine --j), 1 by default.")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the planned jobs and their command lines, run nothing.")
     add_device_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines.")
+
+
+def add_cryosparc_arguments(parser: argparse.ArgumentParser, required: bool, prefix: str = "") -> None:
+    """Where and how CryoSPARC refines (the original cryosieve-csrefine's flags; ``prefix``: before each name)."""
+    group = parser.add_argument_group("CryoSPARC (host, base port and licence from CRYOSPARC_MASTER_HOSTNAME, "
+                                      "CRYOSPARC_BASE_PORT, CRYOSPARC_LICENSE_ID or `cryosparcm env`)")
+    group.add_argument(f"--{prefix}user", required=required, default=None,
+                       help="e-mail address of the CryoSPARC user (password, if needed, from CRYOSPARC_PASSWORD).")
+    group.add_argument(f"--{prefix}project", required=required, default=None,
+                       help="project UID in CryoSPARC (P3)" + (
+                           "; the last selection also goes back there as an External job with outputs kept and "
+                           "sieved (a .cs input)." if prefix else "."))
+    group.add_argument(f"--{prefix}workspace", required=required, default=None,
+                       help="workspace UID in CryoSPARC (W1).")
+    group.add_argument(f"--{prefix}lane", required=required, default=None,
+                       help="lane selected for computing in CryoSPARC.")
+    group.add_argument(f"--{prefix}nu", action="store_true", help="non-uniform refinement instead of homogeneous.")
+    group.add_argument(f"--{prefix}min_angular_step", type=float, default=0.01,
+                       help="minimum angular step (degrees) of the local refinement, 0.01 by default.")
+    group.add_argument(f"--{prefix}source_job", default=None,
+                       help="for .cs inputs: the CryoSPARC job whose particles they are (J42, or J42.OUTPUT; read "
+                            "from the path of a .cs file in a job folder by default).")
+
+
+def cryosparc_refiner(args: argparse.Namespace, device: Any, prefix: str = "") -> Any:
+    """The CryoSPARC refiner the parsed arguments describe (connection from the environment)."""
+    from cryosieve.backends.cryosparc import CryoSparcRefiner
+    from cryosieve.cryosparc.connection import connection_from_environment
+    from cryosieve.cryosparc.graph import RefinementOptions
+    from cryosieve.errors import CryoSieveInputError
+
+    def get(name: str) -> Any:
+        return getattr(args, prefix + name)
+
+    missing = [f"--{prefix}{name}" for name in ("user", "project", "workspace", "lane") if not get(name)]
+    if missing:
+        raise CryoSieveInputError(f"CryoSPARC refinement needs {', '.join(missing)}")
+    options = RefinementOptions(lane=get("lane"), nu=get("nu"), local=bool(getattr(args, "local", False)),
+                                min_angular_step=get("min_angular_step"),
+                                resplit=bool(getattr(args, "resplit", False)))
+    try:
+        connection = connection_from_environment(get("user"))
+    except CryoSieveInputError:
+        if not getattr(args, "dry_run", False):
+            raise
+        from cryosieve.cryosparc.connection import Connection
+
+        connection = Connection("(CRYOSPARC_MASTER_HOSTNAME unset)", 39000, get("user"))  # a plan connects nowhere
+    return CryoSparcRefiner(connection, get("project"), get("workspace"), options, source_job=get("source_job"),
+                            device=device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,11 +141,17 @@ def settings_and_refiner(args: argparse.Namespace) -> tuple[Any, Any]:
     from cryosieve.refine import RefineSettings
 
     device = choose_device(args.device)
-    refiner = FixedPoseRefiner(device) if args.backend == "fixed" else \
-        RelionRefiner.from_command_line(args.relion_refine, args.j, device)
+    backend = getattr(args, "backend", "cryosparc")
+    if backend == "cryosparc":
+        refiner = cryosparc_refiner(args, device)
+    elif backend == "fixed":
+        refiner = FixedPoseRefiner(device)
+    else:
+        refiner = RelionRefiner.from_command_line(args.relion_refine, args.j, device)
     settings = RefineSettings(inputs=tuple(args.i), output=args.o, directory=args.directory or None, symmetry=args.sym,
                               reference=args.ref, ini_high=args.ini_high, repeat=args.repeat, resplit=args.resplit,
-                              workers=args.workers, mask=args.mask, particle_diameter=args.particle_diameter,
+                              workers=args.workers, mask=args.mask,
+                              particle_diameter=getattr(args, "particle_diameter", None),
                               local=args.local)
     return settings, refiner
 

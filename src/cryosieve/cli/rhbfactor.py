@@ -17,10 +17,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "Rosenthal-Henderson B-factor to resolution against particle count, as the original "
                     "cryosieve-csrhbfactor does with CryoSPARC. Writes OUT.csv, OUT_raw.csv and OUT_rh.png.")
     add_refine_arguments(parser)
+    add_rh_arguments(parser)
+    return parser
+
+
+def add_rh_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the Rosenthal-Henderson commands."""
     parser.add_argument("--voltage", type=int, default=300,
                         help="acceleration voltage (kV), 300 by default; only 200 and 300 are supported.")
     parser.add_argument("--halves", type=int, default=4, help="number of halvings, 4 by default.")
-    return parser
 
 
 def _main(argv: Sequence[str] | None) -> int:

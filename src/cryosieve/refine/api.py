@@ -16,11 +16,12 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
 
-from cryosieve.backends import RefinementResult, Refiner
+from cryosieve.backends import RefinementResult, Refiner, RemoteRefiner, is_remote
 from cryosieve.backends.builtin import FixedPoseRefiner
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
@@ -66,7 +67,7 @@ class RefineSettings:
     ini_high: float = 30.0
     repeat: int = 1
     resplit: bool = False
-    workers: int = 1
+    workers: int | None = 1  # None: every job at once
     mask: str | None = None
     particle_diameter: float | None = None
     local: bool = False
@@ -92,7 +93,7 @@ def _check(settings: RefineSettings, outputs: tuple[Path, ...], folders: list[Pa
     if not settings.output.endswith(".csv"):
         raise CryoSieveInputError(f"{setting('output')} {settings.output}: the summary must be a .csv file")
     for name, value in (("repeat", settings.repeat), ("workers", settings.workers)):
-        if value < 1:
+        if value is not None and value < 1:
             raise CryoSieveInputError(f"{setting(name)} {value}: must be at least 1")
     if not (settings.ini_high > 0 and math.isfinite(settings.ini_high)):
         raise CryoSieveInputError(f"{setting('ini_high')} {settings.ini_high}: must be a positive resolution in Å")
@@ -173,16 +174,25 @@ def _value(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
+def _prepare(refiner: Refiner, specs: list[jobs.JobSpec], dry_run: bool) -> None:
+    """A remote refiner's checks of the inputs (and, unless ``dry_run``, of its server) before any job."""
+    if is_remote(refiner):
+        cast(RemoteRefiner, refiner).prepare(sorted({spec.source for spec in specs}), dry_run)
+
+
 def _plan(specs: list[jobs.JobSpec], settings: RefineSettings, job_settings: jobs.JobSettings, refiner: Refiner,
           root: Path) -> list[str]:
-    """The lines of a dry run: how many jobs, then each job's plan."""
-    return [f"{len(specs)} refinement jobs with {refiner.describe()}, up to {settings.workers} at once, in {root}",
+    """The lines of a dry run: how many jobs, then each job's plan (a remote refiner does not connect)."""
+    _prepare(refiner, specs, dry_run=True)
+    at_once = "all" if settings.workers is None else f"up to {settings.workers}"
+    return [f"{len(specs)} refinement jobs with {refiner.describe()}, {at_once} at once, in {root}",
             *jobs.plan(specs, job_settings, refiner, root)]
 
 
 def _run(specs: list[jobs.JobSpec], settings: RefineSettings, job_settings: jobs.JobSettings, refiner: Refiner,
          root: Path, progress: ProgressFactory) -> dict[str, RefinementResult]:
     """Every job's result (running those not done yet), with a warning for fixed-pose estimates."""
+    _prepare(refiner, specs, dry_run=False)
     if any(isinstance(refiner, kind) for kind in _FIXED):
         log.warning("fixed poses: the resolutions are optimistic (the poses were found with other particles)")
     return jobs.run(specs, job_settings, refiner, root, workers=settings.workers, progress=progress)

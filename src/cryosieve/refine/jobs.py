@@ -20,20 +20,22 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from cryosieve import processes
-from cryosieve.backends import RefinementJob, RefinementResult, Refiner
+from cryosieve.backends import RefinementJob, RefinementResult, Refiner, RemoteRefiner, is_remote
 from cryosieve.errors import CryoSieveInputError, ExternalCommandError
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries, write_text_atomic
 from cryosieve.io.lock import exclusive_lock
-from cryosieve.io.particle_files import in_format_of, read_particle_file
+from cryosieve.io.particle_files import format_of, in_format_of, read_particle_file
 from cryosieve.progress import ProgressFactory, no_progress
 
 #: How often the runner looks at its workers (seconds).
@@ -118,7 +120,8 @@ def refinement_job(spec: JobSpec, settings: JobSettings, folder: Path, root: Pat
     return RefinementJob(particles_star=folder / "particles.star", folder=folder, directory=settings.directory,
                          symmetry=settings.symmetry, pixel_size=pixel_size, box=box, reference=settings.reference,
                          ini_high=settings.ini_high, mask=settings.mask, particle_diameter=settings.particle_diameter,
-                         local=settings.local, seed=spec.seed, log=_program_log(root, spec))
+                         local=settings.local, seed=spec.seed, log=_program_log(root, spec), source=spec.source,
+                         particles_cs=folder / "particles.cs" if format_of(spec.source) == "cs" else None)
 
 
 def plan(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root: Path) -> list[str]:
@@ -161,7 +164,7 @@ class _Running:
         self.spec, self.group, self.folder, self.process, self.log = spec, group, folder, process, log
 
 
-def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root: Path, *, workers: int = 1,
+def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root: Path, *, workers: int | None = 1,
         progress: ProgressFactory = no_progress) -> dict[str, RefinementResult]:
     """Run every job not done yet, up to ``workers`` at once, in folders ``root / name``; returns every
     job's result by name.
@@ -169,6 +172,8 @@ def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root:
     Raises :class:`~cryosieve.errors.ExternalCommandError` naming a failed job's log,
     :class:`CryoSieveInputError` for a job's bad input, and stops every other job first.
     """
+    if workers is None:
+        workers = max(1, len(specs))  # every job at once
     if workers < 1:
         raise CryoSieveInputError("workers must be at least 1")
     results: dict[str, RefinementResult] = {}
@@ -186,6 +191,9 @@ def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root:
     with exclusive_lock(root / ".lock", str(root)), progress("refinement jobs", len(specs)) as update:
         update(len(results))
         remove_stale_temporaries(root, lambda name: True, any_owner=True)  # under the lock: of killed runs
+        if is_remote(refiner):
+            _run_in_threads(pending, settings, cast(RemoteRefiner, refiner), root, workers, results, update)
+            return results
         running: list[_Running] = []
         try:
             while pending or running:
@@ -211,18 +219,27 @@ def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root:
     return results
 
 
+def _prepare(spec: JobSpec, record: dict[str, Any], settings: JobSettings, folder: Path, root: Path
+             ) -> RefinementJob:
+    """Write the job's particles (STAR, and ``.cs`` for a ``.cs`` input) and ``job.json`` into ``folder``."""
+    particles = read_particle_file(spec.source, None, tuple(str(path) for path in settings.passthrough))
+    subset = particles if spec.rows is None else particles.subset(spec.rows)
+    if spec.halves is not None:
+        subset = subset.with_halves(spec.halves)
+    in_format_of(subset, folder / "particles.star").write_to(folder / "particles.star")
+    box = int(subset.image_size[0]) if subset.image_size is not None else 0
+    job = refinement_job(spec, settings, folder, root, box, float(subset.pixel_size[0]))
+    if job.particles_cs is not None:
+        subset.write_to(job.particles_cs)
+    (folder / "job.json").write_text(json.dumps(record, indent=2) + "\n")
+    return job
+
+
 def _start(spec: JobSpec, record: dict[str, Any], settings: JobSettings, refiner: Refiner, root: Path) -> _Running:
     group = OutputGroup()
     try:
         folder = group.folder_for(root / spec.name)
-        particles = read_particle_file(spec.source, None, tuple(str(path) for path in settings.passthrough))
-        subset = particles if spec.rows is None else particles.subset(spec.rows)
-        if spec.halves is not None:
-            subset = subset.with_halves(spec.halves)
-        in_format_of(subset, folder / "particles.star").write_to(folder / "particles.star")
-        box = int(subset.image_size[0]) if subset.image_size is not None else 0
-        job = refinement_job(spec, settings, folder, root, box, float(subset.pixel_size[0]))
-        (folder / "job.json").write_text(json.dumps(record, indent=2) + "\n")
+        job = _prepare(spec, record, settings, folder, root)
         with open(folder / "job.pkl", "wb") as handle:
             pickle.dump((refiner, job), handle, protocol=pickle.HIGHEST_PROTOCOL)
         log = open(_log(root, spec), "wb")  # noqa: SIM115 - open while the worker runs, closed by _stop or run
@@ -237,6 +254,48 @@ def _start(spec: JobSpec, record: dict[str, Any], settings: JobSettings, refiner
         group.discard()
         raise
     return _Running(spec, group, folder, process, log)
+
+
+def _run_in_threads(pending: list[tuple[JobSpec, dict[str, Any]]], settings: JobSettings, refiner: RemoteRefiner,
+                    root: Path, workers: int, results: dict[str, RefinementResult], update: Any) -> None:
+    """Run the jobs of a remote refiner in threads that wait on the server, up to ``workers`` at once.
+
+    A job that fails stops the others (each stops its remote work) and is raised once they have; so
+    is an interruption. Every job's folder appears when it is done, or not at all.
+    """
+    stop = threading.Event()
+
+    def one(spec: JobSpec, record: dict[str, Any]) -> RefinementResult:
+        group = OutputGroup()
+        try:
+            folder = group.folder_for(root / spec.name)
+            job = _prepare(spec, record, settings, folder, root)
+            result = refiner.refine_until(job, stop)
+            write_text_atomic(folder / "result.json", json.dumps(result.__dict__, indent=2) + "\n")
+            group.commit()
+        except BaseException:
+            group.discard()
+            raise
+        return result
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="refinement-job")
+    futures: dict[Future[RefinementResult], JobSpec] = {}
+    try:
+        futures = {pool.submit(one, spec, record): spec for spec, record in pending}
+        remaining = set(futures)
+        while remaining:
+            done, remaining = wait(remaining, timeout=POLL_INTERVAL, return_when=FIRST_EXCEPTION)
+            for future in done:
+                error = future.exception()
+                if error is not None:
+                    raise error
+                results[futures[future].name] = future.result()
+                update(1)
+    finally:
+        stop.set()
+        for future in futures:
+            future.cancel()
+        pool.shutdown(wait=True)
 
 
 def _stop(running: list[_Running]) -> None:
