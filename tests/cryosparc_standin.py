@@ -42,16 +42,15 @@ class StatusError(Exception):
 
 def band_limited_half_maps(box: int, shell: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two half maps sharing a signal band-limited to Fourier shell ``shell`` (and independent weak noise
-    at every frequency), and a soft spherical mask: their FSC falls from about 1 to about 0 at ``shell``,
-    so the resolution is ``box * pixel / shell``."""
+    at every frequency), and an FSC mask of ones (no convolution of the spectrum): their FSC falls from
+    about 1 to about 0 at ``shell``, so the resolution is ``box * pixel / shell``."""
     rng = np.random.default_rng(seed)
     k = np.fft.fftfreq(box) * box
     radius = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
     signal = np.fft.ifftn(np.fft.fftn(rng.normal(size=(box,) * 3)) * (radius <= shell)).real
     signal /= signal.std()
     halves = [signal + 0.02 * rng.normal(size=(box,) * 3) for _ in range(2)]
-    r = np.sqrt(sum(axis**2 for axis in np.meshgrid(*(np.arange(box) - box // 2,) * 3, indexing="ij")))
-    mask = np.clip((box * 0.45 - r) / 3.0, 0.0, 1.0)
+    mask = np.ones((box,) * 3)
     return halves[0].astype(np.float32), halves[1].astype(np.float32), mask.astype(np.float32)
 
 
@@ -69,6 +68,8 @@ class Server:
     license: str = "0123abcd-0000-4000-8000-00000000beef"
     reachable: bool = True
     fail: set[str] = field(default_factory=set)
+    fail_titles: set[str] = field(default_factory=set)  # jobs whose title holds one of these fail
+    slow_titles: set[str] = field(default_factory=set)  # jobs whose title holds one of these never end
     polls: int = 2
     box: int = 32
     pixel: float = 2.0
@@ -148,6 +149,7 @@ class Server:
                               connections=dict(connections or {}), params=dict(params or {}), title=title)
                 job = Job(server, project_uid, workspace_uid, type, dict(connections or {}), dict(params or {}),
                           server.new_uid())
+                job.title = title
                 server.jobs[job.uid] = job
                 return job
 
@@ -179,6 +181,7 @@ class Job:
         self.outputs: dict[str, Dataset] = {}
         self.inputs: dict[str, Dataset] = {}
         self.source = False
+        self.title = ""
         self._polls = 0
 
     def queue(self, lane: str | None = None, hostname: str | None = None, gpus: Any = None,
@@ -190,7 +193,8 @@ class Job:
         if self.status in ("queued", "running"):
             self._polls += 1
             self.status = "running"
-            if self._polls >= self.server.polls:
+            slow = any(text in self.title for text in self.server.slow_titles)
+            if self._polls >= self.server.polls and not slow:
                 self._finish()
         return self
 
@@ -209,7 +213,7 @@ class Job:
         return self.server.jobs[job_uid].outputs[output]
 
     def _finish(self) -> None:
-        if self.type in self.server.fail:
+        if self.type in self.server.fail or any(text in self.title for text in self.server.fail_titles):
             self.status = "failed"
             return
         if self.type == "import_particles":

@@ -22,9 +22,10 @@ import numpy as np
 
 from cryosieve.backends import RefinementJob, RefinementResult
 from cryosieve.backends.builtin import measure_half_maps, result_of
+from cryosieve.cryosparc import session
 from cryosieve.cryosparc.connection import Connection, connect
 from cryosieve.cryosparc.graph import PlannedJob, RefinementOptions, refinement_graph
-from cryosieve.cryosparc.session import POLL_SECONDS, check_target, create_job, queue_and_wait, subset_job
+from cryosieve.cryosparc.session import check_target, create_job, queue_and_wait, subset_job
 from cryosieve.cryosparc.source import parse_source_job, source_job_of
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.io.atomic import write_text_atomic
@@ -39,8 +40,8 @@ class CryoSparcRefiner:
 
     ``source_job``: for ``.cs`` inputs, the job (``J42[.output]``) whose particles they are (read from
     their path when ``None``); ``device``: of the built-in post-processing; ``poll_seconds``: between
-    looks at a running job; ``client_class``: ``cryosparc.tools.CryoSPARC`` (``None``) or a class with
-    its interface.
+    looks at a running job (``None``: ``session.POLL_SECONDS``); ``client_class``:
+    ``cryosparc.tools.CryoSPARC`` (``None``) or a class with its interface.
     """
 
     connection: Connection
@@ -49,7 +50,7 @@ class CryoSparcRefiner:
     options: RefinementOptions
     source_job: str | None = None
     device: Any = "cpu"
-    poll_seconds: float = POLL_SECONDS
+    poll_seconds: float | None = None
     client_class: Any = None
 
     remote = True
@@ -103,7 +104,7 @@ class CryoSparcRefiner:
             write_text_atomic(job.folder / "cryosparc_jobs.json", json.dumps(
                 {"project": self.project, "workspace": self.workspace, "jobs": record}, indent=2) + "\n")
 
-        title = f"cryosieve {job.folder.name.split('.')[0]}"
+        title = f"cryosieve {job.log.name.removesuffix('.program.txt')}"  # the job's name
         for planned in self.graph(job):
             if planned.kind == "external":
                 assert job.particles_cs is not None
@@ -122,7 +123,7 @@ class CryoSparcRefiner:
             remember()
             if planned.kind != "external":
                 queue_and_wait(made[planned.step], self.project, planned.kind, planned.lane, stop,
-                               self.poll_seconds)
+                               session.POLL_SECONDS if self.poll_seconds is None else self.poll_seconds)
         return self._measure(client, made["local" if self.options.local else "refine"], job)
 
     def _measure(self, client: Any, refined: Any, job: RefinementJob) -> RefinementResult:
