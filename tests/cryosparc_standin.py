@@ -32,6 +32,14 @@ class ConnectError(Exception):
     """As httpx's: the server cannot be reached."""
 
 
+class CommandError(Exception):
+    """As cryosparc-tools 4.x's: a failed request to a command server (``code``: its HTTP status)."""
+
+    def __init__(self, reason: str, url: str = "", code: int = 500) -> None:
+        super().__init__(f"*** ({url}, code {code}) {reason}")
+        self.code = code
+
+
 class StatusError(Exception):
     """As an HTTP error response."""
 
@@ -80,6 +88,7 @@ class Server:
     lock: threading.Lock = field(default_factory=threading.Lock)
     connections: int = 0
     counter: int = 100
+    tools: int = 5  # the cryosparc-tools major version whose behaviour to follow (4 or 5)
 
     def record(self, call: str, **arguments: Any) -> None:
         with self.lock:
@@ -114,6 +123,17 @@ class Server:
                 server.record("connect", host=host, base_port=base_port, email=email)
                 with server.lock:
                     server.connections += 1
+                if server.tools == 4:  # 4.x: all three asserted, errors from its command client
+                    assert license, f"Invalid or unspecified CryoSPARC license ID {license}"
+                    assert email, "Invalid or unspecified email"
+                    assert password, "Invalid or unspecified password"
+                    url = f"http://{host}:{int(base_port or 39000) + 2}"
+                    if not server.reachable:
+                        raise CommandError("URL Error [Errno 111] Connection refused", url)
+                    if license != server.license:
+                        raise RuntimeError("Could not complete CryoSPARC authentication with given credentials"
+                                           ) from CommandError("HTTP Error 403 Forbidden", url, 403)
+                    return
                 if not server.reachable:
                     raise RuntimeError(f"Could not connect to CryoSPARC at http://{host}:{base_port} due to error:"
                                        "\n[Errno 111] Connection refused") from ConnectError("[Errno 111] refused")
@@ -135,6 +155,8 @@ class Server:
                 return SimpleNamespace(uid=workspace_uid)
 
             def get_lanes(self) -> list[Any]:
+                if server.tools == 4:
+                    return [{"name": name, "type": "node", "title": name, "desc": ""} for name in server.lanes]
                 return [SimpleNamespace(name=name, type="node") for name in server.lanes]
 
             def find_job(self, project_uid: str, job_uid: str) -> Any:

@@ -195,6 +195,24 @@ def test_csrefine_runs_the_graph_in_parallel_and_reads_the_results(data: SmallDa
     assert len(list(record)) == 2
 
 
+def test_cryosparc_tools_4_sessions_and_lanes(data: SmallData, server: Server, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    server.tools = 4
+    assert run_csrefine(data, tmp_path / "a.csv") == 2  # 4.x needs the password too
+    message = capsys.readouterr().err
+    assert "refused the credentials" in message and "Invalid or unspecified password" in message
+    monkeypatch.setenv("CRYOSPARC_PASSWORD", "secret-password")
+    assert run_csrefine(data, tmp_path / "b.csv") == 0
+    assert "secret-password" not in capsys.readouterr().err
+    assert run_csrefine(data, tmp_path / "c.csv", "--lane", "nowhere") == 2
+    assert "lane 'nowhere': not found (lanes: default, gpu)" in capsys.readouterr().err
+    server.reachable = False
+    before = server.connections
+    assert run_csrefine(data, tmp_path / "d.csv") == 2
+    assert "cannot reach CryoSPARC" in capsys.readouterr().err and server.connections == before + 3
+
+
 def test_csrefine_resumes_without_new_jobs(data: SmallData, server: Server, tmp_path: Path) -> None:
     out = tmp_path / "summary.csv"
     assert run_csrefine(data, out) == 0

@@ -3,8 +3,9 @@
 As the original ``cryosieve-csrefine`` 1.3.3 finds them: ``CRYOSPARC_MASTER_HOSTNAME``,
 ``CRYOSPARC_BASE_PORT`` and ``CRYOSPARC_LICENSE_ID`` from the environment, each missing one from
 the output of ``cryosparcm env`` (lines ``export "NAME=value"``). The user is the CryoSPARC
-account's e-mail address; ``CRYOSPARC_PASSWORD`` is used when set (cryosparc-tools 5 prefers a
-password or a ``python -m cryosparc.tools login`` session to the licence id).
+account's e-mail address; ``CRYOSPARC_PASSWORD`` is used when set (cryosparc-tools 4 needs it with
+the licence id; 5 takes a password, a ``python -m cryosparc.tools login`` session or, deprecated,
+the licence id).
 
 The licence id and the password are secrets: they are never part of a message, a log line, a
 ``repr`` or a file this package writes (:func:`scrub`).
@@ -145,10 +146,24 @@ def _status_of(error: BaseException) -> int | None:
 
 
 def unreachable(error: BaseException) -> bool:
-    """Whether ``error`` says the server could not be reached (worth another try)."""
-    names = {type(item).__name__ for item in _chain(error)}
-    return bool(names & {"ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "RemoteProtocolError",
-                         "ConnectionError", "ConnectionRefusedError", "TimeoutError", "URLError", "gaierror"})
+    """Whether ``error`` says the server could not be reached (worth another try): 5.x raises httpx's
+    transport errors, 4.x a ``CommandError`` whose text starts with its ``URL Error`` or ``Timeout Error``."""
+    chain = _chain(error)
+    names = {type(item).__name__ for item in chain}
+    if names & {"ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "RemoteProtocolError",
+                "ConnectionError", "ConnectionRefusedError", "TimeoutError", "URLError", "gaierror"}:
+        return True
+    return any(type(item).__name__ == "CommandError" and ("URL Error" in str(item) or "Timeout Error" in str(item))
+               for item in chain)
+
+
+def refused(error: BaseException) -> bool:
+    """Whether ``error`` says the credentials were refused or missing (HTTP 401/403; 4.x asserts that the
+    licence id, e-mail and password are given and fails its authentication call; 5.x raises ``ValueError``
+    without credentials)."""
+    chain = _chain(error)
+    return _status_of(error) in (401, 403) or any(
+        isinstance(item, (AssertionError, ValueError)) or "authentication" in str(item).lower() for item in chain)
 
 
 def first_line(text: str) -> str:
@@ -195,8 +210,7 @@ def connect(connection: Connection, client_class: Any = None, sleep: Callable[[f
                 raise CryoSieveInputError(
                     f"cannot reach CryoSPARC at {connection.url} ({HOST}, {BASE_PORT}) after {connection.retries} "
                     f"attempts: {reason}") from None
-            status = _status_of(error)
-            if status in (401, 403) or isinstance(error, ValueError):
+            if refused(error):
                 raise CryoSieveInputError(
                     f"CryoSPARC at {connection.url} refused the credentials (the user "
                     f"{connection.email or '(none)'}, {LICENSE} or {PASSWORD}): {reason}") from None

@@ -3,12 +3,14 @@
 They follow cryosparc-tools 4.4-4.7 (CryoSPARC v4) and 5.0 (CryoSPARC v5); where the two
 differ, this module is the only one that knows:
 
-* the session: 4.x needs the licence id, 5.x takes an e-mail and password (or a stored login)
-  and accepts the licence id as a deprecated fallback (:func:`cryosieve.cryosparc.connection.connect`
-  passes what it has);
+* the session: 4.x needs the licence id, e-mail and password, 5.x takes an e-mail and password
+  (or a stored login) and accepts the licence id as a deprecated fallback
+  (:func:`cryosieve.cryosparc.connection.connect` passes what it has and reads either's errors);
 * ``get_lanes()`` gives dictionaries in 4.x and models with attributes in 5.x (:func:`lane_names`);
 * a job's ``status`` is a document field in 4.x and a model field in 5.x, both refreshed by
   ``refresh()`` (:func:`status_of`);
+* ``load_output(name, slots=[])`` gives the ``uid`` column alone in 5.x and every slot in 4.x (only
+  ``uid`` is read);
 * External jobs are made, started and stopped the same way in both (``create_external_job``,
   ``add_input``, ``connect``, ``add_output``, ``alloc_output``, ``save_output`` inside ``run()``).
 
