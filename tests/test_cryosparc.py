@@ -4,6 +4,7 @@ results, and selections given back as External jobs. No CryoSPARC server was ava
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -390,9 +391,20 @@ def refiner_for(server: Server) -> Any:
                             client_class=server.client_class())
 
 
-def test_library_refine_files_with_a_given_client(data: SmallData, tmp_path: Path) -> None:
+def test_library_refine_files_with_a_given_client(data: SmallData, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     server = Server(box=BOX, pixel=PIXEL, resolution_shell=lambda count: 16)
-    outcome = refine_files(RefineSettings(inputs=(str(data.star),), output=str(tmp_path / "s.csv"),
-                                          directory=str(data.folder), workers=None), refiner_for(server))
+    logger = logging.getLogger("cryosieve")  # the commands' console set-up stops it propagating
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="cryosieve"):
+            outcome = refine_files(RefineSettings(inputs=(str(data.star),), output=str(tmp_path / "s.csv"),
+                                                  directory=str(data.folder), workers=None, repeat=2),
+                                   refiner_for(server))
+    finally:
+        logger.removeHandler(caplog.handler)
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("made, " in message for message in messages) == 6
+    assert any(message.endswith("completed, 6/6") for message in messages)
     assert outcome.summary is not None
     assert BOX * PIXEL / 17 <= float(outcome.summary["resolution (A)"][0]) <= BOX * PIXEL / 15

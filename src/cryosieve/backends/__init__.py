@@ -150,6 +150,9 @@ class RemoteRefiner(Refiner, Protocol):
         """Check, before any job, that every input can be refined (and, unless ``dry_run``, that the
         server is there); raises :class:`~cryosieve.errors.CryoSieveInputError`."""
 
+    def expect(self, sets: int) -> None:
+        """Be told how many sets this run refines (for the done/total counts of its log)."""
+
     def for_origin(self, path: Path) -> RemoteRefiner:
         """The refiner of sets drawn from the particle file ``path`` (a CryoSPARC ``.cs`` file: its job)."""
 

@@ -13,8 +13,9 @@ phase-randomisation-corrected FSC, as ``relion_postprocess``) of its ``volume`` 
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,24 @@ from cryosieve.io.atomic import write_text_atomic
 from cryosieve.io.mrc import write_volume
 from cryosieve.io.particle_files import format_of
 from cryosieve.progress import ProgressFactory
+
+log = logging.getLogger("cryosieve")
+
+
+class JobTally:
+    """How many CryoSPARC jobs a run makes, has made and has seen complete (for its log lines)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.total = 0
+        self.made = 0
+        self.done = 0
+
+    def count(self, what: str) -> str:
+        """Count one more job made (``what="made"``) or completed (``"done"``); ``"k/total"``."""
+        with self.lock:
+            setattr(self, what, getattr(self, what) + 1)
+            return f"{getattr(self, what)}/{self.total}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,7 @@ class CryoSparcRefiner:
     device: Any = "cpu"
     poll_seconds: float | None = None
     client_class: Any = None
+    tally: JobTally = field(default_factory=JobTally, compare=False, repr=False)
 
     remote = True
 
@@ -70,6 +90,12 @@ class CryoSparcRefiner:
                 source_job_of(path, self.source_job)
         if not dry_run:
             check_target(self._client(), self.project, self.workspace, self.options.lane, self.connection.scrub)
+
+    def expect(self, sets: int) -> None:
+        per_set = len(refinement_graph(star=Path("particles.star"), blob_folder=Path("."), source=None, reference=None,
+                                       symmetry="C1", ini_high=30.0, options=self.options))
+        with self.tally.lock:
+            self.tally.total = sets * per_set
 
     def for_origin(self, path: Path) -> CryoSparcRefiner:
         if format_of(path) != "cs" or self.source_job:
@@ -121,9 +147,13 @@ class CryoSparcRefiner:
                                                 planned.params, f"{title}: {planned.step}")
             record[planned.step] = str(made[planned.step].uid)
             remember()
+            log.info("CryoSPARC job %s %s (%s) made, %s", self.project, made[planned.step].uid, planned.kind,
+                     self.tally.count("made"))
             if planned.kind != "external":
                 queue_and_wait(made[planned.step], self.project, planned.kind, planned.lane, stop,
                                session.POLL_SECONDS if self.poll_seconds is None else self.poll_seconds)
+            log.info("CryoSPARC job %s %s (%s) completed, %s", self.project, made[planned.step].uid, planned.kind,
+                     self.tally.count("done"))
         return self._measure(client, made["local" if self.options.local else "refine"], job)
 
     def _measure(self, client: Any, refined: Any, job: RefinementJob) -> RefinementResult:

@@ -114,7 +114,6 @@ def queue_and_wait(job: Any, project: str, kind: str, lane: str | None, stop: th
     while True:
         status = status_of(job)
         if status == DONE:
-            log.info("CryoSPARC job %s %s (%s) completed", project, job.uid, kind)
             return
         if status in FAILED:
             raise CryoSparcJobError(project, str(job.uid), kind, status)

@@ -264,6 +264,7 @@ def _run_in_threads(pending: list[tuple[JobSpec, dict[str, Any]]], settings: Job
     is an interruption. Every job's folder appears when it is done, or not at all.
     """
     stop = threading.Event()
+    refiner.expect(len(pending))
 
     def one(spec: JobSpec, record: dict[str, Any]) -> RefinementResult:
         group = OutputGroup()
