@@ -394,3 +394,118 @@ def test_gzip_and_plain_models_agree(tmp_path: Path) -> None:
         plain.write_bytes(source.read())
     assert np.array_equal(atomic_model_map(str(plain), 48, 2.0),
                           atomic_model_map(bundled_model("4E43.pdb.gz"), 48, 2.0))
+
+
+# ----------------------------------------------------------------------------- realistic defects
+
+
+def relative_angles(first: pd.DataFrame | dict[str, np.ndarray], second: dict[str, np.ndarray]) -> np.ndarray:
+    """Angle (degrees) between the rotations of two sets of ZYZ Euler angles, by scipy (any consistent ZYZ
+    convention gives the same angle)."""
+    from scipy.spatial.transform import Rotation
+
+    def rotations(angles: pd.DataFrame | dict[str, np.ndarray]) -> Rotation:
+        return Rotation.from_euler("ZYZ", np.stack([np.asarray(angles[name], dtype=np.float64)
+                                                    for name in ("rot", "tilt", "psi")], axis=1), degrees=True)
+
+    return np.degrees((rotations(first).inv() * rotations(second)).magnitude())
+
+
+def test_defects_off_draw_the_particles_of_earlier_versions(tmp_path: Path) -> None:
+    """The realistic defects are drawn after everything else: with them off nothing changes, and a data set with
+    only pose, origin or contrast defects has the same images (but scaled by the contrast)."""
+    plain = simulate_particles(tmp_path / "plain", noiseless(num_particles=200, junk_fraction=0.1))
+    images = mrcfile.read(plain.stack).astype(np.float64)
+    defects = simulate_particles(tmp_path / "defects", noiseless(
+        num_particles=200, junk_fraction=0.1, misaligned_fraction=0.3, misalignment_min=10.0, misalignment_max=20.0,
+        wrong_origin_fraction=0.2, origin_error=6.0, contrast_spread=0.3))
+    truth = pd.read_csv(defects.truth_csv)
+    stars = starfile.read(defects.star)["particles"]
+    contrast = truth["contrast"].to_numpy()
+    assert np.allclose(mrcfile.read(defects.stack), images * contrast[:, None, None], atol=1e-5 * images.std())
+    assert contrast.std() == pytest.approx(0.3, rel=0.25) and truth["noise_scale"].eq(1.0).all()
+    plain_truth = pd.read_csv(plain.truth_csv)
+    for name in ("rot", "tilt", "psi", "origin_x_angst", "origin_y_angst", "defocus_u", "is_junk", "bfactor"):
+        assert np.array_equal(truth[name], plain_truth[name]), name  # the truth is the same particles
+    good = ~truth["is_junk"]
+    counts = truth["kind"].value_counts()
+    assert counts["misaligned"] == round(0.3 * good.sum()) and counts["wrong_origin"] == round(0.2 * good.sum())
+    stated = {"rot": stars["rlnAngleRot"], "tilt": stars["rlnAngleTilt"], "psi": stars["rlnAnglePsi"]}
+    angle = relative_angles(truth, stated)
+    misaligned = (truth["kind"] == "misaligned").to_numpy()
+    assert np.allclose(angle, truth["pose_error"], atol=1e-3)
+    assert (angle[misaligned] >= 10.0 - 1e-3).all() and (angle[misaligned] <= 20.0 + 1e-3).all()
+    assert (angle[~misaligned] < 1e-3).all()
+    distance = np.hypot(stars["rlnOriginXAngst"] - truth["origin_x_angst"],
+                        stars["rlnOriginYAngst"] - truth["origin_y_angst"]).to_numpy()
+    shifted = (truth["kind"] == "wrong_origin").to_numpy()
+    assert np.allclose(distance, truth["origin_error"], atol=1e-5)
+    assert (distance[shifted] >= 3.0 - 1e-5).all() and (distance[shifted] <= 6.0 + 1e-5).all()
+    assert (distance[~shifted] < 1e-5).all()
+    assert truth["is_bad"].sum() == counts.drop("good").sum()
+
+
+def test_empty_images_are_ctf_modulated_at_the_signal_variance(tmp_path: Path) -> None:
+    result = simulate_particles(tmp_path / "sim", noiseless(num_particles=200, junk_fraction=0.1,
+                                                            empty_fraction=0.15, bfactor_max=0.0))
+    truth = pd.read_csv(result.truth_csv)
+    images = mrcfile.read(result.stack).astype(np.float64)
+    empty = (truth["kind"] == "empty").to_numpy()
+    assert empty.sum() == round(0.15 * 200) and not (empty & truth["is_junk"].to_numpy()).any()
+    assert np.allclose(images[empty].var(axis=(1, 2)), result.signal_variance, rtol=1e-3)
+    # the CTF's zeros are in their spectra: power at the first zero of each image's CTF is far below its neighbours
+    table = read_particles(result.star)
+    ky = np.fft.fftfreq(BOX)[:, None] / PIXEL
+    kx = np.fft.rfftfreq(BOX)[None, :] / PIXEL
+    s2 = kx**2 + ky**2
+    for row in np.flatnonzero(empty)[:5]:
+        power = np.abs(np.fft.rfft2(images[row])) ** 2
+        defocus = (table.defocus_u[row] + table.defocus_v[row]) / 2
+        wavelength = 12.2643247 / math.sqrt(300e3 * (1 + 0.978466e-6 * 300e3))
+        chi = math.pi * wavelength * defocus * s2 - math.pi / 2 * 2.7e7 * wavelength**3 * s2**2
+        near_zero = np.abs(np.sin(chi + math.asin(0.1))) < 0.05
+        inside = (s2 > 0) & (np.sqrt(s2) < 0.4 / PIXEL)
+        assert power[near_zero & inside].mean() < 0.2 * power[inside].mean()
+
+
+def test_coloured_noise_follows_its_spectrum_and_micrograph_levels(tmp_path: Path) -> None:
+    bfactor, floor = 200.0, 0.25
+    changes = {"num_particles": 400, "junk_fraction": 0.0, "micrographs": 8, "noise_spread": 0.3}
+    clean = simulate_particles(tmp_path / "clean", noiseless(**changes))
+    noisy = simulate_particles(tmp_path / "noisy", noiseless(snr=0.05, noise_bfactor=bfactor, noise_floor=floor,
+                                                             **changes))
+    noise = mrcfile.read(noisy.stack).astype(np.float64) - mrcfile.read(clean.stack).astype(np.float64)
+    truth = pd.read_csv(noisy.truth_csv)
+    scale = truth["noise_scale"].to_numpy()
+    stars = starfile.read(noisy.star)["particles"]
+    assert stars["rlnMicrographName"].nunique() == truth["micrograph"].nunique() == 8
+    for micrograph in np.unique(truth["micrograph"]):  # one level per micrograph, as stated
+        members = (truth["micrograph"] == micrograph).to_numpy()
+        assert np.unique(scale[members]).size == 1
+        assert noise[members].std() == pytest.approx(math.sqrt(noisy.noise_variance) * scale[members][0], rel=0.05)
+    whitened = noise / scale[:, None, None]
+    power = np.abs(np.fft.rfft2(whitened)) ** 2
+    ky = np.fft.fftfreq(BOX, 1 / BOX)[:, None]
+    kx = np.fft.rfftfreq(BOX, 1 / BOX)[None, :]
+    shell = np.round(np.sqrt(kx**2 + ky**2)).astype(int)
+    profile = np.array([power[:, shell == index].mean() for index in range(1, BOX // 2)])
+    s = np.arange(1, BOX // 2) / (BOX * PIXEL)
+    expected = floor + (1 - floor) * np.exp(-bfactor * s**2 / 4)
+    assert np.allclose(profile / profile[0], expected / expected[0], rtol=0.1)
+
+
+def test_realistic_preset_and_its_flags(tmp_path: Path) -> None:
+    settings = SimulationSettings().realistic()
+    assert (settings.empty_fraction, settings.misaligned_fraction, settings.wrong_origin_fraction) == (0.05, 0.1, 0.05)
+    folder = tmp_path / "sim"
+    assert simulate_main(["--o", str(folder), "--num_particles", "300", "--box", "64", "--realistic",
+                          "--misaligned_fraction", "0.2", "--no_half_maps", "--quiet"]) == 0
+    truth = pd.read_csv(folder / "truth.csv")
+    kinds = truth["kind"].value_counts()
+    assert kinds["junk"] == 30 and kinds["empty"] == 15
+    assert kinds["misaligned"] == round(0.2 * (300 - 30 - 15))
+    assert truth["micrograph"].nunique() == 40
+    with pytest.raises(CryoSieveInputError, match="empty_fraction"):
+        SimulationSettings(junk_fraction=0.6, empty_fraction=0.5).check()
+    with pytest.raises(CryoSieveInputError, match="misalignment_min"):
+        SimulationSettings(misalignment_min=40.0, misalignment_max=30.0).check()

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tqdm import tqdm
 
@@ -53,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="phase-plate phase shift (degrees), 0 by default.")
     parser.add_argument("--seed", type=int, default=0, help="random seed, 0 by default.")
     parser.add_argument("--batch_size", type=int, default=256, help="images rendered at once, 256 by default.")
+    realism = parser.add_argument_group(
+        "realistic defects (off by default; --realistic turns on 5 %% empty images, 10 %% misaligned by 5-30 degrees, "
+        "5 %% with origins off by 4-8 A, contrast spread 0.25, coloured noise (B 150 A^2, floor 0.3) over 40 "
+        "micrographs with noise levels spread by 0.2; each flag below overrides it)")
+    realism.add_argument("--realistic", action="store_true", help="turn on every defect at the values above.")
+    for name, kind, text in (
+            ("empty_fraction", float, "fraction of empty images (blobs, carbon edges)"),
+            ("misaligned_fraction", float, "fraction of particles whose STAR pose is turned from the truth"),
+            ("misalignment_min", float, "smallest pose error (degrees) of a misaligned particle"),
+            ("misalignment_max", float, "largest pose error (degrees) of a misaligned particle"),
+            ("wrong_origin_fraction", float, "fraction of particles whose STAR origin is off"),
+            ("origin_error", float, "largest origin error (A; the smallest is half of it)"),
+            ("contrast_spread", float, "spread of the per-particle amplitude scale exp(N(0, s)) (hidden)"),
+            ("noise_bfactor", float, "fall-off of the noise power, exp(-B s^2/4) over a floor (A^2; 0: white)"),
+            ("noise_floor", float, "floor of the coloured noise power, a fraction"),
+            ("micrographs", int, "number of micrographs (rlnMicrographName; 0: none)"),
+            ("noise_spread", float, "spread of the per-micrograph noise level exp(N(0, s))")):
+        realism.add_argument(f"--{name}", type=kind, default=None, help=text + ".")
     parser.add_argument("--no_half_maps", action="store_true",
                         help="do not reconstruct half1.mrc/half2.mrc from the particles.")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder.")
@@ -76,9 +95,14 @@ def _main(argv: Sequence[str] | None) -> int:
         amplitude_contrast=args.amplitude_contrast, phase_shift=args.phase_shift, seed=args.seed,
         batch_size=args.batch_size, half_maps=not args.no_half_maps,
     )
+    if args.realistic:
+        settings = settings.realistic()
+    given = {name: getattr(args, name) for name in REALISM if getattr(args, name) is not None}
+    settings = replace(settings, **given)
     check_inputs(args.o, settings, model=args.model, junk_model=args.junk_model, overwrite=args.force)
-    log.info("simulating %d particles (%d junk), box %d at %.3g Å, SNR %g, B %g-%g Å^2, device %s",
-             settings.num_particles, settings.junk_count, settings.box, settings.pixel_size, settings.snr,
+    log.info("simulating %d particles (%d junk, %d empty), box %d at %.3g Å, SNR %g, B %g-%g Å^2, device %s",
+             settings.num_particles, settings.junk_count, settings.empty_count, settings.box, settings.pixel_size,
+             settings.snr,
              settings.bfactor_min, settings.bfactor_max, device)
     steps = settings.num_particles * (2 if settings.half_maps else 1)  # rendering, then reconstruction
     with tqdm(total=steps, unit="particle", desc="simulating", disable=args.quiet,
@@ -91,8 +115,12 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+#: The realistic defects' settings, flags of the same names.
+REALISM = ("empty_fraction", "misaligned_fraction", "misalignment_min", "misalignment_max", "wrong_origin_fraction",
+           "origin_error", "contrast_spread", "noise_bfactor", "noise_floor", "micrographs", "noise_spread")
+
 #: The library's setting fields -> this command's flags.
-FLAGS = {name: f"--{name}" for name in (
+FLAGS = {name: f"--{name}" for name in (*REALISM,
     "num_particles", "box", "angpix", "junk_fraction", "snr", "bfactor_min", "bfactor_max", "defocus_min",
     "defocus_max", "astigmatism", "max_origin", "voltage", "cs", "amplitude_contrast", "phase_shift", "seed",
     "batch_size", "model", "junk_model", "device")} | {"output_folder": "--o", "overwrite": "--force",

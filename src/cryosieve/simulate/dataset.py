@@ -25,7 +25,14 @@ from cryosieve.io.star import write_star_to
 from cryosieve.io.tables import write_csv_to
 from cryosieve.mask import soft_mask
 from cryosieve.projection import FourierSliceProjector
-from cryosieve.simulate.images import ImageFormation, SignalStatistics, add_noise, noise_sigma
+from cryosieve.simulate.images import (
+    ImageFormation,
+    SignalStatistics,
+    add_coloured_noise,
+    add_noise,
+    noise_filter,
+    noise_sigma,
+)
 from cryosieve.simulate.models import DEFAULT_JUNK_MODEL, DEFAULT_MODEL, atomic_model_map, bundled_model
 from cryosieve.simulate.parameters import ParticleParameters, SimulationSettings, draw_parameters
 from cryosieve.simulate.tables import STACK_NAME, STAR_NAME, TRUTH_CSV_NAME, star_blocks, truth_table
@@ -100,35 +107,53 @@ def _batches(count: int, batch_size: int) -> list[np.ndarray]:
 
 def _render_stack(writer: StackWriter, parameters: ParticleParameters, settings: SimulationSettings,
                   projectors: dict[bool, FourierSliceProjector], formation: ImageFormation,
-                  progress: Callable[[int], None] | None) -> float:
-    """Write every noiseless image, one batch at a time; returns the signal variance.
+                  progress: Callable[[int], None] | None, empty_generator: np.random.Generator) -> float:
+    """Write every noiseless image, one batch at a time; returns the signal variance (of the main model's
+    particles). Empty images are written at unit variance (:func:`_finish_stack` scales them).
 
     ``projectors``: by junk flag (``False``: the main model). Memory: one batch of images.
     """
     statistics = SignalStatistics()
+    empty = parameters.is_empty if parameters.is_empty is not None else np.zeros(len(parameters), dtype=bool)
     for rows in _batches(len(parameters), settings.batch_size):
         images = torch.empty((len(rows), settings.box, settings.box), dtype=torch.float32, device=formation.device)
         for junk, projector in projectors.items():
-            members = np.flatnonzero(parameters.is_junk[rows] == junk)
+            members = np.flatnonzero((parameters.is_junk[rows] == junk) & ~empty[rows])
             if members.size:
                 images[torch.as_tensor(members, device=formation.device)] = formation.render(
                     projector, parameters, rows[members], settings)
+        members = np.flatnonzero(empty[rows])
+        if members.size:
+            images[torch.as_tensor(members, device=formation.device)] = formation.render_empty(
+                parameters, rows[members], settings, empty_generator)
         block = images.cpu().numpy()
         writer.write(int(rows[0]), block)
-        statistics.add(block, ~parameters.is_junk[rows])
+        statistics.add(block, ~parameters.is_junk[rows] & ~empty[rows])
         if progress is not None:
             progress(len(rows))
     return statistics.variance()
 
 
-def _add_stack_noise(writer: StackWriter, settings: SimulationSettings, sigma: float,
-                     generator: np.random.Generator) -> None:
-    """Add white noise of standard deviation ``sigma`` to every written image, one batch at a time."""
-    if sigma == 0:
+def _finish_stack(writer: StackWriter, parameters: ParticleParameters, settings: SimulationSettings,
+                  signal_variance: float, sigma: float, generator: np.random.Generator) -> None:
+    """Scale the empty images to the particles' signal variance and add the noise of standard deviation
+    ``sigma`` (white; or coloured and scaled per micrograph, :class:`SimulationSettings`) to every written
+    image, one batch at a time."""
+    empty = parameters.is_empty
+    coloured = settings.noise_bfactor > 0 or parameters.noise_scale is not None
+    if sigma == 0 and (empty is None or not empty.any()):
         return
+    amplitude = noise_filter(settings.box, settings.pixel_size, settings.noise_bfactor, settings.noise_floor) \
+        if settings.noise_bfactor > 0 else np.ones((settings.box, settings.box // 2 + 1))
     for rows in _batches(settings.num_particles, settings.batch_size):
         block = writer.read(int(rows[0]), int(rows[-1]) + 1)
-        add_noise(block, sigma, generator)
+        if empty is not None:
+            block[empty[rows]] *= np.float32(np.sqrt(signal_variance))
+        if sigma > 0 and coloured:
+            scale = parameters.noise_scale[rows] if parameters.noise_scale is not None else np.ones(len(rows))
+            add_coloured_noise(block, sigma * scale, amplitude, generator)
+        elif sigma > 0:
+            add_noise(block, sigma, generator)
         writer.write(int(rows[0]), block)
 
 
@@ -178,7 +203,7 @@ def simulate_particles(output_folder: str | os.PathLike[str], settings: Simulati
     truth = atomic_model_map(model, box, pixel)
     junk = atomic_model_map(junk_model, box, pixel) if settings.junk_count else None
     mask = soft_mask(truth, pixel)
-    parameter_seed, noise_seed = np.random.SeedSequence(settings.seed).spawn(2)
+    parameter_seed, noise_seed, empty_seed = np.random.SeedSequence(settings.seed).spawn(3)
     parameters = draw_parameters(settings, np.random.default_rng(parameter_seed))
     formation = ImageFormation(box, pixel, device)
     projectors = {False: FourierSliceProjector(torch.as_tensor(truth, device=device))}
@@ -187,10 +212,11 @@ def simulate_particles(output_folder: str | os.PathLike[str], settings: Simulati
 
     with _staging_folder(target, overwrite) as staging:
         with StackWriter(staging / STACK_NAME, settings.num_particles, box, pixel, label=MRC_LABEL) as writer:
-            signal_variance = _render_stack(writer, parameters, settings, projectors, formation, progress)
+            signal_variance = _render_stack(writer, parameters, settings, projectors, formation, progress,
+                                            np.random.default_rng(empty_seed))
             del projectors
             noise_variance, sigma = noise_sigma(signal_variance, settings.snr)
-            _add_stack_noise(writer, settings, sigma, np.random.default_rng(noise_seed))
+            _finish_stack(writer, parameters, settings, signal_variance, sigma, np.random.default_rng(noise_seed))
         write_star_to(staging / STAR_NAME, star_blocks(parameters, settings))
         maps = {"truth.mrc": truth, "junk.mrc": junk, "mask.mrc": mask}
         for name, volume in maps.items():

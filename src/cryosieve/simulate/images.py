@@ -1,4 +1,5 @@
-"""Image formation: projection, CTF, B-factor envelope, origin shift, and white noise.
+"""Image formation: projection, CTF, B-factor envelope, origin shift, empty images, and noise
+(white, or coloured with a level per micrograph).
 
 The image model, grid and units are those stated in :mod:`cryosieve.simulate`.
 """
@@ -71,10 +72,58 @@ class ImageFormation:
         origin_y = take(parameters.origin_y)[:, None] / self.pixel_size
         phase = 2 * math.pi * (self.kx * origin_x + self.ky * origin_y) / self.box
         values = slices * (ctf * self.parity) * torch.polar(torch.ones_like(phase), phase)
-        spectrum = torch.zeros((len(rows), self.box * (self.box // 2 + 1)), dtype=torch.complex64, device=device)
+        images = self._inverse(values)
+        if parameters.contrast is not None:
+            images *= take(parameters.contrast).to(images.dtype)[:, None, None]
+        return images
+
+    def _inverse(self, values: torch.Tensor) -> torch.Tensor:
+        """``(b, box, box)`` float32 images of ``(b, p)`` complex values at the formation's frequencies."""
+        spectrum = torch.zeros((len(values), self.box * (self.box // 2 + 1)), dtype=torch.complex64,
+                               device=self.device)
         spectrum[:, self.flat_index] = values.to(torch.complex64)
-        spectrum = spectrum.reshape(len(rows), self.box, self.box // 2 + 1)
+        spectrum = spectrum.reshape(len(values), self.box, self.box // 2 + 1)
         return torch.fft.irfft2(spectrum, s=(self.box, self.box))
+
+    def render_empty(self, parameters: ParticleParameters, rows: np.ndarray, settings: SimulationSettings,
+                     generator: np.random.Generator) -> torch.Tensor:
+        """Images of empty "particles" (``parameters.empty_kind`` 1: a blob, 2: a carbon edge), CTF-modulated
+        with the particle's own CTF and envelope, each scaled to unit variance over the box.
+
+        The blob is a Gaussian of 5 to 15 % of the box wide, up to a quarter box off centre; the edge a
+        soft step (2 pixels) along a random line through the box's middle half. Returns ``(b, box, box)``
+        float32 on the formation's device.
+        """
+        box = self.box
+        y, x = np.meshgrid(np.arange(box) - box // 2, np.arange(box) - box // 2, indexing="ij")
+        real = np.empty((len(rows), box, box))
+        for index, row in enumerate(rows):
+            centre = generator.uniform(-box / 4, box / 4, 2)
+            if parameters.empty_kind is not None and parameters.empty_kind[row] == 2:
+                angle = generator.uniform(0, 2 * np.pi)
+                distance = (x - centre[0]) * np.cos(angle) + (y - centre[1]) * np.sin(angle)
+                real[index] = 1 / (1 + np.exp(-distance / 2.0))
+            else:
+                width = generator.uniform(0.05, 0.15) * box
+                real[index] = np.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) / (2 * width**2))
+        device = self.device
+
+        def take(values: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values)[rows], dtype=torch.float64, device=device)
+
+        def constant(value: float) -> torch.Tensor:
+            return torch.full((len(rows),), float(value), dtype=torch.float64, device=device)
+
+        length = box * self.pixel_size
+        ctf = ctf_2d(self.kx / length, self.ky / length, take(parameters.defocus_u), take(parameters.defocus_v),
+                     take(parameters.defocus_angle), constant(settings.voltage),
+                     constant(settings.spherical_aberration), constant(settings.amplitude_contrast),
+                     constant(settings.phase_shift), bfactor=take(parameters.bfactor))
+        transform = torch.fft.rfft2(torch.as_tensor(real, device=device)).reshape(len(rows), -1)[:, self.flat_index]
+        images = self._inverse(transform * ctf)
+        images -= images.mean(dim=(1, 2), keepdim=True)
+        images /= images.std(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+        return images
 
 
 @dataclass
@@ -119,6 +168,30 @@ def noise_sigma(signal_variance: float, snr: float) -> tuple[float, float]:
     (``math.inf``: no noise, ``(0, 0)``)."""
     variance = 0.0 if math.isinf(snr) else signal_variance / snr
     return variance, math.sqrt(variance)
+
+
+def noise_filter(box: int, pixel_size: float, bfactor: float, floor: float) -> np.ndarray:
+    """Amplitude filter ``(box, box // 2 + 1)`` float64 of coloured noise on the rfft grid: the square root of
+    the power ``floor + (1 - floor) exp(-bfactor s^2 / 4)`` (``s`` in 1/Å), scaled so that the noise's
+    variance is unchanged (its mean power over the grid is 1)."""
+    ky = np.fft.fftfreq(box)[:, None] / pixel_size
+    kx = np.fft.rfftfreq(box)[None, :] / pixel_size
+    power = floor + (1 - floor) * np.exp(-bfactor * (kx**2 + ky**2) / 4)
+    weight = np.full(power.shape, 2.0)  # rfft columns stand for two frequencies, except 0 and Nyquist
+    weight[:, 0] = 1.0
+    if box % 2 == 0:
+        weight[:, -1] = 1.0
+    return np.sqrt(power / (np.sum(power * weight) / box**2))
+
+
+def add_coloured_noise(images: np.ndarray, sigma: np.ndarray, amplitude: np.ndarray,
+                       generator: np.random.Generator) -> None:
+    """Add Gaussian noise of standard deviation ``sigma`` (``(b,)``, per image) coloured by ``amplitude``
+    (:func:`noise_filter`) to ``(b, n, n)`` float32 ``images`` in place (drawn white in pixel order, then
+    filtered)."""
+    white = generator.standard_normal(images.shape, dtype=np.float32).astype(np.float64)
+    coloured = np.fft.irfft2(np.fft.rfft2(white) * amplitude, s=images.shape[1:])
+    images += (coloured * np.asarray(sigma, dtype=np.float64)[:, None, None]).astype(np.float32)
 
 
 def add_noise(images: np.ndarray, sigma: float, generator: np.random.Generator) -> None:

@@ -45,6 +45,26 @@ class SimulationSettings:
         Images rendered at once (memory ~ ``batch_size * box^2`` complex numbers).
     half_maps:
         Reconstruct ``half1.mrc``/``half2.mrc`` from the particles.
+
+    Realistic defects (all off by default; :meth:`realistic` turns them on):
+
+    empty_fraction:
+        Fraction of "particles" that hold no particle: a blob or a carbon edge (half each),
+        CTF-modulated, at the particles' signal variance; their STAR rows look like any other.
+    misaligned_fraction, misalignment_min, misalignment_max:
+        Fraction of the main model's particles whose STAR pose is the true one turned by an
+        angle uniform in ``[misalignment_min, misalignment_max]`` degrees about a random axis.
+    wrong_origin_fraction, origin_error:
+        Fraction of the main model's particles (not misaligned) whose STAR origin is off by a
+        distance uniform in ``[origin_error / 2, origin_error]`` Å in a random direction.
+    contrast_spread:
+        Per-particle amplitude scale ``exp(N(0, contrast_spread))`` (ice thickness), truth only.
+    noise_bfactor, noise_floor:
+        Coloured noise: power ``floor + (1 - floor) exp(-noise_bfactor s^2 / 4)`` (normalised to
+        the variance the SNR asks), ``noise_bfactor`` in Å^2 (0: white noise).
+    micrographs, noise_spread:
+        Particles are spread over ``micrographs`` micrographs (``rlnMicrographName``; 0: none),
+        each with a noise level ``exp(N(0, noise_spread))`` times the nominal one.
     """
 
     num_particles: int = 2000
@@ -65,6 +85,27 @@ class SimulationSettings:
     seed: int = 0
     batch_size: int = 256
     half_maps: bool = True
+    empty_fraction: float = 0.0
+    misaligned_fraction: float = 0.0
+    misalignment_min: float = 5.0
+    misalignment_max: float = 30.0
+    wrong_origin_fraction: float = 0.0
+    origin_error: float = 8.0
+    contrast_spread: float = 0.0
+    noise_bfactor: float = 0.0
+    noise_floor: float = 0.2
+    micrographs: int = 0
+    noise_spread: float = 0.0
+
+    def realistic(self) -> SimulationSettings:
+        """These settings with data-like defects: 5 % empty images, 10 % misaligned by 5-30 degrees,
+        5 % with origins off by 4-8 Å, contrast spread 0.25, noise falling with frequency
+        (``noise_bfactor`` 150 Å^2, floor 0.3) over 40 micrographs whose noise level spreads by 0.2."""
+        from dataclasses import replace
+
+        return replace(self, empty_fraction=0.05, misaligned_fraction=0.10, misalignment_min=5.0,
+                       misalignment_max=30.0, wrong_origin_fraction=0.05, origin_error=8.0, contrast_spread=0.25,
+                       noise_bfactor=150.0, noise_floor=0.3, micrographs=40, noise_spread=0.2)
 
     def check(self) -> None:
         """Raise :class:`CryoSieveInputError` naming the first bad setting."""
@@ -77,7 +118,12 @@ class SimulationSettings:
                             ("defocus_max", self.defocus_max), ("astigmatism", self.astigmatism),
                             ("max_origin", self.max_origin), ("voltage", self.voltage),
                             ("cs", self.spherical_aberration), ("amplitude_contrast", self.amplitude_contrast),
-                            ("phase_shift", self.phase_shift), ("junk_fraction", self.junk_fraction)):
+                            ("phase_shift", self.phase_shift), ("junk_fraction", self.junk_fraction),
+                            ("empty_fraction", self.empty_fraction), ("misaligned_fraction", self.misaligned_fraction),
+                            ("misalignment_min", self.misalignment_min), ("misalignment_max", self.misalignment_max),
+                            ("wrong_origin_fraction", self.wrong_origin_fraction), ("origin_error", self.origin_error),
+                            ("contrast_spread", self.contrast_spread), ("noise_bfactor", self.noise_bfactor),
+                            ("noise_floor", self.noise_floor), ("noise_spread", self.noise_spread)):
             if math.isnan(value) or (math.isinf(value) and name != "snr"):
                 raise bad(name, value, "must be a finite number")
 
@@ -112,11 +158,41 @@ class SimulationSettings:
             raise bad("phase_shift", self.phase_shift, "must be finite")
         if self.batch_size < 1:
             raise bad("batch_size", self.batch_size, "must be at least 1")
+        if not 0 <= self.empty_fraction < 1 or self.junk_fraction + self.empty_fraction >= 1:
+            raise bad("empty_fraction", self.empty_fraction, "must be in [0, 1 - junk_fraction)")
+        if not 0 <= self.misaligned_fraction + self.wrong_origin_fraction <= 1 or self.misaligned_fraction < 0 \
+                or self.wrong_origin_fraction < 0:
+            raise bad("misaligned_fraction", self.misaligned_fraction,
+                      "misaligned_fraction and wrong_origin_fraction must be in [0, 1] with a sum of at most 1")
+        if not 0 <= self.misalignment_min <= self.misalignment_max <= 180:
+            raise bad("misalignment_min", self.misalignment_min,
+                      f"need 0 <= misalignment_min <= misalignment_max ({self.misalignment_max}) <= 180")
+        if not self.origin_error >= 0:
+            raise bad("origin_error", self.origin_error, "must be non-negative")
+        for name, value in (("contrast_spread", self.contrast_spread), ("noise_bfactor", self.noise_bfactor),
+                            ("noise_spread", self.noise_spread)):
+            if value < 0:
+                raise bad(name, value, "must be non-negative")
+        if not 0 < self.noise_floor <= 1:
+            raise bad("noise_floor", self.noise_floor, "must be in (0, 1]")
+        if self.micrographs < 0:
+            raise bad("micrographs", self.micrographs, "must be 0 (none) or more")
 
     @property
     def junk_count(self) -> int:
         """How many particles are junk: ``round(junk_fraction * num_particles)``."""
         return round(self.junk_fraction * self.num_particles)
+
+    @property
+    def empty_count(self) -> int:
+        """How many images are empty: ``round(empty_fraction * num_particles)``."""
+        return round(self.empty_fraction * self.num_particles)
+
+    @property
+    def defects(self) -> bool:
+        """Whether any realistic defect is on (off: the particles drawn are exactly those of earlier versions)."""
+        return bool(self.empty_fraction or self.misaligned_fraction or self.wrong_origin_fraction
+                    or self.contrast_spread or self.noise_bfactor or self.micrographs or self.noise_spread)
 
 
 @dataclass
@@ -137,9 +213,39 @@ class ParticleParameters:
     bfactor: np.ndarray  # Å^2, truth only
     is_junk: np.ndarray  # bool
     random_subset: np.ndarray  # int64, 1 or 2
+    # realistic defects (None: none); the pose and origin fields above are the truth, these what the STAR says
+    is_empty: np.ndarray | None = None  # bool
+    empty_kind: np.ndarray | None = None  # int64: 0 not empty, 1 blob, 2 carbon edge
+    star_rot: np.ndarray | None = None
+    star_tilt: np.ndarray | None = None
+    star_psi: np.ndarray | None = None
+    star_origin_x: np.ndarray | None = None  # Å
+    star_origin_y: np.ndarray | None = None
+    pose_error: np.ndarray | None = None  # degrees, angle between true and STAR rotations
+    origin_error: np.ndarray | None = None  # Å
+    contrast: np.ndarray | None = None  # amplitude scale, truth only
+    micrograph: np.ndarray | None = None  # int64, 1-based
+    noise_scale: np.ndarray | None = None  # the particle's noise level / the nominal one
 
     def __len__(self) -> int:
         return len(self.rot)
+
+    def reported(self, name: str) -> np.ndarray:
+        """What the STAR file says of ``rot``, ``tilt``, ``psi``, ``origin_x`` or ``origin_y``."""
+        value = getattr(self, f"star_{name}")
+        return getattr(self, name) if value is None else value
+
+    def kinds(self) -> np.ndarray:
+        """Each particle's kind, ``(n,)`` str: good, junk, empty, misaligned or wrong_origin."""
+        kind = np.full(len(self), "good", dtype=object)
+        if self.pose_error is not None:
+            kind[self.pose_error > 0] = "misaligned"
+        if self.origin_error is not None:
+            kind[self.origin_error > 0] = "wrong_origin"
+        kind[self.is_junk] = "junk"
+        if self.is_empty is not None:
+            kind[self.is_empty] = "empty"
+        return kind
 
 
 def draw_parameters(settings: SimulationSettings, generator: np.random.Generator) -> ParticleParameters:
@@ -164,9 +270,60 @@ def draw_parameters(settings: SimulationSettings, generator: np.random.Generator
     def rounded(values: np.ndarray) -> np.ndarray:
         return np.round(values, 6)
 
-    return ParticleParameters(
+    parameters = ParticleParameters(
         rot=rounded(rot), tilt=rounded(tilt), psi=rounded(psi), origin_x=rounded(origin_x),
         origin_y=rounded(origin_y), defocus_u=rounded(defocus_u), defocus_v=rounded(defocus_v),
         defocus_angle=rounded(defocus_angle), bfactor=rounded(bfactor), is_junk=is_junk,
         random_subset=random_subset,
     )
+    if settings.defects:  # drawn after everything above: without defects, the same particles as before
+        _draw_defects(parameters, settings, generator)
+    return parameters
+
+
+def _draw_defects(parameters: ParticleParameters, settings: SimulationSettings, generator: np.random.Generator
+                  ) -> None:
+    """Empty images, misaligned particles, wrong origins, contrast and micrographs (see :class:`SimulationSettings`)."""
+    from scipy.spatial.transform import Rotation
+
+    from cryosieve.geometry import euler_to_matrix, matrix_to_euler
+
+    count = len(parameters)
+    others = np.flatnonzero(~parameters.is_junk)
+    is_empty = np.zeros(count, dtype=bool)
+    is_empty[generator.choice(others, settings.empty_count, replace=False)] = True
+    empty_kind = np.where(is_empty, 1 + (generator.uniform(size=count) < 0.5), 0).astype(np.int64)
+    good = np.flatnonzero(~parameters.is_junk & ~is_empty)
+    order = generator.permutation(good)
+    misaligned = order[:round(settings.misaligned_fraction * len(good))]
+    shifted = order[len(misaligned):len(misaligned) + round(settings.wrong_origin_fraction * len(good))]
+    angle = np.zeros(count)
+    angle[misaligned] = generator.uniform(settings.misalignment_min, settings.misalignment_max, len(misaligned))
+    axis = generator.normal(size=(count, 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    truth = euler_to_matrix(parameters.rot, parameters.tilt, parameters.psi)
+    turn = Rotation.from_rotvec(axis * np.radians(angle)[:, None]).as_matrix()
+    rot, tilt, psi = matrix_to_euler(turn @ truth)
+    star = {name: np.where(angle > 0, np.round(value, 6), getattr(parameters, name))
+            for name, value in (("rot", rot), ("tilt", tilt), ("psi", psi))}
+    reported = euler_to_matrix(star["rot"], star["tilt"], star["psi"])
+    cosine = np.clip((np.einsum("nij,nij->n", reported, truth) - 1) / 2, -1.0, 1.0)
+    distance = np.zeros(count)
+    distance[shifted] = generator.uniform(settings.origin_error / 2, settings.origin_error, len(shifted))
+    direction = generator.uniform(0, 2 * np.pi, count)
+    star_x = np.round(parameters.origin_x + distance * np.cos(direction), 6)
+    star_y = np.round(parameters.origin_y + distance * np.sin(direction), 6)
+    contrast = np.exp(generator.normal(0.0, settings.contrast_spread, count)) if settings.contrast_spread \
+        else np.ones(count)
+    micrographs = max(settings.micrographs, 1)
+    micrograph = np.sort(generator.integers(1, micrographs + 1, count)).astype(np.int64)
+    level = np.exp(generator.normal(0.0, settings.noise_spread, micrographs)) if settings.noise_spread \
+        else np.ones(micrographs)
+    parameters.is_empty, parameters.empty_kind = is_empty, empty_kind
+    parameters.star_rot, parameters.star_tilt, parameters.star_psi = star["rot"], star["tilt"], star["psi"]
+    parameters.star_origin_x, parameters.star_origin_y = star_x, star_y
+    parameters.pose_error = np.round(np.where(angle > 0, np.degrees(np.arccos(cosine)), 0.0), 6)
+    parameters.origin_error = np.round(np.hypot(star_x - parameters.origin_x, star_y - parameters.origin_y), 6)
+    parameters.contrast = np.round(contrast, 6)
+    parameters.micrograph = micrograph if settings.micrographs else None
+    parameters.noise_scale = np.round(level[micrograph - 1], 6)

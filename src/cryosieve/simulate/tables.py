@@ -49,13 +49,15 @@ def _optics_table(settings: SimulationSettings) -> pd.DataFrame:
 
 def _particles_table(parameters: ParticleParameters, settings: SimulationSettings) -> pd.DataFrame:
     """``data_particles``: one row a particle, in stack order."""
-    columns: dict[str, object] = {
-        "rlnImageName": image_names(len(parameters)),
-        "rlnAngleRot": parameters.rot,
-        "rlnAngleTilt": parameters.tilt,
-        "rlnAnglePsi": parameters.psi,
-        "rlnOriginXAngst": parameters.origin_x,
-        "rlnOriginYAngst": parameters.origin_y,
+    columns: dict[str, object] = {"rlnImageName": image_names(len(parameters))}
+    if parameters.micrograph is not None:
+        columns["rlnMicrographName"] = [f"micrographs/mic{index:04d}.mrc" for index in parameters.micrograph]
+    columns |= {
+        "rlnAngleRot": parameters.reported("rot"),
+        "rlnAngleTilt": parameters.reported("tilt"),
+        "rlnAnglePsi": parameters.reported("psi"),
+        "rlnOriginXAngst": parameters.reported("origin_x"),
+        "rlnOriginYAngst": parameters.reported("origin_y"),
         "rlnDefocusU": parameters.defocus_u,
         "rlnDefocusV": parameters.defocus_v,
         "rlnDefocusAngle": parameters.defocus_angle,
@@ -68,9 +70,11 @@ def _particles_table(parameters: ParticleParameters, settings: SimulationSetting
 
 
 def truth_table(parameters: ParticleParameters) -> pd.DataFrame:
-    """The rows of ``truth.csv``: every particle's image name, junk flag, B-factor (Å^2), pose,
-    origin (Å), defocus and half-set, as drawn."""
-    return pd.DataFrame({
+    """The rows of ``truth.csv``: every particle's image name, junk flag, B-factor (Å^2), true pose,
+    origin (Å), defocus and half-set, as drawn; with realistic defects also its ``kind`` (good, junk,
+    empty, misaligned, wrong_origin), ``is_bad`` (any but good), ``pose_error`` (degrees) and
+    ``origin_error`` (Å) of its STAR row, ``contrast``, ``micrograph`` and ``noise_scale``."""
+    table = pd.DataFrame({
         "rlnImageName": image_names(len(parameters)),
         "is_junk": parameters.is_junk,
         "bfactor": parameters.bfactor,
@@ -84,4 +88,13 @@ def truth_table(parameters: ParticleParameters) -> pd.DataFrame:
         "defocus_angle": parameters.defocus_angle,
         "random_subset": parameters.random_subset,
     })
+    if parameters.pose_error is not None:
+        kinds = parameters.kinds()
+        table["kind"] = kinds
+        table["is_bad"] = kinds != "good"
+        for name in ("pose_error", "origin_error", "contrast", "micrograph", "noise_scale"):
+            value = getattr(parameters, name)
+            if value is not None:
+                table[name] = value
+    return table
 
