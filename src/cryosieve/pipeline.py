@@ -70,7 +70,7 @@ from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.refine import jobs
 from cryosieve.refine.api import MIN_PER_HALF_SET
 from cryosieve.refine.rh import fit_rh, nested_subsets, voltage_constant
-from cryosieve.report import ReportPaths, RoundSummary, report_paths, write_report
+from cryosieve.report import ReportPaths, RoundSummary, chosen_round, report_paths, write_report
 from cryosieve.schedule import CutoffSchedule
 from cryosieve.score import retained_count
 from cryosieve.sieve import (
@@ -84,6 +84,7 @@ from cryosieve.sieve import (
 )
 from cryosieve.symmetry import canonical_name, group_order
 from cryosieve.tolerances import pixel_sizes_agree
+from cryosieve.views import depleted_fraction, view_bins
 
 if TYPE_CHECKING:
     from cryosieve.cryosparc.selection import PreparedReturn, ReturnTarget
@@ -134,6 +135,14 @@ class PipelineSettings:
         Images per batch of the built-in reconstruction.
     report:
         Write the plots and the HTML page (the summary CSV is always written).
+    passthrough, return_to:
+        Further ``.cs`` files of a ``.cs`` input; where the last selection goes back to CryoSPARC.
+    patience:
+        ``None``: every one of ``num_iters`` rounds (the published schedule); else stop once the
+        resolution (with poses re-estimated when there is a validator, else with the given poses:
+        optimistic) has not improved for ``patience`` rounds, ``num_iters`` being the most.
+    keep_orientations:
+        Most a well-populated view may lose, times the average (:class:`~cryosieve.sieve.SieveSettings`).
     """
 
     input_star: str
@@ -161,6 +170,8 @@ class PipelineSettings:
     report: bool = True
     passthrough: tuple[str, ...] = ()
     return_to: ReturnTarget | None = None
+    patience: int | None = None
+    keep_orientations: float | None = None
 
     @property
     def schedule(self) -> CutoffSchedule:
@@ -212,6 +223,11 @@ class OutputNames:
         return self._path(f"_postprocess_iter{iteration}.txt")
 
     @property
+    def best(self) -> Path:
+        """A copy of the particle file of the run's best set."""
+        return self._path(f"_best{self.extension}")
+
+    @property
     def state(self) -> Path:
         return self._path("_state.json")
 
@@ -233,7 +249,8 @@ class OutputNames:
             if self.extension != ".star":
                 paths.append(self.relion_star(iteration))
         report = report_paths(self.prefix)
-        paths += [report.summary_csv, report.resolution_plot, report.fsc_plot, report.scores_plot, report.html]
+        paths += [report.summary_csv, report.resolution_plot, report.fsc_plot, report.scores_plot, report.html,
+                  report.angles_plot, self.best]
         return paths
 
     def folders(self, num_iters: int) -> list[Path]:
@@ -338,13 +355,16 @@ def _check_numbers(settings: PipelineSettings) -> None:
     if not settings.output_prefix or not settings.output_prefix.strip():
         raise CryoSieveInputError(f"{setting('output_prefix')}: empty output prefix")
     check_settings(_sieve_settings(settings, settings.frequency_start))
+    if settings.patience is not None and settings.patience < 1:
+        raise CryoSieveInputError(f"{setting('patience')} {settings.patience}: must be at least 1")
 
 
 def _sieve_settings(settings: PipelineSettings, cutoff: float) -> SieveSettings:
     return SieveSettings(retention_ratio=settings.retention_ratio, highpass_angstrom=float(cutoff),
                          projector=settings.projector, reference_weighting=settings.reference_weighting,
                          batch_size=settings.batch_size, device=settings.device,
-                         num_processes=settings.num_processes, balance=settings.balance)
+                         num_processes=settings.num_processes, balance=settings.balance,
+                         keep_orientations=settings.keep_orientations)
 
 
 def _pixel_size(settings: PipelineSettings, particles: ParticleSet) -> float:
@@ -454,6 +474,8 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         "reconstructor": reconstructor.describe(),
         "postprocessor": postprocessor.describe(),
         "validator": settings.validator.describe() if settings.validator is not None else "none",
+        **({"patience": settings.patience} if settings.patience is not None else {}),
+        **({"keep_orientations": settings.keep_orientations} if settings.keep_orientations is not None else {}),
         **({"cryosparc_return": f"{settings.return_to.project} {settings.return_to.workspace} "
                                 f"{returning.source[0]}.{returning.source[1]}"}
            if settings.return_to is not None and returning is not None else {}),
@@ -675,7 +697,8 @@ def _round_summary(prepared: _Prepared, iteration: int, particles: ParticleSet, 
     assert particles.random_subset is not None
     summary = RoundSummary(
         iteration=iteration,
-        cutoff_angstrom=prepared.schedule[iteration] if iteration < prepared.settings.num_iters else None,
+        cutoff_angstrom=prepared.schedule[iteration] if iteration < prepared.settings.num_iters
+        and state.done(f"sieve {iteration}") else None,
         particles_half1=int(np.sum(particles.random_subset == 1)),
         particles_half2=int(np.sum(particles.random_subset == 2)),
     )
@@ -694,12 +717,43 @@ def _round_summary(prepared: _Prepared, iteration: int, particles: ParticleSet, 
         summary.rh_bfactor = None if validated["rh_bfactor"] is None else float(validated["rh_bfactor"])
         classical = validated.get("rh_bfactor_classical")
         summary.rh_bfactor_classical = None if classical is None else float(classical)
+    summary.view_bins = view_bins(particles.rot, particles.tilt)
     if state.done(f"sieve {iteration}"):
         scores = pd.read_csv(names.scores(iteration + 1), keep_default_na=False, dtype={"rlnImageName": str})
         summary.scores = scores["score"].to_numpy(dtype=np.float64)
         summary.half_set = scores["half_set"].to_numpy(dtype=np.int64)
         summary.kept = scores["kept"].to_numpy(dtype=np.int64).astype(bool)
+        summary.depleted_views = depleted_fraction(summary.view_bins, summary.kept)
     return summary
+
+
+def _write_best(prepared: _Prepared, rounds: list[RoundSummary]) -> list[str]:
+    """Copy the best set's particle file to ``PREFIX_best`` (:func:`cryosieve.report.chosen_round`); the report's
+    line about it."""
+    chosen = chosen_round(rounds)
+    if chosen is None:
+        return []
+    names = prepared.names
+    with atomic_path(names.best) as temporary:
+        shutil.copyfile(names.star(chosen.iteration), temporary)
+    how = "with poses re-estimated" if chosen.validated_resolution_angstrom is not None else \
+        "with the given poses (optimistic)"
+    log.info("best set: iteration %d (%d particles), by its resolution %s; written to %s", chosen.iteration,
+             chosen.particles, how, names.best)
+    return [f"Best set: iteration {chosen.iteration} ({chosen.particles} particles), by its resolution {how}; "
+            f"written to {names.best.name}."]
+
+
+def _stalled(rounds: list[RoundSummary], patience: int, validated: bool) -> bool:
+    """Whether the last ``patience`` rounds measured no better resolution than the best before them."""
+    def resolution(summary: RoundSummary) -> float:
+        value = summary.validated_resolution_angstrom if validated else summary.resolution_angstrom
+        return math.inf if value is None or not math.isfinite(value) else float(value)
+
+    if len(rounds) <= patience:
+        return False
+    before = min(resolution(summary) for summary in rounds[:-patience])
+    return all(resolution(summary) >= before for summary in rounds[-patience:])
 
 
 # --------------------------------------------------------------------------- the run
@@ -804,6 +858,11 @@ class _Run:
             self.step("prepare", lambda: _write_iter0(prepared))
             particles = prepared.particles.subset(prepared.rows0) if settings.balance else prepared.particles
             rounds: list[RoundSummary] = []
+            stopped: int | None = None
+            validated = settings.validator is not None
+            if settings.patience is not None and not validated:
+                log.warning("--patience without --validate: rounds are compared by their resolution with the given "
+                            "poses, which is optimistic")
             for iteration in range(settings.num_iters):
                 assert particles.random_subset is not None
                 log.info("[ITER %d] %d particles (half-sets %d + %d); cut-off %.3f Å", iteration, len(particles),
@@ -828,14 +887,23 @@ class _Run:
                 self.checkpoint()
                 write_report(names.prefix, [*rounds, _round_summary(prepared, iteration + 1, particles, state)],
                              plots=settings.report, validation=prepared.arguments["validator"])
-            if settings.validator is not None:
+                if settings.patience is not None and _stalled(rounds, settings.patience, validated):
+                    stopped = iteration
+                    log.info("[ITER %d] no better resolution for %d rounds: stopping", iteration, settings.patience)
+                    break
+            last = settings.num_iters if stopped is None else stopped + 1
+            if settings.validator is not None and stopped is None:
                 self.step(f"validate {settings.num_iters}",
                           functools.partial(_validate, prepared, settings.num_iters, self.progress))
             if prepared.returning is not None:
                 self.step(GIVE_BACK, functools.partial(_give_back, prepared, particles))
-            rounds.append(_round_summary(prepared, settings.num_iters, particles, state))
+            rounds.append(_round_summary(prepared, last, particles, state))
+            notes = _write_best(prepared, rounds)
+            if stopped is not None:
+                notes.insert(0, f"Stopped after round {stopped}: no better resolution for {settings.patience} "
+                                f"rounds (--patience); at most {settings.num_iters} rounds were asked for.")
             report = write_report(names.prefix, rounds, plots=settings.report,
-                                  validation=prepared.arguments["validator"])
+                                  validation=prepared.arguments["validator"], notes=notes)
             measured = [summary for summary in rounds if summary.resolution_angstrom is not None
                         and math.isfinite(summary.resolution_angstrom)]
             if measured:

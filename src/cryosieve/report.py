@@ -35,7 +35,7 @@ from cryosieve.plots import plot_fsc_curves
 
 SUMMARY_COLUMNS = ("iteration", "cutoff_angstrom", "particles_half1", "particles_half2", "resolution_angstrom",
                    "bfactor", "validated_resolution_angstrom", "validated_bfactor", "rh_bfactor",
-                   "rh_bfactor_classical")
+                   "rh_bfactor_classical", "depleted_views", "best")
 
 
 @dataclass
@@ -79,6 +79,8 @@ class RoundSummary:
     validated_bfactor: float | None = None
     rh_bfactor: float | None = None
     rh_bfactor_classical: float | None = None
+    view_bins: np.ndarray | None = None  # (n,) int64 viewing-direction bins of the set (cryosieve.views)
+    depleted_views: float | None = None  # cryosieve.views.depleted_fraction of its sieve
 
     @property
     def particles(self) -> int:
@@ -94,12 +96,13 @@ class ReportPaths:
     fsc_plot: Path
     scores_plot: Path
     html: Path
+    angles_plot: Path
 
 
 def report_paths(prefix: str) -> ReportPaths:
     return ReportPaths(summary_csv=Path(prefix + "_summary.csv"), resolution_plot=Path(prefix + "_resolution.png"),
                        fsc_plot=Path(prefix + "_fsc.png"), scores_plot=Path(prefix + "_scores.png"),
-                       html=Path(prefix + "_report.html"))
+                       html=Path(prefix + "_report.html"), angles_plot=Path(prefix + "_angles.png"))
 
 
 def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
@@ -107,6 +110,7 @@ def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
     def value(number: float | None) -> float:
         return math.nan if number is None else float(number)
 
+    chosen = chosen_round(rounds)
     return pd.DataFrame({
         "iteration": [summary.iteration for summary in rounds],
         "cutoff_angstrom": [value(summary.cutoff_angstrom) for summary in rounds],
@@ -118,6 +122,8 @@ def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
         "validated_bfactor": [value(summary.validated_bfactor) for summary in rounds],
         "rh_bfactor": [value(summary.rh_bfactor) for summary in rounds],
         "rh_bfactor_classical": [value(summary.rh_bfactor_classical) for summary in rounds],
+        "depleted_views": [value(summary.depleted_views) for summary in rounds],
+        "best": [chosen is not None and summary.iteration == chosen.iteration for summary in rounds],
     }, columns=list(SUMMARY_COLUMNS))
 
 
@@ -131,6 +137,12 @@ def best_round(rounds: Sequence[RoundSummary], validated: bool = False) -> Round
     if not measured:
         return None
     return min(measured, key=lambda summary: (resolution(summary) or math.inf, summary.iteration))
+
+
+def chosen_round(rounds: Sequence[RoundSummary]) -> RoundSummary | None:
+    """The run's best round: by the resolution with poses re-estimated where any was measured, else by the
+    resolution with the given poses (optimistic)."""
+    return best_round(rounds, validated=True) or best_round(rounds)
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -157,6 +169,7 @@ def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
     iterations = column("iteration")
     particles = column("particles")
     validated = bool(np.isfinite(column("validated_resolution_angstrom")).any())
+    chosen = chosen_round(rounds)
     figure = _new_figure(10.0, 7.0)
     panels = ((iterations, "resolution", "iteration", "resolution (Å)"),
               (particles, "resolution", "particles", "resolution (Å)"),
@@ -174,6 +187,10 @@ def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
             if x_label == "particles" and math.isfinite(y_value):
                 axes.annotate(str(label), (x_value, y_value), textcoords="offset points", xytext=(4, 4),
                               fontsize="small")
+        if chosen is not None:  # the best round, in every panel
+            at = chosen.iteration if x_label == "iteration" else chosen.particles
+            axes.axvline(at, color="tab:green", linestyle=":", linewidth=1.2, label=f"best: iter {chosen.iteration}")
+            axes.legend(fontsize="small")
         axes.set_xlabel(x_label)
         axes.set_ylabel(y_label)
         if x_label == "iteration":
@@ -187,6 +204,7 @@ def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
 def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
     """Histogram of the scores of each sieve per half-set, the cut (largest kept score) marked."""
     sieved = [summary for summary in rounds if summary.scores is not None]
+    chosen = chosen_round(rounds)
     count = max(len(sieved), 1)
     columns = min(count, 3)
     rows = math.ceil(count / columns)
@@ -205,7 +223,8 @@ def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
             kept = members & summary.kept
             if kept.any() and not kept[members].all():
                 axes.axvline(float(summary.scores[kept].max()), color=colour, linestyle="--", linewidth=1.0)
-        axes.set_title(f"iter {summary.iteration}: cut-off {summary.cutoff_angstrom:.2f} Å, "
+        best = " (best set)" if chosen is not None and chosen.iteration == summary.iteration else ""
+        axes.set_title(f"iter {summary.iteration}{best}: cut-off {summary.cutoff_angstrom:.2f} Å, "
                        f"kept {int(summary.kept.sum())}/{len(summary.kept)}", fontsize="small")
         axes.set_xlabel("score (lower is kept)")
         axes.set_ylabel("particles")
@@ -220,16 +239,49 @@ def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
 def plot_all_fsc(rounds: Sequence[RoundSummary], path: Path) -> None:
     """Corrected FSC of every round overlaid (:func:`cryosieve.plots.plot_fsc_curves`)."""
     curves = {}
+    chosen = chosen_round(rounds)
     for summary in rounds:
         if summary.fsc_frequency is None or summary.fsc_corrected is None:
             continue
-        curves[f"iter {summary.iteration}: {summary.resolution_angstrom:.2f} Å, {summary.particles} particles"] = (
-            summary.fsc_frequency, summary.fsc_corrected)
+        mark = " (best)" if chosen is not None and chosen.iteration == summary.iteration else ""
+        curves[f"iter {summary.iteration}{mark}: {summary.resolution_angstrom:.2f} Å, {summary.particles} "
+               "particles"] = (summary.fsc_frequency, summary.fsc_corrected)
     best = best_round(rounds)
     with atomic_path(path) as temporary:
         plot_fsc_curves(curves, temporary, threshold=0.143,
                         resolution=best.resolution_angstrom if best is not None else None,
                         title="Corrected FSC of every round")
+
+
+def plot_angles(rounds: Sequence[RoundSummary], path: Path) -> None:
+    """For every sieve, the viewing directions of the kept and of the sieved particles over the equal-area bins of
+    :mod:`cryosieve.views` (rows: cos(tilt), columns: rot), with the fraction of depleted views."""
+    from cryosieve.views import COS_BINS, ROT_BINS
+
+    sieved = [summary for summary in rounds if summary.kept is not None and summary.view_bins is not None]
+    chosen = chosen_round(rounds)
+    rows = max(len(sieved), 1)
+    figure = _new_figure(9.0, 2.4 * rows)
+    for row, summary in enumerate(sieved):
+        assert summary.kept is not None and summary.view_bins is not None
+        best = " (best set)" if chosen is not None and chosen.iteration == summary.iteration else ""
+        for column, (label, members) in enumerate((("kept", summary.kept), ("sieved", ~summary.kept))):
+            axes = figure.add_subplot(rows, 2, 2 * row + column + 1)
+            counts = np.bincount(summary.view_bins[members], minlength=ROT_BINS * COS_BINS)
+            image = axes.imshow(counts.reshape(COS_BINS, ROT_BINS), aspect="auto", cmap="viridis",
+                                extent=(-180.0, 180.0, -1.0, 1.0))
+            figure.colorbar(image, ax=axes, label="particles")
+            depleted = "" if summary.depleted_views is None or not math.isfinite(summary.depleted_views) else \
+                f"; depleted views {summary.depleted_views:.0%}"
+            axes.set_title(f"iter {summary.iteration}{best}: {label} {int(members.sum())}{depleted}",
+                           fontsize="small")
+            axes.set_xlabel("rot (°)")
+            axes.set_ylabel("cos(tilt)")
+    if not sieved:
+        axes = figure.add_subplot(1, 1, 1)
+        axes.text(0.5, 0.5, "no sieve yet", ha="center", va="center")
+        axes.set_axis_off()
+    _save_png(figure, path)
 
 
 def _data_uri(path: Path) -> str:
@@ -244,9 +296,10 @@ def _cell(value: float | int | None, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, validation: str = "none") -> str:
-    """The report page: best round, summary table and the three plots embedded. ``validation``: what
-    re-estimated the poses of each set (``"none"``: nothing)."""
+def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, validation: str = "none",
+                notes: Sequence[str] = ()) -> str:
+    """The report page: best round, summary table and the plots embedded. ``validation``: what
+    re-estimated the poses of each set (``"none"``: nothing); ``notes``: further lines (text)."""
     best = best_round(rounds)
     best_validated = best_round(rounds, validated=True)
     lines = [
@@ -271,10 +324,11 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
             f"<p class=\"best\">Best resolution with poses re-estimated: "
             f"<b>{best_validated.validated_resolution_angstrom:.2f} Å</b> at iteration "
             f"<b>{best_validated.iteration}</b> ({best_validated.particles} particles).</p>")
+    lines += [f"<p>{html.escape(note)}</p>" for note in notes]
     validated = any(summary.validated_resolution_angstrom is not None for summary in rounds)
     rh = any(summary.rh_bfactor is not None for summary in rounds)
     header = ("<tr><th>iteration</th><th>cut-off (Å)</th><th>half-set 1</th><th>half-set 2</th><th>particles</th>"
-              "<th>resolution (Å)</th><th>B-factor (Å²)</th>")
+              "<th>resolution (Å)</th><th>B-factor (Å²)</th><th>depleted views</th>")
     if validated:
         header += "<th>resolution, poses re-estimated (Å)</th><th>B-factor, poses re-estimated (Å²)</th>"
     if rh:
@@ -286,7 +340,8 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
         row_class = " class=\"best\"" if highlight is not None and summary.iteration == highlight.iteration else ""
         row = (f"<tr{row_class}><td>{summary.iteration}</td><td>{_cell(summary.cutoff_angstrom, 2)}</td>"
                f"<td>{summary.particles_half1}</td><td>{summary.particles_half2}</td><td>{summary.particles}</td>"
-               f"<td>{_cell(summary.resolution_angstrom, 2)}</td><td>{_cell(summary.bfactor, 1)}</td>")
+               f"<td>{_cell(summary.resolution_angstrom, 2)}</td><td>{_cell(summary.bfactor, 1)}</td>"
+               f"<td>{_cell(summary.depleted_views, 2)}</td>")
         if validated:
             row += (f"<td>{_cell(summary.validated_resolution_angstrom, 2)}</td>"
                     f"<td>{_cell(summary.validated_bfactor, 1)}</td>")
@@ -298,14 +353,15 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
                  "resolution, then sieved at the cut-off into set <i>i</i>+1.</p>")
     for heading, path in (("Resolution and B-factor", paths.resolution_plot),
                           ("FSC curves", paths.fsc_plot),
-                          ("Score distributions", paths.scores_plot)):
+                          ("Score distributions", paths.scores_plot),
+                          ("Viewing directions of the kept and the sieved particles", paths.angles_plot)):
         lines += [f"<h2>{heading}</h2>", f"<img alt=\"{heading}\" src=\"{_data_uri(path)}\">"]
     lines += ["</body>", "</html>", ""]
     return "\n".join(lines)
 
 
 def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None = None, *,
-                 plots: bool = True, validation: str = "none") -> ReportPaths:
+                 plots: bool = True, validation: str = "none", notes: Sequence[str] = ()) -> ReportPaths:
     """Write the summary CSV and (``plots``) the plots and the HTML page for ``prefix``; returns their paths."""
     paths = report_paths(prefix)
     paths.summary_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +372,8 @@ def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None 
     plot_resolution(rounds, paths.resolution_plot)
     plot_all_fsc(rounds, paths.fsc_plot)
     plot_scores(rounds, paths.scores_plot)
+    plot_angles(rounds, paths.angles_plot)
     page = render_html(rounds, paths, title or f"CryoSieve report: {os.path.basename(os.path.normpath(prefix))}",
-                       validation)
+                       validation, notes)
     write_text_atomic(paths.html, page)
     return paths

@@ -69,6 +69,10 @@ class SieveSettings:
     engine:
         Implementation of the Fourier scorer (:data:`cryosieve.score.ENGINES`): ``torch`` runs the
         CUDA path's batched tensors on any device, the CPU included.
+    keep_orientations:
+        ``None``, or a factor of at least 1: within each half-set, no well-populated viewing direction
+        loses more than this times the average share (:func:`cryosieve.views.keep_views`); its
+        best-scoring sieved particles are kept back.
     """
 
     retention_ratio: float
@@ -80,6 +84,7 @@ class SieveSettings:
     num_processes: int = 1
     balance: bool = False
     engine: str = "auto"
+    keep_orientations: float | None = None
 
     def scoring(self) -> ScoringOptions:
         """What the scoring loop needs of these settings."""
@@ -123,6 +128,9 @@ def check_settings(settings: SieveSettings) -> None:
         raise CryoSieveInputError(f"{setting('engine')} numba: runs on the CPU only, with numba installed")
     if settings.num_processes < 1:
         raise CryoSieveInputError(f"{setting('num_processes')} {settings.num_processes}: must be at least 1")
+    if settings.keep_orientations is not None and not settings.keep_orientations >= 1.0:
+        raise CryoSieveInputError(
+            f"{setting('keep_orientations')} {settings.keep_orientations}: must be at least 1")
 
 
 def half_sets(table: ParticleSet, volume_count: int) -> np.ndarray:
@@ -252,6 +260,13 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
         scores = score_rows(table, reader, references, half_set, options, volume_pixel_size=voxel,
                             reference_fsc=fsc, progress=progress)
     kept = select_lowest(scores, half_set, settings.retention_ratio, balance=settings.balance)
+    if settings.keep_orientations is not None:
+        from cryosieve.views import keep_views, view_bins
+
+        bins = view_bins(table.rot, table.tilt)
+        for subset in np.unique(half_set):
+            members = half_set == subset
+            kept[members] = keep_views(scores[members], kept[members], bins[members], settings.keep_orientations)
     return SieveResult(scores=scores, kept=kept, half_set=half_set, reference_fsc=fsc,
                        reference_weighting=weighting)
 

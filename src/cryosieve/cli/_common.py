@@ -191,6 +191,14 @@ def _exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else EXIT_FAILURE
 
 
+def add_orientation_argument(parser: argparse.ArgumentParser) -> None:
+    """``--keep_orientations [FACTOR]``."""
+    parser.add_argument("--keep_orientations", type=float, nargs="?", const=1.5, default=None, metavar="FACTOR",
+                        help="within each half-set, no well-populated viewing direction (72 equal-area bins) loses "
+                             "more than FACTOR (1.5 when not given) times the average share; its best-scoring "
+                             "sieved particles are kept back. Off by default.")
+
+
 def add_return_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that give a selection back to CryoSPARC as an External job."""
     group = parser.add_argument_group("giving the selection back to CryoSPARC (a .cs input; host, base port and "

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from cryosieve.cli._common import (
     add_device_argument,
+    add_orientation_argument,
     add_return_arguments,
     choose_device,
     progress_factory,
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight each half map by sqrt(2 FSC/(1+FSC)) of the two half maps (fsc), or not "
                              "(none, the published behaviour); auto: fsc with two half maps and the fourier "
                              "projector, else none.")
+    add_orientation_argument(parser)
     add_return_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines.")
     return parser
@@ -80,7 +82,7 @@ def _main(argv: Sequence[str] | None) -> int:
     settings = SieveSettings(retention_ratio=args.retention_ratio, highpass_angstrom=args.frequency,
                              projector=args.projector, reference_weighting=args.reference_weighting,
                              batch_size=args.batch_size, device=device, num_processes=args.num_gpus,
-                             balance=args.balance)
+                             balance=args.balance, keep_orientations=args.keep_orientations)
     _, paths = sieve_star_file(args.i, args.o, args.volume, settings, directory=args.directory or None,
                                mask_path=args.mask, angpix=args.angpix, passthrough=tuple(args.passthrough),
                                progress=progress_factory(not args.quiet), return_to=return_target(args))
@@ -95,6 +97,7 @@ FLAGS = {
     "balance": "--balance", "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size",
     "projector": "--projector", "reference_weighting": "--reference_weighting", "passthrough": "--passthrough",
     "cryosparc_project": "--cryosparc_project", "source_job": "--cryosparc_source_job",
+    "keep_orientations": "--keep_orientations",
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from cryosieve.cli._common import (
     add_device_argument,
+    add_orientation_argument,
     check_interrupt,
     choose_device,
     progress_factory,
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also refine every set with its poses re-estimated (relion: relion_refine_mpi; "
                              "cryosparc: CryoSPARC's refinement, see --cryosparc_*; fixed: the given poses, built-in) "
                              "and report that resolution beside the fixed-pose one (default none).")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="stop once the resolution (re-estimated with --validate, else with the given poses) has "
+                             "not improved for this many rounds, --num_iters being the most; by default every round "
+                             "runs. The best set is marked and copied to PREFIX_best.star either way.")
+    add_orientation_argument(parser)
     parser.add_argument("--validate_rh", action="store_true",
                         help="with --validate, also the Rosenthal-Henderson B-factor of every set (4 halvings).")
     parser.add_argument("--relion_refine", default="mpirun -n 3 relion_refine_mpi",
@@ -119,7 +125,7 @@ def _main(argv: Sequence[str] | None) -> int:
         postprocessor=postprocessor, num_processes=args.num_gpus, device=device, batch_size=args.batch_size,
         projector=args.projector, reference_weighting=args.reference_weighting, report=args.report,
         validator=validator, validate_rh=args.validate_rh, passthrough=tuple(args.passthrough),
-        return_to=return_target(args),
+        return_to=return_target(args), patience=args.patience, keep_orientations=args.keep_orientations,
     )
     result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
                           checkpoint=check_interrupt)
@@ -140,7 +146,7 @@ FLAGS = {
     "reference_weighting": "--reference_weighting", "resume": "--continue", "highpass_angstrom": "--frequency_start",
     "validator": "--validate", "validate_rh": "--validate_rh", "passthrough": "--passthrough",
     "relion_refine": "--relion_refine", "threads": "--j", "cryosparc_project": "--cryosparc_project",
-    "source_job": "--cryosparc_source_job",
+    "source_job": "--cryosparc_source_job", "patience": "--patience", "keep_orientations": "--keep_orientations",
 }
 
 

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("noise_bfactor", float, "fall-off of the noise power, exp(-B s^2/4) over a floor (A^2; 0: white)"),
             ("noise_floor", float, "floor of the coloured noise power, a fraction"),
             ("micrographs", int, "number of micrographs (rlnMicrographName; 0: none)"),
-            ("noise_spread", float, "spread of the per-micrograph noise level exp(N(0, s))")):
+            ("noise_spread", float, "spread of the per-micrograph noise level exp(N(0, s))"),
+            ("preferred_fraction", float, "fraction of particles viewed within --preferred_spread of the top view"),
+            ("preferred_spread", float, "half-angle (degrees) of the preferred views' cone, 15 by default")):
         realism.add_argument(f"--{name}", type=kind, default=None, help=text + ".")
     parser.add_argument("--no_half_maps", action="store_true",
                         help="do not reconstruct half1.mrc/half2.mrc from the particles.")
@@ -117,7 +119,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
 #: The realistic defects' settings, flags of the same names.
 REALISM = ("empty_fraction", "misaligned_fraction", "misalignment_min", "misalignment_max", "wrong_origin_fraction",
-           "origin_error", "contrast_spread", "noise_bfactor", "noise_floor", "micrographs", "noise_spread")
+           "origin_error", "contrast_spread", "noise_bfactor", "noise_floor", "micrographs", "noise_spread",
+           "preferred_fraction", "preferred_spread")
 
 #: The library's setting fields -> this command's flags.
 FLAGS = {name: f"--{name}" for name in (*REALISM,

@@ -65,6 +65,9 @@ class SimulationSettings:
     micrographs, noise_spread:
         Particles are spread over ``micrographs`` micrographs (``rlnMicrographName``; 0: none),
         each with a noise level ``exp(N(0, noise_spread))`` times the nominal one.
+    preferred_fraction, preferred_spread:
+        Fraction of the particles whose viewing direction lies within ``preferred_spread`` degrees of
+        the top view (tilt 0, uniform over that cap): a preferred orientation.
     """
 
     num_particles: int = 2000
@@ -96,6 +99,8 @@ class SimulationSettings:
     noise_floor: float = 0.2
     micrographs: int = 0
     noise_spread: float = 0.0
+    preferred_fraction: float = 0.0
+    preferred_spread: float = 15.0
 
     def realistic(self) -> SimulationSettings:
         """These settings with data-like defects: 5 % empty images, 10 % misaligned by 5-30 degrees,
@@ -123,7 +128,9 @@ class SimulationSettings:
                             ("misalignment_min", self.misalignment_min), ("misalignment_max", self.misalignment_max),
                             ("wrong_origin_fraction", self.wrong_origin_fraction), ("origin_error", self.origin_error),
                             ("contrast_spread", self.contrast_spread), ("noise_bfactor", self.noise_bfactor),
-                            ("noise_floor", self.noise_floor), ("noise_spread", self.noise_spread)):
+                            ("noise_floor", self.noise_floor), ("noise_spread", self.noise_spread),
+                            ("preferred_fraction", self.preferred_fraction),
+                            ("preferred_spread", self.preferred_spread)):
             if math.isnan(value) or (math.isinf(value) and name != "snr"):
                 raise bad(name, value, "must be a finite number")
 
@@ -177,6 +184,10 @@ class SimulationSettings:
             raise bad("noise_floor", self.noise_floor, "must be in (0, 1]")
         if self.micrographs < 0:
             raise bad("micrographs", self.micrographs, "must be 0 (none) or more")
+        if not 0 <= self.preferred_fraction <= 1:
+            raise bad("preferred_fraction", self.preferred_fraction, "must be in [0, 1]")
+        if not 0 < self.preferred_spread <= 180:
+            raise bad("preferred_spread", self.preferred_spread, "must be in (0, 180] degrees")
 
     @property
     def junk_count(self) -> int:
@@ -192,7 +203,8 @@ class SimulationSettings:
     def defects(self) -> bool:
         """Whether any realistic defect is on (off: the particles drawn are exactly those of earlier versions)."""
         return bool(self.empty_fraction or self.misaligned_fraction or self.wrong_origin_fraction
-                    or self.contrast_spread or self.noise_bfactor or self.micrographs or self.noise_spread)
+                    or self.contrast_spread or self.noise_bfactor or self.micrographs or self.noise_spread
+                    or self.preferred_fraction)
 
 
 @dataclass
@@ -289,6 +301,9 @@ def _draw_defects(parameters: ParticleParameters, settings: SimulationSettings, 
     from cryosieve.geometry import euler_to_matrix, matrix_to_euler
 
     count = len(parameters)
+    preferred = generator.choice(count, round(settings.preferred_fraction * count), replace=False)
+    cap = np.cos(np.radians(settings.preferred_spread))
+    parameters.tilt[preferred] = np.round(np.degrees(np.arccos(generator.uniform(cap, 1.0, len(preferred)))), 6)
     others = np.flatnonzero(~parameters.is_junk)
     is_empty = np.zeros(count, dtype=bool)
     is_empty[generator.choice(others, settings.empty_count, replace=False)] = True
