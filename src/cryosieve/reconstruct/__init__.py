@@ -3,10 +3,10 @@
 For a particle with RELION matrix ``A``, origin ``o`` (pixels) and CTF ``C``, the
 origin-shifted, centred transform of its image satisfies
 ``S(k) = C(k) * Vhat(A^T k)`` (see :mod:`cryosieve.geometry`), ``Vhat`` being the 3D
-DFT of the map centred at voxel ``n // 2``. The reconstruction is the least-squares
-solution, one Fourier voxel at a time::
+DFT of the map centred at voxel ``n // 2``. The reconstruction is, as RELION's,
+the data weighted by a gridding weight ``M`` close to the inverse of the weight::
 
-    Vhat(K) = sum_i C_i S_i / (sum_i C_i^2 + lambda)
+    Vhat(K) = M(K) sum_i C_i S_i,    M ~ 1 / sum_i C_i^2  (smoothed over a few voxels)
 
 accumulated on a grid padded by ``pad_factor`` (2, as RELION):
 
@@ -17,8 +17,9 @@ accumulated on a grid padded by ``pad_factor`` (2, as RELION):
    ``C S`` into the data and ``C^2`` into the weight of the half-transform grid (by the
    numba engine, :mod:`.cpu`, or the tensor engine, :mod:`.tensor_path`);
 3. the ``x = 0`` plane is made Hermitian, the grid is symmetrised for a point group
-   (RELION's ``BackProjector::applyPointGroupSymmetry``), divided by ``W + lambda``
-   (lambda: 1e-3 of the mean weight), inverse transformed, cropped to ``n``, masked
+   (RELION's ``BackProjector::applyPointGroupSymmetry``), multiplied by the gridding
+   weight of RELION's iterative weight correction (``BackProjector::reconstruct``;
+   :func:`.grid.gridding_multiplier`), inverse transformed, cropped to ``n``, masked
    outside the sphere of radius ``n/2`` (RELION's ``softMaskOutsideMap``, which
    ``relion_reconstruct`` applies too) and divided by ``sinc^2`` (RELION's
    ``griddingCorrect``) (:mod:`.grid`).
@@ -49,20 +50,22 @@ from cryosieve.reconstruct.cpu import (
     prepare_slices_cpu,
 )
 from cryosieve.reconstruct.grid import (
+    GRIDDING_ITERATIONS,
     MASK_EDGE_WIDTH,
     RELATIVE_REGULARISATION,
     enforce_hermitian,
     finish_grid,
     grid_shape,
     grid_to_map,
+    gridding_multiplier,
     symmetrise_grid,
 )
 from cryosieve.reconstruct.samples import BATCH_COLUMNS, SliceSamples, batch_parameters
 
 __all__ = [
-    "ACCUMULATION_MEMORY", "BATCH_COLUMNS", "ENGINES", "MASK_EDGE_WIDTH", "PREFETCH_DISTANCE",
-    "RELATIVE_REGULARISATION", "GridAccumulators", "NumbaInsertion", "SliceSamples", "batch_parameters",
-    "choose_engine", "enforce_hermitian", "finish_grid", "grid_shape", "grid_to_map", "insert_slices_cpu",
-    "locate_samples", "prepare_slices_cpu", "reconstruct", "reconstruct_star_file", "reconstruct_subsets",
-    "symmetrise_grid",
+    "ACCUMULATION_MEMORY", "BATCH_COLUMNS", "ENGINES", "GRIDDING_ITERATIONS", "MASK_EDGE_WIDTH",
+    "PREFETCH_DISTANCE", "RELATIVE_REGULARISATION", "GridAccumulators", "NumbaInsertion", "SliceSamples",
+    "batch_parameters", "choose_engine", "enforce_hermitian", "finish_grid", "grid_shape", "grid_to_map",
+    "gridding_multiplier", "insert_slices_cpu", "locate_samples", "prepare_slices_cpu", "reconstruct",
+    "reconstruct_star_file", "reconstruct_subsets", "symmetrise_grid",
 ]
