@@ -149,7 +149,7 @@ def check_layout_and_selection(prefix: str, known_truth, external: bool) -> pd.D
     assert np.all(np.isfinite(summary["bfactor"].to_numpy()[:NUM_ITERS]))
 
     page = Path(prefix + "_report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4  # resolution, FSC, scores, viewing directions
     assert "src=\"http" not in page and ".png\"" not in page
     best = int(np.argmin(resolutions))
     assert f"{resolutions[best]:.2f} Å</b> at iteration <b>{best}</b>" in page
