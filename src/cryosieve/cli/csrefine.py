@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cryosieve.cli._common import progress_factory, run_command, setup_logging
-from cryosieve.cli.refine import FLAGS, add_refine_arguments, report, settings_and_refiner
+from cryosieve.cli._common import run_command
+from cryosieve.cli.refine import FLAGS, add_refine_arguments, run_refine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,14 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(not args.quiet)
-    settings, refiner = settings_and_refiner(args)
-
-    from cryosieve.refine import refine_files
-
-    outcome = refine_files(settings, refiner, dry_run=args.dry_run, progress=progress_factory(not args.quiet))
-    return report(outcome, args, "cryosieve-csrefine: summary written to")
+    return run_refine(build_parser(), argv, "cryosieve-csrefine")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cryosieve.cli._common import progress_factory, run_command, setup_logging
-from cryosieve.cli.refine import FLAGS, add_refine_arguments, report, settings_and_refiner
-from cryosieve.cli.rhbfactor import add_rh_arguments
+from cryosieve.cli._common import run_command
+from cryosieve.cli.refine import FLAGS, add_refine_arguments
+from cryosieve.cli.rhbfactor import add_rh_arguments, run_rhbfactor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,15 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(not args.quiet)
-    settings, refiner = settings_and_refiner(args)
-
-    from cryosieve.refine import rhbfactor_files
-
-    outcome = rhbfactor_files(settings, refiner, voltage=args.voltage, halves=args.halves, dry_run=args.dry_run,
-                              progress=progress_factory(not args.quiet))
-    return report(outcome, args, "cryosieve-csrhbfactor: written to")
+    return run_rhbfactor(build_parser(), argv, "cryosieve-csrhbfactor")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -156,15 +156,20 @@ def settings_and_refiner(args: argparse.Namespace) -> tuple[Any, Any]:
     return settings, refiner
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+def run_refine(parser: argparse.ArgumentParser, argv: Sequence[str] | None, program: str) -> int:
+    """Parse, and refine each input (``cryosieve-refine``, ``cryosieve-csrefine``)."""
+    args = parser.parse_args(argv)
     setup_logging(not args.quiet)
     settings, refiner = settings_and_refiner(args)
 
     from cryosieve.refine import refine_files
 
     outcome = refine_files(settings, refiner, dry_run=args.dry_run, progress=progress_factory(not args.quiet))
-    return report(outcome, args, "cryosieve-refine: summary written to")
+    return report(outcome, args, f"{program}: summary written to")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    return run_refine(build_parser(), argv, "cryosieve-refine")
 
 
 def report(outcome: Any, args: argparse.Namespace, written: str) -> int:

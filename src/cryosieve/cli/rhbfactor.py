@@ -28,8 +28,10 @@ def add_rh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--halves", type=int, default=4, help="number of halvings, 4 by default.")
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+def run_rhbfactor(parser: argparse.ArgumentParser, argv: Sequence[str] | None, program: str) -> int:
+    """Parse, and fit the Rosenthal-Henderson B-factor of each input (``cryosieve-rhbfactor``,
+    ``cryosieve-csrhbfactor``)."""
+    args = parser.parse_args(argv)
     setup_logging(not args.quiet)
     settings, refiner = settings_and_refiner(args)
 
@@ -37,7 +39,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
     outcome = rhbfactor_files(settings, refiner, voltage=args.voltage, halves=args.halves, dry_run=args.dry_run,
                               progress=progress_factory(not args.quiet))
-    return report(outcome, args, "cryosieve-rhbfactor: written to")
+    return report(outcome, args, f"{program}: written to")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    return run_rhbfactor(build_parser(), argv, "cryosieve-rhbfactor")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
