@@ -62,3 +62,8 @@ class ExternalCommandError(RuntimeError):
     def __reduce__(self) -> tuple[type, tuple[str, str, int]]:
         # pickled by the worker processes that run refinement jobs
         return (type(self), (self.command, self.log_path, self.returncode))
+
+
+class JobError(RuntimeError):
+    """A job of several processes (``torchrun``, :mod:`cryosieve.world`) lost one of them: the message says
+    which rank, or what the communication library reported."""

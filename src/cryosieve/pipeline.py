@@ -74,10 +74,13 @@ from cryosieve.report import ReportPaths, RoundSummary, chosen_round, report_pat
 from cryosieve.schedule import CutoffSchedule
 from cryosieve.score import retained_count
 from cryosieve.sieve import (
+    AUTO,
     SieveSettings,
     check_geometry,
+    check_retention_ratio,
     check_settings,
     half_sets,
+    retention_path,
     sieve,
     sieve_output_paths,
     write_sieve_outputs,
@@ -154,7 +157,7 @@ class PipelineSettings:
     num_iters: int = 10
     frequency_start: float = 50.0
     frequency_end: float = 3.0
-    retention_ratio: float = 0.8
+    retention_ratio: float | str = 0.8  # or "auto" (cryosieve.retention)
     balance: bool = False
     reconstructor: Reconstructor | None = None
     postprocessor: PostProcessor | None = None
@@ -245,7 +248,8 @@ class OutputNames:
         for iteration in range(num_iters):
             paths += [self.half_map(iteration, 1), self.half_map(iteration, 2),
                       self.reconstruct_log(iteration, 1), self.reconstruct_log(iteration, 2),
-                      self.postprocess_log(iteration), *sieve_output_paths(self.star(iteration + 1))]
+                      self.postprocess_log(iteration), *sieve_output_paths(self.star(iteration + 1)),
+                      retention_path(self.star(iteration + 1))]
             if self.extension != ".star":
                 paths.append(self.relion_star(iteration))
         report = report_paths(self.prefix)
@@ -348,8 +352,7 @@ class _Prepared:
 def _check_numbers(settings: PipelineSettings) -> None:
     if settings.angpix is not None and not (math.isfinite(settings.angpix) and settings.angpix > 0):
         raise CryoSieveInputError(f"{setting('angpix')} {settings.angpix}: must be a positive number")
-    if not (0.0 < settings.retention_ratio <= 1.0):
-        raise CryoSieveInputError(f"{setting('retention_ratio')} {settings.retention_ratio}: must be in (0, 1]")
+    check_retention_ratio(settings.retention_ratio)
     if settings.reconstruct_batch_size < 1:
         raise CryoSieveInputError(f"{setting('batch_size')} {settings.reconstruct_batch_size}: must be at least 1")
     if not settings.output_prefix or not settings.output_prefix.strip():
@@ -393,8 +396,9 @@ def _check_validation_size(settings: PipelineSettings, halves: np.ndarray) -> No
     """Refuse, before anything runs, a validation whose last (smallest) set, or its smallest
     Rosenthal-Henderson halving, would keep fewer than ``MIN_PER_HALF_SET`` particles per half-set."""
     smallest = min(int(np.sum(halves == value)) for value in (1, 2))
+    ratio = 1.0 if isinstance(settings.retention_ratio, str) else settings.retention_ratio  # auto: unknown yet
     for _ in range(settings.num_iters):
-        smallest = retained_count(smallest, settings.retention_ratio)
+        smallest = retained_count(smallest, ratio)
     halvings = settings.rh_halves if settings.validate_rh else 0
     needed = MIN_PER_HALF_SET * 2**halvings
     if smallest < needed:
@@ -469,7 +473,8 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         "num_iters": int(settings.num_iters),
         "frequency_start": float(settings.frequency_start),
         "frequency_end": float(settings.frequency_end),
-        "retention_ratio": float(settings.retention_ratio),
+        "retention_ratio": settings.retention_ratio if isinstance(settings.retention_ratio, str)
+        else float(settings.retention_ratio),
         "balance": bool(settings.balance),
         "reconstructor": reconstructor.describe(),
         "postprocessor": postprocessor.describe(),
@@ -620,10 +625,14 @@ def _sieve(prepared: _Prepared, particles: ParticleSet, iteration: int, progress
     volumes = [read_volume(names.half_map(iteration, subset)) for subset in (1, 2)]
     half_set = half_sets(particles, 2)
     check_geometry(particles, prepared.box, volumes, cutoff)
+    settings = _sieve_settings(prepared.settings, cutoff)
+    def choosing(description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+        return progress(f"iter {iteration}: {description}", total)
+
     with StackReader(particles, prepared.settings.directory or None) as reader, \
             progress(f"iter {iteration}: sieve at {cutoff:.2f} Å", len(particles)) as update:
-        result = sieve(particles, reader, volumes, prepared.mask, half_set,
-                       _sieve_settings(prepared.settings, cutoff), progress=update)
+        result = sieve(particles, reader, volumes, prepared.mask, half_set, settings, progress=update,
+                       choosing=choosing)
     write_sieve_outputs(particles, result, names.star(iteration + 1))
 
 
@@ -724,6 +733,14 @@ def _round_summary(prepared: _Prepared, iteration: int, particles: ParticleSet, 
         summary.half_set = scores["half_set"].to_numpy(dtype=np.int64)
         summary.kept = scores["kept"].to_numpy(dtype=np.int64).astype(bool)
         summary.depleted_views = depleted_fraction(summary.view_bins, summary.kept)
+        retention = retention_path(names.star(iteration + 1))
+        if prepared.settings.retention_ratio == AUTO:
+            curve = pd.read_csv(retention)
+            summary.retention_curve = (curve["fraction"].to_numpy(dtype=np.float64),
+                                       curve["information"].to_numpy(dtype=np.float64))
+            summary.retention_ratio = float(curve["fraction"][curve["chosen"] == 1].iloc[0])
+        elif not isinstance(prepared.settings.retention_ratio, str):
+            summary.retention_ratio = float(prepared.settings.retention_ratio)
     return summary
 
 

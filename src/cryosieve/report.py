@@ -10,6 +10,8 @@ Files, for output prefix ``PREFIX`` (each written atomically, rewritten after ev
   number of particles;
 * ``PREFIX_fsc.png``: the corrected FSC curve of every round, overlaid;
 * ``PREFIX_scores.png``: score histograms of every sieve, half-sets apart, the cut marked;
+* ``PREFIX_retention.png`` (``--retention_ratio auto`` only): the map information of each
+  candidate fraction of every sieve, the chosen one marked (:mod:`cryosieve.retention`);
 * ``PREFIX_report.html``: the table and the plots (PNG embedded as base64 data URIs),
   naming the round with the best resolution.
 """
@@ -35,7 +37,7 @@ from cryosieve.plots import plot_fsc_curves
 
 SUMMARY_COLUMNS = ("iteration", "cutoff_angstrom", "particles_half1", "particles_half2", "resolution_angstrom",
                    "bfactor", "validated_resolution_angstrom", "validated_bfactor", "rh_bfactor",
-                   "rh_bfactor_classical", "depleted_views", "best")
+                   "rh_bfactor_classical", "depleted_views", "retention_ratio", "best")
 
 
 @dataclass
@@ -81,6 +83,9 @@ class RoundSummary:
     rh_bfactor_classical: float | None = None
     view_bins: np.ndarray | None = None  # (n,) int64 viewing-direction bins of the set (cryosieve.views)
     depleted_views: float | None = None  # cryosieve.views.depleted_fraction of its sieve
+    retention_ratio: float | None = None  # the fraction of each half-set its sieve kept (given, or chosen)
+    # retention_ratio auto: (candidate fractions (k,), map information (k,) in nats) of its sieve
+    retention_curve: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def particles(self) -> int:
@@ -97,12 +102,14 @@ class ReportPaths:
     scores_plot: Path
     html: Path
     angles_plot: Path
+    retention_plot: Path
 
 
 def report_paths(prefix: str) -> ReportPaths:
     return ReportPaths(summary_csv=Path(prefix + "_summary.csv"), resolution_plot=Path(prefix + "_resolution.png"),
                        fsc_plot=Path(prefix + "_fsc.png"), scores_plot=Path(prefix + "_scores.png"),
-                       html=Path(prefix + "_report.html"), angles_plot=Path(prefix + "_angles.png"))
+                       html=Path(prefix + "_report.html"), angles_plot=Path(prefix + "_angles.png"),
+                       retention_plot=Path(prefix + "_retention.png"))
 
 
 def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
@@ -123,6 +130,7 @@ def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
         "rh_bfactor": [value(summary.rh_bfactor) for summary in rounds],
         "rh_bfactor_classical": [value(summary.rh_bfactor_classical) for summary in rounds],
         "depleted_views": [value(summary.depleted_views) for summary in rounds],
+        "retention_ratio": [value(summary.retention_ratio) for summary in rounds],
         "best": [chosen is not None and summary.iteration == chosen.iteration for summary in rounds],
     }, columns=list(SUMMARY_COLUMNS))
 
@@ -224,8 +232,10 @@ def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
             if kept.any() and not kept[members].all():
                 axes.axvline(float(summary.scores[kept].max()), color=colour, linestyle="--", linewidth=1.0)
         best = " (best set)" if chosen is not None and chosen.iteration == summary.iteration else ""
+        auto = f" (auto {summary.retention_ratio:.2f})" if summary.retention_curve is not None \
+            and summary.retention_ratio is not None else ""
         axes.set_title(f"iter {summary.iteration}{best}: cut-off {summary.cutoff_angstrom:.2f} Å, "
-                       f"kept {int(summary.kept.sum())}/{len(summary.kept)}", fontsize="small")
+                       f"kept {int(summary.kept.sum())}/{len(summary.kept)}{auto}", fontsize="small")
         axes.set_xlabel("score (lower is kept)")
         axes.set_ylabel("particles")
         axes.legend(fontsize="x-small")
@@ -233,6 +243,31 @@ def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
         axes = figure.add_subplot(1, 1, 1)
         axes.text(0.5, 0.5, "no sieve yet", ha="center", va="center")
         axes.set_axis_off()
+    _save_png(figure, path)
+
+
+def plot_retention(rounds: Sequence[RoundSummary], path: Path) -> None:
+    """For every sieve with an automatic retention ratio, the map information of each candidate fraction relative
+    to its largest (:mod:`cryosieve.retention`), the chosen fraction marked."""
+    chosen_set = chosen_round(rounds)
+    figure = _new_figure(7.0, 4.5)
+    axes = figure.add_subplot(1, 1, 1)
+    for summary in rounds:
+        if summary.retention_curve is None:
+            continue
+        fractions, information = summary.retention_curve
+        relative = information / np.max(information)
+        best = " (best set)" if chosen_set is not None and chosen_set.iteration == summary.iteration else ""
+        line = axes.plot(fractions, relative, marker=".", label=f"iter {summary.iteration}{best}: "
+                         f"{summary.retention_ratio:.2f} kept")[0]
+        pick = int(np.argmax(information))
+        axes.plot([fractions[pick]], [relative[pick]], marker="o", markersize=9, markerfacecolor="none",
+                  color=line.get_color())
+    axes.set_xlabel("fraction of each half-set kept (lowest scores first)")
+    axes.set_ylabel("map information / largest")
+    axes.set_title("Automatic retention ratio: information of the half maps", fontsize="small")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="x-small")
     _save_png(figure, path)
 
 
@@ -334,6 +369,7 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
     if rh:
         header += ("<th>RH B-factor, fit of CryoSieve (Å², −a: closer to 0 is better)</th>"
                    "<th>RH B-factor, straight line (Å²: lower is better)</th>")
+    header += "<th>fraction kept by its sieve</th>"
     lines += ["<table>", header + "</tr>"]
     highlight = best_validated if best_validated is not None else best
     for summary in rounds:
@@ -347,14 +383,21 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
                     f"<td>{_cell(summary.validated_bfactor, 1)}</td>")
         if rh:
             row += f"<td>{_cell(summary.rh_bfactor, 1)}</td><td>{_cell(summary.rh_bfactor_classical, 1)}</td>"
+        auto = " (auto)" if summary.retention_curve is not None else ""
+        row += f"<td>{_cell(summary.retention_ratio, 2)}{auto}</td>"
         lines.append(row + "</tr>")
     lines.append("</table>")
     lines.append("<p>Set <i>i</i> is <code>_iter<i>i</i>.star</code>; its half maps were post-processed for the "
                  "resolution, then sieved at the cut-off into set <i>i</i>+1.</p>")
-    for heading, path in (("Resolution and B-factor", paths.resolution_plot),
-                          ("FSC curves", paths.fsc_plot),
-                          ("Score distributions", paths.scores_plot),
-                          ("Viewing directions of the kept and the sieved particles", paths.angles_plot)):
+    figures = [("Resolution and B-factor", paths.resolution_plot), ("FSC curves", paths.fsc_plot),
+               ("Score distributions", paths.scores_plot)]
+    if any(summary.retention_curve is not None for summary in rounds):
+        lines.append("<p>Automatic retention ratio: each sieve kept, in each half-set, the fraction of best scores "
+                     "whose two half maps (given poses) share the most information, sum over shells of "
+                     "N ln(1 + 2 FSC / (1 - FSC)), among 0.10, 0.15, ..., 1.00.</p>")
+        figures.append(("Retention ratio chosen", paths.retention_plot))
+    figures.append(("Viewing directions of the kept and the sieved particles", paths.angles_plot))
+    for heading, path in figures:
         lines += [f"<h2>{heading}</h2>", f"<img alt=\"{heading}\" src=\"{_data_uri(path)}\">"]
     lines += ["</body>", "</html>", ""]
     return "\n".join(lines)
@@ -373,6 +416,8 @@ def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None 
     plot_all_fsc(rounds, paths.fsc_plot)
     plot_scores(rounds, paths.scores_plot)
     plot_angles(rounds, paths.angles_plot)
+    if any(summary.retention_curve is not None for summary in rounds):
+        plot_retention(rounds, paths.retention_plot)
     page = render_html(rounds, paths, title or f"CryoSieve report: {os.path.basename(os.path.normpath(prefix))}",
                        validation, notes)
     write_text_atomic(paths.html, page)

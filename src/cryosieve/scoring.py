@@ -3,15 +3,16 @@
 Particles are scored half-set by half-set against their half-set's reference, in batches,
 with the Fourier scorer (:mod:`cryosieve.score`) or the published one
 (:mod:`cryosieve.published`). A worker of a multi-process run
-(:mod:`cryosieve.distributed`) scores every ``world_size``-th batch from its ``rank``; the
-batches are the same whatever the split, so the scores are the same to the bit.
+(:mod:`cryosieve.distributed`, or a rank of a ``torchrun`` job, :class:`ScoreTask`) scores
+its contiguous run of the batches; the batches are the same whatever the split, so the scores
+are the same to the bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from cryosieve.particles import ParticleSet
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.published import published_batch, published_scores
 from cryosieve.score import BandSamples, ParticleBatch, fourier_scores
+
+if TYPE_CHECKING:
+    from cryosieve.world import World
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,15 @@ def viewing_direction_order(rot: np.ndarray, tilt: np.ndarray, chunk: int = DIRE
 
 
 def shard_batches(rows: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
-    """Batches of ``rows`` for one worker: batch ``j`` goes to worker ``j % world_size``.
+    """Batches of ``rows`` for one worker: the ``rank``-th of ``world_size`` contiguous runs of batches
+    (nearly equal in number), so each worker reads its own stretch of the stacks.
 
     Batch boundaries are the same whatever the number of workers, so every particle is
     scored in the same batch (and to the same bits) by any split.
     """
     batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
-    return batches[rank::world_size]
+    bounds = np.linspace(0, len(batches), world_size + 1).round().astype(np.int64)
+    return batches[bounds[rank]:bounds[rank + 1]]
 
 
 def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.ndarray],
@@ -124,3 +130,42 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
         if settings.projector == "fourier":
             del projector
     return scores
+
+
+@dataclass
+class ScoreTask:
+    """Scoring as a task of a ``torchrun`` job (:mod:`cryosieve.world`): every rank scores its run of
+    batches (:func:`score_rows`) and the scores are summed on rank 0. Fields as for :func:`score_rows`;
+    ``progress`` (rank 0 only, not sent) counts rank 0's particles times the number of ranks."""
+
+    table: ParticleSet
+    directory: Any
+    references: Sequence[np.ndarray]
+    half_set: np.ndarray
+    options: ScoringOptions
+    volume_pixel_size: float | None
+    reference_fsc: np.ndarray | None
+    progress: Callable[[int], None] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["progress"] = None
+        return state
+
+    def run(self, world: World) -> np.ndarray:
+        """``(n,)`` float64 scores of every particle on rank 0 (this rank's share elsewhere)."""
+        scores = np.zeros(len(self.table), dtype=np.float64)
+        error: BaseException | None = None
+        update = self.progress
+        try:
+            options = replace(self.options, device=world.device(self.options.device))
+            with StackReader(self.table, self.directory) as reader:
+                scores = score_rows(self.table, reader, self.references, self.half_set, options, rank=world.rank,
+                                    world_size=world.size, volume_pixel_size=self.volume_pixel_size,
+                                    reference_fsc=self.reference_fsc,
+                                    progress=None if update is None else lambda count: update(count * world.size))
+        except Exception as raised:
+            error = raised
+        world.check(error)
+        world.sum_to_root(scores)
+        return scores

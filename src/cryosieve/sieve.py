@@ -32,11 +32,13 @@ from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.score import ENGINES, select_lowest
-from cryosieve.scoring import ScoringOptions, score_rows
+from cryosieve.scoring import ScoreTask, ScoringOptions, score_rows
 from cryosieve.tolerances import pixel_sizes_agree
+from cryosieve.world import current as current_world
 
 if TYPE_CHECKING:
     from cryosieve.cryosparc.selection import PreparedReturn, ReturnTarget
+    from cryosieve.retention import RetentionChoice
 
 log = logging.getLogger("cryosieve")
 
@@ -49,7 +51,8 @@ class SieveSettings:
     Attributes
     ----------
     retention_ratio:
-        Fraction of each half-set kept, in (0, 1].
+        Fraction of each half-set kept, in (0, 1], or ``"auto"``: the fraction whose half maps hold
+        the most information (:mod:`cryosieve.retention`; needs both half-sets).
     highpass_angstrom:
         Cut-off ``F`` in Å: frequencies below ``1/F`` are removed from the score.
     projector:
@@ -75,7 +78,7 @@ class SieveSettings:
         best-scoring sieved particles are kept back.
     """
 
-    retention_ratio: float
+    retention_ratio: float | str
     highpass_angstrom: float
     projector: str = "fourier"
     reference_weighting: str = "auto"
@@ -107,11 +110,23 @@ class SieveResult:
     reference_fsc: np.ndarray | None = None
     reference_weighting: str = "none"
     timings: dict[str, float] = field(default_factory=dict)
+    retention: RetentionChoice | None = None  # how the fraction was chosen (retention_ratio "auto")
+
+
+#: The ``retention_ratio`` that chooses the fraction kept (:mod:`cryosieve.retention`).
+AUTO = "auto"
+
+
+def check_retention_ratio(value: float | str) -> None:
+    """A fraction in (0, 1] or :data:`AUTO`."""
+    if value == AUTO:
+        return
+    if isinstance(value, str) or not (0.0 < value <= 1.0):
+        raise CryoSieveInputError(f"{setting('retention_ratio')} {value}: must be in (0, 1] or auto")
 
 
 def check_settings(settings: SieveSettings) -> None:
-    if not (0.0 < settings.retention_ratio <= 1.0):
-        raise CryoSieveInputError(f"{setting('retention_ratio')} {settings.retention_ratio}: must be in (0, 1]")
+    check_retention_ratio(settings.retention_ratio)
     if not (settings.highpass_angstrom > 0) or not math.isfinite(settings.highpass_angstrom):
         raise CryoSieveInputError(
             f"{setting('highpass_angstrom')} {settings.highpass_angstrom}: must be a positive number of Å")
@@ -242,8 +257,14 @@ def _log_reference_fsc(fsc: np.ndarray, box: int, pixel_size: float) -> None:
 
 def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], mask: Volume | None,
           half_set: np.ndarray, settings: SieveSettings,
-          progress: Callable[[int], None] | None = None) -> SieveResult:
-    """Score every particle against the masked map of its half-set and keep the lowest fraction."""
+          progress: Callable[[int], None] | None = None,
+          choosing: ProgressFactory = no_progress) -> SieveResult:
+    """Score every particle against the masked map of its half-set and keep the lowest fraction
+    (``progress``: called with the particles scored; ``choosing``: the progress of choosing the
+    fraction, with ``retention_ratio`` ``"auto"``)."""
+    if settings.retention_ratio == AUTO and sorted(set(half_set.tolist())) != [1, 2]:
+        raise CryoSieveInputError(f"{setting('retention_ratio')} auto: needs the two half-sets of rlnRandomSubset "
+                                  f"in {table.path}")
     references, fsc, weighting = prepare_references(volumes, mask, settings.reference_weighting, settings.projector)
     voxel = volumes[0].voxel_size
     if fsc is not None:
@@ -256,10 +277,26 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
                                     settings.num_processes, voxel, fsc)
         if progress is not None:
             progress(len(table))
+    elif current_world().distributed:  # a torchrun job: every rank scores its share (cryosieve.world)
+        scores = current_world().run(ScoreTask(table, reader.directory, references, half_set, options, voxel, fsc,
+                                               progress))
     else:
         scores = score_rows(table, reader, references, half_set, options, volume_pixel_size=voxel,
                             reference_fsc=fsc, progress=progress)
-    kept = select_lowest(scores, half_set, settings.retention_ratio, balance=settings.balance)
+    retention = None
+    ratio = settings.retention_ratio
+    if ratio == AUTO:
+        from cryosieve.retention import choose_retention
+
+        with choosing("choosing the retention ratio", len(table)) as update:
+            retention = choose_retention(table, reader, scores, half_set, mask.data if mask is not None else None,
+                                         batch_size=settings.batch_size, device=settings.device, progress=update)
+        ratio = retention.chosen
+        log.info("retention ratio chosen: %.2f of each half-set (the most map information of %d fractions "
+                 "from %.2f to %.2f)", ratio, retention.fractions.size, retention.fractions[0],
+                 retention.fractions[-1])
+    assert not isinstance(ratio, str)
+    kept = select_lowest(scores, half_set, ratio, balance=settings.balance)
     if settings.keep_orientations is not None:
         from cryosieve.views import keep_views, view_bins
 
@@ -268,7 +305,7 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
             members = half_set == subset
             kept[members] = keep_views(scores[members], kept[members], bins[members], settings.keep_orientations)
     return SieveResult(scores=scores, kept=kept, half_set=half_set, reference_fsc=fsc,
-                       reference_weighting=weighting)
+                       reference_weighting=weighting, retention=retention)
 
 
 def sieve_output_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
@@ -290,16 +327,27 @@ def scores_table(table: ParticleSet, result: SieveResult) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+def retention_path(out: str | os.PathLike[str]) -> Path:
+    """``OUT_retention.csv``: with ``retention_ratio`` ``"auto"``, each candidate fraction, its map
+    information and the one chosen (:meth:`cryosieve.retention.RetentionChoice.table_rows`)."""
+    root, _ = os.path.splitext(str(sieve_output_paths(out)[0]))
+    return Path(root + "_retention.csv")
+
+
 def write_sieve_outputs(table: ParticleSet, result: SieveResult, out: str | os.PathLike[str]
                         ) -> tuple[Path, Path, Path]:
-    """Write the kept STAR, the sieved STAR and the scores CSV, all together or none
-    (:func:`sieve_output_paths`); returns their paths."""
+    """Write the kept STAR, the sieved STAR and the scores CSV (and, for an automatic retention
+    ratio, :func:`retention_path`), all together or none (:func:`sieve_output_paths`); returns
+    the first three paths."""
     kept_path, sieved_path, scores_path = sieve_output_paths(out)
     written = in_format_of(table, kept_path)
     with OutputGroup() as group:
         written.subset(result.kept).write_to(group.path_for(kept_path))
         written.subset(~result.kept).write_to(group.path_for(sieved_path))
         scores_table(table, result).to_csv(group.path_for(scores_path), index=False, float_format="%.10g")
+        if result.retention is not None:
+            pd.DataFrame(result.retention.table_rows()).to_csv(group.path_for(retention_path(out)), index=False,
+                                                               float_format="%.10g")
     return kept_path, sieved_path, scores_path
 
 
@@ -330,7 +378,7 @@ def sieve_star_file(star: str, out: str, volume_paths: Sequence[str], settings: 
     if not str(out).strip():
         raise CryoSieveInputError(f"{setting('output')}: empty output path")
     table = read_particle_file(star, angpix, passthrough)
-    outputs = sieve_output_paths(out)
+    outputs = [*sieve_output_paths(out), *([retention_path(out)] if settings.retention_ratio == AUTO else [])]
     check_outputs(outputs, [*sieve_inputs(table, directory, volume_paths, mask_path),
                             *(InputFile(Path(path), "passthrough file") for path in passthrough)])
     remove_stale_temporaries_of(outputs)
@@ -344,7 +392,7 @@ def sieve_star_file(star: str, out: str, volume_paths: Sequence[str], settings: 
         log.info("%d particles in %d half-set(s); cut-off %.2f Å; projector %s; device %s", len(table),
                  len(set(half_set.tolist())), settings.highpass_angstrom, settings.projector, settings.device)
         with progress("scoring", len(table)) as update:
-            result = sieve(table, reader, volumes, mask, half_set, settings, progress=update)
+            result = sieve(table, reader, volumes, mask, half_set, settings, progress=update, choosing=progress)
     paths = write_sieve_outputs(table, result, out)
     for subset in sorted(set(half_set.tolist())):
         members = half_set == subset

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from cryosieve.errors import CryoSieveInputError, ExternalCommandError
+from cryosieve.errors import CryoSieveInputError, ExternalCommandError, JobError
 from cryosieve.processes import handling_stop_signals
 from cryosieve.progress import ProgressFactory
 
@@ -191,6 +191,24 @@ def _exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else EXIT_FAILURE
 
 
+def retention_ratio(text: str) -> float | str:
+    """``--retention_ratio``: a number, or ``auto`` (checked by the library, which names the flag)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
+
+
+def add_retention_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--retention_ratio R|auto``, 0.8 by default."""
+    parser.add_argument("--retention_ratio", type=retention_ratio, default=0.8, metavar="R|auto",
+                        help=help_text + " 'auto' chooses it in each sieve: the fraction whose half maps, "
+                        "reconstructed with the given poses, hold the most information (written to "
+                        "*_retention.csv).")
+
+
 def add_orientation_argument(parser: argparse.ArgumentParser) -> None:
     """``--keep_orientations [FACTOR]``."""
     parser.add_argument("--keep_orientations", type=float, nargs="?", const=1.5, default=None, metavar="FACTOR",
@@ -228,6 +246,28 @@ def return_target(args: argparse.Namespace) -> Any:
                         args.cryosparc_workspace, args.cryosparc_source_job)
 
 
+def _device_asked(argv: Sequence[str] | None) -> str:
+    """The ``--device`` of a command line (``auto`` when absent), for the backend of a ``torchrun`` job."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    for index, word in enumerate(words):
+        if word == "--device" and index + 1 < len(words):
+            return choose_device_name(words[index + 1])
+        if word.startswith("--device="):
+            return choose_device_name(word.split("=", 1)[1])
+    return choose_device_name("auto")
+
+
+def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None
+            ) -> int | None:
+    """``body(argv)``; under ``torchrun`` (:mod:`cryosieve.world`) on rank 0 only, the other ranks serving it."""
+    from cryosieve import world
+
+    if not world.launched_by_torchrun():
+        return body(argv)
+    with world.joined(_device_asked(argv), program) as joined:
+        return body(argv) if joined.is_root else world.serve(joined)
+
+
 def run_command(program: str, body: Callable[[Sequence[str] | None], int | None],
                 argv: Sequence[str] | None = None, flags: Mapping[str, str] | None = None) -> int:
     """Run ``body(argv)`` and turn every failure into one line on stderr and an exit code
@@ -240,11 +280,15 @@ def run_command(program: str, body: Callable[[Sequence[str] | None], int | None]
     with _signal_handlers():
         try:
             try:
-                code = int(body(argv) or 0)
+                code = int(_in_job(program, body, argv) or 0)
             except CryoSieveInputError as error:
                 if not interrupted():
                     say(f"error: {one_line(error.message_with(flags or {}))}")
                     return EXIT_BAD_INPUT
+            except JobError as error:
+                if not interrupted():
+                    say(f"error: {one_line(error)}")
+                    return EXIT_FAILURE
             except ExternalCommandError as error:
                 if not interrupted():
                     say(f"error: command {error.command!r} failed with exit code {error.returncode}; "

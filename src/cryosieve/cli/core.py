@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from cryosieve.cli._common import (
     add_device_argument,
     add_orientation_argument,
+    add_retention_argument,
     add_return_arguments,
     choose_device,
     progress_factory,
@@ -42,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--volume", action="append", required=True,
                         help="list of volume file paths, one per half-set (rlnRandomSubset 1, 2, ...).")
     parser.add_argument("--mask", default=None, help="mask file path (none: no masking).")
-    parser.add_argument("--retention_ratio", type=float, default=0.8,
-                        help="fraction of retained particles, 0.8 by default.")
+    add_retention_argument(parser, "fraction of retained particles, 0.8 by default;")
     parser.add_argument("--frequency", type=float, required=True,
                         help="cut-off highpass frequency, in Angstrom (frequencies below 1/F are ignored).")
     parser.add_argument("--balance", action="store_true",
@@ -71,7 +71,7 @@ def _main(argv: Sequence[str] | None) -> int:
     started = time.perf_counter()
     device = choose_device(args.device)
 
-    from cryosieve.sieve import SieveSettings, sieve_star_file
+    from cryosieve.sieve import SieveSettings, retention_path, sieve_star_file
 
     if args.num_gpus > 1 and device.type == "cuda":
         import torch
@@ -83,10 +83,11 @@ def _main(argv: Sequence[str] | None) -> int:
                              projector=args.projector, reference_weighting=args.reference_weighting,
                              batch_size=args.batch_size, device=device, num_processes=args.num_gpus,
                              balance=args.balance, keep_orientations=args.keep_orientations)
-    _, paths = sieve_star_file(args.i, args.o, args.volume, settings, directory=args.directory or None,
-                               mask_path=args.mask, angpix=args.angpix, passthrough=tuple(args.passthrough),
-                               progress=progress_factory(not args.quiet), return_to=return_target(args))
-    log.info("wrote %s in %.2f s", ", ".join(str(path) for path in paths), time.perf_counter() - started)
+    result, paths = sieve_star_file(args.i, args.o, args.volume, settings, directory=args.directory or None,
+                                    mask_path=args.mask, angpix=args.angpix, passthrough=tuple(args.passthrough),
+                                    progress=progress_factory(not args.quiet), return_to=return_target(args))
+    written = [*paths, *([retention_path(args.o)] if result.retention is not None else [])]
+    log.info("wrote %s in %.2f s", ", ".join(str(path) for path in written), time.perf_counter() - started)
     return 0
 
 

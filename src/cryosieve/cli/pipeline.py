@@ -11,6 +11,7 @@ from typing import Any
 from cryosieve.cli._common import (
     add_device_argument,
     add_orientation_argument,
+    add_retention_argument,
     check_interrupt,
     choose_device,
     progress_factory,
@@ -56,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frequency_start", type=float, default=50.0,
                         help="starting threshold frequency, in Angstrom.")
     parser.add_argument("--frequency_end", type=float, default=3.0, help="ending threshold frequency, in Angstrom.")
-    parser.add_argument("--retention_ratio", type=float, default=0.8,
-                        help="fraction of retained particles in each iteration.")
+    add_retention_argument(parser, "fraction of retained particles in each iteration, 0.8 by default;")
     parser.add_argument("--balance", action="store_true",
                         help="make remaining particles in different subsets in same size.")
     parser.add_argument("--num_gpus", type=int, default=1,

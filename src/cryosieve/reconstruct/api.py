@@ -17,7 +17,8 @@ float32 arrays of ``(2n+1)^2 (n+1)`` voxels for its gridding weight (0.1 GB at b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +32,8 @@ from cryosieve.reconstruct import cpu
 from cryosieve.reconstruct.grid import finish_grid
 from cryosieve.reconstruct.samples import batch_parameters
 from cryosieve.symmetry import canonical_name, symmetry_matrices
+from cryosieve.world import World
+from cryosieve.world import current as current_world
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +71,8 @@ class _Insertion(Protocol):
     def insert(self, images: np.ndarray, batch: dict[str, np.ndarray], labels: np.ndarray) -> None: ...
 
     def pop(self, group: int) -> Any: ...
+
+    def snapshot(self, group: int) -> Any: ...
 
     def release(self) -> None: ...
 
@@ -164,39 +169,142 @@ def reconstruct(table: ParticleSet, reader: StackReader, *, rows: np.ndarray | N
                         progress=progress)[0]
 
 
+def nested_subset_maps(table: ParticleSet, reader: StackReader, steps: Sequence[np.ndarray], *,
+                       subsets: Sequence[int] = (1, 2), symmetry: str = "C1", apply_ctf: bool = True,
+                       pad_factor: int = 2, batch_size: int = 128, device: torch.device | str = "cpu",
+                       engine: str = "auto", progress: Callable[[int], None] | None = None
+                       ) -> Iterator[dict[int, np.ndarray]]:
+    """Half-set maps of growing nested selections, reading every image once.
+
+    ``steps``: disjoint integer row arrays; after step ``j`` the generator yields
+    ``{subset: (n, n, n) float32 map}`` of every particle in ``steps[0..j]``, each map
+    exactly what :func:`reconstruct_subsets` makes of those rows (the grids are sums over
+    particles, so each step only inserts its own rows). Every subset must have a particle
+    in the first step. Other keywords as for :func:`reconstruct_subsets`.
+    """
+    if table.random_subset is None:
+        raise CryoSieveInputError(f"{table.path}: column rlnRandomSubset missing (needed for half-set maps)")
+    groups = [int(value) for value in subsets]
+    chosen = [_selected_rows(table, rows) for rows in steps]
+    chosen = [rows[np.isin(table.random_subset[rows], groups)] for rows in chosen]
+    if not chosen:
+        raise CryoSieveInputError(f"{table.path}: no particles selected for reconstruction")
+    for value in groups:
+        if not np.any(table.random_subset[chosen[0]] == value):
+            raise CryoSieveInputError(f"{table.path}: no particles with rlnRandomSubset {value}")
+    yield from _accumulate(table, reader, chosen, [table.random_subset[rows] for rows in chosen], groups,
+                           symmetry=symmetry, apply_ctf=apply_ctf, pad_factor=pad_factor, batch_size=batch_size,
+                           device=device, engine=engine, progress=progress)
+
+
 def _reconstruct(table: ParticleSet, reader: StackReader, rows: np.ndarray, labels: np.ndarray,
                  groups: Sequence[int], *, symmetry: str, apply_ctf: bool, pad_factor: int, batch_size: int,
                  device: torch.device | str, engine: str, progress: Callable[[int], None] | None
                  ) -> dict[int, np.ndarray]:
     if rows.size == 0:
         raise CryoSieveInputError(f"{table.path}: no particles selected for reconstruction")
+    (maps,) = _accumulate(table, reader, [rows], [labels], groups, symmetry=symmetry, apply_ctf=apply_ctf,
+                          pad_factor=pad_factor, batch_size=batch_size, device=device, engine=engine, progress=progress)
+    return maps
+
+
+def _accumulate(table: ParticleSet, reader: StackReader, steps: Sequence[np.ndarray], step_labels: Sequence[np.ndarray],
+                groups: Sequence[int], *, symmetry: str, apply_ctf: bool, pad_factor: int, batch_size: int,
+                device: torch.device | str, engine: str, progress: Callable[[int], None] | None
+                ) -> Iterator[dict[int, np.ndarray]]:
+    """Insert ``steps`` (rows, with the map of each in ``step_labels``) one after the other and yield the maps
+    of ``groups`` after each (:class:`InsertionTask`; in a ``torchrun`` job every rank inserts its share)."""
     if pad_factor < 1:
         raise CryoSieveInputError(f"pad factor must be >= 1, got {pad_factor}")
     if batch_size < 1:
         raise CryoSieveInputError(f"{setting('batch_size')} {batch_size}: must be at least 1")
-    rotations_group = symmetry_matrices(symmetry)
-    _check_pixel_size(table, rows)
-    engine = choose_engine(engine, device)
-    box = reader.validate()
-    insertion: _Insertion
-    if engine == "numba":
-        insertion = cpu.NumbaInsertion(box, pad_factor, groups, apply_ctf, batch_size)
-    else:
-        from cryosieve.reconstruct.tensor_path import TensorInsertion
+    symmetry_matrices(symmetry)  # an unknown group is refused before anything is handed out
+    _check_pixel_size(table, np.concatenate(steps))
+    task = InsertionTask(table, reader.directory, list(steps), list(step_labels), list(groups), symmetry, apply_ctf,
+                         pad_factor, batch_size, str(device), choose_engine(engine, device))
+    world = current_world()
+    world.hand_out(task)
+    yield from task.maps(world, reader, progress)
 
-        insertion = TensorInsertion(box, pad_factor, groups, apply_ctf, device)
-    batches = [rows[start:start + batch_size] for start in range(0, rows.size, batch_size)]
-    label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))
-    for batch_rows, images in prefetch_batches(reader, batches):
-        assert isinstance(images, np.ndarray)  # whole batches (not read on demand)
-        batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
-        insertion.insert(images, batch_parameters(table, batch_rows), batch_labels)
-        if progress is not None:
-            progress(len(batch_rows))
-    workspace: list[np.ndarray] = []  # the gridding weight's work arrays, reused from map to map
-    maps = {group: finish_grid(insertion.pop(group), box, pad_factor, rotations_group, workspace) for group in groups}
-    insertion.release()
-    return maps
+
+@dataclass
+class InsertionTask:
+    """Reconstruction as a task of a ``torchrun`` job (:mod:`cryosieve.world`), and in one process.
+
+    Every rank inserts its contiguous share of each step's rows into grids of its own (data and
+    CTF^2 weight, float64); after each step the grids are summed on rank 0, which finishes the maps
+    (from a copy of the grids, except after the last step). Fields as for :func:`_accumulate`.
+    """
+
+    table: ParticleSet
+    directory: Any
+    steps: list[np.ndarray]
+    step_labels: list[np.ndarray]
+    groups: list[int]
+    symmetry: str
+    apply_ctf: bool
+    pad_factor: int
+    batch_size: int
+    device: str
+    engine: str
+
+    def run(self, world: World) -> None:
+        """A rank other than 0: its part of every step."""
+        with StackReader(self.table, self.directory) as reader:
+            for _ in self.maps(world, reader, None):
+                pass
+
+    def maps(self, world: World, reader: StackReader, progress: Callable[[int], None] | None
+             ) -> Iterator[dict[int, np.ndarray]]:
+        """After each step, ``{group: (n, n, n) float32 map}`` on rank 0 (nothing on the others).
+        ``progress``: called with this rank's particles times the number of ranks."""
+        rotations_group = symmetry_matrices(self.symmetry)
+        device = world.device(self.device)
+        insertion: _Insertion | None = None
+        error: BaseException | None = None
+        box = 0
+        try:
+            box = reader.validate()
+            if self.engine == "numba":
+                insertion = cpu.NumbaInsertion(box, self.pad_factor, self.groups, self.apply_ctf, self.batch_size)
+            else:
+                from cryosieve.reconstruct.tensor_path import TensorInsertion
+
+                insertion = TensorInsertion(box, self.pad_factor, self.groups, self.apply_ctf, device)
+        except Exception as raised:
+            error = raised
+        world.check(error)
+        assert insertion is not None
+        workspace: list[np.ndarray] = []  # the gridding weight's work arrays, reused from map to map
+        try:
+            for index, (rows, labels) in enumerate(zip(self.steps, self.step_labels, strict=True)):
+                try:
+                    share = world.share(np.arange(rows.size))
+                    self._insert(insertion, reader, rows[share], labels[share], progress, world.size)
+                except Exception as raised:
+                    error = raised
+                world.check(error)
+                last = index == len(self.steps) - 1
+                grids = {group: insertion.pop(group) if last else insertion.snapshot(group) for group in self.groups}
+                for grid in grids.values():
+                    world.sum_to_root(grid)
+                if world.is_root:
+                    yield {group: finish_grid(grid, box, self.pad_factor, rotations_group, workspace)
+                           for group, grid in grids.items()}
+                del grids
+        finally:
+            insertion.release()
+
+    def _insert(self, insertion: _Insertion, reader: StackReader, rows: np.ndarray, labels: np.ndarray,
+                progress: Callable[[int], None] | None, ranks: int) -> None:
+        batches = [rows[start:start + self.batch_size] for start in range(0, rows.size, self.batch_size)]
+        label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))
+        for batch_rows, images in prefetch_batches(reader, batches):
+            assert isinstance(images, np.ndarray)  # whole batches (not read on demand)
+            batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
+            insertion.insert(images, batch_parameters(self.table, batch_rows), batch_labels)
+            if progress is not None:
+                progress(len(batch_rows) * ranks)
 
 
 def reconstruct_star_file(star: str, out: str, *, angpix: float | None = None, symmetry: str = "C1",

@@ -328,6 +328,11 @@ class GridAccumulators:
             np.add(self.grids[first], self.grids[first + copy], out=self.grids[first])
         return self.grids[first]
 
+    def snapshot(self, group: int) -> np.ndarray:
+        """A new array holding the grid of one map so far (its copies summed); the accumulation goes on."""
+        first = self.groups.index(group) * self.copies
+        return np.asarray(self.grids[first:first + self.copies].sum(axis=0))
+
     def release(self) -> None:
         """Drop the grids and work space."""
         empty: Any = np.empty(0)
@@ -359,6 +364,10 @@ class NumbaInsertion:
     def pop(self, group: int) -> np.ndarray:
         """The accumulated numpy grid of one map (see :meth:`GridAccumulators.pop`)."""
         return self.accumulators.pop(group)
+
+    def snapshot(self, group: int) -> np.ndarray:
+        """A copy of one map's grid so far (see :meth:`GridAccumulators.snapshot`)."""
+        return self.accumulators.snapshot(group)
 
     def release(self) -> None:
         """Drop the grids and work space."""

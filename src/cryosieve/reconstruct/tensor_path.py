@@ -165,6 +165,10 @@ class TensorInsertion:
         """The accumulated tensor grid of one map (no longer held here)."""
         return self.grids.pop(group)
 
+    def snapshot(self, group: int) -> torch.Tensor:
+        """A copy of one map's grid so far; the accumulation goes on."""
+        return self.grids[group].clone()
+
     def release(self) -> None:
         """Drop the grids."""
         self.grids.clear()
