@@ -20,8 +20,8 @@ depend on the other's noise and the FSC between them is not inflated by the choi
 realistic simulations with no bad particles the choice is 0.95 or 1.00, and with 10 % to 40 %
 bad ones of 3,000 it is within 0.07 of the true good fraction (``tests/test_retention.py``);
 it equals the fixed ratio whose map is closest to the truth or is one candidate from it
-(``benchmarks/bench_retention.py``, ``docs/benchmarks.md``). The cost is one more pass of insertion over the particles and two maps per
-candidate.
+(``benchmarks/bench_retention.py``, ``docs/benchmarks.md``). The cost is one more pass of
+insertion over the particles and two maps per candidate.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 from cryosieve import _kernels
 from cryosieve.band import HighPass
 from cryosieve.fsc import filter_by_shell, fsc_weight
-from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches
+from cryosieve.io.stack import BatchImages, StackReader, images_on, prefetch_batches
 from cryosieve.particles import ParticleSet
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.published import published_batch, published_scores
@@ -115,15 +115,17 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
         on_cpu = device.type == "cpu"
         kernel = settings.projector == "fourier" and on_cpu and settings.engine != "torch" and _kernels.AVAILABLE
         for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank, world_size),
-                                                   background=not on_cpu, on_demand=kernel):
+                                                   background=not on_cpu, on_demand=kernel,
+                                                   pinned=device.type == "cuda"):
             if settings.projector == "fourier":
                 batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
-                image_input = images if isinstance(images, BatchImages) else torch.from_numpy(images).to(device)
+                image_input = images if isinstance(images, BatchImages) else images_on(images, device)
                 assert samples is not None  # made above for the Fourier scorer
                 values = fourier_scores(projector, image_input, batch, samples, volume_pixel_size, settings.engine)
             else:
                 batch = published_batch(table, batch_rows, settings.highpass_angstrom, device)
-                values = published_scores(volume_tensor, torch.from_numpy(images).to(device), batch)
+                assert not isinstance(images, BatchImages)  # read on demand for the Fourier kernel only
+                values = published_scores(volume_tensor, images_on(images, device), batch)
             scores[batch_rows] = values.cpu().numpy()
             if progress is not None:
                 progress(len(batch_rows))

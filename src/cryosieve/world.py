@@ -81,6 +81,10 @@ class World:
     size: int = 1
     local_rank: int = 0
     backend: str = "none"
+    #: Seconds this rank spent in collective operations (waiting for the others included).
+    communication_seconds: float = 0.0
+    #: Seconds a serving rank waited for its next task.
+    idle_seconds: float = 0.0
     _watchdog: _Watchdog | None = field(default=None, repr=False)
 
     @property
@@ -109,7 +113,7 @@ class World:
             assert self.is_root, "only rank 0 hands out tasks"
             import torch.distributed as dist
 
-            with _collective():
+            with _collective(self):
                 dist.broadcast_object_list([task], src=0)
 
     def run(self, task: Task) -> Any:
@@ -127,7 +131,7 @@ class World:
         import torch.distributed as dist
 
         reported: list[Any] = [None] * self.size
-        with _collective():
+        with _collective(self):
             dist.all_gather_object(reported, None if error is None else _portable(error))
         failures = [(rank, item) for rank, item in enumerate(reported) if item is not None]
         if not failures:
@@ -148,7 +152,7 @@ class World:
         if self.distributed:
             import torch.distributed as dist
 
-            with self._on_backend(values) as tensor, _collective():
+            with self._on_backend(values) as tensor, _collective(self):
                 dist.reduce(tensor, dst=0, op=dist.ReduceOp.SUM)
 
     def sum_everywhere(self, values: np.ndarray | torch.Tensor) -> None:
@@ -156,7 +160,7 @@ class World:
         if self.distributed:
             import torch.distributed as dist
 
-            with self._on_backend(values) as tensor, _collective():
+            with self._on_backend(values) as tensor, _collective(self):
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     @contextlib.contextmanager
@@ -172,9 +176,11 @@ class World:
 
 
 @contextlib.contextmanager
-def _collective() -> Iterator[None]:
-    """A collective operation: the communication library's failure (a peer that closed its connection:
-    a rank that died) becomes one :class:`~cryosieve.errors.JobError` line."""
+def _collective(world: World) -> Iterator[None]:
+    """A collective operation of ``world`` (its time counted in :attr:`World.communication_seconds`): the
+    communication library's failure (a peer that closed its connection: a rank that died) becomes one
+    :class:`~cryosieve.errors.JobError` line."""
+    started = time.perf_counter()
     try:
         yield
     except RuntimeError as error:  # torch.distributed.DistBackendError and its kin
@@ -184,6 +190,8 @@ def _collective() -> Iterator[None]:
         if "] " in text:
             text = text.split("] ", 1)[1]  # drop the source location gloo puts first
         raise JobError(f"another rank of the job stopped ({text[:160]})") from None
+    finally:
+        world.communication_seconds += time.perf_counter() - started
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -239,6 +247,7 @@ def joined(device: str = "cpu", program: str = "cryosieve") -> Iterator[World]:
     world._watchdog.start()
     previous, _current = _current, world
     finished = False
+    started = time.perf_counter()
     try:
         yield world
         finished = True
@@ -249,7 +258,23 @@ def joined(device: str = "cpu", program: str = "cryosieve") -> Iterator[World]:
                 if world.is_root:
                     dist.broadcast_object_list([_Stop()], src=0)
                 world._watchdog.finish()
+                _write_timings(world, time.perf_counter() - started)
                 dist.destroy_process_group()
+
+
+def _write_timings(world: World, seconds: float) -> None:
+    """With ``CRYOSIEVE_JOB_TIMINGS=FOLDER`` (for benchmarks): ``FOLDER/rank{r}.json`` with this rank's wall
+    time in the job and in collectives (seconds)."""
+    folder = os.environ.get("CRYOSIEVE_JOB_TIMINGS")
+    if not folder:
+        return
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{world.rank}.json"), "w") as handle:
+        json.dump({"rank": world.rank, "size": world.size, "host": socket.gethostname(), "seconds": seconds,
+                   "communication_seconds": world.communication_seconds, "idle_seconds": world.idle_seconds},
+                  handle)
 
 
 def serve(world: World) -> int:
@@ -259,8 +284,11 @@ def serve(world: World) -> int:
 
     while True:
         received: list[Any] = [None]
-        with _collective():
+        counted = world.communication_seconds
+        with _collective(world):
             dist.broadcast_object_list(received, src=0)
+        world.idle_seconds += world.communication_seconds - counted  # waiting for work is not communication
+        world.communication_seconds = counted
         task = received[0]
         if isinstance(task, _Stop):
             return 0

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from cryosieve.errors import CryoSieveInputError, setting
-from cryosieve.io.stack import StackReader, prefetch_batches
+from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches
 from cryosieve.particles import ParticleSet
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.reconstruct import cpu
@@ -68,13 +68,18 @@ class _Insertion(Protocol):
     """What :func:`_reconstruct` needs of an engine (:class:`~.cpu.NumbaInsertion`,
     :class:`~.tensor_path.TensorInsertion`)."""
 
-    def insert(self, images: np.ndarray, batch: dict[str, np.ndarray], labels: np.ndarray) -> None: ...
+    def insert(self, images: Any, batch: dict[str, np.ndarray], labels: np.ndarray) -> None: ...
 
     def pop(self, group: int) -> Any: ...
 
     def snapshot(self, group: int) -> Any: ...
 
     def release(self) -> None: ...
+
+
+def torch_device_type(device: str) -> str:
+    """``"cuda"`` of ``"cuda:1"``: the kind of a device's name."""
+    return device.split(":")[0]
 
 
 def _selected_rows(table: ParticleSet, rows: np.ndarray | None) -> np.ndarray:
@@ -299,8 +304,9 @@ class InsertionTask:
                 progress: Callable[[int], None] | None, ranks: int) -> None:
         batches = [rows[start:start + self.batch_size] for start in range(0, rows.size, self.batch_size)]
         label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))
-        for batch_rows, images in prefetch_batches(reader, batches):
-            assert isinstance(images, np.ndarray)  # whole batches (not read on demand)
+        pinned = self.engine == "torch" and torch_device_type(self.device) == "cuda"
+        for batch_rows, images in prefetch_batches(reader, batches, pinned=pinned):
+            assert not isinstance(images, BatchImages)  # whole batches (not read on demand)
             batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
             insertion.insert(images, batch_parameters(self.table, batch_rows), batch_labels)
             if progress is not None:

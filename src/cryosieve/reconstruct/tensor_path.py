@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cryosieve.geometry import euler_to_matrix
+from cryosieve.io.stack import images_on
 from cryosieve.reconstruct.grid import fold_and_locate_torch, grid_shape, trilinear_corners_torch
 from cryosieve.reconstruct.samples import SliceSamples, batch_ctf, origin_phases
 
@@ -148,12 +149,13 @@ class TensorInsertion:
         self.grids = {group: torch.zeros(grid_shape(box, pad_factor), dtype=torch.float64, device=self.device)
                       for group in groups}
 
-    def insert(self, images: np.ndarray, batch: dict[str, np.ndarray], labels: np.ndarray) -> None:
-        """Insert ``(b, n, n)`` float32 images of the particles described by ``batch``
+    def insert(self, images: np.ndarray | torch.Tensor, batch: dict[str, np.ndarray], labels: np.ndarray) -> None:
+        """Insert ``(b, n, n)`` float32 images (an array, or a page-locked tensor copied asynchronously) of the
+        particles described by ``batch``
         (:func:`~cryosieve.reconstruct.samples.batch_parameters`) into the grids of ``labels`` ``(b,)``."""
         angles = (torch.as_tensor(batch[name], device=self.device) for name in ("rot", "tilt", "psi"))
         matrices = euler_to_matrix(*angles)
-        values = prepare_slices(torch.from_numpy(np.asarray(images)).to(self.device), batch, self.samples,
+        values = prepare_slices(images_on(images, self.device), batch, self.samples,
                                 self.apply_ctf)
         for group, grid in self.grids.items():
             index = torch.as_tensor(np.flatnonzero(labels == group), device=self.device)
