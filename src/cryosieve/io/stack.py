@@ -16,6 +16,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -169,6 +170,8 @@ class StackReader:
         self._handles: OrderedDict[str, tuple[mrcfile.mrcfile.MrcFile, np.ndarray]] = OrderedDict()
         self._descriptors: dict[str, int] = {}
         self._lock = threading.Lock()
+        #: Seconds spent in :meth:`read` so far (all threads), for choosing how to read ahead.
+        self.read_seconds = 0.0
 
     def _view(self, file: str) -> np.ndarray:
         with self._lock:
@@ -228,7 +231,13 @@ class StackReader:
         A NaN or infinite pixel is an input error naming the image. ``parallel``: copy on
         all cores (only from a thread that runs no other numba work meanwhile).
         """
-        rows = np.asarray(rows, dtype=np.int64)
+        started = time.perf_counter()
+        try:
+            return self._read(np.asarray(rows, dtype=np.int64), parallel, out)
+        finally:
+            self.read_seconds += time.perf_counter() - started
+
+    def _read(self, rows: np.ndarray, parallel: bool, out: np.ndarray | None) -> np.ndarray:
         files = self.table.image_file[rows]
         indices = self.table.image_index[rows]
         first = self._view(files[0]) if len(rows) else None
@@ -452,10 +461,15 @@ def prefetch_batches(reader: StackReader, batches: Sequence[np.ndarray], depth: 
 
 #: How far ahead (bytes of images) :func:`prefetch_batches` asks for pages when reading in turn.
 ADVICE_BYTES = 256 << 20
+#: Reading in turn hands over to a reading thread when, over :data:`PROBE_BATCHES` batches after the first,
+#: reading took more than this fraction of the time: slow storage (NFS, Lustre, a throttled mount),
+#: where overlapping reading and computing gains more than the thread costs.
+SLOW_READING = 0.25
+PROBE_BATCHES = 4
 
 
 def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray], on_demand: bool = False
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray | BatchImages]]:
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray | BatchImages | torch.Tensor]]:
     # The advice covers the next batches up to ADVICE_BYTES at once, every so many batches,
     # so that rows close in the file merge into few calls. The calls cost about 2 us per
     # image at box 128 even when the stack is already cached (the kernel checks each page),
@@ -472,9 +486,17 @@ def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray], on_demand:
 
     adviser = threading.Thread(target=advise, daemon=True)
     adviser.start()
+    started, reading = time.perf_counter(), reader.read_seconds
     try:
         advised = 0  # batches[:advised] have been advised (or read)
         for position, rows in enumerate(batches):
+            if position == 1:  # the probe leaves out the first batch, which pays the consumer's one-time costs
+                started, reading = time.perf_counter(), reader.read_seconds
+            if position == 1 + PROBE_BATCHES:
+                spent = time.perf_counter() - started
+                if reader.read_seconds - reading > SLOW_READING * spent:
+                    yield from _read_in_background(reader, batches[position:], 2)
+                    return
             if advised <= position + 1 < len(batches):
                 box = reader.box_size()
                 per_batch = max(1, max(len(batch) for batch in batches) * box * box * 4)
