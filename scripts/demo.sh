@@ -2,7 +2,8 @@
 # Set everything up, simulate the demo data set (3,000 particles of a T-cell receptor-MHC complex with
 # 10 % HIV-protease junk and every realistic defect of cryosieve-simulate --realistic: empty images,
 # misaligned particles, wrong origins, hidden contrast, coloured noise per micrograph; box 112, 1.5 Å/px),
-# sieve it once with cryosieve-core and report how much of each kind of bad particle was found, then run
+# sieve it once with cryosieve-core and report how much of each kind of bad particle was found, sieve it
+# again letting the sieve choose how much to keep (--retention_ratio auto), then run
 # the iterative cryosieve pipeline (built-in back-ends, stopping once the resolution stalls) and print the
 # best round and where the report (with the angular plots) is.
 set -euo pipefail
@@ -30,6 +31,21 @@ for kind, group in scores.groupby("kind"):
     print(f"{kind:>12}: {(group.kept == 0).sum():4d} of {len(group):4d} sieved out "
           f"({100 * (group.kept == 0).mean():.0f} %)")
 print(f"particles sieved in all: {(scores.kept == 0).sum()} of {len(scores)}")
+PY
+
+echo "== the same sieve choosing how much to keep: --retention_ratio auto"
+cryosieve-core --i demo_data/particles.star --o demo_core/auto.star --directory demo_data \
+  --volume demo_data/half1.mrc --volume demo_data/half2.mrc --mask demo_data/mask.mrc \
+  --retention_ratio auto --frequency 20
+python3 - <<'PY'
+import pandas as pd
+truth = pd.read_csv("demo_data/truth.csv")
+curve = pd.read_csv("demo_core/auto_retention.csv")
+chosen = curve.loc[curve.chosen == 1, "fraction"].iloc[0]
+scores = pd.read_csv("demo_core/auto_scores.csv").merge(truth, on="rlnImageName")
+print(f"chosen: keep {chosen:.2f} of each half-set (truly good: {1 - truth.is_bad.mean():.2f}); "
+      f"bad particles sieved out: {100 * (scores[scores.is_bad].kept == 0).mean():.0f} %, "
+      f"good ones: {100 * (scores[~scores.is_bad].kept == 0).mean():.0f} %")
 PY
 
 echo "== the iterative pipeline: cryosieve, at most 5 rounds from 40 Å to 8 Å, stopping after 2 without gain"
