@@ -25,6 +25,7 @@ from cryosieve.particles import ParticleSet
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.published import published_batch, published_scores
 from cryosieve.score import BandSamples, ParticleBatch, fourier_scores
+from cryosieve.world import job_progress
 
 if TYPE_CHECKING:
     from cryosieve.world import World
@@ -165,7 +166,7 @@ class ScoreTask:
                 scores = score_rows(self.table, reader, self.references, self.half_set, options, rank=world.rank,
                                     world_size=world.size, volume_pixel_size=self.volume_pixel_size,
                                     reference_fsc=self.reference_fsc,
-                                    progress=None if update is None else lambda count: update(count * world.size))
+                                    progress=job_progress(update, world, len(self.table)))
         except Exception as raised:
             error = raised
         world.check(error)

@@ -36,7 +36,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -173,6 +173,23 @@ class World:
         moved = tensor.to(self.device("cuda"))
         yield moved
         tensor.copy_(moved.cpu())
+
+
+def job_progress(progress: Callable[[int], None] | None, world: World, total: int) -> Callable[[int], None] | None:
+    """``progress`` for rank 0's part of a task shared by every rank: each count stands for as many on every
+    rank (times ``world.size``), and the sum never passes ``total``."""
+    if progress is None or not world.distributed:
+        return progress
+    done = 0
+
+    def update(count: int) -> None:
+        nonlocal done
+        step = min(count * world.size, total - done)
+        if step > 0:
+            done += step
+            progress(step)
+
+    return update
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from cryosieve.reconstruct import cpu
 from cryosieve.reconstruct.grid import finish_grid
 from cryosieve.reconstruct.samples import batch_parameters
 from cryosieve.symmetry import canonical_name, symmetry_matrices
-from cryosieve.world import World
+from cryosieve.world import World, job_progress
 from cryosieve.world import current as current_world
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ class InsertionTask:
     def maps(self, world: World, reader: StackReader, progress: Callable[[int], None] | None
              ) -> Iterator[dict[int, np.ndarray]]:
         """After each step, ``{group: (n, n, n) float32 map}`` on rank 0 (nothing on the others).
-        ``progress``: called with this rank's particles times the number of ranks."""
+        ``progress``: called with the particles inserted (rank 0's, counted for every rank: :func:`job_progress`)."""
         rotations_group = symmetry_matrices(self.symmetry)
         device = world.device(self.device)
         insertion: _Insertion | None = None
@@ -285,7 +285,8 @@ class InsertionTask:
             for index, (rows, labels) in enumerate(zip(self.steps, self.step_labels, strict=True)):
                 try:
                     share = world.share(np.arange(rows.size))
-                    self._insert(insertion, reader, rows[share], labels[share], progress, world.size)
+                    self._insert(insertion, reader, rows[share], labels[share],
+                                 job_progress(progress, world, int(rows.size)))
                 except Exception as raised:
                     error = raised
                 world.check(error)
@@ -301,7 +302,7 @@ class InsertionTask:
             insertion.release()
 
     def _insert(self, insertion: _Insertion, reader: StackReader, rows: np.ndarray, labels: np.ndarray,
-                progress: Callable[[int], None] | None, ranks: int) -> None:
+                progress: Callable[[int], None] | None) -> None:
         batches = [rows[start:start + self.batch_size] for start in range(0, rows.size, self.batch_size)]
         label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))
         pinned = self.engine == "torch" and torch_device_type(self.device) == "cuda"
@@ -310,7 +311,7 @@ class InsertionTask:
             batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
             insertion.insert(images, batch_parameters(self.table, batch_rows), batch_labels)
             if progress is not None:
-                progress(len(batch_rows) * ranks)
+                progress(len(batch_rows))
 
 
 def reconstruct_star_file(star: str, out: str, *, angpix: float | None = None, symmetry: str = "C1",
