@@ -209,7 +209,9 @@ def stop_a_rank_midway(data: Path, tmp_path: Path, how: signal.Signals) -> tuple
 def test_a_killed_rank_stops_the_job(data: Path, tmp_path: Path) -> None:
     code, error, seconds = stop_a_rank_midway(data, tmp_path, signal.SIGKILL)
     assert code != 0 and seconds < 60
-    assert "error:" in error
+    # The others stop either on the broken connection ("another rank of the job stopped") or, when torchrun's
+    # agent is first, on its SIGTERM ("terminated"); both are one line of ours.
+    assert "another rank of the job stopped" in error or "cryosieve-core: terminated" in error, error
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

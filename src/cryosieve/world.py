@@ -38,12 +38,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from cryosieve.errors import CryoSieveInputError, JobError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("cryosieve")
 
@@ -100,12 +102,17 @@ class World:
         bounds = np.linspace(0, len(rows), self.size + 1).round().astype(np.int64)
         return rows[bounds[self.rank]:bounds[self.rank + 1]]
 
-    def device(self, device: torch.device | str) -> torch.device:
-        """``device`` as this rank uses it: a CUDA device becomes the one of this rank's local rank."""
-        device = torch.device(device)
-        if device.type == "cuda" and self.distributed:
+    def device(self, device: torch.device | str) -> torch.device | str:
+        """``device`` as this rank uses it: in a job, a CUDA device becomes the one of this rank's local rank;
+        otherwise ``device`` itself (no torch import: the CPU reconstruction runs without torch)."""
+        if not self.distributed:
+            return device
+        import torch
+
+        chosen = torch.device(device)
+        if chosen.type == "cuda":
             return torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
-        return device
+        return chosen
 
     def hand_out(self, task: Task) -> None:
         """On rank 0: give ``task`` to every other rank (:func:`serve` runs it there); nothing in one process."""
@@ -166,6 +173,8 @@ class World:
     @contextlib.contextmanager
     def _on_backend(self, values: np.ndarray | torch.Tensor) -> Iterator[torch.Tensor]:
         """``values`` as a tensor the backend takes (a CUDA copy for ``nccl``), copied back afterwards."""
+        import torch
+
         tensor = torch.from_numpy(values) if isinstance(values, np.ndarray) else values
         if self.backend != "nccl" or tensor.device.type == "cuda":
             yield tensor
@@ -244,6 +253,7 @@ def joined(device: str = "cpu", program: str = "cryosieve") -> Iterator[World]:
     rank 0 tells the others to stop (:func:`serve`) and every rank leaves the process group.
     """
     global _current
+    import torch
     import torch.distributed as dist
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -23,16 +23,20 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
-import torch
 
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency; numpy does the same, more slowly
     numba = None  # type: ignore[assignment]  # None marks numba as missing
 
+from typing import TYPE_CHECKING
+
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.mrc import MRC_LABEL, check_mrc_file, quiet_mrcfile, resolve_path, set_fixed_label
 from cryosieve.particles import ParticleSet
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _open_stack(path: Path, name: str, directory: str | os.PathLike[str] | None,
@@ -455,7 +459,7 @@ def prefetch_batches(reader: StackReader, batches: Sequence[np.ndarray], depth: 
     is done). Errors raised while reading are re-raised in the consumer.
     """
     if background:
-        return _read_in_background(reader, batches, depth, pinned and torch.cuda.is_available())
+        return _read_in_background(reader, batches, depth, pinned and _cuda_available())
     return _read_in_turn(reader, batches, on_demand)
 
 
@@ -509,9 +513,17 @@ def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray], on_demand:
         adviser.join()
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def images_on(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch of :func:`prefetch_batches` as a tensor on ``device``: page-locked tensors are copied
     asynchronously, arrays as usual."""
+    import torch
+
     if isinstance(images, torch.Tensor):
         return images.to(device, non_blocking=images.is_pinned())
     return torch.from_numpy(images).to(device)
@@ -525,6 +537,8 @@ def _read_in_background(reader: StackReader, batches: Sequence[np.ndarray], dept
     def read(rows: np.ndarray) -> np.ndarray | torch.Tensor:
         if not pinned or not len(rows):
             return reader.read(rows)
+        import torch
+
         box = reader.box_size()
         buffer = torch.empty((len(rows), box, box), dtype=torch.float32, pin_memory=True)
         reader.read(rows, out=buffer.numpy())
