@@ -239,3 +239,46 @@ def test_stack_writer_refuses_bad_shapes_and_ranges(tmp_path: Path) -> None:
             writer.read(2, 5)
     with pytest.raises(CryoSieveInputError, match="label"):
         StackWriter(tmp_path / "label.mrcs", 2, 8, 1.0, label="x" * 81)
+
+
+def test_slow_reading_hands_over_to_a_reading_thread_with_the_same_batches(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    import cryosieve.io.stack as stack
+
+    images = np.random.default_rng(3).normal(size=(40, 8, 8)).astype(np.float32)
+    reader = one_stack_reader(tmp_path, images)
+    batches = [np.arange(start, start + 4) for start in range(0, 40, 4)]
+    handed: list[int] = []
+    original = stack._read_in_background
+
+    def watched(reader_: StackReader, rest: list[np.ndarray], depth: int, pinned: bool = False):  # type: ignore[no-untyped-def]
+        handed.append(len(rest))
+        return original(reader_, rest, depth, pinned)
+
+    monkeypatch.setattr(stack, "_read_in_background", watched)
+
+    def consume() -> list[tuple[np.ndarray, np.ndarray]]:
+        seen = []
+        for rows, batch in prefetch_batches(reader, batches, background=False):
+            seen.append((rows, np.array(batch)))
+            time.sleep(0.05)  # the consumer's work on the batch
+        return seen
+
+    fast = consume()
+    assert handed == []  # reading from the page cache is a small part of the time: it stays in turn
+    read = reader._read
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.1)  # a slow store: reading takes twice the consumer's time
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(reader, "_read", slow)
+    slowly = consume()
+    assert handed == [len(batches) - 1 - stack.PROBE_BATCHES]
+    assert len(slowly) == len(fast) == len(batches)
+    for (rows, got), (expected_rows, expected) in zip(slowly, fast, strict=True):
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(got, images[rows])
+    reader.close()
