@@ -135,8 +135,12 @@ class CtfParameters:
 
             backend: Any = torch
 
+            host = np.float32 if frequency_x.dtype == torch.float32 else np.float64
+
             def column(values: np.ndarray) -> Any:
-                return torch.as_tensor(values, dtype=frequency_x.dtype, device=frequency_x.device)[:, None]
+                # cast on the host: a device without float64 (mps) never sees a float64 value
+                array = np.ascontiguousarray(values, dtype=host)
+                return torch.from_numpy(array).to(device=frequency_x.device, dtype=frequency_x.dtype)[:, None]
         else:
             backend = np
             frequency_x, frequency_y = np.asarray(frequency_x, np.float64), np.asarray(frequency_y, np.float64)

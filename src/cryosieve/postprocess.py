@@ -54,6 +54,7 @@ from cryosieve.fsc import (
 )
 from cryosieve.io.atomic import OutputGroup
 from cryosieve.io.mrc import Volume, read_volume, write_volume_to
+from cryosieve.precision import map_device
 from cryosieve.tolerances import pixel_sizes_agree
 
 log = logging.getLogger("cryosieve")
@@ -402,13 +403,14 @@ def sharpen_map(average: np.ndarray | torch.Tensor, fsc: np.ndarray, voxel_size:
     filter_edge_width:
         Width in shells of the raised-cosine edge of the low-pass filter.
     device:
-        Where to compute.
+        Where to compute (in float64: the CPU for a device without it, :func:`cryosieve.precision.map_device`).
 
     Raises
     ------
     CryoSieveInputError
         When the automatic fit has fewer than two shells (option ``--autob_lowres``).
     """
+    device = map_device(device)
     volume = torch.as_tensor(average, device=device).to(torch.float64)
     size = volume.shape[-1]
     transform = fourier_transform(volume)
@@ -601,6 +603,7 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_si
     check_inputs(half1, half2, mask, voxel_size)
     check_options(auto_bfactor=False, autob_lowres=autob_lowres, randomize_threshold=randomize_threshold)
     size = half1.shape[0]
+    device = map_device(device)  # float64 throughout: the CPU for a device without it
     first = torch.as_tensor(half1, device=device).to(torch.float64)
     second = torch.as_tensor(half2, device=device).to(torch.float64)
     weights = torch.as_tensor(mask, device=device).to(torch.float64)

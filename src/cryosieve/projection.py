@@ -109,6 +109,18 @@ class FourierSliceProjector:
         self.device = device
         self._corners: np.ndarray | None = None
 
+    def to(self, device: torch.device | str) -> FourierSliceProjector:
+        """This projector with its grid on ``device`` (itself when it is there already). The grid is
+        complex64 by default, so a projector built on the CPU (:func:`cryosieve.precision.map_device`)
+        can sample on a device without float64."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        self.grid = self.grid.to(device)
+        self.device = device
+        self._corners = None
+        return self
+
     def corner_layout(self) -> np.ndarray | None:
         """The grid in the CPU scoring kernel's 8-corner layout, built on first use.
 

@@ -31,12 +31,14 @@ from cryosieve.ctf import CtfParameters
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import BatchImages
 from cryosieve.particles import ParticleSet
+from cryosieve.precision import real_dtype, to_device
 from cryosieve.projection import FourierSliceProjector
 
 
 @dataclass
 class ParticleBatch:
-    """Per-particle parameters of a batch, as ``(b,)`` float64 tensors on one device."""
+    """Per-particle parameters of a batch, as ``(b,)`` tensors on one device (float64, or float32 on a
+    device without it: :func:`cryosieve.precision.real_dtype`)."""
 
     rot: torch.Tensor  # degrees
     tilt: torch.Tensor
@@ -70,7 +72,7 @@ class ParticleBatch:
         per pixel is its pixel size divided by ``F``.
         """
         def take(values: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(values)[rows], dtype=torch.float64, device=device)
+            return to_device(np.asarray(values, dtype=np.float64)[rows], device)
 
         pixel = take(table.pixel_size)
         return cls(
@@ -90,7 +92,8 @@ class BandSamples:
 
     Samples with ``lowest_cycles_per_pixel <= |k|/N < 1/2`` of the ``rfft2`` grid, as
     flat indices into a ``(box, box // 2 + 1)`` array, with their frequencies (cycles
-    per box) and Friedel weights (1 on the ``kx = 0`` column, else 2).
+    per box) and Friedel weights (1 on the ``kx = 0`` column, else 2), in the device's
+    :func:`~cryosieve.precision.real_dtype`.
     """
 
     def __init__(self, box: int, lowest_cycles_per_pixel: float, device: torch.device | str) -> None:
@@ -101,12 +104,12 @@ class BandSamples:
         keep = HighPass.inside(radius / box, lowest_cycles_per_pixel)
         self.box = box
         self.flat_index = torch.nonzero(keep.reshape(-1))[:, 0].to(device)
-        self.ky = grid_y[keep].to(device)
-        self.kx = grid_x[keep].to(device)
+        self.ky = to_device(grid_y[keep], device)
+        self.kx = to_device(grid_x[keep], device)
         self.row = torch.nonzero(keep)[:, 0].to(device)  # index into fftfreq order of ky
         self.column = torch.nonzero(keep)[:, 1].to(device)  # index of kx
-        self.radius_cycles_per_pixel = radius[keep].to(device) / box
-        self.weight = torch.where(self.kx == 0, 1.0, 2.0).to(torch.float64).to(device)
+        self.radius_cycles_per_pixel = to_device(radius[keep] / box, device)
+        self.weight = to_device(torch.where(grid_x[keep] == 0, 1.0, 2.0).to(torch.float64), device)
         self._blocks: SampleBlocks | None = None
 
     @property
@@ -217,7 +220,8 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor | Batc
 
     Returns
     -------
-    ``(b,)`` float64 scores (real-space squared-norm units).
+    ``(b,)`` scores (real-space squared-norm units): float64, summed in float64 from float32
+    terms; on a device without float64 (:mod:`cryosieve.precision`), float32 sums.
     """
     scale = None
     if volume_pixel_size is not None:
@@ -228,30 +232,31 @@ def fourier_scores(projector: FourierSliceProjector, images: torch.Tensor | Batc
     if isinstance(images, BatchImages):
         images = torch.from_numpy(images.slice(0, len(images)).copy()).to(projector.device)
     box = images.shape[-1]
-    real_dtype = torch.float32
-    spectra = torch.fft.rfft2(images.to(real_dtype)).reshape(images.shape[0], -1)
+    data_dtype = torch.float32
+    spectra = torch.fft.rfft2(images.to(data_dtype)).reshape(images.shape[0], -1)
 
     # T(I) and the move of the image centre (pixel N/2) to the origin, as one phase:
     # exp(-2 pi i (kx (ox - N/2) + ky (oy - N/2)) / N), separable in x and y.
     two_pi = 2 * math.pi / box
-    freq_y = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
-    freq_x = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64, device=images.device)
-    phase_x = torch.polar(torch.ones((), dtype=torch.float64, device=images.device),
+    real = real_dtype(images.device)
+    freq_y = torch.fft.fftfreq(box, d=1.0 / box, dtype=real, device=images.device)
+    freq_x = torch.fft.rfftfreq(box, d=1.0 / box, dtype=real, device=images.device)
+    phase_x = torch.polar(torch.ones((), dtype=real, device=images.device),
                           -two_pi * freq_x[None, :] * (batch.origin_x[:, None] - box // 2))
-    phase_y = torch.polar(torch.ones((), dtype=torch.float64, device=images.device),
+    phase_y = torch.polar(torch.ones((), dtype=real, device=images.device),
                           -two_pi * freq_y[None, :] * (batch.origin_y[:, None] - box // 2))
     rotations = euler_to_matrix(batch.rot, batch.tilt, batch.psi)
     phase = (phase_x[:, samples.column] * phase_y[:, samples.row]).to(torch.complex64)
     observed = spectra[:, samples.flat_index] * phase  # (b, p)
-    projected = projector.sample(rotations, samples.ky.to(real_dtype), samples.kx.to(real_dtype), scale)
+    projected = projector.sample(rotations, samples.ky.to(data_dtype), samples.kx.to(data_dtype), scale)
 
-    pixel = batch.pixel_size.to(real_dtype)[:, None]
-    ctf = batch.ctf().evaluate(samples.kx.to(real_dtype) / (box * pixel), samples.ky.to(real_dtype) / (box * pixel))
+    pixel = batch.pixel_size.to(data_dtype)[:, None]
+    ctf = batch.ctf().evaluate(samples.kx.to(data_dtype) / (box * pixel), samples.ky.to(data_dtype) / (box * pixel))
     model = ctf * projected
     terms = model.real * (model.real - 2 * observed.real) + model.imag * (model.imag - 2 * observed.imag)
     inside = HighPass.inside(samples.radius_cycles_per_pixel[None, :], batch.highpass_cycles_per_pixel[:, None])
     weight = torch.where(inside, samples.weight[None, :], 0.0)
-    return (terms.to(torch.float64) * weight).sum(dim=1) / (box * box)
+    return (terms.to(real) * weight).sum(dim=1) / (box * box)
 
 
 #: Images transformed and scored together on the CPU: their spectra (66 kB each at box 128)

@@ -22,6 +22,7 @@ from cryosieve.band import HighPass
 from cryosieve.fsc import filter_by_shell, fsc_weight
 from cryosieve.io.stack import BatchImages, StackReader, images_on, prefetch_batches
 from cryosieve.particles import ParticleSet
+from cryosieve.precision import map_device
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.published import published_batch, published_scores
 from cryosieve.score import BandSamples, ParticleBatch, fourier_scores
@@ -106,7 +107,9 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
             rows = rows[viewing_direction_order(table.rot[rows], table.tilt[rows])]
         reference = references[subset_number - 1]
         if settings.projector == "fourier":
-            projector = FourierSliceProjector(torch.from_numpy(reference).to(device), spectrum_weight=weight)
+            # the grid is built where whole maps are handled (the CPU for a device without float64)
+            projector = FourierSliceProjector(torch.from_numpy(reference).to(map_device(device)),
+                                              spectrum_weight=weight).to(device)
         else:
             volume_tensor = torch.from_numpy(reference).to(device=device, dtype=torch.float64)
             if weight is not None:

@@ -30,6 +30,7 @@ from cryosieve.io.stack import StackReader, stack_paths
 from cryosieve.io.star import output_paths
 from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
+from cryosieve.precision import has_float64
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.score import ENGINES, select_lowest
 from cryosieve.scoring import ScoreTask, ScoringOptions, score_rows
@@ -141,6 +142,9 @@ def check_settings(settings: SieveSettings) -> None:
         raise CryoSieveInputError(f"{setting('engine')} {settings.engine}: must be one of {', '.join(ENGINES)}")
     if settings.engine == "numba" and (torch.device(settings.device).type != "cpu" or not _kernels.AVAILABLE):
         raise CryoSieveInputError(f"{setting('engine')} numba: runs on the CPU only, with numba installed")
+    if settings.projector == "realspace" and not has_float64(settings.device):
+        raise CryoSieveInputError(f"{setting('projector')} realspace: the published scorer computes in float64, "
+                                  f"which {settings.device} lacks; use the Fourier projector or the CPU")
     if settings.num_processes < 1:
         raise CryoSieveInputError(f"{setting('num_processes')} {settings.num_processes}: must be at least 1")
     if settings.keep_orientations is not None and not settings.keep_orientations >= 1.0:

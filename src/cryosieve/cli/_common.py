@@ -51,13 +51,24 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _mps_available() -> bool:
+    if sys.platform != "darwin":  # Apple's GPUs exist on macOS only; no torch import elsewhere
+        return False
+    import torch
+
+    return bool(torch.backends.mps.is_available())
+
+
 def choose_device_name(name: str) -> str:
-    """``auto``: ``"cuda"`` when a CUDA device is present, else ``"cpu"``; ``cpu``; ``cuda``
-    (an input error without a GPU)."""
+    """``auto``: ``"cuda"`` when a CUDA device is present, else ``"cpu"``; ``cpu``; ``cuda`` or ``mps``
+    (an input error without such a GPU). ``auto`` never picks ``mps``: Apple's GPUs lack float64
+    (:mod:`cryosieve.precision`), so they are used only when asked for."""
     if name == "auto":
         return "cuda" if _cuda_available() else "cpu"
     if name == "cuda" and not _cuda_available():
         raise CryoSieveInputError("--device cuda: no CUDA device is available")
+    if name == "mps" and not _mps_available():
+        raise CryoSieveInputError("--device mps: no Apple GPU (Metal Performance Shaders) is available")
     return name
 
 
@@ -68,9 +79,13 @@ def choose_device(name: str) -> torch.device:
     return torch.device(choose_device_name(name))
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where to compute: auto (CUDA when present, else CPU), cpu or cuda.")
+def add_device_argument(parser: argparse.ArgumentParser, mps: bool = True) -> None:
+    """``--device``; with ``mps``, Apple's GPUs are offered too (commands whose per-particle work runs
+    in float32 there, :mod:`cryosieve.precision`)."""
+    choices = ("auto", "cpu", "cuda", "mps") if mps else ("auto", "cpu", "cuda")
+    parser.add_argument("--device", choices=choices, default="auto",
+                        help="where to compute: auto (CUDA when present, else CPU), cpu, cuda"
+                             + (" or mps (an Apple GPU: float32 sums, maps finished on the CPU)." if mps else "."))
 
 
 # --------------------------------------------------------------------------- console
@@ -264,7 +279,10 @@ def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], ar
 
     if not world.launched_by_torchrun():
         return body(argv)
-    with world.joined(_device_asked(argv), program) as joined:
+    device = _device_asked(argv)
+    if device == "mps":
+        raise CryoSieveInputError("--device mps: runs in one process; start the command without torchrun")
+    with world.joined(device, program) as joined:
         return body(argv) if joined.is_root else world.serve(joined)
 
 

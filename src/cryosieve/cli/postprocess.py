@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="randomise phases from the shell where the unmasked FSC first falls below this "
                              "(default 0.8).")
     parser.add_argument("--random_seed", type=int, default=0, help="seed for the phase randomisation (default 0).")
-    add_device_argument(parser)
+    add_device_argument(parser, mps=False)
     parser.add_argument("--quiet", action="store_true", help="no log lines.")
     return parser
 

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_half_maps", action="store_true",
                         help="do not reconstruct half1.mrc/half2.mrc from the particles.")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder.")
-    add_device_argument(parser)
+    add_device_argument(parser, mps=False)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines.")
     return parser
 

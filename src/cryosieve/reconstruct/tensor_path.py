@@ -8,6 +8,11 @@ faster at inserting and needs no torch import; select this one with
 ``index_add_`` of the 8 trilinear neighbours of every sample, placed by the grid's
 conventions (:mod:`cryosieve.reconstruct.grid`, :func:`~.grid.fold_and_locate_torch`).
 The grids are torch tensors; the operations of :mod:`.grid` take them as they are.
+
+Number formats (:mod:`cryosieve.precision`): the images are transformed in float32, as by
+the numba engine; values, weights and grids are float64 where the device has float64, else
+float32 with compensated grid sums (:class:`~cryosieve.precision.GridSum`), and the grids
+come back in float64 (on the CPU for such a device).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import images_on
+from cryosieve.precision import GridSum, real_dtype, to_device
 from cryosieve.reconstruct.grid import fold_and_locate_torch, grid_shape, trilinear_corners_torch
 from cryosieve.reconstruct.samples import SliceSamples, batch_ctf, origin_phases
 
@@ -28,7 +34,7 @@ from cryosieve.reconstruct.samples import SliceSamples, batch_ctf, origin_phases
 class TorchSamples:
     """:class:`~cryosieve.reconstruct.samples.SliceSamples` as ``(p,)`` tensors on one device
     (``flat_index``, ``row``, ``column`` int64; ``frequency_y``, ``frequency_x`` in cycles per
-    box and ``multiplicity`` float64)."""
+    box and ``multiplicity`` of the device's :func:`~cryosieve.precision.real_dtype`)."""
 
     box: int
     flat_index: torch.Tensor
@@ -41,7 +47,7 @@ class TorchSamples:
     @classmethod
     def from_samples(cls, samples: SliceSamples, device: torch.device | str = "cpu") -> TorchSamples:
         def tensor(values: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(values).to(device)
+            return to_device(values, device)
 
         return cls(box=samples.box, flat_index=tensor(samples.flat_index), row=tensor(samples.row),
                    column=tensor(samples.column), frequency_y=tensor(samples.frequency_y),
@@ -68,23 +74,23 @@ def prepare_slices(images: torch.Tensor, batch: dict[str, np.ndarray], samples: 
 
     Returns
     -------
-    ``(b, p, 3)`` float64 on the images' device: real and imaginary parts of ``C * S`` and
-    ``C^2``, times the samples' multiplicity. ``S`` is the image's DFT, centred at pixel
-    ``n // 2`` and shifted by the origin.
+    ``(b, p, 3)`` of the device's :func:`~cryosieve.precision.real_dtype` on the images' device:
+    real and imaginary parts of ``C * S`` and ``C^2``, times the samples' multiplicity. ``S`` is
+    the image's DFT (of the float32 images, as the numba engine), centred at pixel ``n // 2``
+    and shifted by the origin.
     """
     box = images.shape[-1]
     device = images.device
-    spectra = torch.fft.rfft2(images.to(torch.float64)).reshape(images.shape[0], -1)[:, samples.flat_index]
-    phase_y, phase_x = (torch.from_numpy(phase).to(device)
-                        for phase in origin_phases(box, batch["origin_y"], batch["origin_x"]))
+    spectra = torch.fft.rfft2(images.to(torch.float32)).reshape(images.shape[0], -1)[:, samples.flat_index]
+    phase_y, phase_x = (to_device(phase, device) for phase in origin_phases(box, batch["origin_y"], batch["origin_x"]))
     values = spectra * phase_y[:, samples.row] * phase_x[:, samples.column]
     if apply_ctf:
-        scale = torch.as_tensor(1.0 / (box * batch["pixel_size"]), device=device)[:, None]
+        scale = to_device(1.0 / (box * batch["pixel_size"]), device)[:, None]
         ctf = batch_ctf(batch).evaluate(samples.frequency_x * scale, samples.frequency_y * scale)
         values = values * ctf
         weights = ctf * ctf
     else:
-        weights = torch.ones(values.shape, dtype=torch.float64, device=device)
+        weights = torch.ones(values.shape, dtype=real_dtype(device), device=device)
     multiplicity = samples.multiplicity
     return torch.stack([values.real * multiplicity, values.imag * multiplicity, weights * multiplicity], dim=-1)
 
@@ -137,7 +143,7 @@ class TensorInsertion:
     """The tensor engine's insertion of a reconstruction's batches, on ``device``.
 
     ``box``: image size ``n``; ``pad_factor``: the grid's padding; ``groups``: the maps, one
-    float64 tensor grid each; ``apply_ctf``: CTF correction.
+    :class:`~cryosieve.precision.GridSum` each; ``apply_ctf``: CTF correction.
     """
 
     def __init__(self, box: int, pad_factor: int, groups: Sequence[int], apply_ctf: bool,
@@ -146,30 +152,31 @@ class TensorInsertion:
         self.samples = TorchSamples.from_samples(SliceSamples.for_box(box), self.device)
         self.pad_factor = pad_factor
         self.apply_ctf = apply_ctf
-        self.grids = {group: torch.zeros(grid_shape(box, pad_factor), dtype=torch.float64, device=self.device)
-                      for group in groups}
+        self.grids = {group: GridSum(grid_shape(box, pad_factor), self.device) for group in groups}
 
     def insert(self, images: np.ndarray | torch.Tensor, batch: dict[str, np.ndarray], labels: np.ndarray) -> None:
         """Insert ``(b, n, n)`` float32 images (an array, or a page-locked tensor copied asynchronously) of the
         particles described by ``batch``
         (:func:`~cryosieve.reconstruct.samples.batch_parameters`) into the grids of ``labels`` ``(b,)``."""
-        angles = (torch.as_tensor(batch[name], device=self.device) for name in ("rot", "tilt", "psi"))
+        angles = (to_device(batch[name], self.device) for name in ("rot", "tilt", "psi"))
         matrices = euler_to_matrix(*angles)
         values = prepare_slices(images_on(images, self.device), batch, self.samples,
                                 self.apply_ctf)
         for group, grid in self.grids.items():
             index = torch.as_tensor(np.flatnonzero(labels == group), device=self.device)
             if index.numel():
-                insert_slices_torch(grid, matrices[index], self.samples.frequency_y, self.samples.frequency_x,
-                                    values[index], self.pad_factor)
+                insert_slices_torch(grid.target, matrices[index], self.samples.frequency_y,
+                                    self.samples.frequency_x, values[index], self.pad_factor)
+                grid.added(int(index.numel()))
 
     def pop(self, group: int) -> torch.Tensor:
-        """The accumulated tensor grid of one map (no longer held here)."""
-        return self.grids.pop(group)
+        """The accumulated float64 tensor grid of one map (no longer held here; on the CPU for a
+        device without float64)."""
+        return self.grids.pop(group).result()
 
     def snapshot(self, group: int) -> torch.Tensor:
-        """A copy of one map's grid so far; the accumulation goes on."""
-        return self.grids[group].clone()
+        """A float64 copy of one map's grid so far; the accumulation goes on."""
+        return self.grids[group].result(copy=True)
 
     def release(self) -> None:
         """Drop the grids."""
