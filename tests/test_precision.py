@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 from cryosieve import precision
 from cryosieve.cli._common import _in_job, choose_device_name
+from cryosieve.ctf import CtfParameters
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.io.mrc import read_volume
 from cryosieve.io.stack import StackReader
@@ -152,6 +153,24 @@ def test_per_particle_loop_makes_no_float64_tensor(data: SmallData, float32_only
     assert wide.seen == []
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
     assert insertion.grids[1].target.dtype == torch.float32
+
+
+def test_batch_ctf_terms_come_from_the_table_in_float64(data: SmallData, float32_only: None) -> None:
+    """On a float32-only device the batch's tensors are float32, but its CTF terms are the table's float64
+    values worked out on the host (not read back from the device, which would also wait for it)."""
+    table = read_particles(str(data.star))
+    rows = np.arange(10, 70)
+    batch = ParticleBatch.from_table(table, rows, 20.0, "cpu")
+    assert batch.defocus_u.dtype == torch.float32
+    expected = CtfParameters.from_values(table.defocus_u[rows], table.defocus_v[rows], table.defocus_angle[rows],
+                                         table.voltage[rows], table.spherical_aberration[rows],
+                                         table.amplitude_contrast[rows], table.phase_shift[rows],
+                                         table.ctf_bfactor[rows], table.ctf_scalefactor[rows])
+    terms = batch.ctf()
+    for name in ("defocus_average", "defocus_deviation", "cos_angle2", "sin_angle2", "k1", "k2", "phase_constant",
+                 "envelope", "scale"):
+        np.testing.assert_array_equal(getattr(terms, name), getattr(expected, name), err_msg=name)
+    assert not np.array_equal(batch.defocus_u.numpy().astype(np.float64), table.defocus_u[rows])  # float32 rounding
 
 
 def test_scores_agree_with_the_float64_path(data: SmallData, monkeypatch: pytest.MonkeyPatch) -> None:

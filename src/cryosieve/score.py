@@ -56,9 +56,14 @@ class ParticleBatch:
     highpass_cycles_per_pixel: torch.Tensor  # cut-off in cycles per pixel
     ctf_bfactor: torch.Tensor  # Å^2
     ctf_scalefactor: torch.Tensor
+    #: The CTF terms worked out on the host from the table's float64 values (:meth:`from_table`), so that
+    #: the per-batch loop on a GPU never copies its parameters back from the device; ``None``: from the tensors.
+    ctf_terms: CtfParameters | None = None
 
     def ctf(self) -> CtfParameters:
         """The batch's CTF terms (:class:`cryosieve.ctf.CtfParameters`)."""
+        if self.ctf_terms is not None:
+            return self.ctf_terms
         return CtfParameters.from_values(self.defocus_u, self.defocus_v, self.defocus_angle, self.voltage,
                                          self.spherical_aberration, self.amplitude_contrast, self.phase_shift,
                                          self.ctf_bfactor, self.ctf_scalefactor)
@@ -84,6 +89,7 @@ class ParticleBatch:
             amplitude_contrast=take(table.amplitude_contrast), pixel_size=pixel,
             highpass_cycles_per_pixel=HighPass(highpass_angstrom).cycles_per_pixel(pixel),
             ctf_bfactor=take(table.ctf_bfactor), ctf_scalefactor=take(table.ctf_scalefactor),
+            ctf_terms=CtfParameters.from_table(table, rows),
         )
 
 

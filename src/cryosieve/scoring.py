@@ -101,6 +101,7 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
     weight = torch.from_numpy(fsc_weight(reference_fsc)) if reference_fsc is not None else None
     lowest = HighPass(settings.highpass_angstrom).cycles_per_pixel(float(np.min(table.pixel_size)))
     samples = BandSamples(box, lowest, device) if settings.projector == "fourier" else None
+    pending: list[tuple[np.ndarray, torch.Tensor]] = []  # a device's scores of the current half-set
     for subset_number in sorted(set(half_set.tolist())):
         rows = np.flatnonzero(half_set == subset_number)
         if settings.projector == "fourier":
@@ -130,9 +131,16 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
                 batch = published_batch(table, batch_rows, settings.highpass_angstrom, device)
                 assert not isinstance(images, BatchImages)  # read on demand for the Fourier kernel only
                 values = published_scores(volume_tensor, images_on(images, device), batch)
-            scores[batch_rows] = values.cpu().numpy()
+            if on_cpu:
+                scores[batch_rows] = values.numpy()
+            else:  # kept on the device until the half-set is done: no wait for the device at every batch
+                pending.append((batch_rows, values))
             if progress is not None:
                 progress(len(batch_rows))
+        if pending:
+            gathered = torch.cat([values for _, values in pending]).cpu().double().numpy()
+            scores[np.concatenate([batch_rows for batch_rows, _ in pending])] = gathered
+            pending.clear()
         if settings.projector == "fourier":
             del projector
     return scores
