@@ -115,7 +115,7 @@ class BandSamples:
         self.row = torch.nonzero(keep)[:, 0].to(device)  # index into fftfreq order of ky
         self.column = torch.nonzero(keep)[:, 1].to(device)  # index of kx
         self.radius_cycles_per_pixel = to_device(radius[keep] / box, device)
-        self.weight = to_device(torch.where(grid_x[keep] == 0, 1.0, 2.0).to(torch.float64), device)
+        self.weight = to_device(torch.where(grid_x[keep] == 0, 1.0, 2.0), device)
         self._blocks: SampleBlocks | None = None
 
     @property
