@@ -22,6 +22,8 @@ import pandas as pd
 import pytest
 import starfile
 
+from cryosieve.particles import ParticleSet
+
 DATA = Path(__file__).resolve().parents[1] / "src" / "cryosieve" / "data"
 
 #: What a test or one of its fixtures calls when it uses RELION's programs as a reference.
@@ -197,3 +199,20 @@ def build_known_truth(folder: Path, count: int = 2000, box: int = 64, voxel: flo
 @pytest.fixture(scope="session")
 def known_truth(tmp_path_factory: pytest.TempPathFactory) -> KnownTruthData:
     return build_known_truth(tmp_path_factory.mktemp("known_truth"))
+
+
+def particles_in_memory(count: int, **values: np.ndarray) -> ParticleSet:
+    """``count`` particles held in memory only (no file behind them): poses, origins and CTFs from ``values``
+    (``(count,)`` arrays by :class:`~cryosieve.particles.ParticleSet` field), zero or RELION's defaults for the
+    rest (300 kV, Cs 2.7 mm, amplitude contrast 0.1, 1 Å pixels, no envelope, scale 1)."""
+    defaults = {"rot": 0.0, "tilt": 0.0, "psi": 0.0, "origin_x": 0.0, "origin_y": 0.0, "defocus_u": 1e4,
+                "defocus_v": 1e4, "defocus_angle": 0.0, "phase_shift": 0.0, "voltage": 300.0,
+                "spherical_aberration": 2.7, "amplitude_contrast": 0.1, "pixel_size": 1.0, "ctf_bfactor": 0.0,
+                "ctf_scalefactor": 1.0}
+    arrays = {name: np.asarray(values.get(name, np.full(count, value)), dtype=np.float64)
+              for name, value in defaults.items()}
+    return ParticleSet(path="in memory", source=None,  # type: ignore[arg-type]  # nothing to write back
+                       image_name=np.array([f"{i + 1}@none" for i in range(count)], dtype=object),
+                       image_file=np.array(["none"] * count, dtype=object), image_index=np.arange(count),
+                       optics_group=np.ones(count, dtype=np.int64), random_subset=values.get("random_subset"),
+                       **arrays)

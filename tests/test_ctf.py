@@ -135,7 +135,8 @@ def test_scores_model_relion_projections_with_envelope_and_scale(tmp_path: Path,
     from cryosieve.io.mrc import Volume
     from cryosieve.io.stack import StackReader
     from cryosieve.io.star import read_particles
-    from cryosieve.scoring import ScoringOptions, score_rows
+    from cryosieve.scoring import score_rows
+    from cryosieve.settings import SieveSettings
 
     box, voxel, count, cutoff = 64, 2.0, 24, 12.0
     rng = np.random.default_rng(9)
@@ -149,7 +150,7 @@ def test_scores_model_relion_projections_with_envelope_and_scale(tmp_path: Path,
     images = mrcfile.read(tmp_path / "projected.mrcs").astype(np.float64)
     table = read_particles(star)
     reference = mrcfile.read(tmp_path / "map.mrc").astype(np.float32)
-    settings = ScoringOptions(highpass_angstrom=cutoff, engine=engine)
+    settings = SieveSettings(retention_ratio=0.8, highpass_angstrom=cutoff, engine=engine)
     with StackReader(table, tmp_path) as reader:
         scores = score_rows(table, reader, [reference], np.ones(count, dtype=np.int64), settings,
                             volume_pixel_size=Volume(reference, voxel, "map").voxel_size)

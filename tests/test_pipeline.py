@@ -34,7 +34,7 @@ import pytest
 import starfile
 
 from cryosieve.cli.pipeline import main
-from cryosieve.pipeline import cutoff_frequencies
+from cryosieve.schedule import CutoffSchedule
 
 NUM_ITERS = 3
 CUTOFFS = [40.0, 16.0, 10.0]  # 1 / linspace(1/40, 1/10, 3)
@@ -159,8 +159,8 @@ def check_layout_and_selection(prefix: str, known_truth, external: bool) -> pd.D
 def test_cutoffs_are_rounded_to_a_thousandth_of_an_angstrom_as_published():
     """CryoSieve 1.3.3 passes ``--frequency {F:.3f}`` to each round's sieve."""
     exact = 1 / np.linspace(1 / 40.0, 1 / 3.0, 7)
-    assert np.array_equal(cutoff_frequencies(40.0, 3.0, 7), [float(f"{value:.3f}") for value in exact])
-    assert cutoff_frequencies(40.0, 3.0, 7)[1] == 13.091  # 13.09 at 0.01 Å
+    assert np.array_equal(CutoffSchedule(40.0, 3.0, 7).cutoffs, [float(f"{value:.3f}") for value in exact])
+    assert CutoffSchedule(40.0, 3.0, 7).cutoffs[1] == 13.091  # 13.09 at 0.01 Å
 
 
 def test_builtin_backend(builtin_run, known_truth, unbalanced, tmp_path):

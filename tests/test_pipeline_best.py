@@ -18,6 +18,7 @@ from cryosieve.backends.builtin import BuiltinPostProcessor
 from cryosieve.cli.pipeline import main as pipeline_main
 from cryosieve.pipeline import PipelineSettings, run_pipeline
 from cryosieve.postprocess import PostprocessReport
+from cryosieve.settings import SieveSettings
 from cryosieve.simulate import SimulationSettings, simulate_particles
 
 
@@ -48,11 +49,12 @@ class ScriptedPostProcessor:
         return report
 
 
-def settings_for(data: Path, prefix: Path, **changes: object) -> PipelineSettings:
+def settings_for(data: Path, prefix: Path, *, keep_orientations: float | None = None, **changes: object
+                 ) -> PipelineSettings:
+    sieve = SieveSettings(retention_ratio=0.8, highpass_angstrom=30.0, keep_orientations=keep_orientations)
     values: dict[str, object] = {"input_star": str(data / "particles.star"), "output_prefix": str(prefix),
-                                 "mask": str(data / "mask.mrc"), "directory": str(data), "num_iters": 5,
-                                 "frequency_start": 30.0, "frequency_end": 10.0, "retention_ratio": 0.8,
-                                 "report": True}
+                                 "mask": str(data / "mask.mrc"), "sieve": sieve, "directory": str(data),
+                                 "num_iters": 5, "frequency_start": 30.0, "frequency_end": 10.0, "report": True}
     values.update(changes)
     return PipelineSettings(**values)  # type: ignore[arg-type]
 

@@ -16,20 +16,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from conftest import particles_in_memory
 from cryosieve import precision
+from cryosieve.batch import ParticleBatch
 from cryosieve.cli._common import _in_job, choose_device_name
 from cryosieve.ctf import CtfParameters
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.io.mrc import read_volume
 from cryosieve.io.stack import StackReader
 from cryosieve.io.star import read_particles
-from cryosieve.projection import FourierSliceProjector
 from cryosieve.reconstruct.api import reconstruct, reconstruct_subsets
 from cryosieve.reconstruct.grid import grid_shape
-from cryosieve.reconstruct.samples import batch_parameters
 from cryosieve.reconstruct.tensor_path import TensorInsertion
-from cryosieve.score import BandSamples, ParticleBatch, fourier_scores
-from cryosieve.sieve import SieveSettings, sieve_star_file
+from cryosieve.scoring.fourier import FourierScorer
+from cryosieve.settings import SieveSettings
+from cryosieve.sieve import sieve_star_file
 from safety_helpers import SmallData, make_small_data
 
 WIDE = (torch.float64, torch.complex128)
@@ -141,15 +142,15 @@ def test_per_particle_loop_makes_no_float64_tensor(data: SmallData, float32_only
         box = reader.validate()
         images = torch.from_numpy(reader.read(rows))
     reference = read_volume(str(data.half1)).data.astype(np.float32)
-    projector = FourierSliceProjector(torch.from_numpy(reference))  # built on the map device (here the CPU)
-    samples = BandSamples(box, 2.5 / 20.0, "cpu")
+    scorer = FourierScorer(box, 20.0, 2.5, torch.device("cpu"), "torch")
+    scorer.prepare(reference)  # the projector is built on the map device (here the CPU), in float64
     insertion = TensorInsertion(box, 2, [1, 2], True, "cpu")
     assert table.random_subset is not None
     labels = table.random_subset[rows]
     with WideOps() as wide:
-        batch = ParticleBatch.from_table(table, rows, 20.0, "cpu")
-        scores = fourier_scores(projector, images, batch, samples, engine="torch")
-        insertion.insert(images.numpy(), batch_parameters(table, rows), labels)
+        batch = ParticleBatch.from_table(table, rows)
+        scores = scorer.score(batch, images)
+        insertion.insert(images.numpy(), batch, labels)
     assert wide.seen == []
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
     assert insertion.grids[1].target.dtype == torch.float32
@@ -160,17 +161,17 @@ def test_batch_ctf_terms_come_from_the_table_in_float64(data: SmallData, float32
     values worked out on the host (not read back from the device, which would also wait for it)."""
     table = read_particles(str(data.star))
     rows = np.arange(10, 70)
-    batch = ParticleBatch.from_table(table, rows, 20.0, "cpu")
-    assert batch.defocus_u.dtype == torch.float32
+    batch = ParticleBatch.from_table(table, rows)
+    assert batch.on("origin_x", "cpu").dtype == torch.float32 and batch.on("rotations", "cpu").dtype == torch.float32
     expected = CtfParameters.from_values(table.defocus_u[rows], table.defocus_v[rows], table.defocus_angle[rows],
                                          table.voltage[rows], table.spherical_aberration[rows],
                                          table.amplitude_contrast[rows], table.phase_shift[rows],
                                          table.ctf_bfactor[rows], table.ctf_scalefactor[rows])
-    terms = batch.ctf()
+    terms = batch.ctf
     for name in ("defocus_average", "defocus_deviation", "cos_angle2", "sin_angle2", "k1", "k2", "phase_constant",
                  "envelope", "scale"):
         np.testing.assert_array_equal(getattr(terms, name), getattr(expected, name), err_msg=name)
-    assert not np.array_equal(batch.defocus_u.numpy().astype(np.float64), table.defocus_u[rows])  # float32 rounding
+    assert not np.array_equal(batch.on("origin_x", "cpu").numpy().astype(np.float64), table.origin_x[rows])  # rounded
 
 
 def test_scores_agree_with_the_float64_path(data: SmallData, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,10 +183,9 @@ def test_scores_agree_with_the_float64_path(data: SmallData, monkeypatch: pytest
     reference = torch.from_numpy(read_volume(str(data.half1)).data.astype(np.float32))
 
     def scores() -> np.ndarray:
-        projector = FourierSliceProjector(reference)
-        samples = BandSamples(box, 2.5 / 20.0, "cpu")
-        batch = ParticleBatch.from_table(table, rows, 20.0, "cpu")
-        return fourier_scores(projector, images, batch, samples, engine="torch").double().numpy()
+        scorer = FourierScorer(box, 20.0, 2.5, torch.device("cpu"), "torch")
+        scorer.prepare(reference.numpy())
+        return scorer.score(ParticleBatch.from_table(table, rows), images).double().numpy()
 
     wide = scores()
     monkeypatch.setattr(precision, "FLOAT32_ONLY", frozenset({"cpu", "mps"}))
@@ -222,12 +222,8 @@ def test_insertion_of_one_image_lands_on_its_slice(float32_only: None) -> None:
     box, pad = 16, 2
     image = np.zeros((1, box, box), dtype=np.float32)
     image[0] = np.cos(2 * np.pi * 3 * (np.arange(box) - box // 2) / box)[None, :]
-    zeros = np.zeros(1)
-    batch = {"origin_x": zeros, "origin_y": zeros, "pixel_size": np.ones(1), "rot": zeros, "tilt": zeros,
-             "psi": zeros, "defocus_u": zeros, "defocus_v": zeros, "defocus_angle": zeros,
-             "voltage": np.full(1, 300.0), "spherical_aberration": np.full(1, 2.7),
-             "amplitude_contrast": np.full(1, 0.1), "phase_shift": zeros, "ctf_bfactor": zeros,
-             "ctf_scalefactor": np.ones(1)}
+    batch = ParticleBatch.from_table(particles_in_memory(1, defocus_u=np.zeros(1), defocus_v=np.zeros(1)),
+                                     np.arange(1))
     insertion = TensorInsertion(box, pad, [0], False, "cpu")
     insertion.insert(image, batch, np.zeros(1, dtype=np.int64))
     grid = insertion.pop(0)

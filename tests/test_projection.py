@@ -12,16 +12,17 @@ import torch
 
 from conftest import model_map, optics_table, random_particles, relion_project, write_map
 from cryosieve.ctf import ctf_2d
+from cryosieve.fourier import image_frequencies
 from cryosieve.geometry import euler_to_matrix, matrix_to_euler
 from cryosieve.io.star import read_particles
-from cryosieve.projection import FourierSliceProjector, half_plane_frequencies
-from cryosieve.published import published_quaternions
+from cryosieve.projection import FourierSliceProjector
+from cryosieve.scoring.published import published_quaternions
 
 
 def our_images(table, volume: np.ndarray) -> torch.Tensor:
     """CTF-modulated projections shifted by -origin, as RELION's particle images."""
     box = volume.shape[-1]
-    ky, kx = half_plane_frequencies(box)
+    ky, kx = image_frequencies(box, "cpu")
     inside = (kx**2 + ky**2) < (box / 2) ** 2
     fy, fx = ky[inside], kx[inside]
 
@@ -45,7 +46,7 @@ def our_images(table, volume: np.ndarray) -> torch.Tensor:
 
 def fourier_correlation(first: torch.Tensor, second: torch.Tensor, fraction_of_nyquist: float) -> np.ndarray:
     box = first.shape[-1]
-    ky, kx = half_plane_frequencies(box)
+    ky, kx = image_frequencies(box, "cpu")
     keep = (kx**2 + ky**2) <= (fraction_of_nyquist * box / 2) ** 2
     a, b = torch.fft.rfft2(first)[:, keep], torch.fft.rfft2(second)[:, keep]
     return ((a * b.conj()).real.sum(1) / torch.sqrt((a.abs() ** 2).sum(1) * (b.abs() ** 2).sum(1))).numpy()

@@ -1,7 +1,7 @@
 """The published CryoSieve 1.3.3 scoring (``--projector realspace --reference_weighting none``).
 
 The reference below is written here, step by step, from the published program's formulas
-(numpy, float64) and shares no code with :mod:`cryosieve.published`: quaternions from the
+(numpy, float64) and shares no code with :mod:`cryosieve.scoring.published`: quaternions from the
 STAR angles, bilinear splatting of every voxel, the CTF and the origin shift on the
 ``rfft2`` half-plane with the Nyquist row at ``+n/2``, a high-pass that zeroes samples
 below ``angpix / F`` cycles per pixel, and ``numpy.fft.irfft2`` back to real space. The
@@ -23,17 +23,18 @@ import starfile
 import torch
 
 from conftest import model_map, optics_table, random_particles, relion_project, soft_sphere_mask, write_map
+from cryosieve.batch import ParticleBatch
 from cryosieve.cli.core import main
 from cryosieve.io.mrc import read_volume
 from cryosieve.io.star import read_particles
-from cryosieve.published import (
+from cryosieve.scoring.published import (
+    PublishedParticles,
     inverse_half_plane,
-    published_batch,
     published_cutoff,
     published_row_frequencies,
     published_scores,
 )
-from cryosieve.score import ParticleBatch, select_lowest
+from cryosieve.selection import select_lowest
 from cryosieve.sieve import prepare_references
 
 BOX, PIXEL, COUNT, CUTOFF, RATIO = 64, 2.0, 240, 10.0, 0.8
@@ -191,7 +192,7 @@ def our_scores(data: PublishedData, rows: np.ndarray) -> np.ndarray:
         members = np.flatnonzero(table.random_subset[rows] == subset)
         if members.size == 0:
             continue
-        batch = published_batch(table, rows[members], CUTOFF, "cpu")
+        batch = PublishedParticles.of(ParticleBatch.from_table(table, rows[members]), CUTOFF, "cpu")
         out[members] = published_scores(torch.from_numpy(data.volumes[subset - 1]),
                                         torch.from_numpy(data.images[rows[members]]), batch).numpy()
     return out
@@ -274,12 +275,13 @@ def test_published_scorer_by_hand():
     box = 8
     image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, box, box)))
 
-    def batch(rot: float, origin_x: float, origin_y: float) -> ParticleBatch:
+    def batch(rot: float, origin_x: float, origin_y: float) -> PublishedParticles:
         values = {"rot": rot, "tilt": 0.0, "psi": 0.0, "origin_x": origin_x, "origin_y": origin_y,
                   "defocus_u": 0.0, "defocus_v": 0.0, "defocus_angle": 0.0, "phase_shift": 0.0, "voltage": 300.0,
                   "spherical_aberration": 0.0, "amplitude_contrast": 1.0, "pixel_size": 1.0,
-                  "highpass_cycles_per_pixel": 0.0, "ctf_bfactor": 0.0, "ctf_scalefactor": 1.0}
-        return ParticleBatch(**{name: torch.tensor([value], dtype=torch.float64) for name, value in values.items()})
+                  "highpass_cycles_per_pixel": 0.0}
+        return PublishedParticles(**{name: torch.tensor([value], dtype=torch.float64)
+                                     for name, value in values.items()})
 
     volume = torch.zeros((box, box, box), dtype=torch.float64)
     volume[4, 4, 5] = 2.0  # [z, y, x]: x = +1 from the centre

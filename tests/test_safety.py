@@ -532,11 +532,13 @@ def test_full_disk_while_writing(small: SmallData, tmp_path: Path, capsys: pytes
 def test_pipeline_records_the_canonical_symmetry_name_and_the_file_pixel_size(small: SmallData,
                                                                                tmp_path: Path) -> None:
     from cryosieve.pipeline import PipelineSettings, prepare
+    from cryosieve.settings import SieveSettings
 
     settings = PipelineSettings(input_star=str(small.star), output_prefix=f"{tmp_path}/run/", mask=str(small.mask),
+                                sieve=SieveSettings(retention_ratio=0.8, highpass_angstrom=30.0),
                                 directory=str(small.folder), symmetry="c1", num_iters=2, frequency_start=30,
                                 frequency_end=12)
     prepared = prepare(settings)
-    assert prepared.arguments["symmetry"] == "C1"
-    assert prepared.arguments["angpix"] == PIXEL  # from the file: --angpix is not needed for RELION 3.1+
+    assert prepared.record["symmetry"] == "C1"
+    assert prepared.record["angpix"] == PIXEL  # from the file: --angpix is not needed for RELION 3.1+
     assert not (tmp_path / "run").exists()

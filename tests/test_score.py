@@ -10,33 +10,49 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from cryosieve import _kernels
+from conftest import particles_in_memory
+from cryosieve.batch import ParticleBatch
+from cryosieve.fourier import image_frequencies
 from cryosieve.geometry import euler_to_matrix, uniform_random_euler
 from cryosieve.io.star import read_particles
-from cryosieve.projection import FourierSliceProjector, half_plane_frequencies
-from cryosieve.score import BandSamples, ParticleBatch, fourier_scores, select_lowest
-from cryosieve.sieve import SieveSettings, load_inputs, sieve
+from cryosieve.particles import ParticleSet
+from cryosieve.projection import FourierSliceProjector
+from cryosieve.scoring import kernels as _kernels
+from cryosieve.scoring.fourier import FourierScorer, corner_layout
+from cryosieve.scoring.samples import BandSamples
+from cryosieve.settings import SieveSettings
+from cryosieve.sieve import load_inputs, sieve
 
 
-def make_batch(count: int, rng: np.random.Generator, pixel: float, highpass_angstrom: float,
-               **overrides: np.ndarray) -> ParticleBatch:
+def make_particles(count: int, rng: np.random.Generator, pixel: float, **overrides: np.ndarray) -> ParticleSet:
+    """``count`` particles in memory with random poses, origins and CTFs."""
     rot, tilt, psi = uniform_random_euler(count, rng)
     values = {"rot": rot, "tilt": tilt, "psi": psi, "origin_x": rng.uniform(-4, 4, count),
               "origin_y": rng.uniform(-4, 4, count), "defocus_u": rng.uniform(9000, 20000, count),
               "defocus_v": rng.uniform(8000, 9000, count), "defocus_angle": rng.uniform(-180, 180, count),
-              "phase_shift": rng.uniform(0, 40, count), "voltage": np.full(count, 300.0),
-              "spherical_aberration": np.full(count, 2.7), "amplitude_contrast": np.full(count, 0.1),
-              "pixel_size": np.full(count, pixel)}
-    values.update({"ctf_bfactor": np.zeros(count), "ctf_scalefactor": np.ones(count)} | overrides)
-    tensors = {name: torch.tensor(value, dtype=torch.float64) for name, value in values.items()}
-    return ParticleBatch(**tensors, highpass_cycles_per_pixel=tensors["pixel_size"] / highpass_angstrom)
+              "phase_shift": rng.uniform(0, 40, count), "pixel_size": np.full(count, pixel)}
+    values.update(overrides)
+    return particles_in_memory(count, **values)
+
+
+def make_batch(count: int, rng: np.random.Generator, pixel: float, **overrides: np.ndarray) -> ParticleBatch:
+    return ParticleBatch.from_table(make_particles(count, rng, pixel, **overrides), np.arange(count))
+
+
+def fourier_scores(volume: torch.Tensor, images: torch.Tensor, batch: ParticleBatch, highpass_angstrom: float,
+                   engine: str = "auto") -> torch.Tensor:
+    """The Fourier scorer's scores of one batch against ``volume``."""
+    scorer = FourierScorer(images.shape[-1], highpass_angstrom, float(batch.pixel_size.min()), torch.device("cpu"),
+                           engine)
+    scorer.prepare(volume.numpy())
+    return scorer.score(batch, images)
 
 
 def relion_ctf(fx: np.ndarray, fy: np.ndarray, batch: ParticleBatch) -> np.ndarray:
     """RELION's ``CTF::getCTF`` typed from ``ctf.h``, written here independently of ``cryosieve.ctf``:
-    ``(b, p)`` at frequencies ``fx``, ``fy`` (1/Å, ``(b, p)``)."""
+    ``(b, p)`` at frequencies ``fx``, ``fy`` (1/Å, ``(b, p)``), from the particles' values as read."""
     def column(name: str) -> np.ndarray:
-        return getattr(batch, name).numpy()[:, None]
+        return np.asarray(getattr(batch.table, name), dtype=np.float64)[batch.rows][:, None]
 
     volts = column("voltage") * 1000
     wavelength = 12.2643247 / np.sqrt(volts * (1.0 + volts * 0.978466e-6))
@@ -55,27 +71,29 @@ def relion_ctf(fx: np.ndarray, fy: np.ndarray, batch: ParticleBatch) -> np.ndarr
     return column("ctf_scalefactor") * -np.sin(argument) * np.exp(k4 * u2)
 
 
-def direct_scores(volume: torch.Tensor, images: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
+def direct_scores(volume: torch.Tensor, images: torch.Tensor, batch: ParticleBatch, highpass_angstrom: float
+                  ) -> torch.Tensor:
     """The score formula evaluated literally in real space, float64, with full 2D FFTs."""
     box = images.shape[-1]
-    ky, kx = half_plane_frequencies(box)
+    ky, kx = (torch.from_numpy(values) for values in image_frequencies(box))
     inside = (kx**2 + ky**2) < (box / 2) ** 2
     fy, fx = ky[inside], kx[inside]
-    slices = FourierSliceProjector(volume.double(), dtype=torch.complex128).sample(
-        euler_to_matrix(batch.rot, batch.tilt, batch.psi), fy, fx)
-    pixel = batch.pixel_size.numpy()[:, None]
+    rotations = euler_to_matrix(*(torch.from_numpy(angle) for angle in (batch.rot, batch.tilt, batch.psi)))
+    slices = FourierSliceProjector(volume.double(), dtype=torch.complex128).sample(rotations, fy, fx)
+    pixel = batch.pixel_size[:, None]
     fx_physical, fy_physical = np.broadcast_arrays(fx.numpy()[None] / (box * pixel), fy.numpy()[None] / (box * pixel))
     ctf = torch.from_numpy(relion_ctf(fx_physical, fy_physical, batch))
-    full = torch.zeros((len(batch.rot), box, box // 2 + 1), dtype=torch.complex128)
+    full = torch.zeros((len(batch), box, box // 2 + 1), dtype=torch.complex128)
     full[:, inside] = ctf * slices * torch.exp(2j * math.pi * (fx + fy) * (box // 2) / box)
     model = torch.fft.irfft2(full, s=(box, box))  # CTF * P(V), centred at pixel box//2
-    shift = torch.exp(-2j * math.pi * (kx * batch.origin_x[:, None, None] + ky * batch.origin_y[:, None, None])
-                      / box)
+    origin_x, origin_y = torch.from_numpy(batch.origin_x), torch.from_numpy(batch.origin_y)
+    shift = torch.exp(-2j * math.pi * (kx * origin_x[:, None, None] + ky * origin_y[:, None, None]) / box)
     shifted = torch.fft.irfft2(torch.fft.rfft2(images.double()) * shift, s=(box, box))  # T(I)
     frequency = torch.sqrt(torch.fft.fftfreq(box)[:, None] ** 2 + torch.fft.fftfreq(box)[None] ** 2)
+    cut = torch.from_numpy(batch.pixel_size / highpass_angstrom)
 
     def highpass(stack: torch.Tensor) -> torch.Tensor:
-        keep = (frequency[None] >= batch.highpass_cycles_per_pixel[:, None, None]) & (frequency[None] < 0.5)
+        keep = (frequency[None] >= cut[:, None, None]) & (frequency[None] < 0.5)
         return torch.fft.ifft2(torch.fft.fft2(stack) * keep).real
 
     return (highpass(model - shifted) ** 2).sum((1, 2)) - (highpass(shifted) ** 2).sum((1, 2))
@@ -90,11 +108,10 @@ def test_fourier_score_equals_real_space_formula(engine):
     volume = torch.from_numpy(rng.normal(size=(box, box, box))).float()
     images = torch.from_numpy(rng.normal(size=(12, box, box))).float()
     # rlnCtfBfactor and rlnCtfScalefactor as RELION applies them; half the particles without an envelope
-    batch = make_batch(12, rng, 1.3, 8.0, ctf_bfactor=np.where(np.arange(12) % 2 == 0, rng.uniform(20, 200, 12), 0.0),
+    batch = make_batch(12, rng, 1.3, ctf_bfactor=np.where(np.arange(12) % 2 == 0, rng.uniform(20, 200, 12), 0.0),
                        ctf_scalefactor=rng.uniform(0.5, 1.5, 12))
-    samples = BandSamples(box, 1.3 / 8.0, "cpu")
-    ours = fourier_scores(FourierSliceProjector(volume), images, batch, samples, engine=engine)
-    expected = direct_scores(volume, images, batch)
+    ours = fourier_scores(volume, images, batch, 8.0, engine=engine)
+    expected = direct_scores(volume, images, batch, 8.0)
     assert torch.allclose(ours, expected, rtol=2e-5, atol=1e-3 * float(expected.abs().mean()))
 
 
@@ -104,10 +121,9 @@ def test_fourier_score_per_particle_pixel_size(monkeypatch):
     box = 32
     volume = torch.from_numpy(rng.normal(size=(box, box, box))).float()
     images = torch.from_numpy(rng.normal(size=(8, box, box))).float()
-    batch = make_batch(8, rng, 1.0, 6.0, pixel_size=np.array([1.0, 1.2] * 4))
-    samples = BandSamples(box, 1.0 / 6.0, "cpu")
-    ours = fourier_scores(FourierSliceProjector(volume), images, batch, samples)
-    assert torch.allclose(ours, direct_scores(volume, images, batch), rtol=2e-5, atol=1e-2)
+    batch = make_batch(8, rng, 1.0, pixel_size=np.array([1.0, 1.2] * 4))
+    ours = fourier_scores(volume, images, batch, 6.0)
+    assert torch.allclose(ours, direct_scores(volume, images, batch, 6.0), rtol=2e-5, atol=1e-2)
 
 
 @pytest.mark.parametrize("box, angstrom", [(16, math.inf), (17, 5.0), (32, 8.0), (65, 20.0)])
@@ -136,10 +152,9 @@ def test_fourier_score_small_boxes_without_cutoff(box: int, engine: str) -> None
     rng = np.random.default_rng(8)
     volume = torch.from_numpy(rng.normal(size=(box, box, box))).float()
     images = torch.from_numpy(rng.normal(size=(6, box, box))).float()
-    batch = make_batch(6, rng, 1.1, math.inf)
-    samples = BandSamples(box, 0.0, "cpu")
-    ours = fourier_scores(FourierSliceProjector(volume), images, batch, samples, engine=engine)
-    expected = direct_scores(volume, images, batch)
+    batch = make_batch(6, rng, 1.1)
+    ours = fourier_scores(volume, images, batch, math.inf, engine=engine)
+    expected = direct_scores(volume, images, batch, math.inf)
     assert torch.allclose(ours, expected, rtol=2e-5, atol=1e-3 * float(expected.abs().mean()))
 
 
@@ -152,8 +167,8 @@ def test_corner_layout_and_grid_reads_give_the_same_scores(monkeypatch) -> None:
     volume = torch.from_numpy(rng.normal(size=(box, box, box))).float()
     projector = FourierSliceProjector(volume)
     grid = projector.grid.reshape(projector.shape).numpy()
-    corners = projector.corner_layout()
-    assert corners.ctypes.data % 64 == 0
+    corners = corner_layout(projector)
+    assert corners is not None and corners.ctypes.data % 64 == 0
     layout = corners.reshape(grid.shape[0] - 1, grid.shape[1] - 1, grid.shape[2] - 1, 2, 2, 2)
     for dz in (0, 1):
         for dy in (0, 1):
@@ -162,16 +177,15 @@ def test_corner_layout_and_grid_reads_give_the_same_scores(monkeypatch) -> None:
                                               grid[dz:dz + layout.shape[0], dy:dy + layout.shape[1],
                                                    dx:dx + layout.shape[2]])
     images = torch.from_numpy(rng.normal(size=(10, box, box))).float()
-    batch = make_batch(10, rng, 1.2, 10.0)
-    samples = BandSamples(box, 1.2 / 10.0, "cpu")
-    from_corners = fourier_scores(projector, images, batch, samples)
+    batch = make_batch(10, rng, 1.2)
+    from_corners = fourier_scores(volume, images, batch, 10.0)
     monkeypatch.setattr(_kernels, "CORNER_LAYOUT_MEMORY", 0)
-    from_grid = fourier_scores(FourierSliceProjector(volume), images, batch, samples)
+    from_grid = fourier_scores(volume, images, batch, 10.0)
     assert torch.allclose(from_corners, from_grid, rtol=1e-5, atol=1e-5 * float(from_grid.abs().max()))
 
 
 def test_viewing_direction_order_is_a_permutation_and_leaves_scores_unchanged(known_truth, monkeypatch):
-    from cryosieve import scoring as scoring_module
+    from cryosieve.scoring import loop as scoring_module
 
     rng = np.random.default_rng(9)
     rot, tilt, _ = uniform_random_euler(1000, rng)
@@ -193,14 +207,6 @@ def test_viewing_direction_order_is_a_permutation_and_leaves_scores_unchanged(kn
     monkeypatch.setattr(scoring_module, "viewing_direction_order", lambda rot, tilt: np.arange(len(rot)))
     unordered = sieve(table, reader, volumes, mask, half_set, settings).scores
     assert np.array_equal(ordered, unordered)
-
-
-def test_select_lowest_rounds_and_breaks_ties_by_input_order():
-    scores = np.array([3.0, 1.0, 1.0, 2.0, 5.0, 0.0, 0.0, 0.0])
-    groups = np.array([1, 1, 1, 1, 1, 2, 2, 2])
-    kept = select_lowest(scores, groups, 0.5)
-    # group 1: round(2.5) = 2 (Python's round, as published) -> rows 1, 2; group 2: round(1.5) = 2 -> rows 5, 6
-    assert kept.tolist() == [False, True, True, False, False, True, True, False]
 
 
 def test_known_truth_junk_removal_and_bfactor_ranking(known_truth, capsys):
@@ -250,10 +256,9 @@ def test_corner_layout_only_where_memory_allows(monkeypatch) -> None:
     monkeypatch.setattr(_kernels, "available_memory", lambda: None)  # unknown: 1 GiB at most
     assert _kernels.corner_layout_allowed(gib) and not _kernels.corner_layout_allowed(gib + 1)
     monkeypatch.setattr(_kernels, "available_memory", lambda: 2 * gib)
-    projector = FourierSliceProjector(torch.zeros(24, 24, 24))
-    assert projector.corner_layout() is not None  # 1.2 MB
+    assert corner_layout(FourierSliceProjector(torch.zeros(24, 24, 24))) is not None  # 1.2 MB
     monkeypatch.setattr(_kernels, "available_memory", lambda: 1024)
-    assert FourierSliceProjector(torch.zeros(24, 24, 24)).corner_layout() is None
+    assert corner_layout(FourierSliceProjector(torch.zeros(24, 24, 24))) is None
 
 
 def test_scores_of_a_batch_read_slice_by_slice_equal_those_of_the_whole_batch(tmp_path) -> None:
@@ -280,10 +285,10 @@ def test_scores_of_a_batch_read_slice_by_slice_equal_those_of_the_whole_batch(tm
     reader = StackReader(read_particles(tmp_path / "particles.star"), tmp_path)
     reader.validate()
     rows = rng.permutation(count)
-    batch = make_batch(count, rng, 1.2, 10.0)
-    projector = FourierSliceProjector(torch.from_numpy(rng.normal(size=(box, box, box))).float())
-    samples = BandSamples(box, 1.2 / 10.0, "cpu")
-    whole = fourier_scores(projector, torch.from_numpy(reader.read(rows)), batch, samples)
-    sliced = fourier_scores(projector, BatchImages(reader, rows), batch, samples)
+    batch = make_batch(count, rng, 1.2)
+    scorer = FourierScorer(box, 10.0, 1.2, torch.device("cpu"))
+    scorer.prepare(rng.normal(size=(box, box, box)).astype(np.float32))
+    whole = scorer.score(batch, torch.from_numpy(reader.read(rows)))
+    sliced = scorer.score(batch, BatchImages(reader, rows))
     assert torch.equal(whole, sliced)
     reader.close()

@@ -49,7 +49,7 @@ def pipeline_command(data: SmallData, prefix: str, *extra: str) -> list[str]:
 
 
 def scoring_workers() -> list[int]:
-    """Process ids of scoring workers (``python -m cryosieve.distributed``) alive now."""
+    """Process ids of the other ranks of local jobs (``python -m cryosieve.world``) alive now."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -57,7 +57,7 @@ def scoring_workers() -> list[int]:
                 command = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"cryosieve.distributed" in command:
+            if b"cryosieve.world" in command:
                 found.append(int(entry.name))
     return found
 

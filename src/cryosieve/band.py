@@ -5,7 +5,7 @@ samples of its image with ``p / F <= |k| < 1/2`` (``|k|`` in cycles per pixel): 
 below ``1/F`` Å^-1 are left out, and at or beyond Nyquist the central slice carries nothing.
 A sample exactly on the cut-off is inside (to :data:`EDGE_TOLERANCE`). Defined here once, for
 the scorer's sample list, its CPU kernel and its tensor path; the published CryoSieve's
-high-pass is a named variant in :mod:`cryosieve.published`.
+high-pass is a named variant in :mod:`cryosieve.scoring.published`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cryosieve.errors import CryoSieveInputError, setting
+from cryosieve.fourier import image_frequencies
 
 #: Cycles per pixel by which a sample below the cut-off still counts as on it (rounding).
 EDGE_TOLERANCE = 1e-12
@@ -47,9 +48,8 @@ class HighPass:
 
     def sample_count(self, box: int, pixel_size: float) -> int:
         """Half-plane samples of a ``box``-pixel image of ``pixel_size`` Å in the band (0: nothing to score)."""
-        ky = np.fft.fftfreq(box)
-        kx = np.fft.rfftfreq(box)
-        radius = np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+        ky, kx = image_frequencies(box)
+        radius = np.sqrt(ky**2 + kx**2) / box
         return int(np.count_nonzero(self.inside(radius, self.cycles_per_pixel(pixel_size))))
 
     def check(self, box: int, pixel_size: float, option: str = setting("highpass_angstrom")) -> None:

@@ -14,7 +14,7 @@ the terms every evaluator uses (:meth:`CtfParameters.from_values`), :meth:`CtfPa
 evaluates them on arrays or tensors (the torch scoring and reconstruction paths, the
 simulator) and :func:`ctf_value` is the same formula for one sample inside the numba kernels
 (scoring and reconstruction on the CPU). The published CryoSieve's own CTF (its wavelength
-formula and its Nyquist-row convention) is a named variant in :mod:`cryosieve.published`.
+formula and its Nyquist-row convention) is a named variant in :mod:`cryosieve.scoring.published`.
 """
 
 from __future__ import annotations

@@ -13,14 +13,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cryosieve.fourier import irfftn, rfftn, squared_radius
+
 
 def shell_index(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Shell (rounded radius in cycles per box) of each component of a ``(size, size, size // 2 + 1)``
     half transform: int64 of that shape."""
-    k = torch.fft.fftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
-    radius = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    return torch.round(radius).long()
+    return torch.round(torch.sqrt(squared_radius(size, device))).long()
 
 
 def shell_count(size: int) -> int:
@@ -79,8 +78,7 @@ def fourier_shell_correlation(first: torch.Tensor, second: torch.Tensor, friedel
     """FSC of two ``(n, n, n)`` real maps: ``(n // 2 + 1,)`` float64 for shells 0 .. n // 2 (RELION's
     ``getFSC``, or over the full transform: see :func:`fsc_of_transforms`)."""
     size = first.shape[-1]
-    return fsc_of_transforms(torch.fft.rfftn(first.to(torch.float64), dim=(-3, -2, -1)),
-                             torch.fft.rfftn(second.to(torch.float64), dim=(-3, -2, -1)), size, friedel_weighted)
+    return fsc_of_transforms(rfftn(first.to(torch.float64)), rfftn(second.to(torch.float64)), size, friedel_weighted)
 
 
 def fsc_weight(fsc: np.ndarray) -> np.ndarray:
@@ -115,5 +113,4 @@ def filter_by_shell(volume: torch.Tensor, weight: torch.Tensor | np.ndarray) -> 
     weight = torch.as_tensor(weight, device=volume.device)
     values = torch.cat([weight.to(volume.dtype), torch.zeros(1, dtype=volume.dtype, device=volume.device)])
     values = values[shells.clamp_max(weight.numel())]
-    return torch.fft.irfftn(torch.fft.rfftn(volume, dim=(-3, -2, -1)) * values, s=volume.shape[-3:],
-                            dim=(-3, -2, -1))
+    return irfftn(rfftn(volume) * values, size)

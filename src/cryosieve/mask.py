@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cryosieve.errors import CryoSieveInputError
+from cryosieve.fourier import irfftn, raised_cosine, rfftn, squared_radius
 from cryosieve.io.mrc import Volume
 from cryosieve.tolerances import MASK_RANGE, pixel_sizes_agree
 
@@ -90,11 +91,9 @@ def soft_mask(volume: np.ndarray, voxel_size: float, threshold: float | None = N
     if not voxel_size > 0 or extend_angstrom < 0 or soft_edge_angstrom < 0 or not lowpass_angstrom > 0:
         raise CryoSieveInputError("mask: voxel size and low-pass must be positive, extend and edge non-negative")
     size = data.shape[0]
-    k = torch.fft.fftfreq(size, d=voxel_size, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(size, d=voxel_size, dtype=torch.float64)
-    s2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+    s2 = squared_radius(size, "cpu") / (size * voxel_size) ** 2  # (1/Å)^2
     gaussian = torch.exp(-0.5 * s2 * lowpass_angstrom**2).to(torch.complex64)
-    smooth = torch.fft.irfftn(torch.fft.rfftn(data) * gaussian, s=data.shape)
+    smooth = irfftn(rfftn(data) * gaussian, size)
     level = 0.1 * float(smooth.max()) if threshold is None else float(threshold)
     inside = smooth >= level
     if not bool(inside.any()):
@@ -105,7 +104,7 @@ def soft_mask(volume: np.ndarray, voxel_size: float, threshold: float | None = N
     distance = _distance_outside(inside, reach)
     if edge > 0:
         ramp = torch.clamp((distance - extend) / edge, 0.0, 1.0)
-        mask = 0.5 + 0.5 * torch.cos(math.pi * ramp)
+        mask = raised_cosine(ramp)
     else:
         mask = (distance <= extend).to(torch.float32)
     return np.ascontiguousarray(mask.numpy(), dtype=np.float32)

@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 from cryosieve.errors import CryoSieveInputError, setting
+from cryosieve.fourier import irfftn, raised_cosine, rfftn, squared_radius
 from cryosieve.fsc import (
     fourier_shell_correlation,
     fsc_weight,
@@ -199,19 +200,12 @@ def fourier_transform(volume: torch.Tensor) -> torch.Tensor:
 
     Returns ``(n, n, n // 2 + 1)`` complex128 (forward transform divided by ``n^3``).
     """
-    return torch.fft.rfftn(volume.to(torch.float64), dim=(-3, -2, -1), norm="forward")
+    return rfftn(volume.to(torch.float64), norm="forward")
 
 
 def inverse_fourier_transform(transform: torch.Tensor, size: int) -> torch.Tensor:
     """Inverse of :func:`fourier_transform`: ``(n, n, n)`` float64 map."""
-    return torch.fft.irfftn(transform, s=(size, size, size), dim=(-3, -2, -1), norm="forward")
-
-
-def squared_radius(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``|k|^2`` (cycles per box, squared) of each ``(n, n, n // 2 + 1)`` half-transform voxel, float64."""
-    k = torch.fft.fftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(size, d=1.0 / size, device=device, dtype=torch.float64)
-    return k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+    return irfftn(transform, size, norm="forward")
 
 
 def relion_fourier_shell_correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -343,7 +337,7 @@ def low_pass_filter(transform: torch.Tensor, resolution: float, size: int, voxel
     edge_high = min(float(shell_count(size)), (filter_shell + half_width) / size)
     edge = edge_high - edge_low
     frequency = torch.sqrt(squared_radius(size, transform.device)) / size  # cycles per pixel
-    ramp = 0.5 + 0.5 * torch.cos(math.pi * (frequency - edge_low) / edge) if edge > 0 else torch.zeros_like(frequency)
+    ramp = raised_cosine((frequency - edge_low) / edge) if edge > 0 else torch.zeros_like(frequency)
     factor = torch.where(frequency < edge_low, torch.ones_like(frequency),
                          torch.where(frequency > edge_high, torch.zeros_like(frequency), ramp))
     return transform * factor

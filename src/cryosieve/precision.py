@@ -1,6 +1,6 @@
 """Number formats of the tensor paths, decided per device in this one place.
 
-The per-particle tensor code (scoring in :mod:`cryosieve.score`, insertion in
+The per-particle tensor code (scoring in :mod:`cryosieve.scoring.fourier`, insertion in
 :mod:`cryosieve.reconstruct.tensor_path`) keeps images and their spectra in float32 /
 complex64 ("data"), and works out the per-particle geometry (origin phases, CTF) and
 the sums (scores, reconstruction grids) in float64, on any device that has float64

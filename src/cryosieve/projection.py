@@ -9,17 +9,16 @@ needs the slice at the image's own frequencies inside the high-pass band, so thi
 kernel gathers exactly those points from a pre-transformed, Friedel-folded grid.
 
 The published real-space projector lives with the rest of the published scoring in
-:mod:`cryosieve.published`.
+:mod:`cryosieve.scoring.published`.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from cryosieve import _kernels
+from cryosieve.fourier import centred_coordinates, rfftn
 from cryosieve.fsc import filter_by_shell
 
 
@@ -30,23 +29,12 @@ def gridding_correction(size: int, padded_size: int, dtype: torch.dtype = torch.
     Returns ``(size, size, size)`` values ``sinc^2(r / padded_size)`` with ``r`` the
     distance in voxels from the centre voxel ``size // 2``; divide the volume by it.
     """
-    coordinate = (torch.arange(size, dtype=torch.float64, device=device) - size // 2) ** 2
+    coordinate = centred_coordinates(size, device) ** 2
     radius = torch.sqrt(coordinate[:, None, None] + coordinate[None, :, None] + coordinate[None, None, :])
     radius = (radius / padded_size).to(dtype)
     sinc = torch.where(radius > 0, torch.sin(math.pi * radius) / (math.pi * radius).clamp_min(1e-30),
                        torch.ones_like(radius))
     return sinc * sinc
-
-
-def half_plane_frequencies(box: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Frequency indices of an image's ``rfft2`` grid.
-
-    Returns ``(ky, kx)``, each ``(box, box // 2 + 1)`` float64 in cycles per box:
-    ``ky`` in ``[-box/2, box/2)`` (FFT order), ``kx`` in ``[0, box/2]``.
-    """
-    ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=device)
-    kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64, device=device)
-    return ky[:, None].expand(box, box // 2 + 1), kx[None, :].expand(box, box // 2 + 1)
 
 
 class FourierSliceProjector:
@@ -90,7 +78,7 @@ class FourierSliceProjector:
             for source_y, target_y in pieces:
                 for source_x, target_x in pieces:
                     grid[target_z, target_y, target_x] = real[source_z, source_y, source_x]
-        spectrum = torch.fft.rfftn(grid, dim=(0, 1, 2))
+        spectrum = rfftn(grid)
         del grid
         # Store with zero frequency at [P/2, P/2, 0] (fftshift along z and y, quadrant by
         # quadrant), plus the periodic copy of the -P/2 planes at +P/2 and one zero column
@@ -107,7 +95,6 @@ class FourierSliceProjector:
         self.grid = stored.reshape(-1)
         self.shape = (padded + 1, padded + 1, half + 2)
         self.device = device
-        self._corners: np.ndarray | None = None
 
     def to(self, device: torch.device | str) -> FourierSliceProjector:
         """This projector with its grid on ``device`` (itself when it is there already). The grid is
@@ -118,26 +105,7 @@ class FourierSliceProjector:
             return self
         self.grid = self.grid.to(device)
         self.device = device
-        self._corners = None
         return self
-
-    def corner_layout(self) -> np.ndarray | None:
-        """The grid in the CPU scoring kernel's 8-corner layout, built on first use.
-
-        ``None`` where that kernel cannot use it: a grid not complex64 on the CPU, or a
-        layout too large for the memory (:func:`cryosieve._kernels.corner_layout_allowed`:
-        4.3 GB at box 256 needs 17 GB available), for which the kernel reads the grid
-        itself. See :func:`cryosieve._kernels.corner_layout`.
-        """
-        if self._corners is not None:
-            return self._corners
-        if not _kernels.AVAILABLE or self.device.type != "cpu" or self.grid.dtype != torch.complex64:
-            return None
-        voxels = (self.shape[0] - 1) * (self.shape[1] - 1) * (self.shape[2] - 1)
-        if not _kernels.corner_layout_allowed(voxels * 8 * 8):
-            return None
-        self._corners = _kernels.corner_layout(self.grid.reshape(self.shape).numpy())
-        return self._corners
 
     def sample(self, rotations: torch.Tensor, frequency_y: torch.Tensor, frequency_x: torch.Tensor,
                scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -81,8 +81,8 @@ class RoundSummary:
     validated_bfactor: float | None = None
     rh_bfactor: float | None = None
     rh_bfactor_classical: float | None = None
-    view_bins: np.ndarray | None = None  # (n,) int64 viewing-direction bins of the set (cryosieve.views)
-    depleted_views: float | None = None  # cryosieve.views.depleted_fraction of its sieve
+    view_bins: np.ndarray | None = None  # (n,) int64 viewing-direction bins of the set (cryosieve.selection)
+    depleted_views: float | None = None  # cryosieve.selection.depleted_fraction of its sieve
     retention_ratio: float | None = None  # the fraction of each half-set its sieve kept (given, or chosen)
     # retention_ratio auto: (candidate fractions (k,), map information (k,) in nats) of its sieve
     retention_curve: tuple[np.ndarray, np.ndarray] | None = None
@@ -290,8 +290,8 @@ def plot_all_fsc(rounds: Sequence[RoundSummary], path: Path) -> None:
 
 def plot_angles(rounds: Sequence[RoundSummary], path: Path) -> None:
     """For every sieve, the viewing directions of the kept and of the sieved particles over the equal-area bins of
-    :mod:`cryosieve.views` (rows: cos(tilt), columns: rot), with the fraction of depleted views."""
-    from cryosieve.views import COS_BINS, ROT_BINS
+    :mod:`cryosieve.selection` (rows: cos(tilt), columns: rot), with the fraction of depleted views."""
+    from cryosieve.selection import COS_BINS, ROT_BINS
 
     sieved = [summary for summary in rounds if summary.kept is not None and summary.view_bins is not None]
     chosen = chosen_round(rounds)

@@ -2,7 +2,7 @@
 
 For each candidate fraction ``q`` (:data:`CANDIDATES`: 0.10, 0.15, ..., 1.00) every half-set keeps
 its ``round(q n)`` best-scoring particles, exactly as a fixed ``--retention_ratio q`` would
-(:func:`cryosieve.score.select_lowest`). The two half maps of those particles are reconstructed
+(:func:`cryosieve.selection.select_lowest`). The two half maps of those particles are reconstructed
 with their given poses, as ``relion_reconstruct`` would (:func:`cryosieve.reconstruct.api.nested_subset_maps`:
 the selections are nested, so the stack is read once and each particle inserted once), masked,
 and compared by their FSC. The information of the map at ``q`` is::
@@ -37,7 +37,7 @@ from cryosieve.fsc import fourier_shell_correlation, friedel_weights, shell_coun
 from cryosieve.io.stack import StackReader
 from cryosieve.particles import ParticleSet
 from cryosieve.reconstruct.api import nested_subset_maps
-from cryosieve.score import retained_count
+from cryosieve.selection import retained_count
 
 #: The fractions tried, ascending.
 CANDIDATES: tuple[float, ...] = tuple(round(0.10 + 0.05 * step, 2) for step in range(19))
@@ -81,7 +81,7 @@ def map_information(fsc: np.ndarray, box: int) -> float:
 def candidate_steps(scores: np.ndarray, half_set: np.ndarray, fractions: Sequence[float]) -> list[np.ndarray]:
     """Rows added at each candidate fraction: within each half-set the particles ranked from
     ``round(q_(j-1) n)`` to ``round(q_j n)`` (lowest score first, ties in input order, as
-    :func:`cryosieve.score.select_lowest`), sorted by row. ``scores``, ``half_set``: ``(n,)``."""
+    :func:`cryosieve.selection.select_lowest`), sorted by row. ``scores``, ``half_set``: ``(n,)``."""
     steps: list[list[np.ndarray]] = [[] for _ in fractions]
     for subset in np.unique(half_set):
         members = np.flatnonzero(half_set == subset)

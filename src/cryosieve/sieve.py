@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryosieve import _kernels
 from cryosieve.band import HighPass
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.fsc import fourier_shell_correlation, fsc_weight
@@ -32,8 +30,10 @@ from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.precision import has_float64
 from cryosieve.progress import ProgressFactory, no_progress
-from cryosieve.score import ENGINES, select_lowest
-from cryosieve.scoring import ScoreTask, ScoringOptions, score_rows
+from cryosieve.scoring import ScoreTask, score_rows
+from cryosieve.scoring.fourier import uses_kernel
+from cryosieve.selection import select
+from cryosieve.settings import AUTO, SieveSettings
 from cryosieve.tolerances import pixel_sizes_agree
 from cryosieve.world import current as current_world
 
@@ -43,57 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cryosieve")
 
-
-
-@dataclass
-class SieveSettings:
-    """Options of one sieve.
-
-    Attributes
-    ----------
-    retention_ratio:
-        Fraction of each half-set kept, in (0, 1], or ``"auto"``: the fraction whose half maps hold
-        the most information (:mod:`cryosieve.retention`; needs both half-sets).
-    highpass_angstrom:
-        Cut-off ``F`` in Å: frequencies below ``1/F`` are removed from the score.
-    projector:
-        ``"fourier"`` (central slices, default) or ``"realspace"`` (the published projector).
-    reference_weighting:
-        ``"fsc"`` weights each half map by ``sqrt(2 FSC / (1 + FSC))`` per shell (needs two
-        half maps), ``"none"`` uses the masked maps as they are, ``"auto"`` is ``fsc`` for
-        the Fourier projector with two half maps and ``none`` otherwise.
-    batch_size:
-        Particles per batch.
-    device:
-        Where to compute.
-    num_processes:
-        Worker processes, each scoring a disjoint shard (one per GPU on CUDA).
-    balance:
-        Keep the same number in every half-set: the smallest ``round(R n)`` of them.
-    engine:
-        Implementation of the Fourier scorer (:data:`cryosieve.score.ENGINES`): ``torch`` runs the
-        CUDA path's batched tensors on any device, the CPU included.
-    keep_orientations:
-        ``None``, or a factor of at least 1: within each half-set, no well-populated viewing direction
-        loses more than this times the average share (:func:`cryosieve.views.keep_views`); its
-        best-scoring sieved particles are kept back.
-    """
-
-    retention_ratio: float | str
-    highpass_angstrom: float
-    projector: str = "fourier"
-    reference_weighting: str = "auto"
-    batch_size: int = 256
-    device: torch.device | str = "cpu"
-    num_processes: int = 1
-    balance: bool = False
-    engine: str = "auto"
-    keep_orientations: float | None = None
-
-    def scoring(self) -> ScoringOptions:
-        """What the scoring loop needs of these settings."""
-        return ScoringOptions(highpass_angstrom=self.highpass_angstrom, projector=self.projector,
-                              batch_size=self.batch_size, device=self.device, engine=self.engine)
 
 
 @dataclass
@@ -114,42 +63,14 @@ class SieveResult:
     retention: RetentionChoice | None = None  # how the fraction was chosen (retention_ratio "auto")
 
 
-#: The ``retention_ratio`` that chooses the fraction kept (:mod:`cryosieve.retention`).
-AUTO = "auto"
-
-
-def check_retention_ratio(value: float | str) -> None:
-    """A fraction in (0, 1] or :data:`AUTO`."""
-    if value == AUTO:
-        return
-    if isinstance(value, str) or not (0.0 < value <= 1.0):
-        raise CryoSieveInputError(f"{setting('retention_ratio')} {value}: must be in (0, 1] or auto")
-
-
 def check_settings(settings: SieveSettings) -> None:
-    check_retention_ratio(settings.retention_ratio)
-    if not (settings.highpass_angstrom > 0) or not math.isfinite(settings.highpass_angstrom):
-        raise CryoSieveInputError(
-            f"{setting('highpass_angstrom')} {settings.highpass_angstrom}: must be a positive number of Å")
-    if settings.projector not in ("fourier", "realspace"):
-        raise CryoSieveInputError(f"{setting('projector')} {settings.projector}: must be fourier or realspace")
-    if settings.reference_weighting not in ("auto", "fsc", "none"):
-        raise CryoSieveInputError(
-            f"{setting('reference_weighting')} {settings.reference_weighting}: must be auto, fsc or none")
-    if settings.batch_size < 1:
-        raise CryoSieveInputError(f"{setting('batch_size')} {settings.batch_size}: must be at least 1")
-    if settings.engine not in ENGINES:
-        raise CryoSieveInputError(f"{setting('engine')} {settings.engine}: must be one of {', '.join(ENGINES)}")
-    if settings.engine == "numba" and (torch.device(settings.device).type != "cpu" or not _kernels.AVAILABLE):
-        raise CryoSieveInputError(f"{setting('engine')} numba: runs on the CPU only, with numba installed")
-    if settings.projector == "realspace" and not has_float64(settings.device):
+    """Refuse (one line) settings out of range, or not possible on their device."""
+    settings.check()
+    device = torch.device(settings.device)
+    uses_kernel(settings.engine, device)  # numba asked for off the CPU, or without numba
+    if settings.projector == "realspace" and not has_float64(device):
         raise CryoSieveInputError(f"{setting('projector')} realspace: the published scorer computes in float64, "
                                   f"which {settings.device} lacks; use the Fourier projector or the CPU")
-    if settings.num_processes < 1:
-        raise CryoSieveInputError(f"{setting('num_processes')} {settings.num_processes}: must be at least 1")
-    if settings.keep_orientations is not None and not settings.keep_orientations >= 1.0:
-        raise CryoSieveInputError(
-            f"{setting('keep_orientations')} {settings.keep_orientations}: must be at least 1")
 
 
 def half_sets(table: ParticleSet, volume_count: int) -> np.ndarray:
@@ -273,19 +194,11 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
     voxel = volumes[0].voxel_size
     if fsc is not None:
         _log_reference_fsc(fsc, references[0].shape[-1], voxel or float(np.min(table.pixel_size)))
-    options = settings.scoring()
-    if settings.num_processes > 1:
-        from cryosieve.distributed import score_in_processes
-
-        scores = score_in_processes(table, reader.directory, references, half_set, options,
-                                    settings.num_processes, voxel, fsc)
-        if progress is not None:
-            progress(len(table))
-    elif current_world().distributed:  # a torchrun job: every rank scores its share (cryosieve.world)
-        scores = current_world().run(ScoreTask(table, reader.directory, references, half_set, options, voxel, fsc,
+    if current_world().distributed:  # a job of several processes: every rank scores its share (cryosieve.world)
+        scores = current_world().run(ScoreTask(table, reader.directory, references, half_set, settings, voxel, fsc,
                                                progress))
     else:
-        scores = score_rows(table, reader, references, half_set, options, volume_pixel_size=voxel,
+        scores = score_rows(table, reader, references, half_set, settings, volume_pixel_size=voxel,
                             reference_fsc=fsc, progress=progress)
     retention = None
     ratio = settings.retention_ratio
@@ -300,14 +213,8 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
                  "from %.2f to %.2f)", ratio, retention.fractions.size, retention.fractions[0],
                  retention.fractions[-1])
     assert not isinstance(ratio, str)
-    kept = select_lowest(scores, half_set, ratio, balance=settings.balance)
-    if settings.keep_orientations is not None:
-        from cryosieve.views import keep_views, view_bins
-
-        bins = view_bins(table.rot, table.tilt)
-        for subset in np.unique(half_set):
-            members = half_set == subset
-            kept[members] = keep_views(scores[members], kept[members], bins[members], settings.keep_orientations)
+    kept = select(scores, half_set, ratio, balance=settings.balance, keep_orientations=settings.keep_orientations,
+                  rot=table.rot, tilt=table.tilt)
     return SieveResult(scores=scores, kept=kept, half_set=half_set, reference_fsc=fsc,
                        reference_weighting=weighting, retention=retention)
 

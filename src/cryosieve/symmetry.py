@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cryosieve.errors import CryoSieveInputError, setting
+from cryosieve.fourier import centred_coordinates
 
 if TYPE_CHECKING:
     import torch
@@ -188,7 +189,7 @@ def symmetrise_volume(volume: torch.Tensor, name: str) -> torch.Tensor:
     matrices = torch.from_numpy(symmetry_matrices(name)).to(volume.device)
     size = volume.shape[-1]
     centre = size // 2
-    axis = torch.arange(size, dtype=torch.float64, device=volume.device) - centre
+    axis = centred_coordinates(size, volume.device)
     z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
     points = torch.stack([x, y, z], dim=-1)  # (n, n, n, 3) as (x, y, z)
     source = volume.to(torch.float64)[None, None]

@@ -33,6 +33,7 @@ import datetime
 import logging
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -375,3 +376,92 @@ class _Watchdog:
     def _abort(self, message: str) -> None:
         print(f"{self.program}: error: rank {self.world.rank}: {message}", file=sys.stderr, flush=True)
         os._exit(EXIT_LOST_RANK)
+
+
+# --------------------------------------------------------------------------- a job on this machine
+
+
+#: Seconds the ranks of a local job get to leave after rank 0 is done, before they are stopped.
+LOCAL_EXIT_GRACE = 10.0
+#: How often rank 0 of a local job looks at the ranks it started (seconds).
+LOCAL_POLL_SECONDS = 0.2
+
+
+def _free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return int(handle.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_job(size: int, device: str = "cpu", program: str = "cryosieve") -> Iterator[World]:
+    """This process as rank 0 of a job of ``size`` processes on this machine (``--num_gpus``), through the
+    same code as a ``torchrun`` job (:func:`joined`, :func:`serve`): the other ranks are started here
+    (``python -m cryosieve.world``), each in a process group of its own that dies with this process
+    (:func:`cryosieve.processes.start`). A rank that ends with an error before the job does stops the job
+    with one line; on leaving, every rank that has not ended is stopped."""
+    from cryosieve.processes import start, stop, stop_signals_deferred
+
+    job = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(size),
+           "LOCAL_WORLD_SIZE": str(size)}
+    saved = {name: os.environ.get(name) for name in [*job, "RANK", "LOCAL_RANK"]}
+    ranks: list[Any] = []
+    watching = threading.Event()
+    try:
+        for rank in range(1, size):
+            environment = dict(os.environ, **job, RANK=str(rank), LOCAL_RANK=str(rank))
+            with stop_signals_deferred():
+                ranks.append(start([sys.executable, "-m", "cryosieve.world", device, program], env=environment,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+        os.environ.update(job, RANK="0", LOCAL_RANK="0")
+        watcher = threading.Thread(target=_watch_ranks, args=(ranks, watching, program), daemon=True,
+                                   name="cryosieve-ranks")
+        watching.set()
+        watcher.start()
+        with joined(device, program) as world:
+            yield world
+        watching.clear()
+        deadline = time.monotonic() + LOCAL_EXIT_GRACE
+        for process in ranks:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(0.0, deadline - time.monotonic()))
+    finally:
+        watching.clear()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        stop(ranks, 2.0)
+
+
+def _watch_ranks(ranks: list[Any], watching: threading.Event, program: str) -> None:
+    """Rank 0's watch over the ranks it started: one that ends with an error while the job runs stops the
+    job (one line, exit 1), whatever rank 0 is doing (waiting in the rendezvous included)."""
+    while watching.is_set():
+        for rank, process in enumerate(ranks, start=1):
+            code = process.poll()
+            if code not in (None, 0) and watching.is_set():
+                reason = f"exit code {code}" if code > 0 else f"signal {-code}"
+                print(f"{program}: error: rank {rank} of the job ended ({reason}); stopping the job", file=sys.stderr,
+                      flush=True)
+                os._exit(EXIT_LOST_RANK)
+        time.sleep(LOCAL_POLL_SECONDS)
+
+
+def _rank_main(argv: list[str]) -> int:
+    """``python -m cryosieve.world DEVICE PROGRAM``: a rank other than 0 of a local job (:func:`local_job`)."""
+    import signal
+
+    device, program = argv[0], argv[1]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop
+    try:
+        with joined(device, program) as world:
+            return serve(world)
+    except JobError as error:
+        print(f"{program}: error: rank {os.environ.get('RANK', '?')}: {error}", file=sys.stderr, flush=True)
+        return EXIT_LOST_RANK
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1:]))

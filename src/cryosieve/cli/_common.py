@@ -261,29 +261,62 @@ def return_target(args: argparse.Namespace) -> Any:
                         args.cryosparc_workspace, args.cryosparc_source_job)
 
 
-def _device_asked(argv: Sequence[str] | None) -> str:
-    """The ``--device`` of a command line (``auto`` when absent), for the backend of a ``torchrun`` job."""
+def _value_asked(argv: Sequence[str] | None, flag: str) -> str | None:
+    """The value of ``flag`` on a command line (``None`` when absent), read before the command parses it:
+    the backend of a ``torchrun`` job and the size of a local one are chosen first."""
     words = list(sys.argv[1:] if argv is None else argv)
+    value = None
     for index, word in enumerate(words):
-        if word == "--device" and index + 1 < len(words):
-            return choose_device_name(words[index + 1])
-        if word.startswith("--device="):
-            return choose_device_name(word.split("=", 1)[1])
-    return choose_device_name("auto")
+        if word == flag and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def _device_asked(argv: Sequence[str] | None) -> str:
+    """The ``--device`` of a command line (``auto`` when absent), for the backend of a job."""
+    return choose_device_name(_value_asked(argv, "--device") or "auto")
+
+
+def _processes_asked(argv: Sequence[str] | None) -> int:
+    """``--num_gpus N``: the processes of a job on this machine (1 when absent or not a number; the
+    command's own parser refuses a bad value)."""
+    value = _value_asked(argv, "--num_gpus")
+    try:
+        return int(value) if value is not None else 1
+    except ValueError:
+        return 1
 
 
 def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None
             ) -> int | None:
-    """``body(argv)``; under ``torchrun`` (:mod:`cryosieve.world`) on rank 0 only, the other ranks serving it."""
+    """``body(argv)``: in one process; under ``torchrun`` (:mod:`cryosieve.world`) on rank 0 only, the other
+    ranks serving it; with ``--num_gpus N`` as rank 0 of a job of ``N`` processes on this machine, started
+    here (:func:`cryosieve.world.local_job`), the same code as under ``torchrun``."""
     from cryosieve import world
 
-    if not world.launched_by_torchrun():
+    launched = world.launched_by_torchrun()
+    processes = _processes_asked(argv)
+    if not launched and processes <= 1:
         return body(argv)
     device = _device_asked(argv)
     if device == "mps":
-        raise CryoSieveInputError("--device mps: runs in one process; start the command without torchrun")
-    with world.joined(device, program) as joined:
-        return body(argv) if joined.is_root else world.serve(joined)
+        raise CryoSieveInputError("--device mps: runs in one process; start the command without torchrun or "
+                                  "--num_gpus")
+    if launched:
+        if processes > 1:
+            raise CryoSieveInputError("--num_gpus: the job's processes are torchrun's; leave --num_gpus out")
+        with world.joined(device, program) as joined:
+            return body(argv) if joined.is_root else world.serve(joined)
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < processes:
+            raise CryoSieveInputError(
+                f"--num_gpus {processes}: only {torch.cuda.device_count()} CUDA devices present")
+    with world.local_job(processes, device, program):
+        return body(argv)
 
 
 def run_command(program: str, body: Callable[[Sequence[str] | None], int | None],

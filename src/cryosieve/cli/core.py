@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--balance", action="store_true",
                         help="make retained particles in different subsets in same size.")
     parser.add_argument("--num_gpus", type=int, default=1,
-                        help="number of processes (one per GPU) to score with, 1 by default.")
+                        help="number of processes (one per GPU; CPU processes with --device cpu) to score with, 1 by "
+                             "default: one job of that many processes on this machine, the same answer as one.")
     add_device_argument(parser)
     parser.add_argument("--batch_size", type=int, default=256, help="particles per batch, 256 by default.")
     parser.add_argument("--projector", choices=("fourier", "realspace"), default="fourier",
@@ -71,18 +72,15 @@ def _main(argv: Sequence[str] | None) -> int:
     started = time.perf_counter()
     device = choose_device(args.device)
 
-    from cryosieve.sieve import SieveSettings, retention_path, sieve_star_file
+    from cryosieve.settings import SieveSettings
+    from cryosieve.sieve import retention_path, sieve_star_file
 
-    if args.num_gpus > 1 and device.type == "cuda":
-        import torch
-
-        if torch.cuda.device_count() < args.num_gpus:
-            raise CryoSieveInputError(
-                f"--num_gpus {args.num_gpus}: only {torch.cuda.device_count()} CUDA devices present")
+    if args.num_gpus < 1:
+        raise CryoSieveInputError(f"--num_gpus {args.num_gpus}: must be at least 1")
     settings = SieveSettings(retention_ratio=args.retention_ratio, highpass_angstrom=args.frequency,
                              projector=args.projector, reference_weighting=args.reference_weighting,
-                             batch_size=args.batch_size, device=device, num_processes=args.num_gpus,
-                             balance=args.balance, keep_orientations=args.keep_orientations)
+                             batch_size=args.batch_size, device=device, balance=args.balance,
+                             keep_orientations=args.keep_orientations)
     result, paths = sieve_star_file(args.i, args.o, args.volume, settings, directory=args.directory or None,
                                     mask_path=args.mask, angpix=args.angpix, passthrough=tuple(args.passthrough),
                                     progress=progress_factory(not args.quiet), return_to=return_target(args))
@@ -95,7 +93,7 @@ def _main(argv: Sequence[str] | None) -> int:
 FLAGS = {
     "input_star": "--i", "output": "--o", "directory": "--directory", "angpix": "--angpix", "volumes": "--volume",
     "mask": "--mask", "retention_ratio": "--retention_ratio", "highpass_angstrom": "--frequency",
-    "balance": "--balance", "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size",
+    "balance": "--balance", "device": "--device", "batch_size": "--batch_size",
     "projector": "--projector", "reference_weighting": "--reference_weighting", "passthrough": "--passthrough",
     "cryosparc_project": "--cryosparc_project", "source_job": "--cryosparc_source_job",
     "keep_orientations": "--keep_orientations",

@@ -99,7 +99,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
     from cryosieve.backends.relion import RelionPostProcessor, RelionReconstructor
     from cryosieve.pipeline import PipelineSettings, run_pipeline
+    from cryosieve.settings import SieveSettings
 
+    if args.num_gpus < 1:
+        raise CryoSieveInputError(f"--num_gpus {args.num_gpus}: must be at least 1")
     if args.num_procs is not None and args.reconstruct_software is None:
         raise CryoSieveInputError("--num_procs: give --reconstruct_software to run under mpirun")
     reconstructor = None if args.reconstruct_software is None else \
@@ -117,15 +120,16 @@ def _main(argv: Sequence[str] | None) -> int:
         validator = RelionRefiner.from_command_line(args.relion_refine, args.j, device)
     elif args.validate == "cryosparc":
         validator = cryosparc_refiner(args, device, prefix="cryosparc_")
+    sieve = SieveSettings(retention_ratio=args.retention_ratio, highpass_angstrom=args.frequency_start,
+                          projector=args.projector, reference_weighting=args.reference_weighting,
+                          batch_size=args.batch_size, device=device, balance=args.balance,
+                          keep_orientations=args.keep_orientations)
     settings = PipelineSettings(
-        input_star=args.i, output_prefix=args.o, angpix=args.angpix, mask=args.mask,
+        input_star=args.i, output_prefix=args.o, mask=args.mask, sieve=sieve, angpix=args.angpix,
         directory=args.directory or None, symmetry=args.sym, num_iters=args.num_iters,
-        frequency_start=args.frequency_start, frequency_end=args.frequency_end,
-        retention_ratio=args.retention_ratio, balance=args.balance, reconstructor=reconstructor,
-        postprocessor=postprocessor, num_processes=args.num_gpus, device=device, batch_size=args.batch_size,
-        projector=args.projector, reference_weighting=args.reference_weighting, report=args.report,
-        validator=validator, validate_rh=args.validate_rh, passthrough=tuple(args.passthrough),
-        return_to=return_target(args), patience=args.patience, keep_orientations=args.keep_orientations,
+        frequency_start=args.frequency_start, frequency_end=args.frequency_end, reconstructor=reconstructor,
+        postprocessor=postprocessor, report=args.report, validator=validator, validate_rh=args.validate_rh,
+        passthrough=tuple(args.passthrough), return_to=return_target(args), patience=args.patience,
     )
     result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
                           checkpoint=check_interrupt)
@@ -142,7 +146,7 @@ FLAGS = {
     "symmetry": "--sym", "num_iters": "--num_iters", "frequency_start": "--frequency_start",
     "frequency_end": "--frequency_end", "retention_ratio": "--retention_ratio", "balance": "--balance",
     "reconstructor": "--reconstruct_software", "postprocessor": "--postprocess_software", "num_procs": "--num_procs",
-    "num_processes": "--num_gpus", "device": "--device", "batch_size": "--batch_size", "projector": "--projector",
+    "device": "--device", "batch_size": "--batch_size", "projector": "--projector",
     "reference_weighting": "--reference_weighting", "resume": "--continue", "highpass_angstrom": "--frequency_start",
     "validator": "--validate", "validate_rh": "--validate_rh", "passthrough": "--passthrough",
     "relion_refine": "--relion_refine", "threads": "--j", "cryosparc_project": "--cryosparc_project",

@@ -12,7 +12,7 @@ accumulated on a grid padded by ``pad_factor`` (2, as RELION):
 
 1. each image's ``rfft2`` samples with ``|k| < n / 2`` are shifted by its origin and
    multiplied by its CTF, ``rlnCtfBfactor`` and ``rlnCtfScalefactor`` included, as RELION
-   does (:mod:`.samples`, :mod:`cryosieve.ctf`);
+   does (:mod:`.samples`, :mod:`cryosieve.fourier`, :mod:`cryosieve.ctf`);
 2. each sample is placed at ``pad * A^T k`` and spread to its 8 trilinear neighbours,
    ``C S`` into the data and ``C^2`` into the weight of the half-transform grid (by the
    numba engine, :mod:`.cpu`, or the tensor engine, :mod:`.tensor_path`);
@@ -28,8 +28,8 @@ Modules, one concept each:
 
 * :mod:`.grid`: the padded half-transform grid: its layout and conventions (stated there
   once) and the operations on it, numba and torch side by side;
-* :mod:`.samples`: which ``rfft2`` samples of an image are inserted, and the per-particle
-  values (origin phases, CTF) of a batch;
+* :mod:`.samples`: which ``rfft2`` samples of an image are inserted (the per-particle values,
+  origin phases and CTF, come with each :class:`~cryosieve.batch.ParticleBatch`);
 * :mod:`.cpu`: the numba engine (insertion kernels and per-thread accumulation grids);
   it does not import torch;
 * :mod:`.tensor_path`: the tensor engine (the same insertion with torch, any device);
@@ -60,12 +60,12 @@ from cryosieve.reconstruct.grid import (
     gridding_multiplier,
     symmetrise_grid,
 )
-from cryosieve.reconstruct.samples import BATCH_COLUMNS, SliceSamples, batch_parameters
+from cryosieve.reconstruct.samples import SliceSamples
 
 __all__ = [
-    "ACCUMULATION_MEMORY", "BATCH_COLUMNS", "ENGINES", "GRIDDING_ITERATIONS", "MASK_EDGE_WIDTH",
+    "ACCUMULATION_MEMORY", "ENGINES", "GRIDDING_ITERATIONS", "MASK_EDGE_WIDTH",
     "PREFETCH_DISTANCE", "RELATIVE_REGULARISATION", "GridAccumulators", "NumbaInsertion", "SliceSamples",
-    "batch_parameters", "choose_engine", "enforce_hermitian", "finish_grid", "grid_shape", "grid_to_map",
+    "choose_engine", "enforce_hermitian", "finish_grid", "grid_shape", "grid_to_map",
     "gridding_multiplier", "insert_slices_cpu", "locate_samples", "prepare_slices_cpu", "reconstruct",
     "reconstruct_star_file", "reconstruct_subsets", "symmetrise_grid",
 ]

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from cryosieve.batch import ParticleBatch
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.stack import BatchImages, StackReader, prefetch_batches
 from cryosieve.particles import ParticleSet
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.reconstruct import cpu
 from cryosieve.reconstruct.grid import finish_grid
-from cryosieve.reconstruct.samples import batch_parameters
 from cryosieve.symmetry import canonical_name, symmetry_matrices
 from cryosieve.world import World, job_progress
 from cryosieve.world import current as current_world
@@ -68,7 +68,7 @@ class _Insertion(Protocol):
     """What :func:`_reconstruct` needs of an engine (:class:`~.cpu.NumbaInsertion`,
     :class:`~.tensor_path.TensorInsertion`)."""
 
-    def insert(self, images: Any, batch: dict[str, np.ndarray], labels: np.ndarray) -> None: ...
+    def insert(self, images: Any, batch: ParticleBatch, labels: np.ndarray) -> None: ...
 
     def pop(self, group: int) -> Any: ...
 
@@ -309,7 +309,7 @@ class InsertionTask:
         for batch_rows, images in prefetch_batches(reader, batches, pinned=pinned):
             assert not isinstance(images, BatchImages)  # whole batches (not read on demand)
             batch_labels = np.array([label_of[row] for row in batch_rows.tolist()])
-            insertion.insert(images, batch_parameters(self.table, batch_rows), batch_labels)
+            insertion.insert(images, ParticleBatch.from_table(self.table, batch_rows), batch_labels)
             if progress is not None:
                 progress(len(batch_rows))
 

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
-from cryosieve.geometry import euler_to_matrix
-from cryosieve.reconstruct.grid import fft_workers, grid_shape
-from cryosieve.reconstruct.samples import SliceSamples, batch_ctf, origin_phases
+from cryosieve.batch import ParticleBatch
+from cryosieve.fourier import fft_workers, origin_phases
+from cryosieve.reconstruct.grid import grid_shape
+from cryosieve.reconstruct.samples import SliceSamples
 
 try:
     import numba
@@ -48,7 +49,7 @@ PREFETCH_DISTANCE = 16
 ACCUMULATION_MEMORY = 2 * 1024**3
 
 if numba is not None:
-    from cryosieve._kernels import prefetch_for_write as _prefetch_for_write
+    from cryosieve._intrinsics import prefetch_for_write as _prefetch_for_write
     from cryosieve.ctf import ctf_value
     from cryosieve.reconstruct.grid import fold_and_locate
 
@@ -183,7 +184,7 @@ if numba is not None:
                             flat[o + 5] += w1 * w
 
 
-def prepare_slices_cpu(images: np.ndarray, batch: dict[str, np.ndarray], samples: SliceSamples,
+def prepare_slices_cpu(images: np.ndarray, batch: ParticleBatch, samples: SliceSamples,
                        apply_ctf: bool, out: np.ndarray | None = None) -> np.ndarray:
     """Values and weights to insert for a batch of images, as one fused numba pass (CPU).
 
@@ -192,10 +193,7 @@ def prepare_slices_cpu(images: np.ndarray, batch: dict[str, np.ndarray], samples
     images:
         ``(b, n, n)`` real images ``[y, x]``.
     batch:
-        ``(b,)`` float64 arrays: ``origin_x``, ``origin_y`` (pixels), ``pixel_size`` (Å),
-        ``defocus_u``, ``defocus_v`` (Å), ``defocus_angle`` (degrees), ``voltage`` (kV),
-        ``spherical_aberration`` (mm), ``amplitude_contrast``, ``phase_shift``
-        (degrees), ``ctf_bfactor`` (Å^2), ``ctf_scalefactor``.
+        The particles: origins, pixel sizes and CTF terms.
     samples:
         Which ``rfft2`` samples to keep.
     apply_ctf:
@@ -208,19 +206,19 @@ def prepare_slices_cpu(images: np.ndarray, batch: dict[str, np.ndarray], samples
     -------
     ``(b, p, 3)`` float64: real and imaginary parts of ``C * S`` and ``C^2``, times the
     samples' multiplicity. ``S`` is the image's DFT, centred at pixel ``n // 2`` and
-    shifted by the origin (:func:`~cryosieve.reconstruct.samples.origin_phases`).
+    shifted by the origin (:func:`cryosieve.fourier.origin_phases`).
     """
     box = images.shape[-1]
     count = images.shape[0]
     # complex64 (the images are float32); scipy's FFT runs on several threads
     spectra = scipy.fft.rfft2(np.asarray(images, dtype=np.float32), workers=fft_workers())
-    phase_y, phase_x = origin_phases(box, batch["origin_y"], batch["origin_x"])
+    phase_y, phase_x = origin_phases(box, batch.origin_y, batch.origin_x)
     # the direction terms of ctf_value, shared by all particles
     radius2 = samples.frequency_x ** 2 + samples.frequency_y ** 2
     safe = np.where(radius2 > 0, radius2, 1.0)
     cos_sample2 = np.where(radius2 > 0, (samples.frequency_x ** 2 - samples.frequency_y ** 2) / safe, 1.0)
     sin_sample2 = np.where(radius2 > 0, 2 * samples.frequency_x * samples.frequency_y / safe, 0.0)
-    terms = batch_ctf(batch).in_cycles_per_box(box, batch["pixel_size"])
+    terms = batch.ctf.in_cycles_per_box(box, batch.pixel_size)
     values = np.empty((count, samples.size, 3), dtype=np.float64) if out is None else out[:count]
     _prepare_kernel(spectra, samples.row, samples.column, radius2, cos_sample2, sin_sample2, samples.multiplicity,
                     phase_y, phase_x, bool(apply_ctf), terms["defocus_average"], terms["deviation_cos"],
@@ -353,12 +351,10 @@ class NumbaInsertion:
         self.accumulators = GridAccumulators(grid_shape(box, pad_factor), groups, numba.get_num_threads(),
                                              ACCUMULATION_MEMORY, batch_size, self.samples.size)
 
-    def insert(self, images: np.ndarray, batch: dict[str, np.ndarray], labels: np.ndarray) -> None:
-        """Insert ``(b, n, n)`` float32 images of the particles described by ``batch``
-        (:func:`~cryosieve.reconstruct.samples.batch_parameters`) into the grids of ``labels`` ``(b,)``."""
-        matrices = euler_to_matrix(batch["rot"], batch["tilt"], batch["psi"])
+    def insert(self, images: np.ndarray, batch: ParticleBatch, labels: np.ndarray) -> None:
+        """Insert ``(b, n, n)`` float32 images of the particles ``batch`` into the grids of ``labels`` ``(b,)``."""
         values = prepare_slices_cpu(images, batch, self.samples, self.apply_ctf, out=self.accumulators.values)
-        self.accumulators.insert(matrices, self.samples.frequency_y, self.samples.frequency_x, values, labels,
+        self.accumulators.insert(batch.rotations, self.samples.frequency_y, self.samples.frequency_x, values, labels,
                                  self.pad_factor)
 
     def pop(self, group: int) -> np.ndarray:

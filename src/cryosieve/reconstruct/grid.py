@@ -66,6 +66,7 @@ import numpy as np
 import scipy.fft
 
 from cryosieve.errors import CryoSieveInputError
+from cryosieve.fourier import centred_coordinates, fft_workers, raised_cosine
 
 try:
     import numba
@@ -99,17 +100,18 @@ def grid_shape(box: int, pad_factor: int) -> tuple[int, int, int, int]:
     return padded + 1, padded + 1, padded // 2 + 2, 3
 
 
-def fft_workers() -> int:
-    """Threads for scipy's FFTs on the CPU (numba's thread count)."""
-    return numba.get_num_threads() if numba is not None else 1
-
-
 # ---------------------------------------------------------------------------------------
 # Folding a point into the stored half and locating its trilinear neighbours
 # ---------------------------------------------------------------------------------------
 
 if numba is not None:
-    from cryosieve._kernels import friedel_fold
+    @numba.njit(inline="always", cache=True)
+    def friedel_fold(x, y, z):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        """A 3D frequency moved to the stored ``x >= 0`` half of a Hermitian transform, with the sign
+        its value's imaginary part takes there (-1 when it was mirrored)."""
+        if x < 0:
+            return -x, -y, -z, -1.0
+        return x, y, z, 1.0
 
     @numba.njit(inline="always", cache=True)
     def fold_and_locate(x, y, z, half, size_y, size_x):  # type: ignore[no-untyped-def]  # pragma: no cover
@@ -638,6 +640,7 @@ class _NumbaGrid:
 
 
 if numba is not None:
+    from cryosieve.fourier import raised_cosine_value
 
     @numba.njit(parallel=True, cache=True)
     def _sphere_weight_kernel(grid, half):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
@@ -694,7 +697,7 @@ if numba is not None:
                     r = math.sqrt((z - centre) ** 2 + (y - centre) ** 2 + (x - centre) ** 2)
                     if r < radius:
                         continue
-                    blend = 1.0 if r > outer else 0.5 + 0.5 * math.cos(math.pi * (outer - r) / width)
+                    blend = 1.0 if r > outer else raised_cosine_value((outer - r) / width)
                     total += blend * volume[z, y, x]
                     weight_sum += blend
         background = total / weight_sum if weight_sum > 0 else 0.0
@@ -704,7 +707,7 @@ if numba is not None:
                     r = math.sqrt((z - centre) ** 2 + (y - centre) ** 2 + (x - centre) ** 2)
                     value = volume[z, y, x]
                     if r >= radius and weight_sum > 0:
-                        blend = 1.0 if r > outer else 0.5 + 0.5 * math.cos(math.pi * (outer - r) / width)
+                        blend = 1.0 if r > outer else raised_cosine_value((outer - r) / width)
                         value = (1.0 - blend) * value + blend * background
                     argument = math.pi * r / padded
                     if argument > 0:
@@ -781,10 +784,10 @@ class _TorchGrid:
         from cryosieve.projection import gridding_correction
 
         size = volume.shape[-1]
-        axis = torch.arange(size, device=volume.device, dtype=volume.dtype) - size // 2
+        axis = centred_coordinates(size, volume.device).to(volume.dtype)
         distance = torch.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
         outer = radius + width
-        blend = 0.5 + 0.5 * torch.cos(math.pi * (outer - distance) / width)
+        blend = raised_cosine((outer - distance) / width)
         blend = torch.where(distance < radius, torch.zeros_like(blend), blend)
         blend = torch.where(distance > outer, torch.ones_like(blend), blend)
         total = blend.sum()

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryosieve.geometry import euler_to_matrix
+from cryosieve.batch import ParticleBatch
+from cryosieve.fourier import origin_phases
 from cryosieve.io.stack import images_on
 from cryosieve.precision import GridSum, real_dtype, to_device
 from cryosieve.reconstruct.grid import fold_and_locate_torch, grid_shape, trilinear_corners_torch
-from cryosieve.reconstruct.samples import SliceSamples, batch_ctf, origin_phases
+from cryosieve.reconstruct.samples import SliceSamples
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class TorchSamples:
                    frequency_x=tensor(samples.frequency_x), multiplicity=tensor(samples.multiplicity))
 
 
-def prepare_slices(images: torch.Tensor, batch: dict[str, np.ndarray], samples: TorchSamples,
+def prepare_slices(images: torch.Tensor, batch: ParticleBatch, samples: TorchSamples,
                    apply_ctf: bool) -> torch.Tensor:
     """Values and weights to insert for a batch of images (the twin of
     :func:`cryosieve.reconstruct.cpu.prepare_slices_cpu`).
@@ -64,8 +65,7 @@ def prepare_slices(images: torch.Tensor, batch: dict[str, np.ndarray], samples: 
     images:
         ``(b, n, n)`` real images ``[y, x]`` on the samples' device.
     batch:
-        ``(b,)`` float64 arrays of :func:`~cryosieve.reconstruct.samples.batch_parameters`:
-        ``origin_x``, ``origin_y`` (pixels), ``pixel_size`` (Å) and the CTF values.
+        The particles: origins, pixel sizes and CTF terms.
     samples:
         Which ``rfft2`` samples to keep.
     apply_ctf:
@@ -82,11 +82,11 @@ def prepare_slices(images: torch.Tensor, batch: dict[str, np.ndarray], samples: 
     box = images.shape[-1]
     device = images.device
     spectra = torch.fft.rfft2(images.to(torch.float32)).reshape(images.shape[0], -1)[:, samples.flat_index]
-    phase_y, phase_x = (to_device(phase, device) for phase in origin_phases(box, batch["origin_y"], batch["origin_x"]))
+    phase_y, phase_x = origin_phases(box, batch.on("origin_y", device), batch.on("origin_x", device))
     values = spectra * phase_y[:, samples.row] * phase_x[:, samples.column]
     if apply_ctf:
-        scale = to_device(1.0 / (box * batch["pixel_size"]), device)[:, None]
-        ctf = batch_ctf(batch).evaluate(samples.frequency_x * scale, samples.frequency_y * scale)
+        scale = to_device(1.0 / (box * batch.pixel_size), device)[:, None]
+        ctf = batch.ctf.evaluate(samples.frequency_x * scale, samples.frequency_y * scale)
         values = values * ctf
         weights = ctf * ctf
     else:
@@ -154,12 +154,10 @@ class TensorInsertion:
         self.apply_ctf = apply_ctf
         self.grids = {group: GridSum(grid_shape(box, pad_factor), self.device) for group in groups}
 
-    def insert(self, images: np.ndarray | torch.Tensor, batch: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    def insert(self, images: np.ndarray | torch.Tensor, batch: ParticleBatch, labels: np.ndarray) -> None:
         """Insert ``(b, n, n)`` float32 images (an array, or a page-locked tensor copied asynchronously) of the
-        particles described by ``batch``
-        (:func:`~cryosieve.reconstruct.samples.batch_parameters`) into the grids of ``labels`` ``(b,)``."""
-        angles = (to_device(batch[name], self.device) for name in ("rot", "tilt", "psi"))
-        matrices = euler_to_matrix(*angles)
+        particles ``batch`` into the grids of ``labels`` ``(b,)``."""
+        matrices = batch.on("rotations", self.device)
         values = prepare_slices(images_on(images, self.device), batch, self.samples,
                                 self.apply_ctf)
         for group, grid in self.grids.items():

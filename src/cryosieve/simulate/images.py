@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from cryosieve.ctf import ctf_2d
+from cryosieve.fourier import image_frequencies, origin_phases
 from cryosieve.geometry import euler_to_matrix
-from cryosieve.projection import FourierSliceProjector, half_plane_frequencies
+from cryosieve.projection import FourierSliceProjector
 from cryosieve.simulate.parameters import ParticleParameters, SimulationSettings
 
 
@@ -28,11 +29,12 @@ class ImageFormation:
 
     def __init__(self, box: int, pixel_size: float, device: torch.device | str = "cpu") -> None:
         self.box, self.pixel_size, self.device = box, pixel_size, torch.device(device)
-        ky, kx = half_plane_frequencies(box, device=self.device)
+        ky, kx = image_frequencies(box, self.device)
         inside = (kx**2 + ky**2) < (box / 2) ** 2
         self.flat_index = torch.nonzero(inside.reshape(-1)).squeeze(1)  # (p,)
+        rows, columns = torch.nonzero(inside, as_tuple=True)
+        self.row, self.column = rows, columns  # (p,) of the rfft2 grid
         self.ky, self.kx = ky[inside], kx[inside]  # (p,) float64 cycles per box
-        self.parity = torch.where(((self.kx + self.ky).long() % 2) == 0, 1.0, -1.0).to(torch.float64)
 
     def render(self, projector: FourierSliceProjector, parameters: ParticleParameters, rows: np.ndarray,
                settings: SimulationSettings) -> torch.Tensor:
@@ -68,10 +70,11 @@ class ImageFormation:
                      take(parameters.defocus_angle), constant(settings.voltage),
                      constant(settings.spherical_aberration), constant(settings.amplitude_contrast),
                      constant(settings.phase_shift), bfactor=bfactor)  # (b, p), includes exp(-B s^2/4)
-        origin_x = take(parameters.origin_x)[:, None] / self.pixel_size  # pixels
-        origin_y = take(parameters.origin_y)[:, None] / self.pixel_size
-        phase = 2 * math.pi * (self.kx * origin_x + self.ky * origin_y) / self.box
-        values = slices * (ctf * self.parity) * torch.polar(torch.ones_like(phase), phase)
+        # the projection (centred at pixel box // 2) moved by minus the origin: the inverse of the
+        # origin phase that scoring and reconstruction apply
+        phase_y, phase_x = origin_phases(self.box, take(parameters.origin_y) / self.pixel_size,
+                                         take(parameters.origin_x) / self.pixel_size)  # origins in pixels
+        values = slices * ctf * (phase_y[:, self.row] * phase_x[:, self.column]).conj()
         images = self._inverse(values)
         if parameters.contrast is not None:
             images *= take(parameters.contrast).to(images.dtype)[:, None, None]
@@ -174,8 +177,7 @@ def noise_filter(box: int, pixel_size: float, bfactor: float, floor: float) -> n
     """Amplitude filter ``(box, box // 2 + 1)`` float64 of coloured noise on the rfft grid: the square root of
     the power ``floor + (1 - floor) exp(-bfactor s^2 / 4)`` (``s`` in 1/Å), scaled so that the noise's
     variance is unchanged (its mean power over the grid is 1)."""
-    ky = np.fft.fftfreq(box)[:, None] / pixel_size
-    kx = np.fft.rfftfreq(box)[None, :] / pixel_size
+    ky, kx = (values / (box * pixel_size) for values in image_frequencies(box))  # 1/Å
     power = floor + (1 - floor) * np.exp(-bfactor * (kx**2 + ky**2) / 4)
     weight = np.full(power.shape, 2.0)  # rfft columns stand for two frequencies, except 0 and Nyquist
     weight[:, 0] = 1.0

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cryosieve.errors import CryoSieveInputError
+from cryosieve.fourier import irfftn, raised_cosine, rfftn, squared_radius
 
 #: Bundled atomic model of the particle (PDB 1BD2) and of the junk (PDB 4E43, HIV protease).
 DEFAULT_MODEL = "1BD2.pdb.gz"
@@ -141,15 +142,13 @@ def atomic_model_map(model_path: str | None, box: int, voxel_size: float, *,
     calculator.grid.fill(0.0)
     calculator.add_model_density_to_grid(structure[0])
     fine = torch.from_numpy(np.array(calculator.grid, copy=True, dtype=np.float32))  # [x, y, z]
-    spectrum = torch.fft.rfftn(fine, dim=(0, 1, 2))
+    spectrum = rfftn(fine)
     del fine
     half = box // 2
     rows = torch.cat([torch.arange(0, box - half), torch.arange(fine_size - half, fine_size)])
     cropped = spectrum[rows][:, rows][:, :, : half + 1]
     del spectrum
-    k = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
-    kz = torch.arange(half + 1, dtype=torch.float64)
-    radius = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kz[None, None, :] ** 2)
+    radius = torch.sqrt(squared_radius(box, "cpu"))  # cycles per box
     s2 = (radius / length) ** 2  # (1/Å)^2
     weight = torch.exp(calculator.blur * s2 / 4) / factor**3
     if box % 2 == 0:  # drop the unpaired Nyquist planes so the map is exactly band-limited
@@ -159,6 +158,6 @@ def atomic_model_map(model_path: str | None, box: int, voxel_size: float, *,
     if resolution is not None:
         cutoff = length / resolution  # cycles per box
         edge = torch.clamp(radius - (cutoff - 1.0), 0.0, 1.0)
-        weight = weight * (0.5 + 0.5 * torch.cos(math.pi * edge))
-    volume = torch.fft.irfftn(cropped * weight.to(torch.complex64), s=(box, box, box), dim=(0, 1, 2))
+        weight = weight * raised_cosine(edge)
+    volume = irfftn(cropped * weight.to(torch.complex64), box)
     return np.ascontiguousarray(volume.numpy().transpose(2, 1, 0), dtype=np.float32)

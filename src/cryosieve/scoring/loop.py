@@ -1,11 +1,9 @@
 """Scoring the particles of one shard: the loop over batches of a stack against the references.
 
-Particles are scored half-set by half-set against their half-set's reference, in batches,
-with the Fourier scorer (:mod:`cryosieve.score`) or the published one
-(:mod:`cryosieve.published`). A worker of a multi-process run
-(:mod:`cryosieve.distributed`, or a rank of a ``torchrun`` job, :class:`ScoreTask`) scores
-its contiguous run of the batches; the batches are the same whatever the split, so the scores
-are the same to the bit.
+Particles are scored half-set by half-set against their half-set's reference, in batches, by one
+:class:`~cryosieve.scoring.base.Scorer`. A rank of a multi-process job (:mod:`cryosieve.world`,
+:class:`ScoreTask`) scores its contiguous run of the batches; the batches are the same whatever the
+split, so the scores are the same to the bit.
 """
 
 from __future__ import annotations
@@ -17,32 +15,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cryosieve import _kernels
-from cryosieve.band import HighPass
-from cryosieve.fsc import filter_by_shell, fsc_weight
+from cryosieve.batch import ParticleBatch
 from cryosieve.io.stack import BatchImages, StackReader, images_on, prefetch_batches
 from cryosieve.particles import ParticleSet
-from cryosieve.precision import map_device
-from cryosieve.projection import FourierSliceProjector
-from cryosieve.published import published_batch, published_scores
-from cryosieve.score import BandSamples, ParticleBatch, fourier_scores
+from cryosieve.scoring.base import make_scorer
+from cryosieve.settings import SieveSettings
 from cryosieve.world import job_progress
 
 if TYPE_CHECKING:
     from cryosieve.world import World
-
-
-@dataclass(frozen=True)
-class ScoringOptions:
-    """How to score: cut-off ``highpass_angstrom`` (Å), ``projector`` (``"fourier"`` or
-    ``"realspace"``), particles per batch, device, and the Fourier scorer's ``engine``
-    (:data:`cryosieve.score.ENGINES`)."""
-
-    highpass_angstrom: float
-    projector: str = "fourier"
-    batch_size: int = 256
-    device: Any = "cpu"
-    engine: str = "auto"
 
 
 #: Rows are put in viewing-direction order within chunks of this many particles (see below).
@@ -86,7 +67,7 @@ def shard_batches(rows: np.ndarray, batch_size: int, rank: int, world_size: int)
 
 
 def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.ndarray],
-               half_set: np.ndarray, settings: ScoringOptions, *, rank: int = 0, world_size: int = 1,
+               half_set: np.ndarray, options: SieveSettings, *, rank: int = 0, world_size: int = 1,
                volume_pixel_size: float | None = None, reference_fsc: np.ndarray | None = None,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Score the particles of this worker's shard; other entries of the result stay zero.
@@ -95,42 +76,26 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
     holds 1, 2...); ``reference_fsc``: the per-shell FSC to weight them by, or ``None``;
     ``volume_pixel_size``: their voxel size (Å). Returns ``(n,)`` float64.
     """
-    device = torch.device(settings.device)
+    device = torch.device(options.device)
     scores = np.zeros(len(table), dtype=np.float64)
-    box = references[0].shape[-1]
-    weight = torch.from_numpy(fsc_weight(reference_fsc)) if reference_fsc is not None else None
-    lowest = HighPass(settings.highpass_angstrom).cycles_per_pixel(float(np.min(table.pixel_size)))
-    samples = BandSamples(box, lowest, device) if settings.projector == "fourier" else None
+    scorer = make_scorer(options, references[0].shape[-1], float(np.min(table.pixel_size)), volume_pixel_size,
+                         reference_fsc)
+    on_cpu = device.type == "cpu"
     pending: list[tuple[np.ndarray, torch.Tensor]] = []  # a device's scores of the current half-set
     for subset_number in sorted(set(half_set.tolist())):
         rows = np.flatnonzero(half_set == subset_number)
-        if settings.projector == "fourier":
-            rows = rows[viewing_direction_order(table.rot[rows], table.tilt[rows])]
-        reference = references[subset_number - 1]
-        if settings.projector == "fourier":
-            # the grid is built where whole maps are handled (the CPU for a device without float64)
-            projector = FourierSliceProjector(torch.from_numpy(reference).to(map_device(device)),
-                                              spectrum_weight=weight).to(device)
-        else:
-            volume_tensor = torch.from_numpy(reference).to(device=device, dtype=torch.float64)
-            if weight is not None:
-                volume_tensor = filter_by_shell(volume_tensor, weight.to(device))
-        # On the CPU the scorer keeps every core busy: read each batch in turn, and for the
-        # Fourier scorer slice by slice as it transforms them (see prefetch_batches).
-        on_cpu = device.type == "cpu"
-        kernel = settings.projector == "fourier" and on_cpu and settings.engine != "torch" and _kernels.AVAILABLE
-        for batch_rows, images in prefetch_batches(reader, shard_batches(rows, settings.batch_size, rank, world_size),
-                                                   background=not on_cpu, on_demand=kernel,
+        rows = rows[viewing_direction_order(table.rot[rows], table.tilt[rows])]
+        scorer.prepare(references[subset_number - 1])
+        # On the CPU the scorer keeps every core busy: read each batch in turn (slice by slice as the
+        # kernel transforms them, see prefetch_batches); elsewhere read ahead in a thread.
+        for batch_rows, images in prefetch_batches(reader, shard_batches(rows, options.batch_size, rank, world_size),
+                                                   background=not on_cpu, on_demand=scorer.reads_on_demand,
                                                    pinned=device.type == "cuda"):
-            if settings.projector == "fourier":
-                batch = ParticleBatch.from_table(table, batch_rows, settings.highpass_angstrom, device)
-                image_input = images if isinstance(images, BatchImages) else images_on(images, device)
-                assert samples is not None  # made above for the Fourier scorer
-                values = fourier_scores(projector, image_input, batch, samples, volume_pixel_size, settings.engine)
+            batch = ParticleBatch.from_table(table, batch_rows)
+            if isinstance(images, BatchImages):  # read on demand, slice by slice (scorer.reads_on_demand)
+                values = scorer.score(batch, images)
             else:
-                batch = published_batch(table, batch_rows, settings.highpass_angstrom, device)
-                assert not isinstance(images, BatchImages)  # read on demand for the Fourier kernel only
-                values = published_scores(volume_tensor, images_on(images, device), batch)
+                values = scorer.score(batch, images_on(images, device))
             if on_cpu:
                 scores[batch_rows] = values.numpy()
             else:  # kept on the device until the half-set is done: no wait for the device at every batch
@@ -141,8 +106,7 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
             gathered = torch.cat([values for _, values in pending]).cpu().double().numpy()
             scores[np.concatenate([batch_rows for batch_rows, _ in pending])] = gathered
             pending.clear()
-        if settings.projector == "fourier":
-            del projector
+        scorer.release()
     return scores
 
 
@@ -156,7 +120,7 @@ class ScoreTask:
     directory: Any
     references: Sequence[np.ndarray]
     half_set: np.ndarray
-    options: ScoringOptions
+    options: SieveSettings
     volume_pixel_size: float | None
     reference_fsc: np.ndarray | None
     progress: Callable[[int], None] | None = None

@@ -14,7 +14,7 @@ viewing-direction order on 2 cores (AMD EPYC, AVX-512): one fused scalar loop 8,
 particles/s; blocked and vectorised 13,500 to 15,300 particles/s, of which the gathers
 are about two thirds. A 2x2x2-bricked grid layout (fewer cache lines per sample) was
 slower (12,000) and was not kept. Compiled on first use (cached on disk) and used on the
-CPU only; CUDA uses the batched torch path in :mod:`cryosieve.score`.
+CPU only; CUDA uses the batched torch path of :mod:`cryosieve.scoring.fourier`.
 """
 
 from __future__ import annotations
@@ -47,49 +47,20 @@ CORNER_LAYOUT_SHARE = 0.25
 BLOCK = 16
 
 if AVAILABLE:
-    from llvmlite import binding as _llvm_binding
     from llvmlite import ir as _llvm_ir
     from numba import types as _numba_types
-    from numba.core import cgutils as _cgutils
     from numba.core.base import BaseContext as _TargetContext
     from numba.core.typing.context import BaseContext as _TypingContext
     from numba.core.typing.templates import Signature as _Signature
     from numba.extending import intrinsic as _intrinsic
 
     from cryosieve._fastmath import fast_sin  # noqa: F401 - re-exported for the kernels' tests
+    from cryosieve._intrinsics import prefetch_for_read
     from cryosieve.ctf import ctf_value
-
-    # LLVM 17+ has only opaque pointers (intrinsic suffix p0); older ones typed pointers.
-    _PREFETCH_NAME = "llvm.prefetch.p0" if _llvm_binding.llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"
 
     # The intrinsics' typing functions get numba types, their code generators llvmlite's IR
     # builder and values; both run in Python while a kernel is compiled.
     _Codegen = Callable[[_TargetContext, _llvm_ir.IRBuilder, _Signature, Sequence[_llvm_ir.Value]], _llvm_ir.Value]
-
-    def _prefetch_intrinsic(write: int) -> Callable[..., None]:
-        def prefetch(typingctx: _TypingContext, array: _numba_types.Type,
-                     index: _numba_types.Type) -> tuple[_Signature, _Codegen]:  # pragma: no cover - compiled
-            signature = _numba_types.void(array, _numba_types.intp)
-
-            def codegen(context: _TargetContext, builder: _llvm_ir.IRBuilder, sig: _Signature,
-                    args: Sequence[_llvm_ir.Value]) -> _llvm_ir.Value:
-                data = context.make_array(sig.args[0])(context, builder, args[0]).data
-                pointer = builder.bitcast(builder.gep(data, [args[1]]), _llvm_ir.IntType(8).as_pointer())
-                int32 = _llvm_ir.IntType(32)
-                function = _cgutils.get_or_insert_function(
-                    builder.module,
-                    _llvm_ir.FunctionType(_llvm_ir.VoidType(), [pointer.type, int32, int32, int32]),
-                    _PREFETCH_NAME)
-                builder.call(function, [pointer, int32(write), int32(3), int32(1)])
-                return context.get_dummy_value()
-
-            return signature, codegen
-
-        return _intrinsic(prefetch)
-
-    #: Hint the CPU to fetch ``array.flat[index]``'s cache line for reading / for writing.
-    prefetch_for_read = _prefetch_intrinsic(0)
-    prefetch_for_write = _prefetch_intrinsic(1)
 
     _FLOAT = _llvm_ir.FloatType()
     _INT32 = _llvm_ir.IntType(32)
@@ -215,31 +186,11 @@ if AVAILABLE:
 
     # The compiled functions below take no annotations: numba types their arguments itself, and
     # their bodies by its own rules (pyproject.toml leaves them out of mypy's checks).
-    @numba.njit(inline="always", cache=True)
-    def friedel_fold(x, y, z):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-        # A 3D frequency moved to the stored x >= 0 half of a Hermitian transform, with the
-        # sign its value's imaginary part takes there (-1 when it was mirrored).
-        if x < 0:
-            return -x, -y, -z, -1.0
-        return x, y, z, 1.0
-
-    @numba.njit(inline="always", cache=True)
-    def _phase_powers(origin, box, real, imag, count):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-        # real[k] + i imag[k] = exp(-2 pi i k (origin - box // 2) / box) for k < count: powers
-        # of one step by recurrence in float64 (error ~1e-14 after box steps)
-        step = -2.0 * math.pi / box * (origin - box // 2)
-        step_real, step_imag = math.cos(step), math.sin(step)
-        power_real, power_imag = 1.0, 0.0
-        for k in range(count):
-            real[k] = power_real
-            imag[k] = power_imag
-            power_real, power_imag = (power_real * step_real - power_imag * step_imag,
-                                      power_real * step_imag + power_imag * step_real)
-
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def fourier_scores_kernel(grid, corners, shape_y, shape_x, half, pad_factor,  # type: ignore[no-untyped-def]
                               spectra, width, block_row, block_column, block_ky, u2_cycles, cos2_sample, sin2_sample,
-                              sample_weight, rotations, scale, origin_x, origin_y,
+                              sample_weight, rotations, scale, phase_y_real, phase_y_imag, phase_x_real,
+                              phase_x_imag,
                               defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
                               envelope, ctf_scale, highpass2_cycles, box, out):  # pragma: no cover - compiled
         # Three passes per particle over its band samples, laid out in blocks of BLOCK
@@ -253,8 +204,10 @@ if AVAILABLE:
         #   3. the CTF (cryosieve.ctf.ctf_value), the observed sample times the origin phase,
         #      and the score sum (fixed-length inner loop: vectorised).
         # ``spectra``: (count, box * width * 2) float32, the rfft2 of each image (interleaved
-        # complex, zero columns beyond box // 2 + 1); ``origin_x, origin_y``: pixels; the CTF
-        # terms from CtfParameters.in_cycles_per_box.
+        # complex, zero columns beyond box // 2 + 1); ``phase_y_*``: (count, box) and
+        # ``phase_x_*``: (count, width) float32, the origin phases of cryosieve.fourier.origin_phases
+        # (T(I) and the move of the image centre to the origin, separable in y and x; zero
+        # columns beyond box // 2 + 1); the CTF terms from CtfParameters.in_cycles_per_box.
         count = spectra.shape[0]
         blocks = block_row.shape[0]
         points = blocks * BLOCK
@@ -267,20 +220,7 @@ if AVAILABLE:
         index_x = np.int32(shape_x - 1) if use_corners else np.int32(shape_x)
         half32 = np.int32(half)
         limit = np.int32(2 * half)
-        rows_positive = box // 2 + 1  # rows 0 .. box // 2 of the fftfreq order are k >= 0
         for i in numba.prange(count):
-            # T(I) and the move of the image centre (pixel N/2) to the origin as one phase,
-            # exp(-2 pi i (kx (ox - N/2) + ky (oy - N/2)) / N), separable in x and y
-            phase_x_real = np.empty(width, dtype=np.float32)
-            phase_x_imag = np.empty(width, dtype=np.float32)
-            phase_y_real = np.empty(box, dtype=np.float32)
-            phase_y_imag = np.empty(box, dtype=np.float32)
-            _phase_powers(origin_x[i], box, phase_x_real, phase_x_imag, width)
-            _phase_powers(origin_y[i], box, phase_y_real, phase_y_imag, rows_positive)
-            for k in range(1, rows_positive):
-                if box - k >= rows_positive:  # row box - k holds frequency -k
-                    phase_y_real[box - k] = phase_y_real[k]
-                    phase_y_imag[box - k] = -phase_y_imag[k]
             model_real = np.empty(points, dtype=np.float32)
             model_imag = np.empty(points, dtype=np.float32)
             offset_x = np.empty(points, dtype=np.float32)
@@ -357,16 +297,16 @@ if AVAILABLE:
             total = 0.0
             for b in range(blocks):
                 r = block_row[b]
-                pyr = phase_y_real[r]
-                pyi = phase_y_imag[r]
+                pyr = phase_y_real[i, r]
+                pyi = phase_y_imag[i, r]
                 spectrum_start = 2 * (r * width + block_column[b])
                 phase_start = block_column[b]
                 o = b * BLOCK
                 # views of the block's columns: lane indices from 0 let the loads be plain
                 # vector loads (with flat indices the compiler emitted gathers)
                 spectrum = spectra[i, spectrum_start:spectrum_start + 2 * BLOCK]
-                phase_real = phase_x_real[phase_start:phase_start + BLOCK]
-                phase_imag = phase_x_imag[phase_start:phase_start + BLOCK]
+                phase_real = phase_x_real[i, phase_start:phase_start + BLOCK]
+                phase_imag = phase_x_imag[i, phase_start:phase_start + BLOCK]
                 block_total = np.float32(0.0)
                 for lane in range(BLOCK):
                     j = o + lane

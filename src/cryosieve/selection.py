@@ -1,5 +1,11 @@
-"""Viewing directions: equal-area bins on the sphere, how much a selection depletes them, and a floor
-that keeps every well-populated view from being depleted (``--keep_orientations``).
+"""The selection: which particles a sieve keeps, given their scores.
+
+* :func:`select_lowest`: within each half-set the ``round(R n)`` lowest scores (:func:`retained_count`),
+  optionally the same number in every half-set (``--balance``);
+* viewing directions: equal-area bins on the sphere (:func:`view_bins`), how much a selection depletes
+  them (:func:`depleted_fraction`), and a floor that keeps every well-populated view from being depleted
+  (:func:`keep_views`, ``--keep_orientations``);
+* :func:`select`: all of it, as a sieve applies it.
 
 A particle's viewing direction is set by ``rot`` and ``tilt`` (degrees, RELION's ZYZ Euler angles;
 ``psi`` turns the image in its plane). The sphere is cut into ``rot_bins`` equal steps of ``rot`` and
@@ -67,3 +73,42 @@ def keep_views(scores: np.ndarray, kept: np.ndarray, bins: np.ndarray, max_loss:
         back = candidates[np.argsort(scores[candidates], kind="stable")[:wanted - have]]
         result[back] = True
     return result
+
+
+def retained_count(count: int, retention_ratio: float) -> int:
+    """How many of ``count`` particles to keep: ``round(retention_ratio * count)`` (Python's round, as published)."""
+    return round(retention_ratio * count)
+
+
+def select_lowest(scores: np.ndarray, groups: np.ndarray, retention_ratio: float, balance: bool = False
+                  ) -> np.ndarray:
+    """Keep, within each group, the ``round(R * n)`` lowest scores (ties: input order).
+
+    With ``balance``, every group keeps the same number: the smallest ``round(R * n)``.
+    ``scores``: ``(n,)``; ``groups``: ``(n,)`` half-set labels. Returns a ``(n,)`` bool mask.
+    """
+    kept = np.zeros(len(scores), dtype=bool)
+    labels = np.unique(groups)
+    counts = {group: retained_count(int(np.sum(groups == group)), retention_ratio) for group in labels}
+    smallest = min(counts.values()) if counts else 0
+    for group in labels:
+        members = np.flatnonzero(groups == group)
+        order = np.argsort(scores[members], kind="stable")
+        kept[members[order[:smallest if balance else counts[group]]]] = True
+    return kept
+
+
+def select(scores: np.ndarray, half_set: np.ndarray, retention_ratio: float, *, balance: bool = False,
+           keep_orientations: float | None = None, rot: np.ndarray | None = None, tilt: np.ndarray | None = None
+           ) -> np.ndarray:
+    """The kept particles ``(n,)`` bool of a sieve: :func:`select_lowest` of each half-set, then, with
+    ``keep_orientations`` (a factor of at least 1), :func:`keep_views` within each half-set of the viewing
+    directions ``rot``, ``tilt`` (``(n,)`` degrees)."""
+    kept = select_lowest(scores, half_set, retention_ratio, balance=balance)
+    if keep_orientations is not None:
+        assert rot is not None and tilt is not None, "keep_orientations needs the viewing directions"
+        bins = view_bins(rot, tilt)
+        for subset in np.unique(half_set):
+            members = half_set == subset
+            kept[members] = keep_views(scores[members], kept[members], bins[members], keep_orientations)
+    return kept

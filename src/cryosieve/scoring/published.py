@@ -8,7 +8,7 @@ selections they made with it. Everything is float64, on any torch device::
 
 with the squared norms taken over the real-space pixels of the box. The conventions of
 the published program, step by step, and where they differ from RELION's or from this
-package's own scorer (:mod:`cryosieve.score`):
+package's own scorer (:mod:`cryosieve.scoring.fourier`):
 
 Inputs
     The half map is the map times the mask, both read as float32 and multiplied in
@@ -43,7 +43,7 @@ CTF (:func:`published_ctf`)
     ``dz = -(dU + dV + (dU - dV) cos(2 (alpha - angle))) / 2`` (negative for underfocus),
     ``f = hypot(kx, ky) / (box * pixel)`` in 1/Å, ``alpha = atan2(ky, kx)`` on the
     grid above, and ``lambda = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))`` Å for ``V`` in
-    volts (:func:`published_wavelength`, RELION's formula). This equals RELION's CTF
+    volts (:func:`cryosieve.ctf.electron_wavelength`, RELION's formula). This equals RELION's CTF
     (:func:`cryosieve.ctf.ctf_2d`) except on the Nyquist row. No B-factor envelope and
     no ``rlnCtfScalefactor``. It multiplies the ``rfft2`` of the projection (origin at
     pixel 0, not at the box centre).
@@ -57,7 +57,7 @@ High-pass ``HP`` (:func:`published_highpass`)
     angpix / F`` in cycles per pixel: the cut-off sample itself is kept. The published
     upper limit (1 cycle per pixel) removes nothing from a 2D grid, and samples beyond
     Nyquist (the corners, up to ``sqrt(2)/2`` cycles per pixel) stay in the score,
-    unlike in :mod:`cryosieve.score`. ``angpix`` is ``--angpix`` where given (the
+    unlike in :mod:`cryosieve.scoring.fourier`. ``angpix`` is ``--angpix`` where given (the
     published program always needs it), else the particle's pixel size.
 
 Back to real space (:func:`inverse_half_plane`)
@@ -73,19 +73,22 @@ Back to real space (:func:`inverse_half_plane`)
 
 Selection
     ``round(R * n)`` (Python's rounding) lowest scores of each half-set
-    (:func:`cryosieve.score.select_lowest`). Ties keep the first in input order; the
+    (:func:`cryosieve.selection.select_lowest`). Ties keep the first in input order; the
     published ``numpy.argsort`` breaks them in an unspecified order.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cryosieve.particles import ParticleSet
-from cryosieve.score import ParticleBatch
+from cryosieve.batch import ParticleBatch
+from cryosieve.ctf import electron_wavelength
+from cryosieve.fsc import filter_by_shell, fsc_weight
+from cryosieve.io.stack import BatchImages
 
 
 def published_row_frequencies(box: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -184,13 +187,46 @@ def published_realspace_projection(volume: torch.Tensor, rot: np.ndarray, tilt: 
     return images
 
 
-def published_wavelength(volts: torch.Tensor) -> torch.Tensor:
-    """Relativistic electron wavelength (Å) for an acceleration voltage in volts (float64 tensor):
-    ``12.2643247 / sqrt(V (1 + 0.978466e-6 V))``."""
-    return 12.2643247 / torch.sqrt(volts * (1 + volts * 0.978466e-6))
+@dataclass(frozen=True)
+class PublishedParticles:
+    """What the published program reads of ``b`` particles, as ``(b,)`` float64 tensors on one device:
+    poses (degrees), origins (pixels), the CTF values as RELION gives them (defocus Å, angle and phase
+    shift degrees, voltage kV, Cs mm, amplitude contrast), pixel size (Å) and the published cut-off
+    (cycles per pixel, :func:`published_cutoff`)."""
+
+    rot: torch.Tensor
+    tilt: torch.Tensor
+    psi: torch.Tensor
+    origin_x: torch.Tensor
+    origin_y: torch.Tensor
+    defocus_u: torch.Tensor
+    defocus_v: torch.Tensor
+    defocus_angle: torch.Tensor
+    phase_shift: torch.Tensor
+    voltage: torch.Tensor
+    spherical_aberration: torch.Tensor
+    amplitude_contrast: torch.Tensor
+    pixel_size: torch.Tensor
+    highpass_cycles_per_pixel: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: ParticleBatch, highpass_angstrom: float, device: torch.device | str) -> PublishedParticles:
+        """The particles of ``batch`` at the cut-off ``highpass_angstrom`` (Å), with the table's ``--angpix``."""
+        table, rows = batch.table, batch.rows
+
+        def tensor(values: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
+
+        columns = {name: tensor(getattr(table, name)[rows]) for name in (
+            "defocus_u", "defocus_v", "defocus_angle", "phase_shift", "voltage", "spherical_aberration",
+            "amplitude_contrast")}
+        cutoff = published_cutoff(batch.pixel_size, highpass_angstrom, table.angpix)
+        return cls(rot=tensor(batch.rot), tilt=tensor(batch.tilt), psi=tensor(batch.psi),
+                   origin_x=tensor(batch.origin_x), origin_y=tensor(batch.origin_y),
+                   pixel_size=tensor(batch.pixel_size), highpass_cycles_per_pixel=tensor(cutoff), **columns)
 
 
-def published_ctf(box: int, batch: ParticleBatch) -> torch.Tensor:
+def published_ctf(box: int, batch: PublishedParticles) -> torch.Tensor:
     """The published CTF on the ``rfft2`` half-plane of a ``box``-pixel image.
 
     ``batch``: ``b`` particles (see the module docstring for the formula). Returns
@@ -202,7 +238,7 @@ def published_ctf(box: int, batch: ParticleBatch) -> torch.Tensor:
     alpha = torch.atan2(ky, kx) - torch.deg2rad(batch.defocus_angle)[:, None, None]
     defocus_u, defocus_v = batch.defocus_u[:, None, None], batch.defocus_v[:, None, None]
     defocus = -(defocus_u + defocus_v + (defocus_u - defocus_v) * torch.cos(2 * alpha)) / 2
-    wavelength = published_wavelength(batch.voltage * 1e3)[:, None, None]
+    wavelength = electron_wavelength(batch.voltage)[:, None, None]
     cs = (batch.spherical_aberration * 1e7)[:, None, None]  # Å
     chi = (math.pi * wavelength * defocus * frequency**2 + math.pi / 2 * cs * wavelength**3 * frequency**4
            - torch.deg2rad(batch.phase_shift)[:, None, None])
@@ -267,17 +303,7 @@ def published_cutoff(pixel_size: np.ndarray, highpass_angstrom: float, angpix: f
     return np.full(len(pixel), angpix / highpass_angstrom) if angpix is not None else pixel / highpass_angstrom
 
 
-def published_batch(table: ParticleSet, rows: np.ndarray, highpass_angstrom: float,
-                    device: torch.device | str) -> ParticleBatch:
-    """The parameters of the given table rows, with the published cut-off (:func:`published_cutoff`
-    of the table's ``--angpix``) as ``highpass_cycles_per_pixel``."""
-    batch = ParticleBatch.from_table(table, rows, highpass_angstrom, device)
-    cutoff = published_cutoff(np.asarray(table.pixel_size)[rows], highpass_angstrom, table.angpix)
-    batch.highpass_cycles_per_pixel = torch.as_tensor(cutoff, dtype=torch.float64, device=device)
-    return batch
-
-
-def published_scores(volume: torch.Tensor, images: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
+def published_scores(volume: torch.Tensor, images: torch.Tensor, batch: PublishedParticles) -> torch.Tensor:
     """Scores exactly as the published CryoSieve 1.3.3 computes them (float64, real space).
 
     Parameters
@@ -288,8 +314,7 @@ def published_scores(volume: torch.Tensor, images: torch.Tensor, batch: Particle
     images:
         ``(b, n, n)`` particle images indexed ``[y, x]``, any real dtype (float32 as read).
     batch:
-        Their parameters; ``highpass_cycles_per_pixel`` is the cut-off
-        (:func:`published_batch`).
+        Their parameters (:meth:`PublishedParticles.of`).
 
     Returns
     -------
@@ -303,3 +328,32 @@ def published_scores(volume: torch.Tensor, images: torch.Tensor, batch: Particle
     difference = published_highpass(model - shifted, batch.highpass_cycles_per_pixel)
     shifted = published_highpass(shifted, batch.highpass_cycles_per_pixel)
     return (torch.linalg.matrix_norm(difference) ** 2 - torch.linalg.matrix_norm(shifted) ** 2)
+
+
+class PublishedScorer:
+    """The published scorer (:func:`published_scores`) as a :class:`~cryosieve.scoring.base.Scorer`, at the
+    cut-off ``highpass_angstrom`` (Å) on ``device`` (float64 throughout). ``reference_fsc``: the per-shell FSC
+    to weight each reference by (:func:`cryosieve.fsc.fsc_weight`; the published program has none). The
+    cut-off of each particle is the published one, from the set's ``--angpix`` (:func:`published_cutoff`)."""
+
+    reads_on_demand = False
+
+    def __init__(self, highpass_angstrom: float, device: torch.device, reference_fsc: np.ndarray | None = None
+                 ) -> None:
+        self.highpass_angstrom = highpass_angstrom
+        self.device = torch.device(device)
+        self.weight = torch.from_numpy(fsc_weight(reference_fsc)) if reference_fsc is not None else None
+        self.volume: torch.Tensor | None = None
+
+    def prepare(self, reference: np.ndarray) -> None:
+        volume = torch.from_numpy(reference).to(device=self.device, dtype=torch.float64)
+        self.volume = filter_by_shell(volume, self.weight.to(self.device)) if self.weight is not None else volume
+
+    def release(self) -> None:
+        self.volume = None
+
+    def score(self, batch: ParticleBatch, images: torch.Tensor | BatchImages) -> torch.Tensor:
+        assert self.volume is not None, "prepare() a reference first"
+        if isinstance(images, BatchImages):
+            images = torch.from_numpy(images.slice(0, len(images)).copy()).to(self.device)
+        return published_scores(self.volume, images, PublishedParticles.of(batch, self.highpass_angstrom, self.device))

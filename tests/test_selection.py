@@ -1,11 +1,12 @@
-"""``cryosieve.views``: equal-area viewing-direction bins, depletion, and the floor of --keep_orientations."""
+"""``cryosieve.selection``: the lowest fraction of each half-set, equal-area viewing-direction bins, depletion,
+and the floor of --keep_orientations."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from cryosieve.geometry import uniform_random_euler
-from cryosieve.views import COS_BINS, ROT_BINS, depleted_fraction, keep_views, view_bins
+from cryosieve.selection import COS_BINS, ROT_BINS, depleted_fraction, keep_views, select_lowest, view_bins
 
 
 def test_uniform_directions_fill_the_bins_equally() -> None:
@@ -49,3 +50,11 @@ def test_keep_views_gives_back_the_best_of_a_depleted_bin() -> None:
     sieved = view0[~kept[view0]]
     assert set(np.flatnonzero(back)) == set(sieved[np.argsort(scores[sieved])[:back.sum()]])
     assert np.array_equal(keep_views(scores, kept, bins, 10.0), kept)  # a loose floor changes nothing
+
+
+def test_select_lowest_rounds_and_breaks_ties_by_input_order():
+    scores = np.array([3.0, 1.0, 1.0, 2.0, 5.0, 0.0, 0.0, 0.0])
+    groups = np.array([1, 1, 1, 1, 1, 2, 2, 2])
+    kept = select_lowest(scores, groups, 0.5)
+    # group 1: round(2.5) = 2 (Python's round, as published) -> rows 1, 2; group 2: round(1.5) = 2 -> rows 5, 6
+    assert kept.tolist() == [False, True, True, False, False, True, True, False]
