@@ -35,6 +35,7 @@ import torch
 from conftest import model_map, require, write_map
 from cryosieve.cli.postprocess import main
 from cryosieve.errors import CryoSieveInputError
+from cryosieve.fsc import shell_resolutions
 from cryosieve.postprocess import (
     corrected_fsc,
     last_shell_above,
@@ -44,7 +45,6 @@ from cryosieve.postprocess import (
     read_inputs,
     relion_fourier_shell_correlation,
     sharpen_map,
-    shell_resolutions,
     write_postprocess,
 )
 

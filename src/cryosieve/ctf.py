@@ -166,7 +166,8 @@ def ctf_2d(frequency_x: torch.Tensor, frequency_y: torch.Tensor, defocus_u: torc
     ``frequency_x``'s dtype. Values as :meth:`CtfParameters.from_values` takes them."""
     parameters = CtfParameters.from_values(defocus_u, defocus_v, defocus_angle, voltage, spherical_aberration,
                                            amplitude_contrast, phase_shift, bfactor, scale)
-    return parameters.evaluate(frequency_x, frequency_y)
+    result: torch.Tensor = parameters.evaluate(frequency_x, frequency_y)
+    return result
 
 
 if _NUMBA:

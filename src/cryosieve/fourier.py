@@ -150,7 +150,8 @@ def rfftn(volume: torch.Tensor, norm: str = "backward") -> torch.Tensor:
     import torch
 
     if volume.device.type != "cpu":
-        return torch.fft.rfftn(volume, dim=(-3, -2, -1), norm=norm)
+        result: torch.Tensor = torch.fft.rfftn(volume, dim=(-3, -2, -1), norm=norm)
+        return result
     return torch.from_numpy(scipy.fft.rfftn(volume.numpy(), axes=(-3, -2, -1), norm=norm, workers=fft_workers()))
 
 
@@ -161,6 +162,7 @@ def irfftn(spectrum: torch.Tensor, size: int, norm: str = "backward") -> torch.T
 
     shape = (size, size, size)
     if spectrum.device.type != "cpu":
-        return torch.fft.irfftn(spectrum, s=shape, dim=(-3, -2, -1), norm=norm)
+        result: torch.Tensor = torch.fft.irfftn(spectrum, s=shape, dim=(-3, -2, -1), norm=norm)
+        return result
     return torch.from_numpy(scipy.fft.irfftn(spectrum.numpy(), s=shape, axes=(-3, -2, -1), norm=norm,
                                              workers=fft_workers()))

@@ -60,7 +60,8 @@ def axis_rotation(fold: int, axis: tuple[float, float, float], step: int = 1) ->
     cross = np.array([[0.0, -direction[2], direction[1]],
                       [direction[2], 0.0, -direction[0]],
                       [-direction[1], direction[0], 0.0]])
-    return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * (cross @ cross)
+    result: np.ndarray = np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * (cross @ cross)
+    return result
 
 
 def _generators(name: str) -> list[tuple[int, tuple[float, float, float]]]:

@@ -51,7 +51,8 @@ def _dataset_class() -> type[Dataset]:
     except ImportError:
         raise CryoSieveInputError('.cs particle files need cryosparc-tools: pip install "cryosieve[cryosparc]"'
                                   ) from None
-    return Dataset
+    result: type[Dataset] = Dataset
+    return result
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; numpy does the same, more slowly
     numba = None  # type: ignore[assignment]  # None marks numba as missing
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.mrc import MRC_LABEL, check_mrc_file, quiet_mrcfile, resolve_path, set_fixed_label
@@ -66,7 +66,8 @@ def _images_view(handle: mrcfile.mrcfile.MrcFile, path: Path) -> np.ndarray:
         data = data[None]
     if data.ndim != 3 or data.shape[1] != data.shape[2]:
         raise CryoSieveInputError(f"{path}: expected square images, got shape {data.shape}")
-    return data
+    result: np.ndarray = data
+    return result
 
 
 def _non_finite_images(images: np.ndarray) -> np.ndarray:
@@ -79,7 +80,8 @@ def _non_finite_images(images: np.ndarray) -> np.ndarray:
     bad = ~np.isfinite(np.einsum("ijk->i", images))
     if bad.any():
         bad[bad] = ~np.isfinite(images[bad].sum(axis=(1, 2), dtype=np.float64))
-    return bad
+    result: np.ndarray = bad
+    return result
 
 
 # Compiled by numba below, which types the arguments itself: no annotations.
@@ -481,7 +483,7 @@ def _read_in_turn(reader: StackReader, batches: Sequence[np.ndarray], on_demand:
     # 5 % on this project's machine (local disk), far more on slower storage, where each
     # page fault would otherwise wait for the disk.
     batches = list(batches)
-    requests: queue.Queue = queue.Queue()
+    requests: queue.Queue[np.ndarray | None] = queue.Queue()
 
     def advise() -> None:
         while (rows := requests.get()) is not None:
@@ -531,7 +533,7 @@ def images_on(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.
 
 def _read_in_background(reader: StackReader, batches: Sequence[np.ndarray], depth: int, pinned: bool = False
                         ) -> Iterator[tuple[np.ndarray, np.ndarray | torch.Tensor]]:
-    slots: queue.Queue = queue.Queue(maxsize=depth)
+    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def read(rows: np.ndarray) -> np.ndarray | torch.Tensor:

@@ -98,7 +98,8 @@ def _column(path: str, block: str, frame: pd.DataFrame, name: str) -> np.ndarray
         raise CryoSieveInputError(
             f"{path}: column {name} in data_{block} has a non-numeric value at row {row + 1}"
         )
-    return values
+    result: np.ndarray = values
+    return result
 
 
 def _optional(frame: pd.DataFrame, name: str, default: float, path: str, block: str) -> np.ndarray:
@@ -293,7 +294,8 @@ def _origin_31(path: str, frame: pd.DataFrame, axis: str, pixel: np.ndarray) -> 
                 f"{angstrom_name} ({from_angstrom[row] * pixel[row]:g} Å "
                 f"= {from_angstrom[row]:g} px) disagree at row {row + 1} of data_particles; keep one of them")
     if from_angstrom is not None:
-        return from_angstrom
+        result: np.ndarray = from_angstrom
+        return result
     if from_pixels is not None:
         return from_pixels
     return np.zeros(len(frame), dtype=np.float64)

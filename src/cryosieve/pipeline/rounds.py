@@ -134,7 +134,8 @@ def kept_in(names: OutputNames, iteration: int, particles: ParticleSet) -> np.nd
     if len(scores) != len(particles) or not np.array_equal(scores["rlnImageName"].to_numpy(dtype=object),
                                                            particles.image_name.astype(str)):
         raise CryoSieveInputError(f"{path}: does not list the particles of {names.star(iteration)}")
-    return scores["kept"].to_numpy(dtype=np.int64).astype(bool)
+    result: np.ndarray = scores["kept"].to_numpy(dtype=np.int64).astype(bool)
+    return result
 
 
 def round_summary(prepared: Prepared, iteration: int, particles: ParticleSet, state: State) -> RoundSummary:

@@ -64,9 +64,9 @@ def choose_engine(engine: str, device: torch.device | str) -> str:
     raise CryoSieveInputError(f"{setting('engine')} {engine!r}: expected one of {', '.join(ENGINES)}")
 
 
-class _Insertion(Protocol):
-    """What :func:`_reconstruct` needs of an engine (:class:`~.cpu.NumbaInsertion`,
-    :class:`~.tensor_path.TensorInsertion`)."""
+class Insertion(Protocol):
+    """An engine's insertion of a reconstruction's batches into its grids (:class:`~.cpu.NumbaInsertion`,
+    :class:`~.tensor_path.TensorInsertion`; chosen once, :func:`make_insertion`)."""
 
     def insert(self, images: Any, batch: ParticleBatch, labels: np.ndarray) -> None: ...
 
@@ -75,6 +75,17 @@ class _Insertion(Protocol):
     def snapshot(self, group: int) -> Any: ...
 
     def release(self) -> None: ...
+
+
+def make_insertion(engine: str, box: int, pad_factor: int, groups: Sequence[int], apply_ctf: bool, batch_size: int,
+                   device: torch.device | str) -> Insertion:
+    """The insertion of ``engine`` (``"numba"`` or ``"torch"``, :func:`choose_engine`) into one grid per group
+    of ``groups`` for ``box``-pixel images."""
+    if engine == "numba":
+        return cpu.NumbaInsertion(box, pad_factor, groups, apply_ctf, batch_size)
+    from cryosieve.reconstruct.tensor_path import TensorInsertion
+
+    return TensorInsertion(box, pad_factor, groups, apply_ctf, device)
 
 
 def torch_device_type(device: str) -> str:
@@ -265,17 +276,13 @@ class InsertionTask:
         ``progress``: called with the particles inserted (rank 0's, counted for every rank: :func:`job_progress`)."""
         rotations_group = symmetry_matrices(self.symmetry)
         device = world.device(self.device)
-        insertion: _Insertion | None = None
+        insertion: Insertion | None = None
         error: BaseException | None = None
         box = 0
         try:
             box = reader.validate()
-            if self.engine == "numba":
-                insertion = cpu.NumbaInsertion(box, self.pad_factor, self.groups, self.apply_ctf, self.batch_size)
-            else:
-                from cryosieve.reconstruct.tensor_path import TensorInsertion
-
-                insertion = TensorInsertion(box, self.pad_factor, self.groups, self.apply_ctf, device)
+            insertion = make_insertion(self.engine, box, self.pad_factor, self.groups, self.apply_ctf, self.batch_size,
+                                       device)
         except Exception as raised:
             error = raised
         world.check(error)
@@ -301,7 +308,7 @@ class InsertionTask:
         finally:
             insertion.release()
 
-    def _insert(self, insertion: _Insertion, reader: StackReader, rows: np.ndarray, labels: np.ndarray,
+    def _insert(self, insertion: Insertion, reader: StackReader, rows: np.ndarray, labels: np.ndarray,
                 progress: Callable[[int], None] | None) -> None:
         batches = [rows[start:start + self.batch_size] for start in range(0, rows.size, self.batch_size)]
         label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))

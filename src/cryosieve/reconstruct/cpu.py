@@ -324,7 +324,8 @@ class GridAccumulators:
         first = self.groups.index(group) * self.copies
         for copy in range(1, self.copies):
             np.add(self.grids[first], self.grids[first + copy], out=self.grids[first])
-        return self.grids[first]
+        result: np.ndarray = self.grids[first]
+        return result
 
     def snapshot(self, group: int) -> np.ndarray:
         """A new array holding the grid of one map so far (its copies summed); the accumulation goes on."""

@@ -288,7 +288,8 @@ def blob_taps(radius: float = BLOB_RADIUS, alpha: float = BLOB_ALPHA) -> np.ndar
     reach = math.floor(radius)
     offsets = np.arange(-reach, reach + 1, dtype=np.float64)
     values = np.i0(alpha * np.sqrt(np.clip(1.0 - (offsets / radius) ** 2, 0.0, None)))
-    return values / values.sum()
+    result: np.ndarray = values / values.sum()
+    return result
 
 
 def gridding_multiplier(grid: Grid, iterations: int, relative_regularisation: float,
@@ -625,11 +626,13 @@ class _NumbaGrid:
 
     @staticmethod
     def ifft(values: np.ndarray, axis: int) -> np.ndarray:
-        return scipy.fft.ifft(values, axis=axis, workers=fft_workers(), overwrite_x=True)
+        result: np.ndarray = scipy.fft.ifft(values, axis=axis, workers=fft_workers(), overwrite_x=True)
+        return result
 
     @staticmethod
     def irfft(values: np.ndarray, size: int, axis: int) -> np.ndarray:
-        return scipy.fft.irfft(values, n=size, axis=axis, workers=fft_workers())
+        result: np.ndarray = scipy.fft.irfft(values, n=size, axis=axis, workers=fft_workers())
+        return result
 
     @staticmethod
     def mask_and_correct(volume: np.ndarray, radius: float, width: float, padded: int) -> np.ndarray:
@@ -757,7 +760,8 @@ class _TorchGrid:
         factor = torch.where(weight > 0, factor / torch.where(weight > 0, weight, 1.0), torch.zeros_like(factor))
         factor = torch.where(radius2 < half * half, factor, torch.zeros_like(factor))
         spectrum = torch.complex(block[..., 0] * factor, block[..., 1] * factor)
-        return torch.fft.ifftshift(spectrum, dim=(0, 1))
+        result: torch.Tensor = torch.fft.ifftshift(spectrum, dim=(0, 1))
+        return result
 
     @staticmethod
     def empty_complex(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -769,13 +773,15 @@ class _TorchGrid:
     def ifft(values: torch.Tensor, axis: int) -> torch.Tensor:
         import torch
 
-        return torch.fft.ifft(values, dim=axis)
+        result: torch.Tensor = torch.fft.ifft(values, dim=axis)
+        return result
 
     @staticmethod
     def irfft(values: torch.Tensor, size: int, axis: int) -> torch.Tensor:
         import torch
 
-        return torch.fft.irfft(values, n=size, dim=axis)
+        result: torch.Tensor = torch.fft.irfft(values, n=size, dim=axis)
+        return result
 
     @staticmethod
     def mask_and_correct(volume: torch.Tensor, radius: float, width: float, padded: int) -> torch.Tensor:
@@ -856,7 +862,8 @@ def grid_to_map(grid: Grid, size: int, pad_factor: int, relative_regularisation:
         partial[:, :, x_start:x_end] = operations.ifft(columns, 0)[start:start + size]
     partial = operations.ifft(partial, 1)[:, start:start + size]
     volume = operations.irfft(partial, padded, 2)[:, :, start:start + size]
-    return operations.mask_and_correct(volume, size / 2, MASK_EDGE_WIDTH, padded)
+    result: Grid = operations.mask_and_correct(volume, size / 2, MASK_EDGE_WIDTH, padded)
+    return result
 
 
 def finish_grid(grid: Grid, size: int, pad_factor: int, symmetry_rotations: np.ndarray,

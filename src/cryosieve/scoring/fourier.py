@@ -127,7 +127,8 @@ def _tensor_scores(projector: FourierSliceProjector, images: torch.Tensor, batch
     cut_tensor = to_device(cut, device)
     inside = HighPass.inside(samples.radius_cycles_per_pixel[None, :], cut_tensor[:, None])
     weight = torch.where(inside, samples.weight[None, :], 0.0)
-    return (terms.to(real) * weight).sum(dim=1) / (box * box)
+    result: torch.Tensor = (terms.to(real) * weight).sum(dim=1) / (box * box)
+    return result
 
 
 def corner_layout(projector: FourierSliceProjector) -> np.ndarray | None:

@@ -261,7 +261,8 @@ def inverse_half_plane(spectra: torch.Tensor, box: int) -> torch.Tensor:
     for column in columns:
         values = spectra[..., column]
         spectra[..., column] = (values + values[..., mirror].conj()) / 2
-    return torch.fft.irfftn(spectra, s=(box, box), dim=(-2, -1))
+    result: torch.Tensor = torch.fft.irfftn(spectra, s=(box, box), dim=(-2, -1))
+    return result
 
 
 def published_translate(images: torch.Tensor, origin_x: torch.Tensor, origin_y: torch.Tensor) -> torch.Tensor:
@@ -327,7 +328,8 @@ def published_scores(volume: torch.Tensor, images: torch.Tensor, batch: Publishe
     model = inverse_half_plane(torch.fft.rfftn(projections, dim=(-2, -1)) * published_ctf(box, batch), box)
     difference = published_highpass(model - shifted, batch.highpass_cycles_per_pixel)
     shifted = published_highpass(shifted, batch.highpass_cycles_per_pixel)
-    return (torch.linalg.matrix_norm(difference) ** 2 - torch.linalg.matrix_norm(shifted) ** 2)
+    result: torch.Tensor = (torch.linalg.matrix_norm(difference) ** 2 - torch.linalg.matrix_norm(shifted) ** 2)
+    return result
 
 
 class PublishedScorer:

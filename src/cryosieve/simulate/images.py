@@ -86,7 +86,8 @@ class ImageFormation:
                                device=self.device)
         spectrum[:, self.flat_index] = values.to(torch.complex64)
         spectrum = spectrum.reshape(len(values), self.box, self.box // 2 + 1)
-        return torch.fft.irfft2(spectrum, s=(self.box, self.box))
+        result: torch.Tensor = torch.fft.irfft2(spectrum, s=(self.box, self.box))
+        return result
 
     def render_empty(self, parameters: ParticleParameters, rows: np.ndarray, settings: SimulationSettings,
                      generator: np.random.Generator) -> torch.Tensor:
@@ -183,7 +184,8 @@ def noise_filter(box: int, pixel_size: float, bfactor: float, floor: float) -> n
     weight[:, 0] = 1.0
     if box % 2 == 0:
         weight[:, -1] = 1.0
-    return np.sqrt(power / (np.sum(power * weight) / box**2))
+    result: np.ndarray = np.sqrt(power / (np.sum(power * weight) / box**2))
+    return result
 
 
 def add_coloured_noise(images: np.ndarray, sigma: np.ndarray, amplitude: np.ndarray,

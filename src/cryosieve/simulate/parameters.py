@@ -245,7 +245,8 @@ class ParticleParameters:
     def reported(self, name: str) -> np.ndarray:
         """What the STAR file says of ``rot``, ``tilt``, ``psi``, ``origin_x`` or ``origin_y``."""
         value = getattr(self, f"star_{name}")
-        return getattr(self, name) if value is None else value
+        result: np.ndarray = getattr(self, name) if value is None else value
+        return result
 
     def kinds(self) -> np.ndarray:
         """Each particle's kind, ``(n,)`` str: good, junk, empty, misaligned or wrong_origin."""
