@@ -37,8 +37,9 @@ from cryosieve.io.stack import StackReader
 from cryosieve.io.star import read_particles
 from cryosieve.reconstruct.api import nested_subset_maps
 from cryosieve.retention import CANDIDATES, candidate_steps, choose_retention
-from cryosieve.score import select_lowest
-from cryosieve.sieve import SieveSettings, load_inputs, sieve
+from cryosieve.selection import select_lowest
+from cryosieve.settings import SieveSettings
+from cryosieve.sieve import load_inputs, sieve
 from cryosieve.simulate import SimulationSettings, simulate_particles
 
 

@@ -43,7 +43,8 @@ from bench_reconstruct import cpu_model, make_data, warm_page_cache
 from cryosieve.io.stack import StackReader
 from cryosieve.io.star import read_particles
 from cryosieve.reconstruct import reconstruct_subsets
-from cryosieve.scoring import ScoringOptions, score_rows
+from cryosieve.scoring.loop import score_rows
+from cryosieve.settings import SieveSettings
 
 
 def random_map(box: int, seed: int) -> np.ndarray:
@@ -57,7 +58,7 @@ def time_size(folder: Path, box: int, count: int) -> dict[str, float]:
     table = read_particles(str(star))
     half = table.random_subset.astype(np.int64)
     references = [random_map(box, 1), random_map(box, 2)]
-    options = ScoringOptions(highpass_angstrom=10.0)
+    options = SieveSettings(retention_ratio=0.8, highpass_angstrom=10.0)
     with StackReader(table, str(folder)) as reader:
         warm = np.zeros(len(table), dtype=bool)
         warm[:min(256, len(table))] = True  # compiled kernels and caches warm before timing

@@ -101,7 +101,8 @@ class PeakPrivateMemory:
 def run_one(folder: Path, projector: str, count: int, device: str, frequency: float) -> dict:
     """Score the first ``count`` particles in this process; returns timings and peak RSS."""
     from cryosieve.io.star import read_particles
-    from cryosieve.sieve import SieveSettings, load_inputs, sieve
+    from cryosieve.settings import SieveSettings
+    from cryosieve.sieve import load_inputs, sieve
 
     table = read_particles(folder / "particles.star")
     table = table.subset(np.arange(count))

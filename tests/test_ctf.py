@@ -135,7 +135,7 @@ def test_scores_model_relion_projections_with_envelope_and_scale(tmp_path: Path,
     from cryosieve.io.mrc import Volume
     from cryosieve.io.stack import StackReader
     from cryosieve.io.star import read_particles
-    from cryosieve.scoring import score_rows
+    from cryosieve.scoring.loop import score_rows
     from cryosieve.settings import SieveSettings
 
     box, voxel, count, cutoff = 64, 2.0, 24, 12.0

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryosieve.scoring import shard_batches
+from cryosieve.scoring.loop import shard_batches
 from cryosieve.simulate import SimulationSettings, simulate_particles
 from cryosieve.world import World, launched_by_torchrun
 

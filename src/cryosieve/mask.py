@@ -4,14 +4,17 @@ to make one around a map's density (the simulator, refinement without a given ma
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.fourier import irfftn, raised_cosine, rfftn, squared_radius
 from cryosieve.io.mrc import Volume
 from cryosieve.tolerances import MASK_RANGE, pixel_sizes_agree
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_mask(mask: Volume, shape: tuple[int, ...], pixel_size: float | None = None,
@@ -46,6 +49,8 @@ def _distance_outside(inside: torch.Tensor, reach: int) -> torch.Tensor:
     ``(i - j)^2`` over a window of ``reach`` voxels per axis); larger distances come out
     as ``> reach``. ``inside``: ``(n, n, n)`` bool. Returns float32 of the same shape.
     """
+    import torch
+
     big = float(3 * (reach + 1) ** 2 + 1)
     squared = torch.where(inside, 0.0, big).to(torch.float32)
     for axis in range(3):
@@ -85,6 +90,8 @@ def soft_mask(volume: np.ndarray, voxel_size: float, threshold: float | None = N
     -------
     ``(n, n, n)`` float32 values in [0, 1].
     """
+    import torch
+
     data = torch.as_tensor(np.asarray(volume, dtype=np.float32))
     if data.ndim != 3 or len(set(data.shape)) != 1:
         raise CryoSieveInputError(f"mask: expected a cubic 3D map, got shape {tuple(data.shape)}")

@@ -39,13 +39,14 @@ FLOAT32_ONLY = frozenset({"mps"})
 FLUSH_PARTICLES = 4096
 
 
-def _device_type(device: torch.device | str) -> str:
+def device_type(device: torch.device | str) -> str:
+    """``"cuda"`` of ``"cuda:1"`` or of a ``torch.device``: the kind of a device (no torch import)."""
     return device.type if hasattr(device, "type") else str(device).split(":")[0]
 
 
 def has_float64(device: torch.device | str) -> bool:
     """Whether tensors on ``device`` can be float64."""
-    return _device_type(device) not in FLOAT32_ONLY
+    return device_type(device) not in FLOAT32_ONLY
 
 
 def real_dtype(device: torch.device | str) -> torch.dtype:

@@ -25,15 +25,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from cryosieve.io.atomic import atomic_path, write_text_atomic
-from cryosieve.plots import plot_fsc_curves
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SUMMARY_COLUMNS = ("iteration", "cutoff_angstrom", "particles_half1", "particles_half2", "resolution_angstrom",
                    "bfactor", "validated_resolution_angstrom", "validated_bfactor", "rh_bfactor",
@@ -154,6 +154,9 @@ def chosen_round(rounds: Sequence[RoundSummary]) -> RoundSummary | None:
 
 
 def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
     return figure
@@ -202,6 +205,8 @@ def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
         axes.set_xlabel(x_label)
         axes.set_ylabel(y_label)
         if x_label == "iteration":
+            from matplotlib.ticker import MaxNLocator
+
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if x_label == "particles" and len(x) > 1:
             axes.invert_xaxis()  # rounds go from many to few particles
@@ -283,6 +288,8 @@ def plot_all_fsc(rounds: Sequence[RoundSummary], path: Path) -> None:
                "particles"] = (summary.fsc_frequency, summary.fsc_corrected)
     best = best_round(rounds)
     with atomic_path(path) as temporary:
+        from cryosieve.plots import plot_fsc_curves
+
         plot_fsc_curves(curves, temporary, threshold=0.143,
                         resolution=best.resolution_angstrom if best is not None else None,
                         title="Corrected FSC of every round")

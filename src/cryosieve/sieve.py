@@ -1,6 +1,8 @@
 """The sieving engine: validate inputs, prepare references, score every particle, select.
 
-Used by ``cryosieve-core`` and, in-process, by the iterative pipeline.
+Used by ``cryosieve-core`` and, in-process, by the iterative pipeline. Every input is read and checked
+before torch is loaded (the scorer and the FSC are imported where they are used), so that a mistake is
+reported at once.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from cryosieve.band import HighPass
 from cryosieve.errors import CryoSieveInputError, setting
-from cryosieve.fsc import fourier_shell_correlation, fsc_weight
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.particle_files import in_format_of, read_particle_file
@@ -30,8 +30,7 @@ from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.precision import has_float64
 from cryosieve.progress import ProgressFactory, no_progress
-from cryosieve.scoring import ScoreTask, score_rows
-from cryosieve.scoring.fourier import uses_kernel
+from cryosieve.scoring.base import uses_kernel
 from cryosieve.selection import select
 from cryosieve.settings import AUTO, SieveSettings
 from cryosieve.tolerances import pixel_sizes_agree
@@ -66,9 +65,8 @@ class SieveResult:
 def check_settings(settings: SieveSettings) -> None:
     """Refuse (one line) settings out of range, or not possible on their device."""
     settings.check()
-    device = torch.device(settings.device)
-    uses_kernel(settings.engine, device)  # numba asked for off the CPU, or without numba
-    if settings.projector == "realspace" and not has_float64(device):
+    uses_kernel(settings.engine, settings.device)  # numba asked for off the CPU, or without numba
+    if settings.projector == "realspace" and not has_float64(settings.device):
         raise CryoSieveInputError(f"{setting('projector')} realspace: the published scorer computes in float64, "
                                   f"which {settings.device} lacks; use the Fourier projector or the CPU")
 
@@ -141,6 +139,10 @@ def prepare_references(volumes: Sequence[Volume], mask: Volume | None, weighting
     if weighting == "auto":
         weighting = "fsc" if (len(volumes) == 2 and projector == "fourier") else "none"
     if weighting == "fsc":
+        import torch
+
+        from cryosieve.fsc import fourier_shell_correlation
+
         if len(volumes) != 2:
             raise CryoSieveInputError(
                 f"{setting('reference_weighting')} fsc needs two half maps ({setting('volumes')}), got {len(volumes)}"
@@ -170,6 +172,8 @@ def load_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, vo
 
 def _log_reference_fsc(fsc: np.ndarray, box: int, pixel_size: float) -> None:
     """The per-shell FSC at debug level (the run's log file); one line on where the weight halves."""
+    from cryosieve.fsc import fsc_weight
+
     log.debug("reference weighting by half-map FSC, per shell: %s", " ".join(f"{value:.3f}" for value in fsc))
     low = np.flatnonzero(fsc_weight(fsc)[1:] < 0.5)
     if low.size:
@@ -194,6 +198,8 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
     voxel = volumes[0].voxel_size
     if fsc is not None:
         _log_reference_fsc(fsc, references[0].shape[-1], voxel or float(np.min(table.pixel_size)))
+    from cryosieve.scoring.loop import ScoreTask, score_rows
+
     if current_world().distributed:  # a job of several processes: every rank scores its share (cryosieve.world)
         scores = current_world().run(ScoreTask(table, reader.directory, references, half_set, settings, voxel, fsc,
                                                progress))

@@ -28,7 +28,7 @@ from cryosieve.progress import ProgressFactory
 
 if TYPE_CHECKING:
     from cryosieve.particles import ParticleSet
-    from cryosieve.postprocess import PostprocessReport
+    from cryosieve.postprocess.report import PostprocessReport
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ class PostProcessor(Protocol):
     def postprocess(self, job: PostprocessJob) -> PostprocessReport:
         """Write ``job.folder`` (with :data:`cryosieve.postprocess.REPORT_FILES` among its files) and
         return what it measured."""
+
+
+#: Fewest particles per half-set of any set refined (smaller sets give no usable FSC).
+MIN_PER_HALF_SET = 10
 
 
 @dataclass(frozen=True)
@@ -165,5 +169,5 @@ def is_remote(refiner: Refiner) -> bool:
     return bool(getattr(refiner, "remote", False))
 
 
-__all__ = ["HalfMapJob", "PostProcessor", "PostprocessJob", "Reconstructor", "RefinementJob", "RefinementResult",
-           "Refiner", "RemoteRefiner", "is_remote"]
+__all__ = ["MIN_PER_HALF_SET", "HalfMapJob", "PostProcessor", "PostprocessJob", "Reconstructor", "RefinementJob",
+           "RefinementResult", "Refiner", "RemoteRefiner", "is_remote"]

@@ -14,7 +14,7 @@ from cryosieve.io.atomic import OutputGroup
 from cryosieve.io.mrc import read_volume, write_volume, write_volume_to
 from cryosieve.io.stack import StackReader
 from cryosieve.mask import check_mask, soft_mask
-from cryosieve.postprocess import PostprocessReport
+from cryosieve.postprocess.report import PostprocessReport
 from cryosieve.progress import ProgressFactory
 
 #: Lowest resolution (Å) of the automatic B-factor fit, as the published program asks RELION.
@@ -56,7 +56,8 @@ class BuiltinPostProcessor:
         return "built-in"
 
     def postprocess(self, job: PostprocessJob) -> PostprocessReport:
-        from cryosieve.postprocess import postprocess, write_postprocess
+        from cryosieve.postprocess.compute import postprocess
+        from cryosieve.postprocess.files import write_postprocess
 
         half1, half2 = (read_volume(path) for path in job.half_maps)
         result = postprocess(half1.data, half2.data, job.mask.data, job.pixel_size, auto_bfactor=True,
@@ -84,7 +85,8 @@ def measure_half_maps(half_maps: tuple[Path, Path], job: RefinementJob, device: 
         write_volume(path, soft_mask(data, job.pixel_size), job.pixel_size)
         mask = read_volume(path, what="mask")
     check_mask(mask, (job.box,) * 3, job.pixel_size, against="the particles")
-    from cryosieve.postprocess import postprocess, write_postprocess
+    from cryosieve.postprocess.compute import postprocess
+    from cryosieve.postprocess.files import write_postprocess
 
     maps = [read_volume(path).data for path in half_maps]
     try:

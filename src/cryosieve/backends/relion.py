@@ -51,7 +51,8 @@ from cryosieve.errors import CryoSieveInputError, ExternalCommandError, setting
 from cryosieve.io.atomic import OutputGroup, temporary_name
 from cryosieve.io.mrc import write_volume
 from cryosieve.io.stack import StackReader
-from cryosieve.postprocess import REPORT_FILES, PostprocessReport, output_paths, write_report_files
+from cryosieve.postprocess.files import output_paths, write_report_files
+from cryosieve.postprocess.report import REPORT_FILES, PostprocessReport
 from cryosieve.progress import ProgressFactory
 
 log = logging.getLogger("cryosieve")

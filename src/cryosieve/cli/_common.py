@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
 import os
 import signal
@@ -22,16 +23,13 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm import tqdm
 
 from cryosieve.errors import CryoSieveInputError, ExternalCommandError, JobError
 from cryosieve.processes import handling_stop_signals
 from cryosieve.progress import ProgressFactory
-
-if TYPE_CHECKING:
-    import torch
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -72,11 +70,10 @@ def choose_device_name(name: str) -> str:
     return name
 
 
-def choose_device(name: str) -> torch.device:
-    """:func:`choose_device_name` as a ``torch.device``."""
-    import torch
-
-    return torch.device(choose_device_name(name))
+def choose_device(name: str) -> str:
+    """:func:`choose_device_name` (the library takes a device by its name, so no command loads torch to parse
+    its arguments)."""
+    return choose_device_name(name)
 
 
 def add_device_argument(parser: argparse.ArgumentParser, mps: bool = True) -> None:
@@ -86,6 +83,30 @@ def add_device_argument(parser: argparse.ArgumentParser, mps: bool = True) -> No
     parser.add_argument("--device", choices=choices, default="auto",
                         help="where to compute: auto (CUDA when present, else CPU), cpu, cuda"
                              + (" or mps (an Apple GPU: float32 sums, maps finished on the CPU)." if mps else "."))
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that answers a misspelled flag with the nearest one (``did you mean
+    --frequency?``), before it checks for missing ones (a misspelled required flag would otherwise be
+    reported as missing)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        words = list(sys.argv[1:] if args is None else args)
+        known = [option for action in self._actions for option in action.option_strings]
+        for word in words:
+            if word == "--":
+                break
+            flag = word.split("=", 1)[0]
+            if not flag.startswith("--") or any(option.startswith(flag) for option in known):
+                continue  # a value, a flag, or an abbreviation argparse takes
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f" (see {self.prog} -h)"
+            self.error(f"unrecognised option {flag}{hint}")
+        return super().parse_known_args(args, namespace)
 
 
 # --------------------------------------------------------------------------- console
@@ -289,8 +310,8 @@ def _processes_asked(argv: Sequence[str] | None) -> int:
         return 1
 
 
-def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None
-            ) -> int | None:
+def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None,
+            parser: Callable[[], argparse.ArgumentParser] | None = None) -> int | None:
     """``body(argv)``: in one process; under ``torchrun`` (:mod:`cryosieve.world`) on rank 0 only, the other
     ranks serving it; with ``--num_gpus N`` as rank 0 of a job of ``N`` processes on this machine, started
     here (:func:`cryosieve.world.local_job`), the same code as under ``torchrun``."""
@@ -300,6 +321,8 @@ def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], ar
     processes = _processes_asked(argv)
     if not launched and processes <= 1:
         return body(argv)
+    if parser is not None:  # a mistyped option is answered before any process starts
+        parser().parse_args(argv)
     device = _device_asked(argv)
     if device == "mps":
         raise CryoSieveInputError("--device mps: runs in one process; start the command without torchrun or "
@@ -320,10 +343,12 @@ def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], ar
 
 
 def run_command(program: str, body: Callable[[Sequence[str] | None], int | None],
-                argv: Sequence[str] | None = None, flags: Mapping[str, str] | None = None) -> int:
+                argv: Sequence[str] | None = None, flags: Mapping[str, str] | None = None,
+                parser: Callable[[], argparse.ArgumentParser] | None = None) -> int:
     """Run ``body(argv)`` and turn every failure into one line on stderr and an exit code
     (see the module docstring). ``flags`` maps the library's setting fields to the command's
-    flags, so that an input error names the flag the user typed."""
+    flags, so that an input error names the flag the user typed; ``parser``: the command's parser, for a
+    command that may start a job of several processes (its arguments are parsed before they start)."""
 
     def say(message: str) -> None:
         print(f"{program}: {message}", file=sys.stderr, flush=True)
@@ -331,7 +356,7 @@ def run_command(program: str, body: Callable[[Sequence[str] | None], int | None]
     with _signal_handlers():
         try:
             try:
-                code = int(_in_job(program, body, argv) or 0)
+                code = int(_in_job(program, body, argv, parser) or 0)
             except CryoSieveInputError as error:
                 if not interrupted():
                     say(f"error: {one_line(error.message_with(flags or {}))}")

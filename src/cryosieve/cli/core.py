@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 from cryosieve.cli._common import (
+    Parser,
     add_device_argument,
     add_orientation_argument,
     add_retention_argument,
@@ -25,7 +26,7 @@ log = logging.getLogger("cryosieve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryosieve-core",
         description="CryoSieve core: score each particle against the masked half map of its half-set "
                     "and keep the lowest-scoring fraction.",
@@ -101,7 +102,7 @@ FLAGS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command("cryosieve-core", _main, argv, FLAGS)
+    return run_command("cryosieve-core", _main, argv, FLAGS, build_parser)
 
 
 if __name__ == "__main__":

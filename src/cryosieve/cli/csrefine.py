@@ -6,12 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cryosieve.cli._common import run_command
+from cryosieve.cli._common import Parser, run_command
 from cryosieve.cli.refine import FLAGS, add_refine_arguments, run_refine
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryosieve-csrefine",
         description="Automatic 3D refinement of each particle set by CryoSPARC (import or pass through the "
                     "particles, ab-initio or --ref, homogeneous or non-uniform refinement, optional local "

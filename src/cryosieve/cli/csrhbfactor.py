@@ -6,13 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cryosieve.cli._common import run_command
+from cryosieve.cli._common import Parser, run_command
 from cryosieve.cli.refine import FLAGS, add_refine_arguments
 from cryosieve.cli.rhbfactor import add_rh_arguments, run_rhbfactor
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryosieve-csrhbfactor",
         description="Refine each particle set and nested random halves of it (--halves times) with CryoSPARC, and "
                     "fit the Rosenthal-Henderson B-factor. Writes OUT.csv, OUT_raw.csv and OUT_rh.png. Same as "

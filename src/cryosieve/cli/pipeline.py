@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cryosieve.cli._common import (
+    Parser,
     add_device_argument,
     add_orientation_argument,
     add_retention_argument,
@@ -26,7 +27,7 @@ log = logging.getLogger("cryosieve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryosieve",
         description="CryoSieve: reconstruct the half maps of a refined particle stack, post-process them, keep the "
                     "lowest-scoring fraction of each half-set at a high-pass cut-off going from --frequency_start to "
@@ -155,7 +156,7 @@ FLAGS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command("cryosieve", _main, argv, FLAGS)
+    return run_command("cryosieve", _main, argv, FLAGS, build_parser)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cryosieve.cli._common import add_device_argument, choose_device, run_command, setup_logging
+from cryosieve.cli._common import Parser, add_device_argument, choose_device, run_command, setup_logging
 
 log = logging.getLogger("cryosieve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryosieve-postprocess",
         description="Post-process two half maps as RELION 3.1's relion_postprocess does: unmasked, masked and "
                     "phase-randomisation-corrected FSC, final resolution at FSC 0.143, FSC-weighted B-factor "
@@ -54,7 +54,7 @@ def _body(argv: Sequence[str] | None) -> int:
     device = choose_device(args.device)
     setup_logging(not args.quiet)
 
-    from cryosieve.postprocess import output_paths, postprocess_files
+    from cryosieve.postprocess.files import output_paths, postprocess_files
 
     result = postprocess_files(
         args.i, args.i2, args.mask, args.o, angpix=args.angpix,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from cryosieve.cli._common import (
+    Parser,
     add_device_argument,
     choose_device_name,
     progress_factory,
@@ -41,7 +42,7 @@ def parse_flag(value: str | None) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryosieve-reconstruct",
         description="Direct Fourier reconstruction of a particle stack (drop-in for relion_reconstruct).",
     )

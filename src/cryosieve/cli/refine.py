@@ -7,7 +7,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cryosieve.cli._common import add_device_argument, choose_device, progress_factory, run_command, setup_logging
+from cryosieve.cli._common import (
+    Parser,
+    add_device_argument,
+    choose_device,
+    progress_factory,
+    run_command,
+    setup_logging,
+)
 
 #: The library's setting fields -> the flags of cryosieve-refine and cryosieve-rhbfactor.
 FLAGS = {
@@ -125,7 +132,7 @@ def cryosparc_refiner(args: argparse.Namespace, device: Any, prefix: str = "") -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryosieve-refine",
         description="Refine each particle set (poses re-estimated by RELION, or the given poses with --backend "
                     "fixed) and report resolution and B-factor, as the original cryosieve-csrefine does with "

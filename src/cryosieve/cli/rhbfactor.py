@@ -6,12 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cryosieve.cli._common import progress_factory, run_command, setup_logging
+from cryosieve.cli._common import Parser, progress_factory, run_command, setup_logging
 from cryosieve.cli.refine import FLAGS, add_refine_arguments, report, settings_and_refiner
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryosieve-rhbfactor",
         description="Refine each particle set and nested random halves of it (--halves times), and fit the "
                     "Rosenthal-Henderson B-factor to resolution against particle count, as the original "

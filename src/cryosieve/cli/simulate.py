@@ -11,13 +11,13 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from cryosieve.cli._common import add_device_argument, choose_device, run_command, setup_logging
+from cryosieve.cli._common import Parser, add_device_argument, choose_device, run_command, setup_logging
 
 log = logging.getLogger("cryosieve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryosieve-simulate",
         description="Simulate a particle stack with known truth: RELION 3.1 STAR, MRC stack, truth map, mask, "
                     "half maps reconstructed from the particles, and truth.csv (junk flag and B-factor of "
@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from cryosieve.simulate import SimulationSettings, check_inputs, simulate_particles
-
     args = build_parser().parse_args(argv)
+
+    from cryosieve.simulate.inputs import check_inputs
+    from cryosieve.simulate.parameters import SimulationSettings
+
     setup_logging(not args.quiet)
     started = time.perf_counter()
     device = choose_device(args.device)
@@ -106,6 +108,8 @@ def _main(argv: Sequence[str] | None) -> int:
              settings.num_particles, settings.junk_count, settings.empty_count, settings.box, settings.pixel_size,
              settings.snr,
              settings.bfactor_min, settings.bfactor_max, device)
+    from cryosieve.simulate.dataset import simulate_particles
+
     steps = settings.num_particles * (2 if settings.half_maps else 1)  # rendering, then reconstruction
     with tqdm(total=steps, unit="particle", desc="simulating", disable=args.quiet,
               file=sys.stderr) as bar:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from cryosieve.backends import PostProcessor, Reconstructor, Refiner, RemoteRefiner, is_remote
+from cryosieve.backends import MIN_PER_HALF_SET, PostProcessor, Reconstructor, Refiner, RemoteRefiner, is_remote
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.particle_files import format_of, read_particle_file
@@ -24,7 +24,6 @@ from cryosieve.particles import ParticleSet
 from cryosieve.pipeline.names import OutputNames
 from cryosieve.pipeline.settings import PipelineSettings
 from cryosieve.pipeline.state import sha256
-from cryosieve.refine.api import MIN_PER_HALF_SET
 from cryosieve.refine.rh import voltage_constant
 from cryosieve.schedule import CutoffSchedule
 from cryosieve.selection import retained_count

@@ -29,7 +29,7 @@ from cryosieve.particles import ParticleSet
 from cryosieve.pipeline.names import OutputNames
 from cryosieve.pipeline.prepare import Prepared
 from cryosieve.pipeline.state import State
-from cryosieve.postprocess import PostprocessReport
+from cryosieve.postprocess.report import PostprocessReport
 from cryosieve.progress import ProgressFactory
 from cryosieve.report import RoundSummary, chosen_round
 from cryosieve.selection import depleted_fraction, view_bins

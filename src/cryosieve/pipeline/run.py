@@ -17,11 +17,9 @@ import numpy as np
 from cryosieve.errors import setting
 from cryosieve.io.atomic import remove_stale_temporaries
 from cryosieve.io.lock import exclusive_lock
-from cryosieve.pipeline import rounds
 from cryosieve.pipeline.prepare import Prepared, prepare
 from cryosieve.pipeline.settings import PipelineSettings
 from cryosieve.pipeline.state import GIVE_BACK, State, open_state, step_names
-from cryosieve.pipeline.validation import validate
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.report import ReportPaths, RoundSummary, write_report
 
@@ -132,6 +130,10 @@ class _Run:
         log.info("%s: done in %.1f s", name, time.perf_counter() - started)
 
     def run(self, resume: bool) -> PipelineResult:
+        # the steps load torch and the back-ends: imported once every input is checked (prepare)
+        from cryosieve.pipeline import rounds
+        from cryosieve.pipeline.validation import validate
+
         prepared, state = self.prepared, self.state
         settings, names = prepared.settings, prepared.names
         with _log_to_file(names.log):

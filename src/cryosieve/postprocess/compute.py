@@ -52,12 +52,12 @@ from cryosieve.fsc import (
     shell_resolutions,
     shell_sum,
 )
-from cryosieve.io.mrc import Volume
+from cryosieve.postprocess.files import check_inputs, check_options
+from cryosieve.postprocess.report import FSC_THRESHOLD, PostprocessReport
 from cryosieve.precision import map_device
 
 log = logging.getLogger("cryosieve")
 
-FSC_THRESHOLD = 0.143
 FSC_WEIGHT_FLOOR = 1e-4  # RELION stops FSC weighting where the FSC first falls below this
 PHASE_RANDOMISED_WARNING = 0.1  # RELION warns when FSC_rand exceeds this at the resolution
 
@@ -468,47 +468,6 @@ def sharpen_map(average: np.ndarray | torch.Tensor, fsc: np.ndarray, voxel_size:
 # --------------------------------------------------------------------------- validation
 
 
-def check_inputs(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_size: float, *,
-                 names: tuple[str, str, str] = ("half map 1", "half map 2", "mask"),
-                 voxel_option: str = "voxel_size") -> None:
-    """Raise :class:`CryoSieveInputError` (one line naming the file/option) for unusable input.
-
-    Half maps must be cubic 3D maps of one shape, the mask of that shape with values in
-    [0, 1] (:data:`cryosieve.tolerances.MASK_RANGE`), all finite, and the voxel size positive.
-    """
-    from cryosieve.mask import check_mask
-
-    if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
-        raise CryoSieveInputError(f"{voxel_option}: the voxel size must be a positive number of Å, got {voxel_size}")
-    for array, name in zip((half1, half2, mask), names, strict=True):
-        if array.ndim != 3 or len(set(array.shape)) != 1:
-            raise CryoSieveInputError(f"{name}: expected a cubic 3D map, got shape {array.shape}")
-        if array.shape[0] < 4:
-            raise CryoSieveInputError(f"{name}: box of {array.shape[0]} voxels is too small")
-        if not np.all(np.isfinite(array)):
-            raise CryoSieveInputError(f"{name}: map contains NaN or infinite values")
-    if half1.shape != half2.shape:
-        raise CryoSieveInputError(f"{names[1]}: shape {half2.shape} differs from {names[0]} shape {half1.shape}")
-    check_mask(Volume(mask, None, names[2]), half1.shape, against="the half maps")
-
-
-def check_options(*, auto_bfactor: bool = True, adhoc_bfactor: float | None = None, autob_lowres: float = 10.0,
-                  randomize_threshold: float = 0.8, angpix: float | None = None) -> None:
-    """Refuse unusable options of :func:`postprocess` before any map is read: both an automatic and a
-    given B-factor, a non-positive fit limit (Å) or pixel size (Å), a randomisation threshold outside (0, 1)."""
-    if auto_bfactor and adhoc_bfactor is not None and adhoc_bfactor != 0:
-        raise CryoSieveInputError(f"{setting('adhoc_bfactor')}: give either {setting('auto_bfactor')} or "
-                                  f"{setting('adhoc_bfactor')}, not both")
-    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
-        raise CryoSieveInputError(f"{setting('angpix')}: must be a positive pixel size in Å, got {angpix:g}")
-    if not autob_lowres > 0:
-        raise CryoSieveInputError(
-            f"{setting('autob_lowres')}: must be a positive resolution in Å, got {autob_lowres:g}")
-    if not 0 < randomize_threshold < 1:
-        raise CryoSieveInputError(
-            f"{setting('randomize_threshold')}: must lie in (0, 1), got {randomize_threshold:g}")
-
-
 # --------------------------------------------------------------------------- the whole run
 
 
@@ -628,19 +587,3 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_si
         fit_highres=sharpening.fit_highres, low_pass_resolution=sharpening.low_pass_resolution,
         mask_used=mask_used, seed=int(seed), warnings=warnings,
     )
-
-
-@dataclass
-class PostprocessReport:
-    """What every post-processing back-end reports, in one form.
-
-    ``fsc_table`` and ``guinier`` as in :class:`PostprocessResult` (the Guinier table's
-    ``in_fit`` marks the shells of the B-factor fit); ``summary`` as
-    :meth:`PostprocessResult.summary` (``final_resolution_angstrom``, ``bfactor``,
-    ``guinier_fit_slope``, ``guinier_fit_intercept``, ...); ``box`` in voxels.
-    """
-
-    fsc_table: pd.DataFrame
-    guinier: pd.DataFrame
-    summary: dict[str, object]
-    box: int

@@ -1,8 +1,9 @@
 """Post-processing from files to files (``cryosieve-postprocess``): the half maps and mask read and
-checked (:func:`read_inputs`), the outputs a run leaves (:func:`output_paths`, :func:`write_postprocess`:
-``ROOT.mrc``, ``ROOT_masked.mrc``, ``ROOT_fsc.csv``, ``ROOT.json`` and the two plots, all together or
-none), and the report files every post-processing back-end leaves (:data:`REPORT_FILES`,
-:func:`write_report_files`).
+checked (:func:`read_inputs`, :func:`check_inputs`, :func:`check_options`), the outputs a run leaves
+(:func:`output_paths`, :func:`write_postprocess`: ``ROOT.mrc``, ``ROOT_masked.mrc``, ``ROOT_fsc.csv``,
+``ROOT.json`` and the two plots, all together or none), and the report files every post-processing
+back-end leaves (:data:`~cryosieve.postprocess.report.REPORT_FILES`, :func:`write_report_files`). Light: the
+computation (:mod:`cryosieve.postprocess.compute`, torch) is loaded once the inputs are checked.
 """
 
 from __future__ import annotations
@@ -12,27 +13,62 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import OutputGroup
 from cryosieve.io.mrc import Volume, read_volume, write_volume_to
-from cryosieve.postprocess.compute import (
-    FSC_THRESHOLD,
-    PostprocessReport,
-    PostprocessResult,
-    check_inputs,
-    check_options,
-    postprocess,
-)
+from cryosieve.postprocess.report import FSC_THRESHOLD, REPORT_FILES, PostprocessReport
 from cryosieve.tolerances import pixel_sizes_agree
+
+if TYPE_CHECKING:
+    from cryosieve.postprocess.compute import PostprocessResult
 
 log = logging.getLogger("cryosieve")
 
-#: The files every post-processing back-end leaves (keys of :func:`output_paths`).
-REPORT_FILES = ("fsc_csv", "summary", "fsc_plot", "guinier_plot")
 
+
+def check_inputs(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, voxel_size: float, *,
+                 names: tuple[str, str, str] = ("half map 1", "half map 2", "mask"),
+                 voxel_option: str = "voxel_size") -> None:
+    """Raise :class:`CryoSieveInputError` (one line naming the file/option) for unusable input.
+
+    Half maps must be cubic 3D maps of one shape, the mask of that shape with values in
+    [0, 1] (:data:`cryosieve.tolerances.MASK_RANGE`), all finite, and the voxel size positive.
+    """
+    from cryosieve.mask import check_mask
+
+    if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
+        raise CryoSieveInputError(f"{voxel_option}: the voxel size must be a positive number of Å, got {voxel_size}")
+    for array, name in zip((half1, half2, mask), names, strict=True):
+        if array.ndim != 3 or len(set(array.shape)) != 1:
+            raise CryoSieveInputError(f"{name}: expected a cubic 3D map, got shape {array.shape}")
+        if array.shape[0] < 4:
+            raise CryoSieveInputError(f"{name}: box of {array.shape[0]} voxels is too small")
+        if not np.all(np.isfinite(array)):
+            raise CryoSieveInputError(f"{name}: map contains NaN or infinite values")
+    if half1.shape != half2.shape:
+        raise CryoSieveInputError(f"{names[1]}: shape {half2.shape} differs from {names[0]} shape {half1.shape}")
+    check_mask(Volume(mask, None, names[2]), half1.shape, against="the half maps")
+
+
+def check_options(*, auto_bfactor: bool = True, adhoc_bfactor: float | None = None, autob_lowres: float = 10.0,
+                  randomize_threshold: float = 0.8, angpix: float | None = None) -> None:
+    """Refuse unusable options of :func:`postprocess` before any map is read: both an automatic and a
+    given B-factor, a non-positive fit limit (Å) or pixel size (Å), a randomisation threshold outside (0, 1)."""
+    if auto_bfactor and adhoc_bfactor is not None and adhoc_bfactor != 0:
+        raise CryoSieveInputError(f"{setting('adhoc_bfactor')}: give either {setting('auto_bfactor')} or "
+                                  f"{setting('adhoc_bfactor')}, not both")
+    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
+        raise CryoSieveInputError(f"{setting('angpix')}: must be a positive pixel size in Å, got {angpix:g}")
+    if not autob_lowres > 0:
+        raise CryoSieveInputError(
+            f"{setting('autob_lowres')}: must be a positive resolution in Å, got {autob_lowres:g}")
+    if not 0 < randomize_threshold < 1:
+        raise CryoSieveInputError(
+            f"{setting('randomize_threshold')}: must lie in (0, 1), got {randomize_threshold:g}")
 
 
 def read_inputs(half1_path: str | os.PathLike[str], half2_path: str | os.PathLike[str],
@@ -155,6 +191,8 @@ def postprocess_files(half1_path: str, half2_path: str, mask_path: str, root: st
     log.info("postprocess: %s and %s, mask %s, %g Å/px, box %d", half1.path, half2.path, mask.path, voxel,
              half1.data.shape[0])
     remove_stale_temporaries_of(outputs)
+    from cryosieve.postprocess.compute import postprocess  # torch, once the inputs are checked
+
     result = postprocess(half1.data, half2.data, mask.data, voxel, **options)  # type: ignore[arg-type]
     write_postprocess(result, root, voxel)
     return result

@@ -11,6 +11,13 @@ worker processes and folders of their own, resumable), :mod:`~cryosieve.refine.a
 two commands from files to files).
 """
 
-from cryosieve.refine.api import RefineSettings, refine_files, rhbfactor_files
+from typing import TYPE_CHECKING
+
+from cryosieve._lazy import lazy_names
+
+if TYPE_CHECKING:
+    from cryosieve.refine.api import RefineSettings, refine_files, rhbfactor_files
+
+__getattr__ = lazy_names(__name__, dict.fromkeys(("RefineSettings", "refine_files", "rhbfactor_files"), "api"))
 
 __all__ = ["RefineSettings", "refine_files", "rhbfactor_files"]

@@ -21,7 +21,7 @@ from typing import cast
 import numpy as np
 import pandas as pd
 
-from cryosieve.backends import RefinementResult, Refiner, RemoteRefiner, is_remote
+from cryosieve.backends import MIN_PER_HALF_SET, RefinementResult, Refiner, RemoteRefiner, is_remote
 from cryosieve.backends.builtin import FixedPoseRefiner
 from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
@@ -42,8 +42,6 @@ log = logging.getLogger("cryosieve")
 #: Refiners whose estimates keep the given poses (their outputs say so).
 _FIXED: tuple[type, ...] = (FixedPoseRefiner,)
 
-#: Fewest particles per half-set of any set refined (smaller sets give no usable FSC).
-MIN_PER_HALF_SET = 10
 
 REFINE_COLUMNS = ["filename", "number of particles", "resolution (A)", "b-factor (A^2)", "alignment3D", "trial",
                   "fixed pose", "median resolution (A)", "median b-factor (A^2)"]

@@ -20,12 +20,29 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from cryosieve._fastmath import AVAILABLE as NUMBA
+from cryosieve.errors import CryoSieveInputError, setting
+from cryosieve.precision import device_type
+from cryosieve.settings import ENGINES
+
 if TYPE_CHECKING:
     import torch
 
     from cryosieve.batch import ParticleBatch
     from cryosieve.io.stack import BatchImages
     from cryosieve.settings import SieveSettings
+
+def uses_kernel(engine: str, device: torch.device | str) -> bool:
+    """Whether the Fourier scorer runs the numba kernel for ``engine`` (one of
+    :data:`~cryosieve.settings.ENGINES`) on ``device``; refuses (one line) an unknown engine, or
+    numba off the CPU or without numba."""
+    if engine not in ENGINES:
+        raise CryoSieveInputError(f"{setting('engine')} {engine}: must be one of {', '.join(ENGINES)}")
+    on_cpu = device_type(device) == "cpu"
+    if engine == "numba" and (not on_cpu or not NUMBA):
+        raise CryoSieveInputError(f"{setting('engine')} numba: runs on the CPU only, with numba installed")
+    return engine == "numba" or (engine == "auto" and on_cpu and NUMBA)
+
 
 class Scorer(Protocol):
     """Scores batches of particles against one reference at a time."""

@@ -26,15 +26,14 @@ import torch
 
 from cryosieve.band import HighPass
 from cryosieve.batch import ParticleBatch
-from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.fourier import origin_phases
 from cryosieve.fsc import fsc_weight
 from cryosieve.io.stack import BatchImages
 from cryosieve.precision import map_device, real_dtype, to_device
 from cryosieve.projection import FourierSliceProjector
 from cryosieve.scoring import kernels
+from cryosieve.scoring.base import uses_kernel
 from cryosieve.scoring.samples import BandSamples
-from cryosieve.settings import ENGINES
 
 #: Images transformed and scored together on the CPU: their spectra (66 kB each at box 128)
 #: are still in the caches when the kernel reads them; 256 spectra at a time (17 MB) were
@@ -42,17 +41,6 @@ from cryosieve.settings import ENGINES
 #: Scoring at box 128 on 2 cores, median of 4 to 5 runs: 8 images 25,300 particles/s,
 #: 16 26,200, 32 25,200, 64 24,600.
 CPU_CHUNK = 16
-
-
-def uses_kernel(engine: str, device: torch.device) -> bool:
-    """Whether the Fourier scorer runs the numba kernel for ``engine`` (one of
-    :data:`~cryosieve.settings.ENGINES`) on ``device``; refuses (one line) an unknown engine, or
-    numba off the CPU or without numba."""
-    if engine not in ENGINES:
-        raise CryoSieveInputError(f"{setting('engine')} {engine}: must be one of {', '.join(ENGINES)}")
-    if engine == "numba" and (device.type != "cpu" or not kernels.AVAILABLE):
-        raise CryoSieveInputError(f"{setting('engine')} numba: runs on the CPU only, with numba installed")
-    return engine == "numba" or (engine == "auto" and device.type == "cpu" and kernels.AVAILABLE)
 
 
 class FourierScorer:

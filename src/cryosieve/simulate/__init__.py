@@ -43,23 +43,38 @@ Truth and noise
 Modules: :mod:`~cryosieve.simulate.models` (maps of atomic models, bundled models; the mask is
 :func:`cryosieve.mask.soft_mask`),
 :mod:`~cryosieve.simulate.parameters`
-(settings and per-particle draws), :mod:`~cryosieve.simulate.images` (image formation and
+(settings and per-particle draws), :mod:`~cryosieve.simulate.inputs` (bundled models, checks before any
+work), :mod:`~cryosieve.simulate.images` (image formation and
 noise), :mod:`~cryosieve.simulate.tables` (what the STAR file and ``truth.csv`` hold) and
 :mod:`~cryosieve.simulate.dataset` (the whole data set, written through :mod:`cryosieve.io`).
 """
 
-from cryosieve.mask import soft_mask
-from cryosieve.simulate.dataset import SimulationResult, check_inputs, reconstruct_half_maps, simulate_particles
-from cryosieve.simulate.images import ImageFormation, SignalStatistics, add_noise, noise_sigma
-from cryosieve.simulate.models import (
-    DEFAULT_JUNK_MODEL,
-    DEFAULT_MODEL,
-    _read_model,  # noqa: F401  (the tests count the atoms of a model as read here)
-    atomic_model_map,
-    bundled_model,
-)
-from cryosieve.simulate.parameters import ParticleParameters, SimulationSettings, draw_parameters
-from cryosieve.simulate.tables import STACK_NAME, STAR_NAME, TRUTH_CSV_NAME, image_names
+from typing import TYPE_CHECKING
+
+from cryosieve._lazy import lazy_names
+
+if TYPE_CHECKING:
+    from cryosieve.mask import soft_mask
+    from cryosieve.simulate.dataset import SimulationResult, reconstruct_half_maps, simulate_particles
+    from cryosieve.simulate.images import ImageFormation, SignalStatistics, add_noise, noise_sigma
+    from cryosieve.simulate.inputs import DEFAULT_JUNK_MODEL, DEFAULT_MODEL, bundled_model, check_inputs
+    from cryosieve.simulate.models import (
+        _read_model,  # noqa: F401  (the tests count the atoms of a model as read here)
+        atomic_model_map,
+    )
+    from cryosieve.simulate.parameters import ParticleParameters, SimulationSettings, draw_parameters
+    from cryosieve.simulate.tables import STACK_NAME, STAR_NAME, TRUTH_CSV_NAME, image_names
+
+#: Where each name of the face lives (loaded on first use: the settings and their checks without torch).
+_WHERE = {
+    "soft_mask": "cryosieve.mask", "SimulationResult": "dataset", "check_inputs": "inputs",
+    "reconstruct_half_maps": "dataset", "simulate_particles": "dataset", "ImageFormation": "images",
+    "SignalStatistics": "images", "add_noise": "images", "noise_sigma": "images", "DEFAULT_JUNK_MODEL": "inputs",
+    "DEFAULT_MODEL": "inputs", "_read_model": "models", "atomic_model_map": "models", "bundled_model": "inputs",
+    "ParticleParameters": "parameters", "SimulationSettings": "parameters", "draw_parameters": "parameters",
+    "STACK_NAME": "tables", "STAR_NAME": "tables", "TRUTH_CSV_NAME": "tables", "image_names": "tables",
+}
+__getattr__ = lazy_names(__name__, _WHERE)
 
 __all__ = [
     "DEFAULT_JUNK_MODEL",

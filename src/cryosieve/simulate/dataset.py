@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.mrc import write_volume_to
-from cryosieve.io.paths import InputFile, check_outputs
 from cryosieve.io.stack import StackWriter
 from cryosieve.io.star import write_star_to
 from cryosieve.io.tables import write_csv_to
@@ -33,7 +31,8 @@ from cryosieve.simulate.images import (
     noise_filter,
     noise_sigma,
 )
-from cryosieve.simulate.models import DEFAULT_JUNK_MODEL, DEFAULT_MODEL, atomic_model_map, bundled_model
+from cryosieve.simulate.inputs import check_inputs, check_output_folder
+from cryosieve.simulate.models import atomic_model_map
 from cryosieve.simulate.parameters import ParticleParameters, SimulationSettings, draw_parameters
 from cryosieve.simulate.tables import STACK_NAME, STAR_NAME, TRUTH_CSV_NAME, star_blocks, truth_table
 
@@ -57,47 +56,16 @@ class SimulationResult:
     noise_variance: float  # 0 without noise
 
 
-def _check_output_folder(target: Path, overwrite: bool) -> None:
-    """The output folder may be created, or replaced (an existing non-empty one only with ``overwrite``)."""
-    if target.exists() and not target.is_dir():
-        raise CryoSieveInputError(f"{target}: exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise CryoSieveInputError(f"{target}: output folder exists and is not empty (use {setting('overwrite')})")
-
-
 @contextlib.contextmanager
 def _staging_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside ``target``, renamed onto it on success (replacing an old one).
 
     On failure the temporary folder, and any parent folders created for it, are removed.
     """
-    _check_output_folder(target, overwrite)
+    check_output_folder(target, overwrite)
     remove_stale_temporaries_of([target])
     with OutputGroup() as group:
         yield group.folder_for(target)
-
-
-def check_inputs(output_folder: str | os.PathLike[str], settings: SimulationSettings, *,
-                 model: str | None = None, junk_model: str | None = None,
-                 overwrite: bool = False) -> tuple[str, str]:
-    """Check settings, model files and the output folder before any work.
-
-    Returns the (model, junk model) paths with the bundled defaults filled in.
-    Raises :class:`CryoSieveInputError` naming the option or file at fault.
-    """
-    settings.check()
-    model = bundled_model(DEFAULT_MODEL) if model is None else str(model)
-    junk_model = bundled_model(DEFAULT_JUNK_MODEL) if junk_model is None else str(junk_model)
-    for path in (model, junk_model):
-        if not os.path.isfile(path):
-            raise CryoSieveInputError(f"{path}: atomic model file not found")
-    target = Path(output_folder)
-    if not str(output_folder).strip():
-        raise CryoSieveInputError(f"{setting('output_folder')}: empty output path")
-    _check_output_folder(target, overwrite)
-    check_outputs([], [InputFile(Path(model), setting("model")), InputFile(Path(junk_model), setting("junk_model"))],
-                  [target])
-    return model, junk_model
 
 
 def _batches(count: int, batch_size: int) -> list[np.ndarray]:

@@ -5,7 +5,6 @@ Grid and units as stated in :mod:`cryosieve.simulate`.
 
 from __future__ import annotations
 
-import importlib.resources
 import math
 import os
 
@@ -15,21 +14,14 @@ import torch
 
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.fourier import irfftn, raised_cosine, rfftn, squared_radius
-
-#: Bundled atomic model of the particle (PDB 1BD2) and of the junk (PDB 4E43, HIV protease).
-DEFAULT_MODEL = "1BD2.pdb.gz"
-DEFAULT_JUNK_MODEL = "4E43.pdb.gz"
+from cryosieve.simulate.inputs import DEFAULT_MODEL, bundled_model
 
 # Grid spacing (Å) at or below which the model density is first sampled, before it is
 # Fourier-cropped to the requested voxel size (so the map is band-limited, not aliased).
 _FINE_SPACING = 1.0
 
 
-def bundled_model(name: str) -> str:
-    """Path of an atomic model shipped in ``cryosieve/data`` (e.g. ``"1BD2.pdb.gz"``)."""
-    return str(importlib.resources.files("cryosieve") / "data" / name)
-
-
+#: Bundled atomic model of the particle (PDB 1BD2) and of the junk (PDB 4E43, HIV protease).
 def _read_model(model_path: str) -> gemmi.Structure:
     """The first model of a PDB or mmCIF file (gzip allowed) without waters, ligands and hydrogens.
 
