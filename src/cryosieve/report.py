@@ -22,7 +22,7 @@ import base64
 import html
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,8 +36,14 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 SUMMARY_COLUMNS = ("iteration", "cutoff_angstrom", "particles_half1", "particles_half2", "resolution_angstrom",
-                   "bfactor", "validated_resolution_angstrom", "validated_bfactor", "rh_bfactor",
-                   "rh_bfactor_classical", "depleted_views", "retention_ratio", "best")
+                   "resolution_interpolated_angstrom", "information", "shells_from_best", "bfactor",
+                   "validated_resolution_angstrom", "validated_bfactor", "rh_bfactor", "rh_bfactor_classical",
+                   "depleted_views", "retention_ratio", "best")
+
+#: The FSC threshold of the resolution.
+FSC_THRESHOLD = 0.143
+#: Two resolutions closer than this many Fourier shells are one shell of the FSC: a tie.
+SHELL_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -112,18 +118,63 @@ def report_paths(prefix: str) -> ReportPaths:
                        retention_plot=Path(prefix + "_retention.png"))
 
 
+def interpolated_resolution(summary: RoundSummary) -> float | None:
+    """Where the round's corrected FSC first falls below 0.143, linearly interpolated between shells (Å), or
+    ``None`` when it has no FSC; Nyquist when it never falls below. Unlike the reported resolution (RELION's:
+    the last shell above 0.143), it tells apart rounds whose FSC crosses within the same shell."""
+    if summary.fsc_frequency is None or summary.fsc_corrected is None or len(summary.fsc_corrected) < 2:
+        return None
+    frequency, fsc = np.asarray(summary.fsc_frequency), np.asarray(summary.fsc_corrected)
+    for shell in range(1, len(fsc)):
+        if fsc[shell] < FSC_THRESHOLD:
+            before, after = fsc[shell - 1], fsc[shell]
+            fraction = (before - FSC_THRESHOLD) / (before - after) if before != after else 0.0
+            crossing = frequency[shell - 1] + fraction * (frequency[shell] - frequency[shell - 1])
+            return float(1.0 / crossing) if crossing > 0 else None
+    return float(1.0 / frequency[-1])
+
+
+def information(summary: RoundSummary) -> float | None:
+    """The information of the round's half maps, ``sum_s N_s ln(1 + 2 FSC_s / (1 - FSC_s))`` over its shells
+    (nats; :func:`cryosieve.retention.map_information`, with the corrected FSC), or ``None``."""
+    if summary.fsc_corrected is None or len(summary.fsc_corrected) < 2:
+        return None
+    from cryosieve.retention import map_information
+
+    return map_information(np.asarray(summary.fsc_corrected), 2 * (len(summary.fsc_corrected) - 1))
+
+
+def shells_between(summary: RoundSummary, best: RoundSummary) -> float | None:
+    """How many Fourier shells ``summary``'s reported resolution is coarser than ``best``'s (0: the same shell,
+    a tie), or ``None`` when either was not measured."""
+    if summary.fsc_frequency is None or len(summary.fsc_frequency) < 2:
+        return None
+    step = float(summary.fsc_frequency[1] - summary.fsc_frequency[0])  # 1 / (box * pixel size)
+    values = (summary.resolution_angstrom, best.resolution_angstrom)
+    if step <= 0 or any(value is None or not math.isfinite(value) or value <= 0 for value in values):
+        return None
+    assert summary.resolution_angstrom is not None and best.resolution_angstrom is not None
+    shells = (1.0 / best.resolution_angstrom - 1.0 / summary.resolution_angstrom) / step
+    return 0.0 if abs(shells) < SHELL_TOLERANCE else float(round(shells, 6))
+
+
 def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
     """One row per set, columns :data:`SUMMARY_COLUMNS` (NaN where not measured)."""
     def value(number: float | None) -> float:
         return math.nan if number is None else float(number)
 
     chosen = chosen_round(rounds)
+    best = best_round(rounds)
     return pd.DataFrame({
         "iteration": [summary.iteration for summary in rounds],
         "cutoff_angstrom": [value(summary.cutoff_angstrom) for summary in rounds],
         "particles_half1": [summary.particles_half1 for summary in rounds],
         "particles_half2": [summary.particles_half2 for summary in rounds],
         "resolution_angstrom": [value(summary.resolution_angstrom) for summary in rounds],
+        "resolution_interpolated_angstrom": [value(interpolated_resolution(summary)) for summary in rounds],
+        "information": [value(information(summary)) for summary in rounds],
+        "shells_from_best": [value(shells_between(summary, best) if best is not None else None)
+                             for summary in rounds],
         "bfactor": [value(summary.bfactor) for summary in rounds],
         "validated_resolution_angstrom": [value(summary.validated_resolution_angstrom) for summary in rounds],
         "validated_bfactor": [value(summary.validated_bfactor) for summary in rounds],
@@ -136,15 +187,26 @@ def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
 
 
 def best_round(rounds: Sequence[RoundSummary], validated: bool = False) -> RoundSummary | None:
-    """The measured round with the finest resolution (the earliest on a tie), or ``None``; ``validated``:
-    by the resolution with poses re-estimated."""
+    """The measured round with the finest resolution, or ``None``; ``validated``: by the resolution with poses
+    re-estimated (the earliest on a tie). With the given poses, rounds are ranked by the interpolated FSC
+    crossing (:func:`interpolated_resolution`), which tells apart rounds of the same reported shell, then by
+    their maps' information (:func:`information`), then the earliest."""
     def resolution(summary: RoundSummary) -> float | None:
         return summary.validated_resolution_angstrom if validated else summary.resolution_angstrom
 
     measured = [summary for summary in rounds if (value := resolution(summary)) is not None and math.isfinite(value)]
     if not measured:
         return None
-    return min(measured, key=lambda summary: (resolution(summary) or math.inf, summary.iteration))
+    if validated:
+        return min(measured, key=lambda summary: (resolution(summary) or math.inf, summary.iteration))
+
+    def rank(summary: RoundSummary) -> tuple[float, float, int]:
+        crossing = interpolated_resolution(summary)
+        content = information(summary)
+        return (crossing if crossing is not None else resolution(summary) or math.inf,
+                -(content if content is not None else 0.0), summary.iteration)
+
+    return min(measured, key=rank)
 
 
 def chosen_round(rounds: Sequence[RoundSummary]) -> RoundSummary | None:
@@ -166,6 +228,11 @@ def _save_png(figure: Figure, path: Path) -> None:
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(str(temporary), format="png")
+
+
+def _made_best(summary: RoundSummary, chosen: RoundSummary | None) -> str:
+    """`` (made the best set)`` for the sieve of set ``i`` when set ``i + 1`` is the best set."""
+    return " (made the best set)" if chosen is not None and chosen.iteration == summary.iteration + 1 else ""
 
 
 def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
@@ -204,10 +271,10 @@ def plot_resolution(rounds: Sequence[RoundSummary], path: Path) -> None:
             axes.legend(fontsize="small")
         axes.set_xlabel(x_label)
         axes.set_ylabel(y_label)
-        if x_label == "iteration":
-            from matplotlib.ticker import MaxNLocator
+        from matplotlib.ticker import MaxNLocator
 
-            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # few, whole ticks: particle counts of five digits and more would otherwise run into each other
+        axes.xaxis.set_major_locator(MaxNLocator(nbins=5 if x_label == "particles" else "auto", integer=True))
         if x_label == "particles" and len(x) > 1:
             axes.invert_xaxis()  # rounds go from many to few particles
         axes.grid(True, alpha=0.3)
@@ -236,10 +303,10 @@ def plot_scores(rounds: Sequence[RoundSummary], path: Path) -> None:
             kept = members & summary.kept
             if kept.any() and not kept[members].all():
                 axes.axvline(float(summary.scores[kept].max()), color=colour, linestyle="--", linewidth=1.0)
-        best = " (best set)" if chosen is not None and chosen.iteration == summary.iteration else ""
+        made = _made_best(summary, chosen)
         auto = f" (auto {summary.retention_ratio:.2f})" if summary.retention_curve is not None \
             and summary.retention_ratio is not None else ""
-        axes.set_title(f"iter {summary.iteration}{best}: cut-off {summary.cutoff_angstrom:.2f} Å, "
+        axes.set_title(f"sieve of set {summary.iteration}{made}: cut-off {summary.cutoff_angstrom:.2f} Å,\n"
                        f"kept {int(summary.kept.sum())}/{len(summary.kept)}{auto}", fontsize="small")
         axes.set_xlabel("score (lower is kept)")
         axes.set_ylabel("particles")
@@ -262,8 +329,8 @@ def plot_retention(rounds: Sequence[RoundSummary], path: Path) -> None:
             continue
         fractions, information = summary.retention_curve
         relative = information / np.max(information)
-        best = " (best set)" if chosen_set is not None and chosen_set.iteration == summary.iteration else ""
-        line = axes.plot(fractions, relative, marker=".", label=f"iter {summary.iteration}{best}: "
+        made = _made_best(summary, chosen_set)
+        line = axes.plot(fractions, relative, marker=".", label=f"sieve of set {summary.iteration}{made}: "
                          f"{summary.retention_ratio:.2f} kept")[0]
         pick = int(np.argmax(information))
         axes.plot([fractions[pick]], [relative[pick]], marker="o", markersize=9, markerfacecolor="none",
@@ -306,7 +373,7 @@ def plot_angles(rounds: Sequence[RoundSummary], path: Path) -> None:
     figure = _new_figure(9.0, 2.4 * rows)
     for row, summary in enumerate(sieved):
         assert summary.kept is not None and summary.view_bins is not None
-        best = " (best set)" if chosen is not None and chosen.iteration == summary.iteration else ""
+        made = _made_best(summary, chosen)
         for column, (label, members) in enumerate((("kept", summary.kept), ("sieved", ~summary.kept))):
             axes = figure.add_subplot(rows, 2, 2 * row + column + 1)
             counts = np.bincount(summary.view_bins[members], minlength=ROT_BINS * COS_BINS)
@@ -315,7 +382,7 @@ def plot_angles(rounds: Sequence[RoundSummary], path: Path) -> None:
             figure.colorbar(image, ax=axes, label="particles")
             depleted = "" if summary.depleted_views is None or not math.isfinite(summary.depleted_views) else \
                 f"; depleted views {summary.depleted_views:.0%}"
-            axes.set_title(f"iter {summary.iteration}{best}: {label} {int(members.sum())}{depleted}",
+            axes.set_title(f"sieve of set {summary.iteration}{made}: {label} {int(members.sum())}{depleted}",
                            fontsize="small")
             axes.set_xlabel("rot (°)")
             axes.set_ylabel("cos(tilt)")
@@ -339,9 +406,10 @@ def _cell(value: float | int | None, digits: int) -> str:
 
 
 def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, validation: str = "none",
-                notes: Sequence[str] = ()) -> str:
-    """The report page: best round, summary table and the plots embedded. ``validation``: what
-    re-estimated the poses of each set (``"none"``: nothing); ``notes``: further lines (text)."""
+                notes: Sequence[str] = (), run: Mapping[str, str] | None = None) -> str:
+    """The report page: the run (version, command, inputs), why it ended, the best round, the summary table (ties
+    and one-shell differences marked) and the plots embedded. ``validation``: what re-estimated the poses of each
+    set (``"none"``: nothing); ``notes``: further lines (text); ``run``: facts of the run, shown first."""
     best = best_round(rounds)
     best_validated = best_round(rounds, validated=True)
     lines = [
@@ -349,15 +417,30 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}"
-        "tr.best{background:#e6f4e6;font-weight:bold}img{max-width:100%;margin:1em 0}</style>",
-        "</head>", "<body>", f"<h1>{html.escape(title)}</h1>",
+        "table.run td,table.run th{text-align:left}code{word-break:break-all}"
+        "tr.best{background:#e6f4e6;font-weight:bold}tr.tie{background:#f4f4dc}img{max-width:100%;margin:1em 0}"
+        "</style>", "</head>", "<body>", f"<h1>{html.escape(title)}</h1>",
     ]
+    if run:
+        lines.append("<table class=\"run\">")
+        lines += [f"<tr><th>{html.escape(key)}</th><td><code>{html.escape(value)}</code></td></tr>"
+                  for key, value in run.items()]
+        lines.append("</table>")
+    lines += [f"<p>{html.escape(note)}</p>" for note in notes]
     if best is not None:
         lines.append(
             f"<p class=\"best\">Best resolution with the given poses: <b>{best.resolution_angstrom:.2f} Å</b> at "
             f"iteration <b>{best.iteration}</b> ({best.particles} particles: {best.particles_half1} + "
             f"{best.particles_half2}; B-factor {_cell(best.bfactor, 1)} Å²). It is optimistic: those poses were "
             "found with the particles sieved since.</p>")
+        ties = [summary.iteration for summary in rounds if summary is not best
+                and shells_between(summary, best) is not None and (shells_between(summary, best) or 0.0) <= 1.0]
+        if ties:
+            lines.append(
+                f"<p>Within one Fourier shell of the best (iterations {', '.join(map(str, ties))}): the resolution "
+                "cannot tell these rounds apart at this box and pixel size. They are ranked by where the corrected "
+                "FSC crosses 0.143 between shells, then by the information of their half maps, "
+                "sum over shells of N ln(1 + 2 FSC / (1 - FSC)).</p>")
     else:
         lines.append("<p>No round post-processed yet.</p>")
     lines.append(f"<p>Poses re-estimated (<code>--validate</code>): <b>{html.escape(validation)}</b>.</p>")
@@ -366,11 +449,11 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
             f"<p class=\"best\">Best resolution with poses re-estimated: "
             f"<b>{best_validated.validated_resolution_angstrom:.2f} Å</b> at iteration "
             f"<b>{best_validated.iteration}</b> ({best_validated.particles} particles).</p>")
-    lines += [f"<p>{html.escape(note)}</p>" for note in notes]
     validated = any(summary.validated_resolution_angstrom is not None for summary in rounds)
     rh = any(summary.rh_bfactor is not None for summary in rounds)
     header = ("<tr><th>iteration</th><th>cut-off (Å)</th><th>half-set 1</th><th>half-set 2</th><th>particles</th>"
-              "<th>resolution (Å)</th><th>B-factor (Å²)</th><th>depleted views</th>")
+              "<th>resolution (Å)</th><th>FSC crossing, interpolated (Å)</th><th>against the best</th>"
+              "<th>B-factor (Å²)</th><th>depleted views</th>")
     if validated:
         header += "<th>resolution, poses re-estimated (Å)</th><th>B-factor, poses re-estimated (Å²)</th>"
     if rh:
@@ -380,10 +463,19 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
     lines += ["<table>", header + "</tr>"]
     highlight = best_validated if best_validated is not None else best
     for summary in rounds:
-        row_class = " class=\"best\"" if highlight is not None and summary.iteration == highlight.iteration else ""
+        shells = shells_between(summary, best) if best is not None else None
+        if highlight is not None and summary.iteration == highlight.iteration:
+            row_class, against = " class=\"best\"", "best"
+        elif shells is not None and shells <= 0.0:
+            row_class, against = " class=\"tie\"", "same shell (tie)"
+        elif shells is not None and shells <= 1.0:
+            row_class, against = " class=\"tie\"", "one shell coarser"
+        else:
+            row_class, against = "", "" if shells is None else f"{shells:.0f} shells coarser"
         row = (f"<tr{row_class}><td>{summary.iteration}</td><td>{_cell(summary.cutoff_angstrom, 2)}</td>"
                f"<td>{summary.particles_half1}</td><td>{summary.particles_half2}</td><td>{summary.particles}</td>"
-               f"<td>{_cell(summary.resolution_angstrom, 2)}</td><td>{_cell(summary.bfactor, 1)}</td>"
+               f"<td>{_cell(summary.resolution_angstrom, 2)}</td><td>{_cell(interpolated_resolution(summary), 3)}"
+               f"</td><td>{against}</td><td>{_cell(summary.bfactor, 1)}</td>"
                f"<td>{_cell(summary.depleted_views, 2)}</td>")
         if validated:
             row += (f"<td>{_cell(summary.validated_resolution_angstrom, 2)}</td>"
@@ -395,7 +487,8 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
         lines.append(row + "</tr>")
     lines.append("</table>")
     lines.append("<p>Set <i>i</i> is <code>_iter<i>i</i>.star</code>; its half maps were post-processed for the "
-                 "resolution, then sieved at the cut-off into set <i>i</i>+1.</p>")
+                 "resolution (RELION's: the last shell whose corrected FSC is above 0.143), then sieved at the "
+                 "cut-off into set <i>i</i>+1.</p>")
     figures = [("Resolution and B-factor", paths.resolution_plot), ("FSC curves", paths.fsc_plot),
                ("Score distributions", paths.scores_plot)]
     if any(summary.retention_curve is not None for summary in rounds):
@@ -411,8 +504,10 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
 
 
 def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None = None, *,
-                 plots: bool = True, validation: str = "none", notes: Sequence[str] = ()) -> ReportPaths:
-    """Write the summary CSV and (``plots``) the plots and the HTML page for ``prefix``; returns their paths."""
+                 plots: bool = True, validation: str = "none", notes: Sequence[str] = (),
+                 run: Mapping[str, str] | None = None) -> ReportPaths:
+    """Write the summary CSV and (``plots``) the plots and the HTML page for ``prefix``; returns their paths
+    (``run``, ``notes``: see :func:`render_html`)."""
     paths = report_paths(prefix)
     paths.summary_csv.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(paths.summary_csv) as temporary:
@@ -426,6 +521,6 @@ def write_report(prefix: str, rounds: Sequence[RoundSummary], title: str | None 
     if any(summary.retention_curve is not None for summary in rounds):
         plot_retention(rounds, paths.retention_plot)
     page = render_html(rounds, paths, title or f"CryoSieve report: {os.path.basename(os.path.normpath(prefix))}",
-                       validation, notes)
+                       validation, notes, run)
     write_text_atomic(paths.html, page)
     return paths

@@ -109,6 +109,13 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
+def command_line(program: str, argv: Sequence[str] | None) -> str:
+    """The command as the user typed it (quoted for a shell), for reports."""
+    import shlex
+
+    return " ".join(shlex.quote(word) for word in [program, *(sys.argv[1:] if argv is None else argv)])
+
+
 # --------------------------------------------------------------------------- console
 
 

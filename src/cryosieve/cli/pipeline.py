@@ -15,6 +15,7 @@ from cryosieve.cli._common import (
     add_retention_argument,
     check_interrupt,
     choose_device,
+    command_line,
     progress_factory,
     return_target,
     run_command,
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "not improved for this many rounds, --num_iters being the most; by default every round "
                              "runs. The best set is marked and copied to PREFIX_best.star either way.")
     add_orientation_argument(parser)
+    parser.add_argument("--resplit", action="store_true",
+                        help="split the particles into two new random half-sets (seeded) before the first round, "
+                             "written as rlnRandomSubset in PREFIX_iter0.star: for particles without half-sets.")
     parser.add_argument("--validate_rh", action="store_true",
                         help="with --validate, also the Rosenthal-Henderson B-factor of every set (4 halvings).")
     parser.add_argument("--relion_refine", default="mpirun -n 3 relion_refine_mpi",
@@ -131,6 +135,7 @@ def _main(argv: Sequence[str] | None) -> int:
         frequency_start=args.frequency_start, frequency_end=args.frequency_end, reconstructor=reconstructor,
         postprocessor=postprocessor, report=args.report, validator=validator, validate_rh=args.validate_rh,
         passthrough=tuple(args.passthrough), return_to=return_target(args), patience=args.patience,
+        resplit=args.resplit, command_line=command_line("cryosieve", argv),
     )
     result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
                           checkpoint=check_interrupt)
@@ -151,7 +156,8 @@ FLAGS = {
     "reference_weighting": "--reference_weighting", "resume": "--continue", "highpass_angstrom": "--frequency_start",
     "validator": "--validate", "validate_rh": "--validate_rh", "passthrough": "--passthrough",
     "relion_refine": "--relion_refine", "threads": "--j", "cryosparc_project": "--cryosparc_project",
-    "source_job": "--cryosparc_source_job", "patience": "--patience", "keep_orientations": "--keep_orientations",
+    "source_job": "--cryosparc_source_job", "patience": "--patience", "resplit": "--resplit",
+    "keep_orientations": "--keep_orientations",
 }
 
 

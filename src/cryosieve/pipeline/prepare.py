@@ -24,7 +24,7 @@ from cryosieve.particles import ParticleSet
 from cryosieve.pipeline.names import OutputNames
 from cryosieve.pipeline.settings import PipelineSettings
 from cryosieve.pipeline.state import sha256
-from cryosieve.refine.rh import voltage_constant
+from cryosieve.refine.rh import random_halves, voltage_constant
 from cryosieve.schedule import CutoffSchedule
 from cryosieve.selection import retained_count
 from cryosieve.sieve import check_settings
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 #: Seed of the random choice of rows that balances the half-sets (``balance``).
 BALANCE_SEED = 0
+#: Seed of the random half-sets of ``resplit``.
+RESPLIT_SEED = 0
 
 
 def balanced_rows(random_subset: np.ndarray, seed: int = BALANCE_SEED) -> np.ndarray:
@@ -146,8 +148,11 @@ def prepare(settings: PipelineSettings) -> Prepared:
     particles = read_particle_file(settings.input_star, settings.angpix, settings.passthrough)
     names = OutputNames(settings.output_prefix, Path(settings.input_star).suffix.lower())
     check_outputs(names.files(settings.num_iters), _inputs(settings, particles), names.folders(settings.num_iters))
+    if settings.resplit:  # new random half-sets, seeded, written into _iter0 (rlnRandomSubset)
+        particles = particles.with_halves(random_halves(len(particles), RESPLIT_SEED))
     if particles.random_subset is None:
-        raise CryoSieveInputError(f"{settings.input_star}: column rlnRandomSubset missing (half-sets 1 and 2 needed)")
+        raise CryoSieveInputError(f"{settings.input_star}: column rlnRandomSubset missing (half-sets 1 and 2 needed); "
+                                  f"add {setting('resplit')} to split the particles into two random halves")
     present = sorted(set(particles.random_subset.tolist()))
     if present != [1, 2]:
         raise CryoSieveInputError(
@@ -190,6 +195,7 @@ def prepare(settings: PipelineSettings) -> Prepared:
         "directory": os.path.abspath(settings.directory or "."),
         "angpix": angpix,
         "symmetry": symmetry,
+        "resplit": bool(settings.resplit),
         "num_iters": int(settings.num_iters),
         "frequency_start": float(settings.frequency_start),
         "frequency_end": float(settings.frequency_end),

@@ -28,6 +28,7 @@ from cryosieve.io.stack import StackReader
 from cryosieve.particles import ParticleSet
 from cryosieve.pipeline.names import OutputNames
 from cryosieve.pipeline.prepare import Prepared
+from cryosieve.pipeline.settings import PipelineSettings
 from cryosieve.pipeline.state import State
 from cryosieve.postprocess.report import PostprocessReport
 from cryosieve.progress import ProgressFactory
@@ -42,7 +43,7 @@ log = logging.getLogger("cryosieve")
 
 def write_iter0(prepared: Prepared) -> None:
     target = prepared.names.star(0)
-    if not prepared.settings.sieve.balance:
+    if not prepared.settings.sieve.balance and not prepared.settings.resplit:
         with atomic_path(target) as temporary:
             shutil.copyfile(prepared.settings.input_star, temporary)
     else:
@@ -112,16 +113,15 @@ def sieve(prepared: Prepared, particles: ParticleSet, iteration: int, progress: 
     write_sieve_outputs(particles, result, names.star(iteration + 1))
 
 
-def give_back(prepared: Prepared, kept: ParticleSet) -> dict[str, Any]:
-    """The last kept set and the rest of the input, as an External job of CryoSPARC."""
+def give_back(prepared: Prepared, kept: ParticleSet, last: int) -> dict[str, Any]:
+    """The last set (``PREFIX_iter{last}``, ``kept``) and the rest of the input, as an External job of CryoSPARC."""
     from cryosieve.sieve import give_selection_back, uids_of  # only for a selection given back
 
     assert prepared.returning is not None
     uids = uids_of(prepared.particles)
     job = give_selection_back(prepared.returning, uids, np.isin(uids, uids_of(kept)),
                               f"CryoSieve selection of {Path(prepared.settings.input_star).name} "
-                              f"({prepared.settings.num_iters} rounds)",
-                              [prepared.names.star(prepared.settings.num_iters)])
+                              f"({last} rounds)", [prepared.names.star(last)])
     return {"cryosparc_job": job}
 
 
@@ -197,6 +197,16 @@ def write_best(prepared: Prepared, rounds: list[RoundSummary]) -> list[str]:
              chosen.particles, how, names.best)
     return [f"Best set: iteration {chosen.iteration} ({chosen.particles} particles), by its resolution {how}; "
             f"written to {names.best.name}."]
+
+
+def why_stopped(settings: PipelineSettings, stopped: int | None) -> str:
+    """The report's line on why the run ended where it did (``stopped``: the round ``--patience`` stopped at)."""
+    if stopped is None:
+        return (f"The run made every one of the {settings.num_iters} rounds asked for (--num_iters); set "
+                f"{settings.num_iters} is the last kept set.")
+    return (f"Stopped at round {stopped} by --patience {settings.patience}: the resolution had not improved for "
+            f"{settings.patience} rounds, so set {stopped} was measured but not sieved (at most {settings.num_iters} "
+            "rounds were asked for).")
 
 
 def stalled(rounds: list[RoundSummary], patience: int, validated: bool) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from cryosieve.pipeline.prepare import Prepared, prepare
 from cryosieve.pipeline.settings import PipelineSettings
 from cryosieve.pipeline.state import GIVE_BACK, State, open_state, step_names
 from cryosieve.progress import ProgressFactory, no_progress
-from cryosieve.report import ReportPaths, RoundSummary, write_report
+from cryosieve.report import ReportPaths, RoundSummary, best_round, write_report
 
 log = logging.getLogger("cryosieve")
 
@@ -129,6 +128,20 @@ class _Run:
         self.computed.append(name)
         log.info("%s: done in %.1f s", name, time.perf_counter() - started)
 
+    def run_facts(self, resume: bool) -> dict[str, str]:
+        """What the report shows of the run at its top: version, command, inputs and how it was started."""
+        from cryosieve import __version__
+
+        record = self.prepared.record
+        facts = {"cryosieve": __version__, "command": self.prepared.settings.command_line or "(library call)",
+                 "particles": str(record["input_star"]), "mask": str(record["mask"]),
+                 "images relative to": str(record["directory"]), "pixel size": f"{record['angpix']:g} Å",
+                 "symmetry": str(record["symmetry"]), "reconstruction": str(record["reconstructor"]),
+                 "post-processing": str(record["postprocessor"])}
+        if resume:
+            facts["resumed"] = "yes (--continue): recorded steps were not run again"
+        return facts
+
     def run(self, resume: bool) -> PipelineResult:
         # the steps load torch and the back-ends: imported once every input is checked (prepare)
         from cryosieve.pipeline import rounds
@@ -145,13 +158,14 @@ class _Run:
             for path in remove_stale_temporaries(names.state.parent, names.owns, any_owner=True):
                 log.info("removed %s, left by an interrupted run", path)
             self.step("prepare", lambda: rounds.write_iter0(prepared))
-            particles = prepared.particles.subset(prepared.rows0) if settings.sieve.balance else prepared.particles
+            particles = prepared.particles.subset(prepared.rows0)  # the set PREFIX_iter0 holds
             summaries: list[RoundSummary] = []
             stopped: int | None = None
             validated = settings.validator is not None
             if settings.patience is not None and not validated:
                 log.warning("--patience without --validate: rounds are compared by their resolution with the given "
                             "poses, which is optimistic")
+            last = settings.num_iters
             for iteration in range(settings.num_iters):
                 assert particles.random_subset is not None
                 log.info("[ITER %d] %d particles (half-sets %d + %d); cut-off %.3f Å", iteration, len(particles),
@@ -165,39 +179,39 @@ class _Run:
                 log.info("[ITER %d] resolution %s Å, B-factor %.1f Å^2", iteration,
                          "-" if outcome["resolution_angstrom"] is None else f"{outcome['resolution_angstrom']:.2f}",
                          outcome["bfactor"])
-                self.step(f"sieve {iteration}",
-                          functools.partial(rounds.sieve, prepared, particles, iteration, self.progress))
                 if settings.validator is not None:
                     self.step(f"validate {iteration}", functools.partial(validate, prepared, iteration, self.progress))
+                current = rounds.round_summary(prepared, iteration, particles, state)
+                if settings.patience is not None and rounds.stalled([*summaries, current], settings.patience,
+                                                                    validated):
+                    # this set is measured, and no sieve of it is needed: the run ends with it
+                    summaries.append(current)
+                    stopped = last = iteration
+                    log.info("[ITER %d] no better resolution for %d rounds: stopping before this set's sieve",
+                             iteration, settings.patience)
+                    break
+                self.step(f"sieve {iteration}",
+                          functools.partial(rounds.sieve, prepared, particles, iteration, self.progress))
                 summaries.append(rounds.round_summary(prepared, iteration, particles, state))
                 particles = particles.subset(rounds.kept_in(names, iteration, particles))
                 log.info("[ITER %d] kept %d particles (half-sets %d + %d)", iteration, len(particles),
                          int(np.sum(particles.random_subset == 1)), int(np.sum(particles.random_subset == 2)))
                 self.checkpoint()
                 upcoming = rounds.round_summary(prepared, iteration + 1, particles, state)
-                write_report(names.prefix, [*summaries, upcoming],
-                             plots=settings.report, validation=prepared.record["validator"])
-                if settings.patience is not None and rounds.stalled(summaries, settings.patience, validated):
-                    stopped = iteration
-                    log.info("[ITER %d] no better resolution for %d rounds: stopping", iteration, settings.patience)
-                    break
-            last = settings.num_iters if stopped is None else stopped + 1
-            if settings.validator is not None and stopped is None:
-                self.step(f"validate {settings.num_iters}",
-                          functools.partial(validate, prepared, settings.num_iters, self.progress))
+                write_report(names.prefix, [*summaries, upcoming], plots=settings.report,
+                             validation=prepared.record["validator"], run=self.run_facts(resume))
+            if stopped is None:
+                if settings.validator is not None:
+                    self.step(f"validate {last}", functools.partial(validate, prepared, last, self.progress))
+                summaries.append(rounds.round_summary(prepared, last, particles, state))
             if prepared.returning is not None:
-                self.step(GIVE_BACK, functools.partial(rounds.give_back, prepared, particles))
-            summaries.append(rounds.round_summary(prepared, last, particles, state))
-            notes = rounds.write_best(prepared, summaries)
-            if stopped is not None:
-                notes.insert(0, f"Stopped after round {stopped}: no better resolution for {settings.patience} "
-                                f"rounds (--patience); at most {settings.num_iters} rounds were asked for.")
+                self.step(GIVE_BACK, functools.partial(rounds.give_back, prepared, particles, last))
+            notes = [rounds.why_stopped(settings, stopped)]
+            notes += rounds.write_best(prepared, summaries)
             report = write_report(names.prefix, summaries, plots=settings.report,
-                                  validation=prepared.record["validator"], notes=notes)
-            measured = [summary for summary in summaries if summary.resolution_angstrom is not None
-                        and math.isfinite(summary.resolution_angstrom)]
-            if measured:
-                best = min(measured, key=lambda summary: summary.resolution_angstrom or math.inf)
+                                  validation=prepared.record["validator"], notes=notes, run=self.run_facts(resume))
+            best = best_round(summaries)
+            if best is not None:
                 log.info("best resolution %.2f Å at iteration %d (%d particles); summary %s",
                          best.resolution_angstrom, best.iteration, best.particles, report.summary_csv)
         return PipelineResult(rounds=summaries, report=report, computed_steps=self.computed, skipped_steps=self.skipped)

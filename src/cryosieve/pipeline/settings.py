@@ -59,7 +59,13 @@ class PipelineSettings:
     patience:
         ``None``: every one of ``num_iters`` rounds (the published schedule); else stop once the
         resolution (with poses re-estimated when there is a validator, else with the given poses:
-        optimistic) has not improved for ``patience`` rounds, ``num_iters`` being the most.
+        optimistic) has not improved for ``patience`` rounds, ``num_iters`` being the most; the set of
+        the round it stops at is measured, not sieved.
+    resplit:
+        Split the particles into two random half-sets (seeded) before the first round, written as
+        ``rlnRandomSubset`` in ``PREFIX_iter0``: for particles without half-sets, or to start afresh.
+    command_line:
+        The command that started the run, for the report (not part of what decides the outputs).
     """
 
     input_star: str
@@ -82,6 +88,8 @@ class PipelineSettings:
     passthrough: tuple[str, ...] = ()
     return_to: ReturnTarget | None = None
     patience: int | None = None
+    resplit: bool = False
+    command_line: str = ""
 
     @property
     def schedule(self) -> CutoffSchedule:

@@ -28,8 +28,9 @@ def step_names(num_iters: int, validate: bool = False, give_back: bool = False) 
     """Every step of a run, in order."""
     names = ["prepare"]
     for iteration in range(num_iters):
-        names += [f"reconstruct {iteration}", f"postprocess {iteration}", f"sieve {iteration}"]
+        names += [f"reconstruct {iteration}", f"postprocess {iteration}"]
         names += [f"validate {iteration}"] if validate else []
+        names += [f"sieve {iteration}"]
     return names + ([f"validate {num_iters}"] if validate else []) + ([GIVE_BACK] if give_back else [])
 
 
