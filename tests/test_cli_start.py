@@ -31,7 +31,7 @@ def probe(command: str, *args: str) -> tuple[int, list[str], str]:
     """``(exit code, heavy modules loaded, last line on stderr)`` of ``cryosieve.cli.COMMAND`` with ``args``."""
     result = subprocess.run([sys.executable, "-c", PROBE, command, *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    code, loaded, last = (result.stdout.splitlines() + ["", "", ""])[:3]
+    code, loaded, last = [*result.stdout.splitlines(), "", "", ""][:3]
     return int(code), [name for name in loaded.split(",") if name], last
 
 

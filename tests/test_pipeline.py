@@ -151,8 +151,15 @@ def check_layout_and_selection(prefix: str, known_truth, external: bool) -> pd.D
     page = Path(prefix + "_report.html").read_text()
     assert page.count("data:image/png;base64,") == 4  # resolution, FSC, scores, viewing directions
     assert "src=\"http" not in page and ".png\"" not in page
-    best = int(np.argmin(resolutions))
+    # the best round: the finest reported resolution, ties told apart by the interpolated FSC crossing
+    crossings = summary["resolution_interpolated_angstrom"].to_numpy()[:NUM_ITERS]
+    finest = resolutions == resolutions.min()
+    best = int(np.flatnonzero(finest)[np.argmin(crossings[finest])])
     assert f"{resolutions[best]:.2f} Å</b> at iteration <b>{best}</b>" in page
+    assert summary["best"].tolist() == [iteration == best for iteration in range(NUM_ITERS + 1)]
+    assert summary["shells_from_best"].iloc[best] == 0
+    if finest.sum() > 1:  # rounds of the same reported shell are marked as ties
+        assert "same shell (tie)" in page and "Within one Fourier shell of the best" in page
     return summary
 
 

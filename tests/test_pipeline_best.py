@@ -64,14 +64,16 @@ def test_patience_stops_at_the_first_stall_and_marks_the_best(realistic: Path, t
     scripted = ScriptedPostProcessor((10.0, 8.0, 8.5, 9.0, 7.0))
     result = run_pipeline(settings_for(realistic, prefix, postprocessor=scripted, patience=2))
     summary = pd.read_csv(f"{prefix}_summary.csv")
-    assert summary["iteration"].tolist() == [0, 1, 2, 3, 4]  # rounds 0-3 measured, set 4 is the last kept
-    assert summary["resolution_angstrom"].tolist()[:4] == [10.0, 8.0, 8.5, 9.0]
-    assert summary["best"].tolist() == [False, True, False, False, False]
-    assert math.isnan(summary["cutoff_angstrom"].iloc[4])
-    assert "reconstruct 4" not in result.computed_steps and "sieve 3" in result.computed_steps
+    # rounds 0-3 measured; round 3 stalled the run, so its set is the last and was not sieved
+    assert summary["iteration"].tolist() == [0, 1, 2, 3]
+    assert summary["resolution_angstrom"].tolist() == [10.0, 8.0, 8.5, 9.0]
+    assert summary["best"].tolist() == [False, True, False, False]
+    assert math.isnan(summary["cutoff_angstrom"].iloc[3])
+    assert "reconstruct 3" in result.computed_steps and "sieve 3" not in result.computed_steps
+    assert not Path(f"{prefix}_iter4.star").exists() and not Path(f"{prefix}_iter4_scores.csv").exists()
     assert Path(f"{prefix}_best.star").read_bytes() == Path(f"{prefix}_iter1.star").read_bytes()
     page = Path(f"{prefix}_report.html").read_text()
-    assert "Stopped after round 3" in page and "Best set: iteration 1" in page
+    assert "Stopped at round 3 by --patience 2" in page and "Best set: iteration 1" in page
     for name in ("_angles.png", "_resolution.png", "_fsc.png", "_scores.png"):
         assert Path(f"{prefix}{name}").stat().st_size > 0
     again = run_pipeline(settings_for(realistic, prefix, postprocessor=scripted, patience=2), resume=True)
@@ -85,6 +87,7 @@ def test_without_patience_every_round_runs_and_the_best_is_marked(realistic: Pat
     summary = pd.read_csv(f"{prefix}_summary.csv")
     assert len(summary) == 6 and summary["best"].tolist() == [False] * 4 + [True, False]
     assert Path(f"{prefix}_best.star").read_bytes() == Path(f"{prefix}_iter4.star").read_bytes()
+    assert "every one of the 5 rounds asked for" in Path(f"{prefix}_pipeline.log").read_text()
 
 
 def fsc_to_truth(first: np.ndarray, second: np.ndarray, truth: np.ndarray) -> np.ndarray:

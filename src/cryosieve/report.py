@@ -188,8 +188,8 @@ def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
 
 def best_round(rounds: Sequence[RoundSummary], validated: bool = False) -> RoundSummary | None:
     """The measured round with the finest resolution, or ``None``; ``validated``: by the resolution with poses
-    re-estimated (the earliest on a tie). With the given poses, rounds are ranked by the interpolated FSC
-    crossing (:func:`interpolated_resolution`), which tells apart rounds of the same reported shell, then by
+    re-estimated (the earliest on a tie). With the given poses, rounds of the same reported resolution (one
+    Fourier shell) are told apart by the interpolated FSC crossing (:func:`interpolated_resolution`), then by
     their maps' information (:func:`information`), then the earliest."""
     def resolution(summary: RoundSummary) -> float | None:
         return summary.validated_resolution_angstrom if validated else summary.resolution_angstrom
@@ -200,10 +200,10 @@ def best_round(rounds: Sequence[RoundSummary], validated: bool = False) -> Round
     if validated:
         return min(measured, key=lambda summary: (resolution(summary) or math.inf, summary.iteration))
 
-    def rank(summary: RoundSummary) -> tuple[float, float, int]:
+    def rank(summary: RoundSummary) -> tuple[float, float, float, int]:
         crossing = interpolated_resolution(summary)
         content = information(summary)
-        return (crossing if crossing is not None else resolution(summary) or math.inf,
+        return (resolution(summary) or math.inf, crossing if crossing is not None else math.inf,
                 -(content if content is not None else 0.0), summary.iteration)
 
     return min(measured, key=rank)

@@ -207,6 +207,7 @@ class _Run:
             if prepared.returning is not None:
                 self.step(GIVE_BACK, functools.partial(rounds.give_back, prepared, particles, last))
             notes = [rounds.why_stopped(settings, stopped)]
+            log.info(notes[0])
             notes += rounds.write_best(prepared, summaries)
             report = write_report(names.prefix, summaries, plots=settings.report,
                                   validation=prepared.record["validator"], notes=notes, run=self.run_facts(resume))
