@@ -60,3 +60,5 @@ print(f"best round: {int(best.iteration)} ({int(best.particles_half1 + best.part
       f"{best.resolution_angstrom:.2f} Å with the given poses), copied to demo_output/_best.star; "
       "viewing directions per round: demo_output/_angles.png")
 PY
+echo "== each round against the truth (known in the demo): bad particles left, and the map against the true map"
+python3 scripts/demo_truth.py demo_data demo_output/
