@@ -24,4 +24,15 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     || "$PYTHON" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 fi
 "$PYTHON" -m pip install -q -e ".[test]"
+
+# The CryoSPARC tests run the commands through both majors of cryosparc-tools: 5.x is installed above (the test
+# extra); 4.x (CryoSPARC v4's client, same package name) goes into a folder of its own that the tests put first on
+# the PYTHONPATH of the commands they start (tests/test_cryosparc.py, CRYOSPARC_TOOLS_4).
+TOOLS4=${CRYOSIEVE_CRYOSPARC_TOOLS_4:-build/cryosparc-tools-4}
+if ! PYTHONPATH="$TOOLS4" "$PYTHON" -c "import cryosparc, sys; sys.exit(cryosparc.__version__[:2] != '4.')" \
+    >/dev/null 2>&1; then
+  echo "setup: installing cryosparc-tools 4 into $TOOLS4 (for the tests)" >&2
+  rm -rf "$TOOLS4"
+  "$PYTHON" -m pip install -q --no-deps --target "$TOOLS4" "cryosparc-tools>=4.7,<5"
+fi
 echo "setup: done" >&2

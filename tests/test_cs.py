@@ -124,6 +124,38 @@ def test_star_and_cs_descriptions_give_the_same_selection(small: SmallData, cs_f
     assert angle_difference(converted.tilt, original.tilt).max() < 1e-3
 
 
+def test_exported_paths_are_read_as_cryosparc_means_them(small: SmallData, cs_file: Path, tmp_path: Path) -> None:
+    """A job or result group exported by CryoSPARC lies in a folder of its own, its data beside the ``.cs`` file,
+    every ``blob/path`` marked with a leading ``>`` (which CryoSPARC removes when it imports them)."""
+    export = tmp_path / "exports" / "groups" / "P3_J42_particles"
+    (export / "J40" / "extract").mkdir(parents=True)
+    dataset = Dataset.load(cs_file)
+    files = sorted({str(value) for value in np.asarray(dataset["blob/path"])})
+    for file in files:
+        (export / "J40" / "extract" / Path(file).name).write_bytes((small.folder / file).read_bytes())
+    dataset["blob/path"] = np.array([f">J40/extract/{Path(str(value)).name}" for value in dataset["blob/path"]],
+                                    dtype=object)
+    exported = write_cs(dataset, export / "P3_J42_particles_exported.cs")
+    particles = read_cs_particles(exported)
+    assert {Path(file) for file in particles.image_file} == {export / "J40" / "extract" / Path(file).name
+                                                              for file in files}
+    common = ["--volume", str(small.half1), "--volume", str(small.half2), "--mask", str(small.mask), "--frequency",
+              "12", "--device", "cpu", "--quiet"]
+    elsewhere = tmp_path / "project"  # --directory does not matter for these paths
+    elsewhere.mkdir()
+    assert core_main(["--i", str(cs_file), "--directory", str(small.folder), "--o", str(tmp_path / "a" / "kept.cs"),
+                      *common]) == 0
+    assert core_main(["--i", str(exported), "--directory", str(elsewhere), "--o", str(tmp_path / "b" / "kept.cs"),
+                      *common]) == 0
+    np.testing.assert_array_equal(pd.read_csv(tmp_path / "a" / "kept_scores.csv")["kept"],
+                                  pd.read_csv(tmp_path / "b" / "kept_scores.csv")["kept"])
+    # a subset written to another folder still names the same images
+    kept = read_cs_particles(tmp_path / "b" / "kept.cs")
+    assert all(str(value).startswith(">") for value in Dataset.load(tmp_path / "b" / "kept.cs")["blob/path"])
+    assert {Path(file).resolve() for file in kept.image_file} <= {Path(file).resolve()
+                                                                   for file in particles.image_file}
+
+
 def test_passthrough_fields_are_merged_by_uid(small: SmallData, cs_file: Path, tmp_path: Path) -> None:
     full = Dataset.load(cs_file)
     ctf = [name for name in full.fields() if name.startswith("ctf/")]

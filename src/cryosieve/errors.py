@@ -67,3 +67,8 @@ class ExternalCommandError(RuntimeError):
 class JobError(RuntimeError):
     """A job of several processes (``torchrun``, :mod:`cryosieve.world`) lost one of them: the message says
     which rank, or what the communication library reported."""
+
+
+class ServiceError(RuntimeError):
+    """A service the command works with (a CryoSPARC server) failed it after the attempts it is given: the
+    message names the service's address, the call and the cause."""

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cryosieve.band import HighPass
-from cryosieve.errors import CryoSieveInputError, setting
+from cryosieve.errors import CryoSieveInputError, ServiceError, setting
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.particle_files import in_format_of, read_particle_file
@@ -331,8 +331,12 @@ def give_selection_back(prepared: PreparedReturn, uids: np.ndarray, kept: np.nda
     says that they are."""
     from cryosieve.cryosparc.selection import give_back
 
+    written_text = ", ".join(str(path) for path in written)
     try:
         return give_back(prepared, uids[kept], uids[~kept], title)
     except CryoSieveInputError as error:
-        raise CryoSieveInputError(f"the selection is written ({', '.join(str(path) for path in written)}), but "
-                                  f"giving it back to CryoSPARC failed: {error.raw_message}") from None
+        raise CryoSieveInputError(f"the selection is written ({written_text}), but giving it back to CryoSPARC "
+                                  f"failed: {error.raw_message}") from None
+    except ServiceError as error:
+        raise ServiceError(f"the selection is written ({written_text}), but giving it back to CryoSPARC failed: "
+                           f"{error}") from None

@@ -19,6 +19,7 @@ A back-end's :meth:`describe` is recorded with a run: resuming with another one 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -93,11 +94,13 @@ class RefinementJob:
 
     ``directory``: the folder image names are relative to (``None``: the current one); ``symmetry``:
     canonical point group; ``pixel_size`` in Å; ``reference``: initial map, or ``None`` to make one
-    from the particles with their given poses; ``ini_high``: its low-pass, Å; ``mask``: for
+    from the particles with their given poses; ``ini_high``: its low-pass, Å (``None``: not given, each
+    back-end's default); ``mask``: for
     post-processing, or ``None`` to make one around the refined map; ``particle_diameter``: Å
     (``None``: 90 % of the box); ``local``: search only around the given poses; ``seed``: of the
     back-end's random choices; ``log``: where an external program's output goes (outside
-    ``folder``, so that it outlives a failure).
+    ``folder``, so that it outlives a failure); ``group``: jobs of the same group refine the same particles
+    (trials of one set), so a back-end may share work between them (``None``: none shared).
     """
 
     particles_star: Path
@@ -107,7 +110,7 @@ class RefinementJob:
     pixel_size: float
     box: int
     reference: Path | None
-    ini_high: float
+    ini_high: float | None
     mask: Path | None
     particle_diameter: float | None
     local: bool
@@ -115,6 +118,7 @@ class RefinementJob:
     log: Path
     source: Path | None = None
     particles_cs: Path | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,9 @@ class RemoteRefiner(Refiner, Protocol):
         """Check, before any job, that every input can be refined (and, unless ``dry_run``, that the
         server is there); raises :class:`~cryosieve.errors.CryoSieveInputError`."""
 
-    def expect(self, sets: int) -> None:
-        """Be told how many sets this run refines (for the done/total counts of its log)."""
+    def expect(self, groups: Sequence[str]) -> None:
+        """Be told the group (:attr:`RefinementJob.group`) of each set this run refines (for the done/total
+        counts of its log)."""
 
     def for_origin(self, path: Path) -> RemoteRefiner:
         """The refiner of sets drawn from the particle file ``path`` (a CryoSPARC ``.cs`` file: its job)."""

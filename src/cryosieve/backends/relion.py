@@ -199,6 +199,8 @@ class RelionPostProcessor:
 
 #: Fewest MPI ranks of a gold-standard ``relion_refine_mpi`` (a leader and one follower per half-set).
 MIN_MPI_RANKS = 3
+#: relion_refine's --ini_high (Å) when the command is given none.
+DEFAULT_INI_HIGH = 30.0
 
 
 def _ranks(program: Sequence[str]) -> int | None:
@@ -253,9 +255,10 @@ class RelionRefiner:
     def command(self, job: RefinementJob, reference: Path) -> list[str]:
         """The ``relion_refine`` command line of ``job`` (absolute paths) from the map ``reference``."""
         diameter = job.particle_diameter if job.particle_diameter is not None else 0.9 * job.box * job.pixel_size
+        ini_high = DEFAULT_INI_HIGH if job.ini_high is None else job.ini_high
         words = [*self.program, "--o", str((job.folder / "run").absolute()), "--auto_refine", "--split_random_halves",
                  "--i", str(job.particles_star.absolute()), "--ref", str(reference.absolute()),
-                 "--ini_high", f"{job.ini_high:g}", "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2",
+                 "--ini_high", f"{ini_high:g}", "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2",
                  "--ctf", "--particle_diameter", f"{diameter:g}", "--flatten_solvent", "--zero_mask",
                  "--oversampling", "1", "--offset_step", "1" if job.local else "2", "--sym", job.symmetry,
                  "--low_resol_join_halves", "40", "--norm", "--scale", "--j", str(self.threads),

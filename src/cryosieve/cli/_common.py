@@ -6,7 +6,8 @@ one line ``COMMAND: error: ...`` on standard error and an exit code, never a tra
 * 2: bad input or arguments (:class:`~cryosieve.errors.CryoSieveInputError`), found before
   anything is written;
 * 1: a failure of the machine (a read or write that the system refused, a full disk, no
-  memory) or an unexpected error (set ``CRYOSIEVE_DEBUG=1`` for its traceback);
+  memory), of a service (a CryoSPARC server that stopped answering), or an unexpected error (set
+  ``CRYOSIEVE_DEBUG=1`` for its traceback);
 * an external program's own exit code when it failed (:class:`~cryosieve.errors.ExternalCommandError`);
 * 130 after Ctrl-C (SIGINT), 143 after SIGTERM.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cryosieve.errors import CryoSieveInputError, ExternalCommandError, JobError
+from cryosieve.errors import CryoSieveInputError, ExternalCommandError, JobError, ServiceError
 from cryosieve.processes import handling_stop_signals
 from cryosieve.progress import ProgressFactory
 
@@ -262,9 +263,10 @@ def add_orientation_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_return_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that give a selection back to CryoSPARC as an External job."""
-    group = parser.add_argument_group("giving the selection back to CryoSPARC (a .cs input; host, base port and "
-                                      "licence from CRYOSPARC_MASTER_HOSTNAME, CRYOSPARC_BASE_PORT, "
-                                      "CRYOSPARC_LICENSE_ID or `cryosparcm env`)")
+    group = parser.add_argument_group(
+        "giving the selection back to CryoSPARC (a .cs input; where: CRYOSPARC_BASE_URL, or "
+        "CRYOSPARC_MASTER_HOSTNAME with CRYOSPARC_BASE_PORT or CRYOSPARC_COMMAND_CORE_PORT, else `cryosparcm env`; "
+        "who: --cryosparc_user, CRYOSPARC_PASSWORD, CRYOSPARC_LICENSE_ID)")
     group.add_argument("--cryosparc_project", default=None,
                        help="project UID (P3): make an External job there with outputs kept and sieved, passing "
                             "through the source job's particles.")
@@ -273,7 +275,8 @@ def add_return_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the job whose particles the .cs input holds (J42, or J42.OUTPUT); read from the "
                             "input's path (.../J42/J42_particles.cs) by default.")
     group.add_argument("--cryosparc_user", default=None,
-                       help="e-mail address of the CryoSPARC user (password, if needed, from CRYOSPARC_PASSWORD).")
+                       help="e-mail address of the CryoSPARC user (its password from CRYOSPARC_PASSWORD; see the "
+                            "README for what each cryosparc-tools version needs).")
 
 
 def return_target(args: argparse.Namespace) -> Any:
@@ -368,7 +371,7 @@ def run_command(program: str, body: Callable[[Sequence[str] | None], int | None]
                 if not interrupted():
                     say(f"error: {one_line(error.message_with(flags or {}))}")
                     return EXIT_BAD_INPUT
-            except JobError as error:
+            except (JobError, ServiceError) as error:
                 if not interrupted():
                     say(f"error: {one_line(error)}")
                     return EXIT_FAILURE

@@ -45,7 +45,9 @@ def add_refine_arguments(parser: argparse.ArgumentParser, cryosparc_command: str
     parser.add_argument("--ref", default=None,
                         help="initial reference map; by default RELION starts from a map reconstructed from each input "
                              "with its given poses (low-passed to --ini_high), CryoSPARC from an ab-initio job.")
-    parser.add_argument("--ini_high", type=float, default=30.0, help="initial resolution (Å), 30 by default.")
+    parser.add_argument("--ini_high", type=float, default=None,
+                        help="initial resolution (Å); by default RELION's --ini_high is 30 and CryoSPARC's refinement "
+                             "gets no refine_res_init (its own default), as the original.")
     parser.add_argument("--repeat", type=int, default=1,
                         help="number of trials (different random seeds), 1 by default.")
     parser.add_argument("--resplit", action="store_true",
@@ -83,10 +85,12 @@ def add_refine_arguments(parser: argparse.ArgumentParser, cryosparc_command: str
 
 def add_cryosparc_arguments(parser: argparse.ArgumentParser, required: bool, prefix: str = "") -> None:
     """Where and how CryoSPARC refines (the original cryosieve-csrefine's flags; ``prefix``: before each name)."""
-    group = parser.add_argument_group("CryoSPARC (host, base port and licence from CRYOSPARC_MASTER_HOSTNAME, "
-                                      "CRYOSPARC_BASE_PORT, CRYOSPARC_LICENSE_ID or `cryosparcm env`)")
+    group = parser.add_argument_group(
+        "CryoSPARC (where: CRYOSPARC_BASE_URL, or CRYOSPARC_MASTER_HOSTNAME with CRYOSPARC_BASE_PORT or "
+        "CRYOSPARC_COMMAND_CORE_PORT, else `cryosparcm env`; who: --user, CRYOSPARC_PASSWORD, CRYOSPARC_LICENSE_ID)")
     group.add_argument(f"--{prefix}user", required=required, default=None,
-                       help="e-mail address of the CryoSPARC user (password, if needed, from CRYOSPARC_PASSWORD).")
+                       help="e-mail address of the CryoSPARC user (its password from CRYOSPARC_PASSWORD; see the "
+                            "README for what each cryosparc-tools version needs).")
     group.add_argument(f"--{prefix}project", required=required, default=None,
                        help="project UID in CryoSPARC (P3)" + (
                            "; the last selection also goes back there as an External job with outputs kept and "
@@ -126,7 +130,7 @@ def cryosparc_refiner(args: argparse.Namespace, device: Any, prefix: str = "") -
             raise
         from cryosieve.cryosparc.connection import Connection
 
-        connection = Connection("(CRYOSPARC_MASTER_HOSTNAME unset)", 39000, get("user"))  # a plan connects nowhere
+        connection = Connection("(not set)", get("user"), origin="none")  # a plan connects nowhere
     return CryoSparcRefiner(connection, get("project"), get("workspace"), options, source_job=get("source_job"),
                             device=device)
 

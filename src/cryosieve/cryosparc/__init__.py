@@ -1,9 +1,12 @@
-"""Working with a running CryoSPARC through the official ``cryosparc-tools`` client.
+"""Working with a running CryoSPARC through the official ``cryosparc-tools`` client, 4.x (CryoSPARC v4) or
+5.x (CryoSPARC v5).
 
 * :mod:`~cryosieve.cryosparc.connection`: where CryoSPARC is and who we are (environment, then
-  ``cryosparcm env``), and a connection with bounded retries; the licence id is never shown;
-* :mod:`~cryosieve.cryosparc.session`: the few client calls the commands make, in one place, so that
-  the differences between cryosparc-tools 4.x and 5.x stay here;
+  ``cryosparcm env``), how often to try; the licence id and password are never shown;
+* :mod:`~cryosieve.cryosparc.clients`: the calls the commands make, as each major version accepts them;
+* :mod:`~cryosieve.cryosparc.failures`: the cause of a failed call (unreachable, refused, server error);
+* :mod:`~cryosieve.cryosparc.session`: connecting, the one retry policy, waiting on jobs, making and
+  deleting them;
 * :mod:`~cryosieve.cryosparc.graph`: the job graph of a refinement (planned without connecting);
 * :mod:`~cryosieve.cryosparc.selection`: a selection given back to CryoSPARC as an External job.
 

@@ -1,43 +1,60 @@
-"""Where CryoSPARC is, who connects, and a connection with bounded retries.
+"""Where CryoSPARC is, who connects, and how often to try.
 
-As the original ``cryosieve-csrefine`` 1.3.3 finds them: ``CRYOSPARC_MASTER_HOSTNAME``,
-``CRYOSPARC_BASE_PORT`` and ``CRYOSPARC_LICENSE_ID`` from the environment, each missing one from
-the output of ``cryosparcm env`` (lines ``export "NAME=value"``). The user is the CryoSPARC
-account's e-mail address; ``CRYOSPARC_PASSWORD`` is used when set (cryosparc-tools 4 needs it with
-the licence id; 5 takes a password, a ``python -m cryosparc.tools login`` session or, deprecated,
-the licence id).
+The location, in this order:
 
-The licence id and the password are secrets: they are never part of a message, a log line, a
-``repr`` or a file this package writes (:func:`scrub`).
+* ``CRYOSPARC_BASE_URL``: the address a web browser opens (``https://cryosparc.lab.org``, a path
+  behind a reverse proxy, ``http://host:39000``); cryosparc-tools 5 reaches CryoSPARC v5 there;
+* ``CRYOSPARC_MASTER_HOSTNAME`` with ``CRYOSPARC_BASE_PORT``, or with ``CRYOSPARC_COMMAND_CORE_PORT`` (the
+  ``command_core`` port, base + 2, which the original CryoSieve 1.3.3 reads);
+* each variable missing from the environment is taken from ``cryosparcm env`` (lines ``export "NAME=value"``),
+  as 1.3.3 does.
+
+Who: ``email`` (``--user``, the account's e-mail address), ``CRYOSPARC_PASSWORD`` and ``CRYOSPARC_LICENSE_ID``;
+which of them a connection needs depends on the cryosparc-tools version (:mod:`cryosieve.cryosparc.clients`).
+
+How often: an unreachable server or a server error is tried ``CRYOSPARC_COMMAND_RETRIES`` times (3),
+``CRYOSPARC_COMMAND_RETRY_SECONDS`` apart (30), as 1.3.3 reads them; a job is looked at every
+``CRYOSPARC_POLL_SECONDS`` (20); while a job is waited on, a lost connection is tried again with back-off
+for ``CRYOSPARC_WAIT_RETRY_SECONDS`` (300).
+
+The licence id and the password are secrets: they are never part of a message, a log line, a ``repr`` or
+a file this package writes (:meth:`Connection.scrub`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import subprocess
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryosieve.errors import CryoSieveInputError
 
-log = logging.getLogger("cryosieve")
-
+BASE_URL = "CRYOSPARC_BASE_URL"
 HOST = "CRYOSPARC_MASTER_HOSTNAME"
 BASE_PORT = "CRYOSPARC_BASE_PORT"
+CORE_PORT = "CRYOSPARC_COMMAND_CORE_PORT"
 LICENSE = "CRYOSPARC_LICENSE_ID"
 PASSWORD = "CRYOSPARC_PASSWORD"
 RETRIES = "CRYOSPARC_COMMAND_RETRIES"
 RETRY_SECONDS = "CRYOSPARC_COMMAND_RETRY_SECONDS"
+WAIT_RETRY_SECONDS = "CRYOSPARC_WAIT_RETRY_SECONDS"
+POLL_SECONDS = "CRYOSPARC_POLL_SECONDS"
 
-#: Attempts to reach an unreachable server, and seconds between them (the original's defaults).
+#: Attempts to reach a server that does not answer, and seconds between them (the original's defaults).
 DEFAULT_RETRIES = 3
 DEFAULT_RETRY_SECONDS = 30.0
+#: Seconds a lost connection is tried again while a job is waited on.
+DEFAULT_WAIT_RETRY_SECONDS = 300.0
+#: Seconds between looks at a queued or running job (the original waits 20 to 40 s).
+DEFAULT_POLL_SECONDS = 20.0
 
 _EXPORT = re.compile(r'^export\s+"([^=]+)=(.*)"\s*$')
+_WANTED = (BASE_URL, HOST, BASE_PORT, CORE_PORT, LICENSE, PASSWORD, RETRIES, RETRY_SECONDS, WAIT_RETRY_SECONDS,
+           POLL_SECONDS)
 
 
 def parse_cryosparcm_env(text: str) -> dict[str, str]:
@@ -61,21 +78,39 @@ def read_cryosparcm_env() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Connection:
-    """How to reach CryoSPARC: ``host`` and ``base_port`` (the web port; the API is on ``base_port + 2``),
-    ``email`` of the CryoSPARC user, ``license`` and ``password`` (secrets, hidden from ``repr``),
-    ``retries`` attempts ``retry_seconds`` apart while the server cannot be reached."""
+    """How to reach CryoSPARC: ``url``, the address a browser opens (``http://host:39000``, or any https
+    address or path behind a proxy); ``email`` of the CryoSPARC user; ``license`` and ``password`` (secrets,
+    hidden from ``repr``); ``retries`` attempts ``retry_seconds`` apart while the server does not answer or
+    answers with a server error; ``wait_retry_seconds`` of retrying a lost connection while a job is waited
+    on; ``poll_seconds`` between looks at a job; ``origin``: the variables the location came from."""
 
-    host: str
-    base_port: int
+    url: str
     email: str | None
     license: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     retries: int = DEFAULT_RETRIES
     retry_seconds: float = DEFAULT_RETRY_SECONDS
+    wait_retry_seconds: float = DEFAULT_WAIT_RETRY_SECONDS
+    poll_seconds: float = DEFAULT_POLL_SECONDS
+    origin: str = BASE_URL
+
+    @classmethod
+    def at(cls, host: str, base_port: int, email: str | None, **options: Any) -> Connection:
+        """The connection to ``http://host:base_port``."""
+        return cls(f"http://{host}:{base_port}", email, origin=f"{HOST}, {BASE_PORT}", **options)
 
     @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.base_port}"
+    def host_and_base_port(self) -> tuple[str, int] | None:
+        """``(host, base port)`` when :attr:`url` is a plain ``http://host[:port]`` address (what
+        cryosparc-tools 4 and CryoSPARC v4's command ports need), else ``None``."""
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or parts.path.strip("/") or not parts.hostname:
+            return None
+        try:
+            port = parts.port
+        except ValueError:
+            return None
+        return parts.hostname, port or 80
 
     def describe(self) -> str:
         """Where and as whom (no secret)."""
@@ -87,11 +122,19 @@ class Connection:
 
 
 def scrub(text: str, secrets: tuple[str | None, ...]) -> str:
-    """``text`` with every non-empty secret replaced by ``<hidden>``."""
+    """``text`` with every non-empty secret (and its SHA-256, as cryosparc-tools 5 sends it) replaced by
+    ``<hidden>``."""
+    import hashlib
+
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "<hidden>")
+            for form in (secret, hashlib.sha256(secret.encode()).hexdigest()):
+                text = text.replace(form, "<hidden>")
     return text
+
+
+def _location_known(values: Mapping[str, str]) -> bool:
+    return BASE_URL in values or (HOST in values and (BASE_PORT in values or CORE_PORT in values))
 
 
 def connection_from_environment(email: str | None, environ: Mapping[str, str] | None = None,
@@ -99,120 +142,45 @@ def connection_from_environment(email: str | None, environ: Mapping[str, str] | 
                                 ) -> Connection:
     """The connection the environment describes, ``cryosparcm env`` filling what it lacks.
 
-    Raises :class:`CryoSieveInputError` naming the variable when the host or the port is missing or bad.
+    Raises :class:`CryoSieveInputError` naming the variable when the location is missing or a value is bad.
     """
     environ = os.environ if environ is None else environ
-    wanted = (HOST, BASE_PORT, LICENSE, PASSWORD, RETRIES, RETRY_SECONDS)
-    values = {name: environ[name] for name in wanted if environ.get(name)}
-    if HOST not in values or BASE_PORT not in values or LICENSE not in values:
+    values = {name: environ[name] for name in _WANTED if environ.get(name)}
+    if not _location_known(values) or LICENSE not in values:
         fallback = cryosparcm_env()
-        values.update({name: fallback[name] for name in wanted if name not in values and fallback.get(name)})
-    for name in (HOST, BASE_PORT):
-        if name not in values:
-            raise CryoSieveInputError(f"{name} is not set and `cryosparcm env` did not give it; set it to where "
-                                      "CryoSPARC runs")
+        values.update({name: fallback[name] for name in _WANTED if name not in values and fallback.get(name)})
 
-    def number(name: str, default: float, kind: type) -> Any:
+    def number(name: str, default: float, kind: type, least: float) -> Any:
         try:
             value = kind(values[name]) if name in values else default
         except ValueError:
             raise CryoSieveInputError(f"{name}={values[name]!r}: not a number") from None
-        if value < (1 if kind is int else 0):
-            raise CryoSieveInputError(f"{name}={values[name]!r}: out of range")
+        if not value >= least:
+            raise CryoSieveInputError(f"{name}={values[name]!r}: out of range (at least {least:g})")
         return value
 
-    return Connection(host=values[HOST], base_port=number(BASE_PORT, 39000, int), email=email or None,
-                      license=values.get(LICENSE), password=values.get(PASSWORD),
-                      retries=number(RETRIES, DEFAULT_RETRIES, int),
-                      retry_seconds=number(RETRY_SECONDS, DEFAULT_RETRY_SECONDS, float))
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-def _status_of(error: BaseException) -> int | None:
-    for item in _chain(error):
-        for candidate in (getattr(item, "status_code", None), getattr(item, "code", None),
-                          getattr(getattr(item, "response", None), "status_code", None)):
-            if isinstance(candidate, int) and 100 <= candidate < 600:
-                return candidate
-    return None
-
-
-def unreachable(error: BaseException) -> bool:
-    """Whether ``error`` says the server could not be reached (worth another try): 5.x raises httpx's
-    transport errors, 4.x a ``CommandError`` whose text starts with its ``URL Error`` or ``Timeout Error``."""
-    chain = _chain(error)
-    names = {type(item).__name__ for item in chain}
-    if names & {"ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "RemoteProtocolError",
-                "ConnectionError", "ConnectionRefusedError", "TimeoutError", "URLError", "gaierror"}:
-        return True
-    return any(type(item).__name__ == "CommandError" and ("URL Error" in str(item) or "Timeout Error" in str(item))
-               for item in chain)
-
-
-def refused(error: BaseException) -> bool:
-    """Whether ``error`` says the credentials were refused or missing (HTTP 401/403; 4.x asserts that the
-    licence id, e-mail and password are given and fails its authentication call; 5.x raises ``ValueError``
-    without credentials)."""
-    chain = _chain(error)
-    return _status_of(error) in (401, 403) or any(
-        isinstance(item, (AssertionError, ValueError)) or "authentication" in str(item).lower() for item in chain)
+    if BASE_URL in values:
+        url, origin = values[BASE_URL].rstrip("/"), BASE_URL
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise CryoSieveInputError(f"{BASE_URL}={values[BASE_URL]!r}: not an http:// or https:// address")
+    elif HOST in values and (BASE_PORT in values or CORE_PORT in values):
+        if BASE_PORT in values:
+            port, origin = number(BASE_PORT, 0, int, 1), f"{HOST}, {BASE_PORT}"
+        else:  # the original's variable: command_core listens on the base port + 2
+            port, origin = number(CORE_PORT, 0, int, 3) - 2, f"{HOST}, {CORE_PORT}"
+        url = f"http://{values[HOST]}:{port}"
+    else:
+        missing = HOST if HOST not in values else f"{BASE_PORT} (or {CORE_PORT})"
+        raise CryoSieveInputError(f"{missing} is not set and `cryosparcm env` did not give it; set {BASE_URL} to the "
+                                  f"address CryoSPARC's web page has, or {HOST} and {BASE_PORT}")
+    return Connection(url=url, email=email or None, license=values.get(LICENSE), password=values.get(PASSWORD),
+                      retries=number(RETRIES, DEFAULT_RETRIES, int, 1),
+                      retry_seconds=number(RETRY_SECONDS, DEFAULT_RETRY_SECONDS, float, 0),
+                      wait_retry_seconds=number(WAIT_RETRY_SECONDS, DEFAULT_WAIT_RETRY_SECONDS, float, 0),
+                      poll_seconds=number(POLL_SECONDS, DEFAULT_POLL_SECONDS, float, 0.001), origin=origin)
 
 
 def first_line(text: str) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[0] if lines else ""
-
-
-def connect(connection: Connection, client_class: Any = None, sleep: Callable[[float], None] = time.sleep) -> Any:
-    """A ``cryosparc.tools.CryoSPARC`` session (``client_class``: that class or one with its interface).
-
-    An unreachable server is tried ``connection.retries`` times, ``retry_seconds`` apart. Raises
-    :class:`CryoSieveInputError` (one line, no secret) when it stays unreachable, when it refuses the
-    credentials, or when cryosparc-tools is not installed.
-    """
-    if client_class is None:
-        try:
-            from cryosparc.tools import CryoSPARC
-        except ImportError:
-            raise CryoSieveInputError('the CryoSPARC commands need cryosparc-tools: pip install '
-                                      '"cryosieve[cryosparc]"') from None
-        client_class = CryoSPARC
-    arguments: dict[str, Any] = {"host": connection.host, "base_port": connection.base_port}
-    if connection.email:
-        arguments["email"] = connection.email
-    if connection.password:
-        arguments["password"] = connection.password
-    if connection.license:
-        arguments["license"] = connection.license  # cryosparc-tools 4 needs it; 5 takes it when no password
-    for attempt in range(1, connection.retries + 1):
-        try:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # 5.x: the licence argument is deprecated
-                return client_class(**arguments)
-        except Exception as error:  # the client raises RuntimeError, ValueError or its own errors
-            reason = connection.scrub(first_line(str(_chain(error)[-1])) or type(error).__name__)
-            if unreachable(error):
-                if attempt < connection.retries:
-                    log.warning("%s: cannot be reached (%s); attempt %d of %d, again in %g s", connection.url,
-                                reason, attempt, connection.retries, connection.retry_seconds)
-                    sleep(connection.retry_seconds)
-                    continue
-                raise CryoSieveInputError(
-                    f"cannot reach CryoSPARC at {connection.url} ({HOST}, {BASE_PORT}) after {connection.retries} "
-                    f"attempts: {reason}") from None
-            if refused(error):
-                raise CryoSieveInputError(
-                    f"CryoSPARC at {connection.url} refused the credentials (the user "
-                    f"{connection.email or '(none)'}, {LICENSE} or {PASSWORD}): {reason}") from None
-            raise CryoSieveInputError(f"cannot connect to CryoSPARC at {connection.url}: {reason}") from None
-    raise CryoSieveInputError(f"{RETRIES}: must be at least 1")

@@ -9,11 +9,13 @@ As the original ``cryosieve-csrefine`` 1.3.3 builds them:
 2. the reference: ``import_volumes`` of ``--ref`` (``volume_blob_path``), or ``homo_abinit`` of the
    particles (its ``volume_class_0``);
 3. ``homo_refine_new``, or ``nonuniform_refine_new`` with ``--nu`` (``refine_symmetry``,
-   ``refine_gs_resplit``, ``refine_res_init``);
+   ``refine_gs_resplit``, and ``refine_res_init`` only when ``--ini_high`` is given);
 4. with ``--local``, ``new_local_refine`` of that refinement's particles, volume and mask
    (``use_alignment_prior``, ``min_angular_step``).
 
-The last refinement's ``volume`` and ``particles`` outputs are what is measured.
+As in 1.3.3, the particles and the ab-initio reference are made once per input and shared by its
+``--repeat`` trials (:attr:`PlannedJob.shared` ``"set"``), and the imported reference once for the run
+(``"run"``). The last refinement's ``volume`` and ``particles`` outputs are what is measured.
 """
 
 from __future__ import annotations
@@ -31,19 +33,23 @@ SUBSET_OUTPUT = "particles"
 @dataclass(frozen=True)
 class PlannedJob:
     """One CryoSPARC job: ``step`` (its name in the graph), ``kind`` (the job type, or ``"external"``),
-    ``params``, ``connections`` (input -> (step, output)), ``lane`` (``None``: on the master)."""
+    ``params``, ``connections`` (input -> (step, output)), ``lane`` (``None``: on the master), ``shared``:
+    made once for the trials of a set (``"set"``), once for the run (``"run"``), or for each refinement
+    (``None``)."""
 
     step: str
     kind: str
     params: dict[str, Any] = field(default_factory=dict)
     connections: dict[str, tuple[str, str]] = field(default_factory=dict)
     lane: str | None = None
+    shared: str | None = None
 
     def describe(self) -> str:
         inputs = ", ".join(f"{name} <- {step}.{output}" for name, (step, output) in self.connections.items())
         params = ", ".join(f"{name}={value!r}" for name, value in self.params.items())
+        shared = {"set": "; shared by the trials of the set", "run": "; shared by the run"}.get(self.shared or "", "")
         return (f"{self.step}: {self.kind}" + (f" on lane {self.lane}" if self.lane else "")
-                + (f"; inputs {inputs}" if inputs else "") + (f"; params {params}" if params else ""))
+                + (f"; inputs {inputs}" if inputs else "") + (f"; params {params}" if params else "") + shared)
 
 
 @dataclass(frozen=True)
@@ -59,27 +65,30 @@ class RefinementOptions:
 
 
 def refinement_graph(*, star: Path | None, blob_folder: Path, source: tuple[str, str] | None,
-                     reference: Path | None, symmetry: str, ini_high: float, options: RefinementOptions
+                     reference: Path | None, symmetry: str, ini_high: float | None, options: RefinementOptions
                      ) -> list[PlannedJob]:
     """The jobs, in the order they run, of refining the particles of ``star`` (images relative to
-    ``blob_folder``), or of the External subset of ``source`` (job id, output) when ``star`` is ``None``."""
+    ``blob_folder``), or of the External subset of ``source`` (job id, output) when ``star`` is ``None``;
+    ``ini_high`` (Å) is sent as ``refine_res_init`` when given."""
     jobs: list[PlannedJob] = []
     if star is not None:
         jobs.append(PlannedJob(PARTICLES, "import_particles",
-                               {"particle_meta_path": str(star), "particle_blob_path": str(blob_folder)}))
+                               {"particle_meta_path": str(star), "particle_blob_path": str(blob_folder)},
+                               shared="set"))
         particles = (PARTICLES, "imported_particles")
     else:
         assert source is not None
-        jobs.append(PlannedJob(PARTICLES, "external", {"passthrough_of": f"{source[0]}.{source[1]}"}))
+        jobs.append(PlannedJob(PARTICLES, "external", {"passthrough_of": f"{source[0]}.{source[1]}"}, shared="set"))
         particles = (PARTICLES, SUBSET_OUTPUT)
     if reference is not None:
-        jobs.append(PlannedJob("reference", "import_volumes", {"volume_blob_path": str(reference)}))
+        jobs.append(PlannedJob("reference", "import_volumes", {"volume_blob_path": str(reference)}, shared="run"))
         volume = ("reference", "imported_volume_1")
     else:
-        jobs.append(PlannedJob("reference", "homo_abinit", {}, {"particles": particles}, options.lane))
+        jobs.append(PlannedJob("reference", "homo_abinit", {}, {"particles": particles}, options.lane, shared="set"))
         volume = ("reference", "volume_class_0")
-    params: dict[str, Any] = {"refine_symmetry": symmetry, "refine_gs_resplit": options.resplit,
-                              "refine_res_init": ini_high}
+    params: dict[str, Any] = {"refine_symmetry": symmetry, "refine_gs_resplit": options.resplit}
+    if ini_high is not None:
+        params["refine_res_init"] = ini_high
     jobs.append(PlannedJob("refine", "nonuniform_refine_new" if options.nu else "homo_refine_new", params,
                            {"particles": particles, "volume": volume}, options.lane))
     if options.local:

@@ -17,7 +17,10 @@ data went through), checked by ``tests/test_cs.py``:
   ``ctf/cs_mm``, ``ctf/amp_contrast`` as RELION's; ``ctf/bfactor`` and ``ctf/scale`` (where
   present) RELION's ``rlnCtfBfactor`` and ``rlnCtfScalefactor``;
 * images: ``blob/path`` (relative to the project folder, ``--directory``), ``blob/idx``
-  (0-based), ``blob/psize_A`` (Å), ``blob/shape`` (pixels);
+  (0-based), ``blob/psize_A`` (Å), ``blob/shape`` (pixels); a ``blob/path`` beginning with ``>`` is
+  CryoSPARC's mark of an exported job or result group (its data lie beside the ``.cs`` file, and CryoSPARC
+  removes the mark when it imports them): it is relative to the folder of the file that holds it, and a
+  subset written to another folder has those paths re-based there, so that they name the same images;
 * optics group: ``ctf/exp_group_id`` where present.
 
 Fields missing from the main file are taken from passthrough files (other ``.cs`` files of
@@ -55,27 +58,49 @@ def _dataset_class() -> type[Dataset]:
     return result
 
 
+#: CryoSPARC's mark on the paths of an exported job or result group (relative to the ``.cs`` file's folder).
+EXPORTED = ">"
+
+
+def resolve_exported(value: str, folder: str) -> str:
+    """A ``blob/path`` value as a path: one marked :data:`EXPORTED` joined to ``folder`` (the folder of the
+    ``.cs`` file holding it), any other as it is (relative to the project folder, ``--directory``)."""
+    return os.path.normpath(os.path.join(folder, value[1:])) if value.startswith(EXPORTED) else value
+
+
 @dataclass(frozen=True)
 class CsSource:
     """The ``.cs`` dataset a :class:`~cryosieve.particles.ParticleSet` was read from (the main
-    file's fields only: passthrough fields are read, not written back)."""
+    file's fields only: passthrough fields are read, not written back); ``folder``: the folder of the file
+    it was read from (``>`` paths are relative to it)."""
 
     dataset: Any  # cryosparc.dataset.Dataset
     format: str = "cs"
+    folder: str | None = None
 
     def subset(self, rows: np.ndarray) -> CsSource:
-        return CsSource(self.dataset.take(np.asarray(rows, dtype=np.int64)))
+        return CsSource(self.dataset.take(np.asarray(rows, dtype=np.int64)), folder=self.folder)
 
     def write_to(self, path: str | os.PathLike[str]) -> None:
+        dataset = self.dataset
+        target = os.path.dirname(os.path.abspath(path))
+        if self.folder is not None and "blob/path" in dataset.fields() and \
+                os.path.realpath(target) != os.path.realpath(self.folder):
+            values = _text(np.asarray(dataset["blob/path"]))
+            if any(value.startswith(EXPORTED) for value in values):
+                dataset = dataset.copy()
+                dataset["blob/path"] = np.array(
+                    [EXPORTED + os.path.relpath(resolve_exported(value, self.folder), target)
+                     if value.startswith(EXPORTED) else value for value in values], dtype=object)
         with open(path, "wb") as handle:
-            self.dataset.save(handle)
+            dataset.save(handle)
 
     def with_random_subset(self, halves: np.ndarray) -> CsSource:
         dataset = self.dataset.copy()
         if "alignments3D/split" not in dataset.fields():
             dataset.add_fields([("alignments3D/split", "u4")])
         dataset["alignments3D/split"] = np.asarray(halves, dtype=np.int64) - 1
-        return CsSource(dataset)
+        return CsSource(dataset, folder=self.folder)
 
     @property
     def uid(self) -> np.ndarray:
@@ -95,9 +120,13 @@ def load_dataset(path: str | os.PathLike[str]) -> Any:
         raise CryoSieveInputError(f"{path}: not a readable CryoSPARC .cs dataset ({error})") from None
 
 
-def _merged(path: str, main: Any, passthrough: list[tuple[str, Any]]) -> dict[str, np.ndarray]:
-    """Every field of the main dataset, then those only passthrough files have, by ``uid``."""
+def _merged(path: str, main: Any, passthrough: list[tuple[str, Any]], origins: dict[str, str] | None = None
+            ) -> dict[str, np.ndarray]:
+    """Every field of the main dataset, then those only passthrough files have, by ``uid``; ``origins``
+    receives the file each field came from."""
     fields = {name: np.asarray(main[name]) for name in main.fields()}
+    if origins is not None:
+        origins.update(dict.fromkeys(fields, path))
     if "uid" not in fields:
         raise CryoSieveInputError(f"{path}: field uid missing")
     uid = fields["uid"]
@@ -119,6 +148,8 @@ def _merged(path: str, main: Any, passthrough: list[tuple[str, Any]]) -> dict[st
         rows = order[position]
         for name in new:
             fields[name] = np.asarray(other[name])[rows]
+            if origins is not None:
+                origins[name] = other_path
     return fields
 
 
@@ -136,7 +167,8 @@ def read_cs_particles(path: str | os.PathLike[str], passthrough: tuple[str, ...]
     main = load_dataset(path)
     if len(main) == 0:
         raise CryoSieveInputError(f"{path}: holds no particles")
-    fields = _merged(path, main, [(str(other), load_dataset(other)) for other in passthrough])
+    origins: dict[str, str] = {}
+    fields = _merged(path, main, [(str(other), load_dataset(other)) for other in passthrough], origins)
     for name in REQUIRED_FIELDS:
         if name not in fields:
             hint = " (give the file that has it with --passthrough)" if name.split("/")[0] != "alignments3D" else \
@@ -156,7 +188,8 @@ def read_cs_particles(path: str | os.PathLike[str], passthrough: tuple[str, ...]
         raise CryoSieveInputError(f"{path}: field blob/psize_A must be positive")
     if angpix is not None and not pixel_sizes_agree(float(pixel[0]), angpix):
         raise CryoSieveInputError(f"{setting('angpix')} {angpix}: differs from blob/psize_A {pixel[0]:g} Å in {path}")
-    files = _text(fields["blob/path"])
+    folder = os.path.dirname(os.path.abspath(origins["blob/path"]))
+    files = np.array([resolve_exported(value, folder) for value in _text(fields["blob/path"])], dtype=object)
     index = np.asarray(fields["blob/idx"], dtype=np.int64)
     names = np.array([f"{i + 1:06d}@{file}" for i, file in zip(index, files, strict=True)], dtype=object)
     random_subset = None
@@ -174,7 +207,8 @@ def read_cs_particles(path: str | os.PathLike[str], passthrough: tuple[str, ...]
         return np.asarray(fields[name], dtype=np.float64) if name in fields else np.full(n, default)
 
     return ParticleSet(
-        path=path, source=CsSource(main), image_name=names, image_file=files, image_index=index,
+        path=path, source=CsSource(main, folder=os.path.dirname(os.path.abspath(path))), image_name=names,
+        image_file=files, image_index=index,
         rot=rot, tilt=tilt, psi=psi, origin_x=shift[:, 0].copy(), origin_y=shift[:, 1].copy(),
         defocus_u=values("ctf/df1_A", 0.0), defocus_v=values("ctf/df2_A", 0.0),
         defocus_angle=np.degrees(values("ctf/df_angle_rad", 0.0)),

@@ -62,7 +62,7 @@ class RefineSettings:
     directory: str | None = None
     symmetry: str = "C1"
     reference: str | None = None
-    ini_high: float = 30.0
+    ini_high: float | None = None  # None: not given (RELION 30 Å; CryoSPARC its own default)
     repeat: int = 1
     resplit: bool = False
     workers: int | None = 1  # None: every job at once
@@ -93,7 +93,7 @@ def _check(settings: RefineSettings, outputs: tuple[Path, ...], folders: list[Pa
     for name, value in (("repeat", settings.repeat), ("workers", settings.workers)):
         if value is not None and value < 1:
             raise CryoSieveInputError(f"{setting(name)} {value}: must be at least 1")
-    if not (settings.ini_high > 0 and math.isfinite(settings.ini_high)):
+    if settings.ini_high is not None and not (settings.ini_high > 0 and math.isfinite(settings.ini_high)):
         raise CryoSieveInputError(f"{setting('ini_high')} {settings.ini_high}: must be a positive resolution in Å")
     if settings.particle_diameter is not None and not settings.particle_diameter > 0:
         raise CryoSieveInputError(f"{setting('particle_diameter')} {settings.particle_diameter}: must be positive")
@@ -155,7 +155,8 @@ def _check(settings: RefineSettings, outputs: tuple[Path, ...], folders: list[Pa
     return paths, jobs.JobSettings(
         directory=directory, symmetry=symmetry,
         reference=Path(os.path.abspath(settings.reference)) if settings.reference else None,
-        ini_high=float(settings.ini_high), mask=Path(os.path.abspath(settings.mask)) if settings.mask else None,
+        ini_high=None if settings.ini_high is None else float(settings.ini_high),
+        mask=Path(os.path.abspath(settings.mask)) if settings.mask else None,
         particle_diameter=settings.particle_diameter, local=settings.local)
 
 

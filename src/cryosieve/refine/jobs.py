@@ -70,7 +70,7 @@ class JobSettings:
     directory: Path | None
     symmetry: str
     reference: Path | None
-    ini_high: float
+    ini_high: float | None
     mask: Path | None
     particle_diameter: float | None
     local: bool
@@ -106,6 +106,12 @@ def job_record(spec: JobSpec, settings: JobSettings, refiner: Refiner) -> dict[s
     }
 
 
+def group_of(spec: JobSpec) -> str:
+    """The particles a job refines, whatever its trial: its input and rows (jobs of one group may share work,
+    :attr:`~cryosieve.backends.RefinementJob.group`)."""
+    return f"{spec.source}#{_array_sha256(spec.rows) or 'all'}"
+
+
 def _log(root: Path, spec: JobSpec) -> Path:
     return root / f"{spec.name}.log"
 
@@ -121,7 +127,8 @@ def refinement_job(spec: JobSpec, settings: JobSettings, folder: Path, root: Pat
                          symmetry=settings.symmetry, pixel_size=pixel_size, box=box, reference=settings.reference,
                          ini_high=settings.ini_high, mask=settings.mask, particle_diameter=settings.particle_diameter,
                          local=settings.local, seed=spec.seed, log=_program_log(root, spec), source=spec.source,
-                         particles_cs=folder / "particles.cs" if format_of(spec.source) == "cs" else None)
+                         particles_cs=folder / "particles.cs" if format_of(spec.source) == "cs" else None,
+                         group=group_of(spec))
 
 
 def plan(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root: Path) -> list[str]:
@@ -264,7 +271,7 @@ def _run_in_threads(pending: list[tuple[JobSpec, dict[str, Any]]], settings: Job
     is an interruption. Every job's folder appears when it is done, or not at all.
     """
     stop = threading.Event()
-    refiner.expect(len(pending))
+    refiner.expect([group_of(spec) for spec, _ in pending])
 
     def one(spec: JobSpec, record: dict[str, Any]) -> RefinementResult:
         group = OutputGroup()
