@@ -78,3 +78,38 @@ def test_unknown_optics_group_is_named(tmp_path):
     write_31(tmp_path / "in.star", particles, optics_table(64, 1.0))
     with pytest.raises(CryoSieveInputError, match="rlnOpticsGroup 5"):
         read_particles(tmp_path / "in.star")
+
+
+@pytest.mark.parametrize(("block", "column", "row", "text"), [
+    ("particles", "rlnOriginXAngst", 2, "nan"),
+    ("particles", "rlnAngleTilt", 3, "inf"),
+    ("particles", "rlnDefocusU", 1, "-inf"),
+    ("particles", "rlnCtfBfactor", 2, "nan"),
+    ("particles", "rlnDefocusAngle", 3, "abc"),
+    ("optics", "rlnVoltage", 1, "nan"),
+    ("optics", "rlnImagePixelSize", 1, "inf"),
+])
+def test_a_value_that_is_not_a_finite_number_is_named(tmp_path, block, column, row, text):
+    particles = random_particles(3, np.random.default_rng(5), 1.0, "stack.mrcs")
+    particles["rlnCtfBfactor"] = 0.0
+    blocks = {"optics": optics_table(64, 1.0), "particles": particles}
+    frame = blocks[block]
+    frame[column] = frame[column].astype(object)
+    frame.loc[row - 1, column] = text
+    starfile.write(blocks, tmp_path / "in.star", overwrite=True)
+    with pytest.raises(CryoSieveInputError) as caught:
+        read_particles(tmp_path / "in.star")
+    assert f"column {column} in data_{block} holds {text} at row {row}: not a finite number" in str(caught.value)
+
+
+@pytest.mark.parametrize("column", ["rlnOriginX", "rlnVoltage"])
+def test_relion30_values_that_are_not_finite_are_named(tmp_path, column):
+    particles = random_particles(3, np.random.default_rng(6), 1.0, "stack.mrcs").drop(
+        columns=["rlnOriginXAngst", "rlnOriginYAngst", "rlnOpticsGroup"])
+    particles["rlnOriginX"], particles["rlnVoltage"] = 0.5, 300.0
+    particles["rlnSphericalAberration"], particles["rlnAmplitudeContrast"] = 2.7, 0.1
+    particles[column] = particles[column].astype(object)
+    particles.loc[1, column] = "nan"
+    starfile.write({"images": particles}, tmp_path / "in.star", overwrite=True)
+    with pytest.raises(CryoSieveInputError, match=f"column {column} in data_images holds nan at row 2: not a finite"):
+        read_particles(tmp_path / "in.star", angpix=1.0)

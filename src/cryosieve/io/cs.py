@@ -83,29 +83,50 @@ class CsSource:
 
 
 def load_dataset(path: str | os.PathLike[str]) -> Any:
-    """A ``.cs`` file as a ``cryosparc-tools`` Dataset (an input error if it is not one)."""
+    """A ``.cs`` file as a ``cryosparc-tools`` Dataset (an input error if it is not one, has no
+    ``uid`` field or repeats a ``uid``)."""
     path = str(path)
     if not os.path.isfile(path):
         raise CryoSieveInputError(f"{path}: file not found")
     dataset_class = _dataset_class()
     try:
-        return dataset_class.load(path)
+        # cryosparc-tools invents random uids for a file without them: look at the stored fields first
+        stored = [field[0] for field in dataset_class.inspect(path)["dtype"]]
+        dataset = dataset_class.load(path)
     except Exception as error:  # numpy and cryosparc-tools raise several kinds for a damaged file
         raise CryoSieveInputError(f"{path}: not a readable CryoSPARC .cs dataset ({error})") from None
+    if "uid" not in stored:
+        raise CryoSieveInputError(f"{path}: field uid missing (every particle of a .cs file needs its uid)")
+    _check_unique_uids(path, np.asarray(dataset["uid"]))
+    return dataset
 
 
-def _merged(path: str, main: Any, passthrough: list[tuple[str, Any]]) -> dict[str, np.ndarray]:
-    """Every field of the main dataset, then those only passthrough files have, by ``uid``."""
+def _check_unique_uids(path: str, uid: np.ndarray) -> None:
+    """Refuse a file that holds a ``uid`` twice (a repeated row), naming the uid and both rows."""
+    values, first = np.unique(uid, return_index=True)
+    if values.size == uid.size:
+        return
+    again = int(np.setdiff1d(np.arange(uid.size), first)[0])  # the first row that repeats an earlier one
+    earlier = int(first[np.searchsorted(values, uid[again])])
+    raise CryoSieveInputError(f"{path}: uid {int(uid[again])} appears twice (rows {earlier + 1} and {again + 1}); "
+                              "each particle must appear once")
+
+
+#: Where a merged field was read: the file and, per particle of the main file, its row there.
+_Origin = tuple[str, np.ndarray]
+
+
+def _merged(path: str, main: Any, passthrough: list[tuple[str, Any]]
+            ) -> tuple[dict[str, np.ndarray], dict[str, _Origin]]:
+    """Every field of the main dataset, then those only passthrough files have, by ``uid``; and
+    where each field was read."""
     fields = {name: np.asarray(main[name]) for name in main.fields()}
-    if "uid" not in fields:
-        raise CryoSieveInputError(f"{path}: field uid missing")
+    origin: dict[str, _Origin] = {name: (path, np.arange(len(main))) for name in fields}
     uid = fields["uid"]
     for other_path, other in passthrough:
         new = [name for name in other.fields() if name not in fields]
         if not new:
             continue
-        if "uid" not in other.fields():
-            raise CryoSieveInputError(f"{other_path}: field uid missing")
         other_uid = np.asarray(other["uid"])
         order = np.argsort(other_uid, kind="stable")
         position = np.searchsorted(other_uid[order], uid)
@@ -118,7 +139,8 @@ def _merged(path: str, main: Any, passthrough: list[tuple[str, Any]]) -> dict[st
         rows = order[position]
         for name in new:
             fields[name] = np.asarray(other[name])[rows]
-    return fields
+            origin[name] = (other_path, rows)
+    return fields, origin
 
 
 def _text(values: np.ndarray) -> np.ndarray:
@@ -129,30 +151,50 @@ def read_cs_particles(path: str | os.PathLike[str], passthrough: tuple[str, ...]
                       angpix: float | None = None) -> ParticleSet:
     """Read a CryoSPARC particle dataset (``.cs``) and its passthrough files.
 
-    ``angpix`` (Å), when given, must agree with ``blob/psize_A``.
+    ``angpix`` (Å), when given, must agree with ``blob/psize_A``. Every file needs ``uid``
+    and may hold each only once; every number used (poses, shifts, pixel sizes, CTF values)
+    must be finite: an input error names the file, the field, the row and its uid otherwise.
     """
     path = str(path)
     main = load_dataset(path)
     if len(main) == 0:
         raise CryoSieveInputError(f"{path}: holds no particles")
-    fields = _merged(path, main, [(str(other), load_dataset(other)) for other in passthrough])
+    fields, origin = _merged(path, main, [(str(other), load_dataset(other)) for other in passthrough])
     for name in REQUIRED_FIELDS:
         if name not in fields:
             hint = " (give the file that has it with --passthrough)" if name.split("/")[0] != "alignments3D" else \
                 " (particles without 3D poses: refine them first)"
             raise CryoSieveInputError(f"{path}: field {name} missing{hint}")
     n = len(main)
-    pose = np.asarray(fields["alignments3D/pose"], dtype=np.float64).reshape(n, 3)
-    if not np.all(np.isfinite(pose)):
-        raise CryoSieveInputError(f"{path}: field alignments3D/pose holds values that are not finite")
+    uid = fields["uid"]
+
+    def where(name: str, row: int) -> str:
+        file, rows = origin[name]
+        return f"{file}: field {name} at row {int(rows[row]) + 1} (uid {int(uid[row])})"
+
+    def numbers(name: str, width: int = 1) -> np.ndarray:
+        """The field as float64 ``(n, width)``, every value finite."""
+        values = np.asarray(fields[name], dtype=np.float64).reshape(n, width)
+        bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+        if bad.size:
+            row = int(bad[0])
+            shown = ", ".join(f"{value:g}" for value in values[row])
+            raise CryoSieveInputError(f"{where(name, row)} holds {shown}: not a finite number")
+        return values
+
+    def values(name: str, default: float) -> np.ndarray:
+        return numbers(name)[:, 0] if name in fields else np.full(n, default)
+
+    pose = numbers("alignments3D/pose", 3)
     from scipy.spatial.transform import Rotation
 
     relion = np.transpose(Rotation.from_rotvec(pose).as_matrix(), (0, 2, 1))
     rot, tilt, psi = matrix_to_euler(relion)
-    shift = np.asarray(fields["alignments3D/shift"], dtype=np.float64).reshape(n, 2)
-    pixel = np.asarray(fields["blob/psize_A"], dtype=np.float64)
-    if np.any(~(pixel > 0)):
-        raise CryoSieveInputError(f"{path}: field blob/psize_A must be positive")
+    shift = numbers("alignments3D/shift", 2)
+    pixel = values("blob/psize_A", 0.0)
+    if np.any(pixel <= 0):
+        raise CryoSieveInputError(f"{where('blob/psize_A', int(np.flatnonzero(pixel <= 0)[0]))}: "
+                                  "the pixel size must be positive")
     if angpix is not None and not pixel_sizes_agree(float(pixel[0]), angpix):
         raise CryoSieveInputError(f"{setting('angpix')} {angpix}: differs from blob/psize_A {pixel[0]:g} Å in {path}")
     files = _text(fields["blob/path"])
@@ -168,9 +210,6 @@ def read_cs_particles(path: str | os.PathLike[str], passthrough: tuple[str, ...]
         if "blob/shape" in fields else None
     optics = np.asarray(fields["ctf/exp_group_id"], dtype=np.int64) if "ctf/exp_group_id" in fields else \
         np.ones(n, dtype=np.int64)
-
-    def values(name: str, default: float) -> np.ndarray:
-        return np.asarray(fields[name], dtype=np.float64) if name in fields else np.full(n, default)
 
     return ParticleSet(
         path=path, source=CsSource(main), image_name=names, image_file=files, image_index=index,

@@ -96,7 +96,8 @@ def _column(path: str, block: str, frame: pd.DataFrame, name: str) -> np.ndarray
     if not np.all(np.isfinite(values)):
         row = int(np.flatnonzero(~np.isfinite(values))[0])
         raise CryoSieveInputError(
-            f"{path}: column {name} in data_{block} has a non-numeric value at row {row + 1}"
+            f"{path}: column {name} in data_{block} holds {frame[name].iloc[row]!s} at row {row + 1}: "
+            "not a finite number"
         )
     return values
 
