@@ -314,3 +314,67 @@ def test_pipeline_refuses_a_nan_shift(small: SmallData, cs_file: Path, tmp_path:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "field alignments3D/shift at row 6" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- uids of converted particles
+
+
+def star_set(folder: Path, count: int, seed: int) -> Path:
+    from conftest import optics_table, random_particles
+
+    particles = random_particles(count, np.random.default_rng(seed), 1.0, "particles.mrcs")
+    particles["rlnRandomSubset"] = np.arange(count) % 2 + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    import starfile
+
+    starfile.write({"optics": optics_table(64, 1.0), "particles": particles}, folder / "particles.star")
+    return folder / "particles.star"
+
+
+def converted_uids(star: Path) -> np.ndarray:
+    from cryosieve.io.particle_files import in_format_of
+
+    converted = in_format_of(read_particles(star), star.with_suffix(".cs"))
+    return np.asarray(converted.source.dataset["uid"])
+
+
+def test_different_inputs_get_different_uids_and_the_same_input_the_same_bytes(tmp_path: Path) -> None:
+    """Two data sets converted from STAR share no uid (they all came from seed 0 before); the same input gives the
+    same bytes, and a subset the uids its particles had in the whole set."""
+    from cryosieve.io.particle_files import in_format_of
+
+    first, second = star_set(tmp_path / "a", 300, 1), star_set(tmp_path / "b", 300, 2)
+    uids = converted_uids(first)
+    assert len(np.unique(uids)) == 300 and uids.min() >= 1 and uids.max() < 2**63
+    assert not set(uids.tolist()) & set(converted_uids(second).tolist())
+    # the same particles under another file name and order: the same uid for each
+    shuffled = star_set(tmp_path / "c", 300, 1)
+    import starfile
+
+    blocks = starfile.read(shuffled, always_dict=True)
+    order = np.random.default_rng(0).permutation(300)
+    blocks["particles"] = blocks["particles"].iloc[order].reset_index(drop=True)
+    starfile.write(blocks, shuffled)
+    np.testing.assert_array_equal(converted_uids(shuffled), uids[order])
+    # the same input, the same bytes
+    particles = read_particles(first)
+    written = []
+    for name in ("one.cs", "two.cs"):
+        in_format_of(particles, tmp_path / name).write(tmp_path / name)
+        written.append((tmp_path / name).read_bytes())
+    assert written[0] == written[1]
+    # a subset (a sieve's kept set) keeps the uids of the whole
+    rows = np.arange(0, 300, 3)
+    np.testing.assert_array_equal(np.asarray(in_format_of(particles.subset(rows), tmp_path / "s.cs").source.dataset[
+        "uid"]), uids[rows])
+
+
+def test_a_repeated_particle_gets_a_uid_of_its_own(tmp_path: Path) -> None:
+    from cryosieve.io.cs import particle_uids
+
+    particles = read_particles(star_set(tmp_path / "a", 20, 3))
+    twice = particles.subset(np.array([*range(20), 4, 4, 7]))
+    uids = particle_uids(twice)
+    assert len(np.unique(uids)) == 23
+    np.testing.assert_array_equal(uids[:20], particle_uids(particles))
+    assert not np.array_equal(particle_uids(particles, seed=1), particle_uids(particles))

@@ -222,8 +222,50 @@ def read_cs_particles(path: str | os.PathLike[str], passthrough: tuple[str, ...]
         optics_group=optics, random_subset=random_subset, image_size=image_size, angpix=angpix)
 
 
+#: The per-particle values a new ``uid`` is drawn from (with the image name): not the half-set, which a
+#: re-split changes, nor the box, which the stack gives.
+UID_VALUES = ("rot", "tilt", "psi", "origin_x", "origin_y", "defocus_u", "defocus_v", "defocus_angle", "phase_shift",
+              "voltage", "spherical_aberration", "amplitude_contrast", "pixel_size", "ctf_bfactor",
+              "ctf_scalefactor", "optics_group")
+
+
+def particle_uids(particles: ParticleSet, seed: int = 0) -> np.ndarray:
+    """New ``uid`` values for particles that have none: ``(n,)`` uint64 in [1, 2^63).
+
+    Each is the first 63 bits of a BLAKE2b hash of ``seed``, the particle's image name and
+    its values (:data:`UID_VALUES`, float64 bytes). So the same particle gets the same uid in
+    every set it is converted with, the same input always gives the same uids, and particles
+    that differ in their image or any of these values (two different data sets) get different
+    ones: two hashes agree by chance with probability 2^-63. A particle repeated with the same
+    values gets a new uid at each repetition (its count enters the hash), so the uids of a set
+    are always distinct.
+    """
+    import hashlib
+
+    numbers = np.ascontiguousarray(np.stack([np.asarray(getattr(particles, name), dtype=np.float64)
+                                             for name in UID_VALUES], axis=1))
+    salt = int(seed).to_bytes(8, "little", signed=True)
+    uids = np.empty(len(particles), dtype=np.uint64)
+    taken: set[int] = set()
+    seen: dict[bytes, int] = {}
+    for row, name in enumerate(particles.image_name):
+        content = str(name).encode("utf-8", "surrogatepass") + b"\0" + numbers[row].tobytes()
+        repeat = seen.get(content, 0)
+        seen[content] = repeat + 1
+        while True:
+            digest = hashlib.blake2b(content + repeat.to_bytes(8, "little"), digest_size=8, key=salt).digest()
+            uid = int.from_bytes(digest, "little") >> 1
+            if uid and uid not in taken:
+                break
+            repeat += 1 << 32  # a collision (probability about n^2 / 2^64): the next value, still reproducible
+        taken.add(uid)
+        uids[row] = uid
+    return uids
+
+
 def particles_to_dataset(particles: ParticleSet, seed: int = 0) -> Any:
-    """A new ``.cs`` Dataset describing ``particles`` (the conventions above; new seeded ``uid`` values).
+    """A new ``.cs`` Dataset describing ``particles`` (the conventions above; new ``uid`` values from
+    :func:`particle_uids`, which ``seed`` enters).
 
     Used to describe simulated or STAR particles in CryoSPARC's terms; a set read from a ``.cs``
     file is written back from its source instead, which keeps every field and ``uid``.
@@ -241,7 +283,7 @@ def particles_to_dataset(particles: ParticleSet, seed: int = 0) -> Any:
         ("ctf/accel_kv", "f4"), ("ctf/cs_mm", "f4"), ("ctf/amp_contrast", "f4"), ("ctf/bfactor", "f4"),
         ("ctf/scale", "f4"), ("ctf/exp_group_id", "u4")]
     dataset = dataset_class.allocate(n, fields)
-    dataset["uid"] = np.random.default_rng(seed).integers(1, 2**63, size=n, dtype=np.uint64)
+    dataset["uid"] = particle_uids(particles, seed)
     dataset["blob/path"] = np.asarray([str(file) for file in particles.image_file], dtype=object)
     dataset["blob/idx"] = particles.image_index
     dataset["blob/psize_A"] = particles.pixel_size
