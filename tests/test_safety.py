@@ -529,6 +529,29 @@ def test_full_disk_while_writing(small: SmallData, tmp_path: Path, capsys: pytes
             assert not list(folder.iterdir()), list(folder.iterdir())
 
 
+@pytest.mark.parametrize("size", ["200k", "400k"])
+def test_simulate_on_a_full_disk(tmp_path: Path, size: str) -> None:
+    """The stack (20 images of 64 x 64, 321 KiB) does not fit (200k), or it does and the maps do not (400k):
+    one line saying so and naming the output, exit 1, nothing left. The stack was written through a memory map,
+    and a full disk killed the command with SIGBUS, its partial folder left behind (a subprocess here, so that it
+    cannot kill the tests)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "full"
+    with small_filesystem(folder, size):
+        result = subprocess.run([sys.executable, "-m", "cryosieve.cli.simulate",
+                                 *simulate_args(tmp_path, **o(**{"--o": folder / "sim", "--box": 64,
+                                                                 "--angpix": PIXEL}))],
+                                capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+        assert lines[0].startswith("cryosieve-simulate: error: "), lines
+        assert f"{folder / 'sim'}: No space left on device" in lines[0], lines
+        assert not list(folder.iterdir()), list(folder.iterdir())
+
+
 def test_pipeline_records_the_canonical_symmetry_name_and_the_file_pixel_size(small: SmallData,
                                                                                tmp_path: Path) -> None:
     from cryosieve.pipeline import PipelineSettings, prepare
