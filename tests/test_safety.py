@@ -272,6 +272,13 @@ CASES: dict[str, Case] = {
             **star_blocks(d), "particles": star_blocks(d)["particles"].assign(
                 rlnImageName=lambda frame: frame["rlnImageName"].where(frame.index != 5, "999@particles.mrcs"))})})),
         2, "999@particles.mrcs"),
+    "core_index_too_large": Case(
+        "cryosieve-core",
+        lambda d, w: core_args(d, w, **o(**{"--i": write_star(d.folder / "x.star", {
+            **star_blocks(d), "particles": star_blocks(d)["particles"].assign(
+                rlnImageName=lambda frame: frame["rlnImageName"].where(
+                    frame.index != 5, "99999999999999999999@particles.mrcs"))})})),
+        2, "'99999999999999999999@particles.mrcs' at row 6 has an image number beyond any MRC stack"),
     "core_nan_image_found_while_scoring": Case(
         "cryosieve-core", lambda d, w: (fill_image(d.stack, 200, float("nan")), core_args(d, w))[1], 2,
         "000201@particles.mrcs"),

@@ -28,6 +28,8 @@ STAR_HEADER = "# written by cryosieve"
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 CTF_PARTICLE_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+#: The largest image number an MRC stack can hold (its header counts images in a signed 32-bit integer).
+MAX_IMAGE_NUMBER = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,11 @@ def parse_image_names(path: str, names: pd.Series) -> tuple[np.ndarray, np.ndarr
             if index < 1:
                 raise CryoSieveInputError(
                     f"{path}: rlnImageName {name!r} at row {row + 1} has image number below 1"
+                )
+            if index > MAX_IMAGE_NUMBER:
+                raise CryoSieveInputError(
+                    f"{path}: rlnImageName {name!r} at row {row + 1} has an image number beyond any MRC stack "
+                    f"(at most {MAX_IMAGE_NUMBER})"
                 )
             files[row], indices[row] = file, index - 1
         else:
