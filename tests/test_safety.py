@@ -286,6 +286,19 @@ CASES: dict[str, Case] = {
         "cryosieve-core",
         lambda d, w: (fill_image(d.stack, 200, float("nan")), core_args(d, w, **o(**{"--num_gpus": 2})))[1], 2,
         "000201@particles.mrcs"),
+    # ---- cryosieve-core: one map given in two roles
+    "core_same_half_map_twice": Case(
+        "cryosieve-core", lambda d, w: core_args(d, w, **o(**{"--volume": [d.half1, d.half1]})), 2,
+        "half1.mrc (--volume 2) is the same file as"),
+    "core_half_map_copy": Case(
+        "cryosieve-core",
+        lambda d, w: core_args(d, w, **o(**{"--volume": [d.half2, shutil.copy(d.half2, d.folder / "c.mrc")]})), 2,
+        "c.mrc (--volume 2) holds the same bytes as"),
+    "core_mask_is_a_half_map": Case("cryosieve-core", lambda d, w: core_args(d, w, **o(**{"--mask": d.half2})), 2,
+                                    "half2.mrc (--mask) is the same file as"),
+    "core_mask_links_to_a_half_map": Case(
+        "cryosieve-core", lambda d, w: core_args(d, w, **o(**{"--mask": link(d.half1, w / "m.mrc")})), 2,
+        "m.mrc (--mask) is the same file as"),
     # ---- cryosieve-core: the environment
     "core_o_is_folder": Case("cryosieve-core",
                              lambda d, w: core_args(d, w, **o(**{"--o": mkdir(w / "out" / "kept.star")})), 2,
@@ -352,6 +365,17 @@ CASES: dict[str, Case] = {
         "cryosieve-postprocess",
         lambda d, w: postprocess_args(d, w, **o(**{"--i2": new_map(d.folder / "s.mrc", np.zeros((32,) * 3))})), 2,
         "s.mrc"),
+    "postprocess_same_half_maps": Case(
+        "cryosieve-postprocess", lambda d, w: postprocess_args(d, w, **o(**{"--i2": d.half1})), 2,
+        "(--i2, second half map) is the same file as"),
+    "postprocess_half_map_copy": Case(
+        "cryosieve-postprocess",
+        lambda d, w: postprocess_args(d, w, **o(**{"--i2": shutil.copy(d.half1, d.folder / "c.mrc")})), 2,
+        "c.mrc (--i2, second half map) holds the same bytes as"),
+    "postprocess_mask_is_a_half_map": Case(
+        "cryosieve-postprocess",
+        lambda d, w: postprocess_args(d, w, **o(**{"--mask": shutil.copy(d.half2, d.folder / "m.mrc")})), 2,
+        "m.mrc (--mask) holds the same bytes as"),
     "postprocess_complex_map": Case("cryosieve-postprocess",
                                     lambda d, w: (patch_int32(d.half1, 12, 4), postprocess_args(d, w))[1], 2,
                                     "complex-valued"),

@@ -25,7 +25,7 @@ from cryosieve.fsc import fourier_shell_correlation, fsc_weight
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.particle_files import in_format_of, read_particle_file
-from cryosieve.io.paths import InputFile, check_outputs
+from cryosieve.io.paths import InputFile, check_distinct_inputs, check_outputs
 from cryosieve.io.stack import StackReader, stack_paths
 from cryosieve.io.star import output_paths
 from cryosieve.mask import check_mask
@@ -239,6 +239,9 @@ def load_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, vo
     if not volume_paths:
         raise CryoSieveInputError(f"{setting('volumes')}: give at least one half map")
     half_set = half_sets(table, len(volume_paths))
+    names = [f"{setting('volumes')} {index + 1}" for index in range(len(volume_paths))]
+    check_distinct_inputs([*(InputFile(Path(path), name) for path, name in zip(volume_paths, names, strict=True)),
+                           *([InputFile(Path(mask_path), setting("mask"))] if mask_path else [])])
     reader = reader if reader is not None else StackReader(table, directory)
     box = reader.validate()
     volumes = [read_volume(path) for path in volume_paths]

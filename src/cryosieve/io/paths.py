@@ -9,6 +9,7 @@ an input inside an output folder that will be replaced counts too.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -130,3 +131,32 @@ def check_outputs(outputs: Sequence[str | os.PathLike[str]], inputs: Iterable[In
         if parent not in checked:
             checked.add(parent)
             check_writable(parent, output)
+
+
+def same_file_or_content(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> str | None:
+    """``"file"`` when the two paths name one file (resolved path, or device and inode: links count),
+    ``"content"`` when two files hold identical bytes, else ``None``."""
+    first, second = Path(first), Path(second)
+    if _resolved(first) == _resolved(second):
+        return "file"
+    identity = _identity(first)
+    if identity is not None and identity == _identity(second):
+        return "file"
+    try:
+        if os.path.getsize(first) == os.path.getsize(second) and filecmp.cmp(first, second, shallow=False):
+            return "content"
+    except OSError:  # a missing file is reported by its reader
+        return None
+    return None
+
+
+def check_distinct_inputs(inputs: Sequence[InputFile]) -> None:
+    """Refuse inputs that must be different maps (two half maps, a half map and a mask) but are one file
+    or identical bytes: an input error naming both and their roles."""
+    for index, later in enumerate(inputs):
+        for earlier in inputs[:index]:
+            same = same_file_or_content(earlier.path, later.path)
+            if same is not None:
+                how = "is the same file as" if same == "file" else "holds the same bytes as"
+                raise CryoSieveInputError(
+                    f"{later.path} ({later.role}) {how} {earlier.path} ({earlier.role}); they must be different maps")
