@@ -594,3 +594,41 @@ def test_pipeline_records_the_canonical_symmetry_name_and_the_file_pixel_size(sm
     assert prepared.arguments["symmetry"] == "C1"
     assert prepared.arguments["angpix"] == PIXEL  # from the file: --angpix is not needed for RELION 3.1+
     assert not (tmp_path / "run").exists()
+
+
+def test_continue_refuses_a_changed_particle_stack(small: SmallData, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A stack changed after a run (its last image, its modification time) is named and the resume refused; the
+    same stack resumes; a state of an earlier version (no record of the stacks) resumes with a warning and then
+    records them. A changed stack was not noticed (a changed STAR file was)."""
+    import json
+
+    data = copy_data(small, tmp_path / "data")
+    argv = pipeline_args(data, tmp_path, **o(**{"--num_iters": 1, "--frequency_start": 20, "--frequency_end": 20,
+                                                "--no-report": True}))
+    assert pipeline.main(argv) == 0
+    assert pipeline.main([*argv, "--continue"]) == 0  # the same stack: nothing to refuse
+    capsys.readouterr()
+    original, status = data.stack.read_bytes(), data.stack.stat()
+    before = tree(tmp_path / "out")
+    for change in ("image", "time"):
+        if change == "image":  # the last image, at the same size and time
+            with mrcfile.open(str(data.stack), mode="r+") as handle:
+                handle.data[-1, 5, 5] += 1.0
+            os.utime(data.stack, ns=(status.st_atime_ns, status.st_mtime_ns))
+        else:  # the same bytes, a new time
+            data.stack.write_bytes(original)
+        assert pipeline.main([*argv, "--continue"]) == 2, change
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"--continue: the particle stack {data.stack} changed" in lines[0], lines
+        assert tree(tmp_path / "out") == before
+    # a state without the record: resumed with a warning, and the record saved when a step is
+    os.utime(data.stack, ns=(status.st_atime_ns, status.st_mtime_ns))
+    state_path = tmp_path / "out" / "_state.json"
+    state = json.loads(state_path.read_text())
+    del state["arguments"]["particle_stacks"]
+    state["completed"].remove("sieve 0")
+    state_path.write_text(json.dumps(state))
+    assert pipeline.main([*(word for word in argv if word != "--quiet"), "--continue"]) == 0
+    assert "records no particle stacks" in capsys.readouterr().err
+    assert str(data.stack) in json.loads(state_path.read_text())["arguments"]["particle_stacks"]

@@ -16,12 +16,13 @@ both half-sets equally large). As in the published program, the last kept set
 ``PREFIX_iter{num_iters}.star`` is not reconstructed.
 
 Every step goes through one step runner. ``PREFIX_state.json`` (written atomically) holds the
-settings that determine the outputs (by field name), the completed steps, and what each
-round measured (resolution, B-factor, corrected FSC, the back-ends), recorded by the
-pipeline itself whatever back-end measured it; each step writes its outputs atomically
-before it is recorded. A run started again with ``resume=True`` skips every recorded step,
-so an interrupted run ends with the same files as an uninterrupted one. Every random
-choice is seeded.
+settings that determine the outputs (by field name), the SHA-256 of each input file, each
+particle stack's size, modification time and SHA-256 of its first and last image (a resume with
+a changed input or stack is refused), the completed steps, and what each round measured
+(resolution, B-factor, corrected FSC, the back-ends), recorded by the pipeline itself whatever
+back-end measured it; each step writes its outputs atomically before it is recorded. A run
+started again with ``resume=True`` skips every recorded step, so an interrupted run ends with
+the same files as an uninterrupted one. Every random choice is seeded.
 
 The library never prints: it logs to the ``cryosieve`` logger (and, while running, to
 ``PREFIX_pipeline.log``) and reports progress through a caller-given factory.
@@ -62,7 +63,7 @@ from cryosieve.io.lock import exclusive_lock
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.particle_files import format_of, in_format_of, read_particle_file
 from cryosieve.io.paths import InputFile, check_outputs
-from cryosieve.io.stack import StackReader, stack_paths
+from cryosieve.io.stack import StackReader, stack_paths, stack_record
 from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.postprocess import PostprocessReport
@@ -95,6 +96,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cryosieve")
 
 STATE_FORMAT = 3
+#: The state's record of the particle stacks, path -> :func:`cryosieve.io.stack.stack_record`.
+STACKS = "particle_stacks"
 BALANCE_SEED = 0
 
 
@@ -467,6 +470,9 @@ def prepare(settings: PipelineSettings) -> _Prepared:
         "passthrough_sha256": [_sha256(path) for path in settings.passthrough],
         "mask": os.path.abspath(settings.mask),
         "mask_sha256": _sha256(settings.mask),
+        # each stack's size, modification time and first and last image: a changed stack is not resumed
+        STACKS: {str(path.absolute()): stack_record(path)
+                            for path in stack_paths(particles, settings.directory or None)},
         "directory": os.path.abspath(settings.directory or "."),
         "angpix": angpix,
         "symmetry": symmetry,
@@ -522,8 +528,9 @@ class _State:
         self.save()
 
 
-def _open_state(prepared: _Prepared, resume: bool) -> _State:
-    """Load (``resume``) or refuse to overwrite the state of an earlier run; nothing is written."""
+def _open_state(prepared: _Prepared, resume: bool, warn: bool = True) -> _State:
+    """Load (``resume``) or refuse to overwrite the state of an earlier run; nothing is written (``warn``: log
+    what cannot be checked)."""
     path = prepared.names.state
     if not path.exists():
         if resume:
@@ -546,6 +553,9 @@ def _open_state(prepared: _Prepared, resume: bool) -> _State:
             f"{setting('resume')}: {path} was written by another version of cryosieve (state format {version}, this "
             f"one reads {STATE_FORMAT}); start a new run with another output prefix")
     for name, value in prepared.arguments.items():
+        if name == STACKS:
+            _check_stacks(path, recorded.get(STACKS), value, warn)
+            continue
         if name not in recorded:
             raise CryoSieveInputError(f"{setting('resume')}: {path} does not record {name}; start a new run")
         if recorded[name] != value:
@@ -560,6 +570,23 @@ def _open_state(prepared: _Prepared, resume: bool) -> _State:
     if unknown:
         raise CryoSieveInputError(f"{path}: unknown step {unknown[0]!r}")
     return _State(path, prepared.arguments, completed, outcomes)
+
+
+def _check_stacks(path: Path, recorded: dict[str, Any] | None, now: dict[str, Any], warn: bool) -> None:
+    """Refuse to resume with a particle stack whose record (:func:`cryosieve.io.stack.stack_record`)
+    differs from the one in the state ``path``. A state of an earlier version holds none: the stacks
+    cannot be checked, which a warning says, and their record is saved from now on."""
+    if recorded is None:
+        if warn:
+            log.warning("%s records no particle stacks (written by an earlier version of cryosieve): they are "
+                        "not checked on this resume, and recorded from now on", path)
+        return
+    for stack, record in now.items():
+        if recorded.get(stack) != record:
+            what = "was not read by" if stack not in recorded else "changed (size, modification time, first or " \
+                "last image) since"
+            raise CryoSieveInputError(f"{setting('resume')}: the particle stack {stack} {what} the run recorded in "
+                                      f"{path}; start a new run")
 
 
 # --------------------------------------------------------------------------- steps
@@ -822,7 +849,7 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
     progress = progress or no_progress
     checkpoint = checkpoint or (lambda: None)
     prepared = prepare(settings)
-    _open_state(prepared, resume)  # refuse early, before the output folder is made
+    _open_state(prepared, resume, warn=False)  # refuse early, before the output folder is made
     names = prepared.names
     folder = names.state.parent
     made_folder = not folder.exists()
@@ -866,7 +893,8 @@ class _Run:
         settings, names = prepared.settings, prepared.names
         with _log_to_file(names.log):
             log.info("cryosieve %s: %s", "continuing" if resume else "starting",
-                     " ".join(f"{key}={value}" for key, value in prepared.arguments.items() if "sha256" not in key))
+                     " ".join(f"{key}={value}" for key, value in prepared.arguments.items()
+                              if "sha256" not in key and key != STACKS))
             if state.completed:
                 log.info("already done: %s", ", ".join(state.completed))
             # Under the lock no other run writes here: every temporary of ours is left by a killed run.

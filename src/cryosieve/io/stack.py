@@ -154,6 +154,28 @@ def stack_paths(table: ParticleSet, directory: str | os.PathLike[str] | None = N
     return [resolve_path(file, directory) for file in dict.fromkeys(table.image_file.tolist())]
 
 
+def stack_record(path: str | os.PathLike[str]) -> dict[str, int | str]:
+    """What tells a changed stack from the one a run read: ``size`` (bytes), ``mtime_ns`` (its
+    modification time, ns) and ``first_last_sha256``, the SHA-256 of the bytes of its first and
+    last image (a file that is not a readable MRC stack is an input error)."""
+    import hashlib
+
+    from cryosieve.io.mrc import REAL_MODES
+
+    path = str(path)
+    nx, ny, nz = check_mrc_file(path, "particle stack")
+    with quiet_mrcfile(), mrcfile.open(path, mode="r", permissive=True, header_only=True) as handle:
+        mode, extended = int(handle.header.mode), int(handle.header.nsymbt)
+    image = nx * ny * np.dtype(REAL_MODES[mode]).itemsize
+    status = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for index in (0, nz - 1):
+            handle.seek(HEADER_BYTES + extended + index * image)
+            digest.update(handle.read(image))
+    return {"size": int(status.st_size), "mtime_ns": int(status.st_mtime_ns), "first_last_sha256": digest.hexdigest()}
+
+
 class StackReader:
     """Read particle images by row of a :class:`ParticleSet`.
 
