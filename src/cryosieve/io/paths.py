@@ -160,3 +160,29 @@ def check_distinct_inputs(inputs: Sequence[InputFile]) -> None:
                 how = "is the same file as" if same == "file" else "holds the same bytes as"
                 raise CryoSieveInputError(
                     f"{later.path} ({later.role}) {how} {earlier.path} ({earlier.role}); they must be different maps")
+
+
+#: A file system with less free space than this (bytes) counts as full (:func:`disk_full`).
+FULL_DISK_BYTES = 1 << 20
+
+
+def disk_full(path: str | os.PathLike[str]) -> bool:
+    """Whether the file system holding ``path`` (or its nearest existing folder) has less than
+    :data:`FULL_DISK_BYTES` left for this process: asked after a program failed whose output
+    there could not say why (its log is on the same full disk)."""
+    current = Path(os.path.abspath(path))
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    try:
+        status = os.statvfs(current)
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs
+        return False
+    blocks = status.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else status.f_bavail
+    return blocks * status.f_frsize < FULL_DISK_BYTES
+
+
+def no_space_error(path: str | os.PathLike[str], detail: str = "") -> OSError:
+    """The ``OSError`` (``ENOSPC``) of a full disk at ``path``, ``detail`` added to its message."""
+    import errno
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + (f" ({detail})" if detail else ""), str(path))
