@@ -293,7 +293,7 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
     retention = None
     ratio = settings.retention_ratio
     if ratio == AUTO:
-        from cryosieve.retention import choose_retention
+        from cryosieve.retention import SIGNAL_Z, choose_retention
 
         with choosing("choosing the retention ratio", len(table)) as update:
             retention = choose_retention(table, reader, scores, half_set, mask.data if mask is not None else None,
@@ -302,6 +302,11 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
         log.info("retention ratio chosen: %.2f of each half-set (the most map information of %d fractions "
                  "from %.2f to %.2f)", ratio, retention.fractions.size, retention.fractions[0],
                  retention.fractions[-1])
+        if not retention.above_noise:
+            best = int(np.argmax(retention.z))
+            log.warning("retention ratio auto: no candidate's half maps share information beyond noise (largest z "
+                        "%.1f, at %.2f, below %g): the fraction kept, %.2f, is arbitrary (particles without signal, "
+                        "or wrong poses?)", retention.z[best], retention.fractions[best], SIGNAL_Z, ratio)
     assert not isinstance(ratio, str)
     kept = select_lowest(scores, half_set, ratio, balance=settings.balance)
     if settings.keep_orientations is not None:
