@@ -347,7 +347,7 @@ class StackWriter:
     The file holds ``count`` images of ``box x box`` pixels, MRC mode 2 (float32), marked as
     an image stack, voxel size ``pixel_size`` Å and the one fixed header ``label``
     (:func:`cryosieve.io.mrc.set_fixed_label`). Its space is reserved at once where the file
-    system can (``posix_fallocate``), so a disk too small fails before any image is made.
+    system can (``fallocate``), so a disk too small fails before any image is made.
     Images are written with :meth:`write` and can be read back with :meth:`read`, for a
     later pass that changes them (e.g. adds noise); memory holds what the caller passes
     and 32 bytes of statistics per image. Write every image before :meth:`close` (an
@@ -486,18 +486,37 @@ def _stack_header(count: int, box: int, pixel_size: float, label: str) -> np.rec
     return header
 
 
+def _file_allocation() -> Callable[..., int] | None:
+    """Linux's ``fallocate`` from the C library, or ``None`` where there is none. Not
+    ``posix_fallocate``, which on a file system without the call writes a byte per block instead
+    (hours for a large stack on NFS)."""
+    try:
+        import ctypes
+
+        library = ctypes.CDLL(None, use_errno=True)
+        function = library.fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_FALLOCATE = _file_allocation()
+
+
 def _reserve(descriptor: int, size: int) -> None:
     """Allocate ``size`` bytes of the file now where the file system can, so that a disk too small
-    fails here (OSError ENOSPC); file systems without the call are written as they are."""
+    fails here (OSError ENOSPC); elsewhere the file is written as it is (a write to a full disk is
+    an OSError too)."""
+    import ctypes
     import errno
 
-    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS
+    if _FALLOCATE is None or _FALLOCATE(descriptor, 0, 0, size) == 0:
         return
-    try:
-        os.posix_fallocate(descriptor, 0, size)
-    except OSError as error:
-        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
+    number = ctypes.get_errno()
+    if number == errno.ENOSPC or number == errno.EDQUOT:
+        raise OSError(number, os.strerror(number))
 
 
 def _write_all(descriptor: int, data: bytes, offset: int) -> None:
