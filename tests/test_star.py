@@ -163,3 +163,12 @@ def test_a_stack_name_with_bytes_that_are_not_utf8_is_found(tmp_path):
     with StackReader(table, tmp_path) as reader:
         assert reader.validate() == 8
         np.testing.assert_array_equal(reader.read(np.array([3, 1])), images[[3, 1]])
+
+
+def test_a_stack_name_that_is_not_utf8_cannot_go_to_a_cs_file(tmp_path):
+    from cryosieve.io.particle_files import in_format_of
+
+    path, _ = latin1_star(tmp_path, b"st\xe9ck.mrcs")
+    with pytest.raises(CryoSieveInputError) as caught:
+        in_format_of(read_particles(path), tmp_path / "out.cs")
+    assert "row 1, 'st\\udce9ck.mrcs', holds bytes that are not UTF-8" in str(caught.value)

@@ -284,7 +284,14 @@ def particles_to_dataset(particles: ParticleSet, seed: int = 0) -> Any:
         ("ctf/scale", "f4"), ("ctf/exp_group_id", "u4")]
     dataset = dataset_class.allocate(n, fields)
     dataset["uid"] = particle_uids(particles, seed)
-    dataset["blob/path"] = np.asarray([str(file) for file in particles.image_file], dtype=object)
+    paths = [str(file) for file in particles.image_file]
+    for row, path in enumerate(paths):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # a name with bytes that are not UTF-8 (cryosieve.io.text.os_text)
+            raise CryoSieveInputError(f"{particles.path}: the stack name of row {row + 1}, {path!a}, holds bytes "
+                                      "that are not UTF-8, which a .cs file cannot hold; write a STAR file") from None
+    dataset["blob/path"] = np.asarray(paths, dtype=object)
     dataset["blob/idx"] = particles.image_index
     dataset["blob/psize_A"] = particles.pixel_size
     size = particles.image_size if particles.image_size is not None else np.zeros(n, dtype=np.int64)
