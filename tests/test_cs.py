@@ -232,3 +232,181 @@ def test_pipeline_gives_an_external_reconstruction_a_star_description(small: Sma
     view = read_particles(prefix + "_iter0_relion.star")
     np.testing.assert_array_equal(view.image_name, read_cs_particles(cs_file).image_name)
     assert Path(prefix + "_iter0_half1.mrc").is_file() and Path(prefix + "_iter1.cs").is_file()
+
+
+# --------------------------------------------------------------------------- values checked as STAR values are
+
+
+def without_uid(source: Path, target: Path) -> Path:
+    """``source`` saved again as a plain numpy record array without its ``uid`` field."""
+    records = np.load(source, allow_pickle=False)
+    kept = [name for name in records.dtype.names if name != "uid"]
+    stripped = np.empty(len(records), dtype=[(name, records.dtype[name]) for name in kept])
+    for name in kept:
+        stripped[name] = records[name]
+    with open(target, "wb") as handle:
+        np.save(handle, stripped)
+    return target
+
+
+def with_value(dataset: Dataset, field: str, row: int, value: float) -> Dataset:
+    dataset = dataset.copy()
+    values = np.array(dataset[field])
+    values[row] = value
+    dataset[field] = values
+    return dataset
+
+
+def repeated_rows(dataset: Dataset, rows: np.ndarray) -> Dataset:
+    """The dataset with ``rows`` appended again (same uids), their defocus changed."""
+    extra = dataset.take(rows)
+    records = np.concatenate([dataset.to_records(), extra.to_records()])
+    repeated = Dataset(records)
+    defocus = np.array(repeated["ctf/df1_A"])
+    defocus[len(dataset):] += 5000.0
+    repeated["ctf/df1_A"] = defocus
+    return repeated
+
+
+def split_ctf(dataset: Dataset, folder: Path) -> tuple[Path, Path]:
+    """The dataset as a main file without CTF fields and a passthrough file with them."""
+    ctf = [name for name in dataset.fields() if name.startswith("ctf/")]
+    return (write_cs(dataset.copy().drop_fields(ctf), folder / "main.cs"),
+            write_cs(dataset.filter_fields(["uid", *ctf]), folder / "ctf.cs"))
+
+
+BAD_CS = {
+    # name: (build(full dataset, cs file, folder) -> (main, passthrough files), message fragment)
+    "no_uid": (lambda full, cs, folder: (without_uid(cs, folder / "nouid.cs"), []),
+               "nouid.cs: field uid missing"),
+    "repeated_uid": (lambda full, cs, folder: (write_cs(repeated_rows(full, np.array([3])), folder / "twice.cs"), []),
+                     "twice.cs: uid {uid3} appears twice (rows 4 and 241)"),
+    "repeated_uid_in_passthrough": (
+        lambda full, cs, folder: (split_ctf(full, folder)[0],
+                                  [write_cs(repeated_rows(Dataset.load(split_ctf(full, folder)[1]), np.arange(10)),
+                                            folder / "ctf_twice.cs")]),
+        "ctf_twice.cs: uid {uid0} appears twice (rows 1 and 241)"),
+    "nan_shift": (lambda full, cs, folder: (write_cs(with_value(full, "alignments3D/shift", 5, np.nan),
+                                                     folder / "nan.cs"), []),
+                  "nan.cs: field alignments3D/shift at row 6 (uid {uid5}) holds"),
+    "inf_pose": (lambda full, cs, folder: (write_cs(with_value(full, "alignments3D/pose", 7, np.inf),
+                                                    folder / "inf.cs"), []),
+                 "inf.cs: field alignments3D/pose at row 8 (uid {uid7}) holds inf, inf, inf: not a finite number"),
+    "nan_defocus_in_passthrough": (
+        lambda full, cs, folder: (split_ctf(with_value(full, "ctf/df2_A", 9, np.nan), folder)[0],
+                                  [split_ctf(with_value(full, "ctf/df2_A", 9, np.nan), folder)[1]]),
+        "ctf.cs: field ctf/df2_A at row 10 (uid {uid9}) holds nan: not a finite number"),
+    "nan_amplitude_contrast": (lambda full, cs, folder: (write_cs(with_value(full, "ctf/amp_contrast", 0, np.nan),
+                                                                  folder / "amp.cs"), []),
+                               "amp.cs: field ctf/amp_contrast at row 1"),
+    "inf_phase_shift": (lambda full, cs, folder: (write_cs(with_value(full, "ctf/phase_shift_rad", 2, -np.inf),
+                                                           folder / "phase.cs"), []),
+                        "phase.cs: field ctf/phase_shift_rad at row 3"),
+    "nan_pixel_size": (lambda full, cs, folder: (write_cs(with_value(full, "blob/psize_A", 4, np.nan),
+                                                          folder / "psize.cs"), []),
+                       "psize.cs: field blob/psize_A at row 5"),
+    "zero_pixel_size": (lambda full, cs, folder: (write_cs(with_value(full, "blob/psize_A", 4, 0.0),
+                                                           folder / "psize0.cs"), []),
+                        "psize0.cs: field blob/psize_A at row 5 (uid {uid4}): the pixel size must be positive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CS))
+def test_bad_cs_values_are_one_line_errors(case: str, small: SmallData, cs_file: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A .cs file without uids, a repeated uid (main or passthrough file), a value that is not a finite number:
+    exit 2, one line naming the file, field, row and uid, nothing written."""
+    build, fragment = BAD_CS[case]
+    full = Dataset.load(cs_file)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    main, passthrough = build(full, cs_file, folder)
+    uid = np.asarray(full["uid"])
+    fragment = fragment.format(**{f"uid{row}": int(uid[row]) for row in range(10)})
+    out = tmp_path / "out"
+    out.mkdir()
+    extra = ["--passthrough", *map(str, passthrough)] if passthrough else []
+    code = core_main(["--i", str(main), *extra, "--o", str(out / "kept.cs"), "--directory", str(small.folder),
+                      "--volume", str(small.half1), "--volume", str(small.half2), "--frequency", "12", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("cryosieve-core: error: "), err
+    assert fragment in err[0], err
+    assert list(out.iterdir()) == []
+
+
+def test_pipeline_refuses_a_nan_shift(small: SmallData, cs_file: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Once given score nan, kept 0 and all-NaN half maps: now refused before anything is written."""
+    from cryosieve.cli.pipeline import main as pipeline_main
+
+    damaged = write_cs(with_value(Dataset.load(cs_file), "alignments3D/shift", 5, np.nan), tmp_path / "nan.cs")
+    code = pipeline_main(["--i", str(damaged), "--o", str(tmp_path / "run") + "/", "--mask", str(small.mask),
+                          "--directory", str(small.folder), "--num_iters", "1", "--frequency_start", "20",
+                          "--frequency_end", "20", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "field alignments3D/shift at row 6" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- uids of converted particles
+
+
+def star_set(folder: Path, count: int, seed: int) -> Path:
+    from conftest import optics_table, random_particles
+
+    particles = random_particles(count, np.random.default_rng(seed), 1.0, "particles.mrcs")
+    particles["rlnRandomSubset"] = np.arange(count) % 2 + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    import starfile
+
+    starfile.write({"optics": optics_table(64, 1.0), "particles": particles}, folder / "particles.star")
+    return folder / "particles.star"
+
+
+def converted_uids(star: Path) -> np.ndarray:
+    from cryosieve.io.particle_files import in_format_of
+
+    converted = in_format_of(read_particles(star), star.with_suffix(".cs"))
+    return np.asarray(converted.source.dataset["uid"])
+
+
+def test_different_inputs_get_different_uids_and_the_same_input_the_same_bytes(tmp_path: Path) -> None:
+    """Two data sets converted from STAR share no uid (they all came from seed 0 before); the same input gives the
+    same bytes, and a subset the uids its particles had in the whole set."""
+    from cryosieve.io.particle_files import in_format_of
+
+    first, second = star_set(tmp_path / "a", 300, 1), star_set(tmp_path / "b", 300, 2)
+    uids = converted_uids(first)
+    assert len(np.unique(uids)) == 300 and uids.min() >= 1 and uids.max() < 2**63
+    assert not set(uids.tolist()) & set(converted_uids(second).tolist())
+    # the same particles under another file name and order: the same uid for each
+    shuffled = star_set(tmp_path / "c", 300, 1)
+    import starfile
+
+    blocks = starfile.read(shuffled, always_dict=True)
+    order = np.random.default_rng(0).permutation(300)
+    blocks["particles"] = blocks["particles"].iloc[order].reset_index(drop=True)
+    starfile.write(blocks, shuffled)
+    np.testing.assert_array_equal(converted_uids(shuffled), uids[order])
+    # the same input, the same bytes
+    particles = read_particles(first)
+    written = []
+    for name in ("one.cs", "two.cs"):
+        in_format_of(particles, tmp_path / name).write(tmp_path / name)
+        written.append((tmp_path / name).read_bytes())
+    assert written[0] == written[1]
+    # a subset (a sieve's kept set) keeps the uids of the whole
+    rows = np.arange(0, 300, 3)
+    np.testing.assert_array_equal(np.asarray(in_format_of(particles.subset(rows), tmp_path / "s.cs").source.dataset[
+        "uid"]), uids[rows])
+
+
+def test_a_repeated_particle_gets_a_uid_of_its_own(tmp_path: Path) -> None:
+    from cryosieve.io.cs import particle_uids
+
+    particles = read_particles(star_set(tmp_path / "a", 20, 3))
+    twice = particles.subset(np.array([*range(20), 4, 4, 7]))
+    uids = particle_uids(twice)
+    assert len(np.unique(uids)) == 23
+    np.testing.assert_array_equal(uids[:20], particle_uids(particles))
+    assert not np.array_equal(particle_uids(particles, seed=1), particle_uids(particles))

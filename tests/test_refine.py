@@ -225,3 +225,30 @@ def test_pipeline_refuses_a_validation_its_last_set_cannot_feed(small: Path, tmp
     assert "--validate: the last set keeps 50 particles in its smaller half-set" in err[0]
     assert "need at least 160" in err[0]
     assert list(prefix.iterdir()) == []
+
+
+def test_a_full_disk_is_named_not_an_empty_log(small: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The built-in refinement's maps do not fit (1m), or an external program fills the disk (3m): one error line,
+    'No space left on device', naming where; the job folders are not left. The command reported the failure of the
+    job with its log, which the full disk had left empty."""
+    from safety_helpers import small_filesystem
+
+    program = fake_program(tmp_path, "relion_refine_mpi", "", 0)
+    program.write_text('#!/bin/sh\nwhile [ $# -gt 0 ] && [ "$1" != "--o" ]; do shift; done\n'
+                       'head -c 20000000 /dev/zero > "$2_big.bin" || exit 1\n')  # RELION writing as the disk fills
+    launcher = fake_program(tmp_path, "mpirun", "", 0)
+    launcher.write_text('#!/bin/sh\nshift 2\nexec "$@"\n')
+    folder = tmp_path / "full"
+    relion = ["--relion_refine", f"{launcher} -n 3 {program}"]
+    for size, backend in (("1m", ["--backend", "fixed"]), ("3m", relion)):
+        with small_filesystem(folder, size):
+            code = refine_main(["--i", str(small), "--o", str(folder / "s.csv"), "--directory", str(small.parent),
+                                *backend, "--quiet"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 1 and err[-1].startswith("cryosieve-refine: error: "), err
+            assert "No space left on device" in err[-1] and str(folder / "s_jobs") in err[-1], err
+            assert not [line for line in err[:-1] if "error" in line], err
+            assert not (folder / "s.csv").exists()
+            assert sorted(path.name for path in (folder / "s_jobs").iterdir() if not path.name.startswith(".")) == [
+                "01_particles_trial1.log"] + (["01_particles_trial1.program.txt"] if size == "3m" else [])

@@ -112,6 +112,7 @@ def test_auto_lands_near_the_true_good_fraction(tmp_path: Path, bad: float, seed
                       "--quiet"]) == 0
     curve = pd.read_csv(tmp_path / "out" / "auto_retention.csv")
     assert curve["fraction"].tolist() == list(CANDIDATES) and curve["chosen"].sum() == 1
+    assert curve["above_noise"].any()  # a realistic set: the choice is not said to be arbitrary
     chosen = float(curve.loc[curve["chosen"] == 1, "fraction"].iloc[0])
     assert chosen == curve["fraction"][curve["information"].idxmax()]
     truth_table = pd.read_csv(data / "truth.csv")
@@ -191,3 +192,94 @@ def test_auto_without_half_sets_is_refused_before_any_output(tmp_path: Path, sma
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--retention_ratio auto" in error[0] and "Traceback" not in error[0]
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+# --------------------------------------------------------------------------- is any candidate above noise?
+
+
+def soft_sphere(box: int, radius: float, edge: float) -> np.ndarray:
+    """A raised-cosine sphere ``(n, n, n)`` (made here, not with the package's masks)."""
+    grid = np.arange(box) - box // 2
+    r = np.sqrt(grid[:, None, None] ** 2 + grid[None, :, None] ** 2 + grid[None, None, :] ** 2)
+    return np.where(r <= radius, 1.0, np.where(r >= radius + edge, 0.0,
+                                               0.5 + 0.5 * np.cos(np.pi * (r - radius) / edge))).astype(np.float32)
+
+
+def shell_fsc(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """FSC per shell ``round(|k|)``, 0 .. n/2, of two ``(n, n, n)`` maps (numpy, written here)."""
+    box = first.shape[0]
+    k = np.fft.fftfreq(box, d=1.0 / box)
+    shells = np.round(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)).astype(int)
+    inside = shells <= box // 2
+    a, b = np.fft.fftn(first)[inside], np.fft.fftn(second)[inside]
+    index, length = shells[inside], box // 2 + 1
+    cross = np.bincount(index, (a * np.conj(b)).real, length)
+    return cross / np.sqrt(np.bincount(index, np.abs(a) ** 2, length) * np.bincount(index, np.abs(b) ** 2, length))
+
+
+def test_information_z_is_a_standard_normal_for_maps_that_share_nothing() -> None:
+    """Pairs of independent noise maps, masked or not: z has mean 0 and standard deviation 1 (the mask's fraction
+    of independent components corrects the spread); a shared signal gives a large z."""
+    from cryosieve.retention import information_z, mask_fraction
+
+    box = 32
+    rng = np.random.default_rng(7)
+    for mask in (None, soft_sphere(box, 8, 4)):
+        weights = np.ones((box,) * 3) if mask is None else mask
+        fraction = mask_fraction(mask)
+        z = [information_z(shell_fsc(rng.normal(size=(box,) * 3) * weights, rng.normal(size=(box,) * 3) * weights),
+                           box, fraction) for _ in range(300)]
+        assert abs(np.mean(z)) < 0.2 and 0.85 < np.std(z) < 1.15, (mask is None, np.mean(z), np.std(z))
+    sharp = (soft_sphere(box, 8, 0.001) > 0.5).astype(np.float32)
+    assert mask_fraction(None) == 1.0 and mask_fraction(sharp) == pytest.approx(float(np.mean(sharp)))
+    signal = rng.normal(size=(box,) * 3)
+    shared = [signal + rng.normal(size=(box,) * 3) * 3 for _ in range(2)]  # FSC about 0.1 in every shell
+    assert information_z(shell_fsc(*shared), box) > 8
+
+
+@pytest.fixture(scope="module")
+def signal_and_noise(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """400 realistic particles at box 32 (with half maps), and the same particles as pure noise."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("signal_noise")
+    simulate_particles(root / "signal", SimulationSettings(num_particles=400, box=32, pixel_size=5.0,
+                                                           seed=8).realistic())
+    shutil.copytree(root / "signal", root / "noise")
+    with mrcfile.open(root / "noise" / "particles.mrcs", mode="r+") as handle:
+        handle.data[...] = np.random.default_rng(9).normal(size=handle.data.shape).astype(np.float32)
+    return root / "signal", root / "noise"
+
+
+def test_pure_noise_is_said_to_hold_no_information_and_a_realistic_set_is_not(
+        signal_and_noise: tuple[Path, Path]) -> None:
+    signal, noise = signal_and_noise
+    mask = mrcfile.read(signal / "mask.mrc").astype(np.float32)
+    found = {}
+    for folder in (signal, noise):
+        table = read_particles(str(folder / "particles.star"))
+        scores = np.random.default_rng(10).normal(size=len(table))
+        with StackReader(table, str(folder)) as reader:
+            found[folder] = choose_retention(table, reader, scores, table.random_subset, mask,
+                                             fractions=(0.5, 0.75, 1.0))
+    assert found[signal].above_noise and found[signal].z.max() > 10, found[signal].z
+    assert not found[noise].above_noise and np.all(np.abs(found[noise].z) < 4), found[noise].z
+
+
+def test_auto_on_pure_noise_warns_and_flags_the_table(signal_and_noise: tuple[Path, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The run completes with one warning line; every candidate of ``_retention.csv`` is below noise (it picked an
+    arbitrary fraction without a word)."""
+    signal, noise = signal_and_noise
+    out = tmp_path / "out" / "k.star"
+    code = core_main(["--i", str(noise / "particles.star"), "--directory", str(noise), "--o", str(out),
+                      "--volume", str(signal / "half1.mrc"), "--volume", str(signal / "half2.mrc"),
+                      "--mask", str(signal / "mask.mrc"), "--frequency", "30", "--retention_ratio", "auto",
+                      "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0
+    warned = [line for line in err if "no candidate's half maps share information beyond noise" in line]
+    assert len(warned) == 1 and "is arbitrary" in warned[0], err
+    curve = pd.read_csv(tmp_path / "out" / "k_retention.csv")
+    assert list(curve.columns) == ["fraction", "information", "chosen", "z", "above_noise"]
+    assert curve["above_noise"].sum() == 0 and curve["chosen"].sum() == 1 and (curve["z"] < 5).all()

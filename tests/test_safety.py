@@ -272,6 +272,13 @@ CASES: dict[str, Case] = {
             **star_blocks(d), "particles": star_blocks(d)["particles"].assign(
                 rlnImageName=lambda frame: frame["rlnImageName"].where(frame.index != 5, "999@particles.mrcs"))})})),
         2, "999@particles.mrcs"),
+    "core_index_too_large": Case(
+        "cryosieve-core",
+        lambda d, w: core_args(d, w, **o(**{"--i": write_star(d.folder / "x.star", {
+            **star_blocks(d), "particles": star_blocks(d)["particles"].assign(
+                rlnImageName=lambda frame: frame["rlnImageName"].where(
+                    frame.index != 5, "99999999999999999999@particles.mrcs"))})})),
+        2, "'99999999999999999999@particles.mrcs' at row 6 has an image number beyond any MRC stack"),
     "core_nan_image_found_while_scoring": Case(
         "cryosieve-core", lambda d, w: (fill_image(d.stack, 200, float("nan")), core_args(d, w))[1], 2,
         "000201@particles.mrcs"),
@@ -279,6 +286,19 @@ CASES: dict[str, Case] = {
         "cryosieve-core",
         lambda d, w: (fill_image(d.stack, 200, float("nan")), core_args(d, w, **o(**{"--num_gpus": 2})))[1], 2,
         "000201@particles.mrcs"),
+    # ---- cryosieve-core: one map given in two roles
+    "core_same_half_map_twice": Case(
+        "cryosieve-core", lambda d, w: core_args(d, w, **o(**{"--volume": [d.half1, d.half1]})), 2,
+        "half1.mrc (--volume 2) is the same file as"),
+    "core_half_map_copy": Case(
+        "cryosieve-core",
+        lambda d, w: core_args(d, w, **o(**{"--volume": [d.half2, shutil.copy(d.half2, d.folder / "c.mrc")]})), 2,
+        "c.mrc (--volume 2) holds the same bytes as"),
+    "core_mask_is_a_half_map": Case("cryosieve-core", lambda d, w: core_args(d, w, **o(**{"--mask": d.half2})), 2,
+                                    "half2.mrc (--mask) is the same file as"),
+    "core_mask_links_to_a_half_map": Case(
+        "cryosieve-core", lambda d, w: core_args(d, w, **o(**{"--mask": link(d.half1, w / "m.mrc")})), 2,
+        "m.mrc (--mask) is the same file as"),
     # ---- cryosieve-core: the environment
     "core_o_is_folder": Case("cryosieve-core",
                              lambda d, w: core_args(d, w, **o(**{"--o": mkdir(w / "out" / "kept.star")})), 2,
@@ -345,6 +365,17 @@ CASES: dict[str, Case] = {
         "cryosieve-postprocess",
         lambda d, w: postprocess_args(d, w, **o(**{"--i2": new_map(d.folder / "s.mrc", np.zeros((32,) * 3))})), 2,
         "s.mrc"),
+    "postprocess_same_half_maps": Case(
+        "cryosieve-postprocess", lambda d, w: postprocess_args(d, w, **o(**{"--i2": d.half1})), 2,
+        "(--i2, second half map) is the same file as"),
+    "postprocess_half_map_copy": Case(
+        "cryosieve-postprocess",
+        lambda d, w: postprocess_args(d, w, **o(**{"--i2": shutil.copy(d.half1, d.folder / "c.mrc")})), 2,
+        "c.mrc (--i2, second half map) holds the same bytes as"),
+    "postprocess_mask_is_a_half_map": Case(
+        "cryosieve-postprocess",
+        lambda d, w: postprocess_args(d, w, **o(**{"--mask": shutil.copy(d.half2, d.folder / "m.mrc")})), 2,
+        "m.mrc (--mask) holds the same bytes as"),
     "postprocess_complex_map": Case("cryosieve-postprocess",
                                     lambda d, w: (patch_int32(d.half1, 12, 4), postprocess_args(d, w))[1], 2,
                                     "complex-valued"),
@@ -529,6 +560,29 @@ def test_full_disk_while_writing(small: SmallData, tmp_path: Path, capsys: pytes
             assert not list(folder.iterdir()), list(folder.iterdir())
 
 
+@pytest.mark.parametrize("size", ["200k", "400k"])
+def test_simulate_on_a_full_disk(tmp_path: Path, size: str) -> None:
+    """The stack (20 images of 64 x 64, 321 KiB) does not fit (200k), or it does and the maps do not (400k):
+    one line saying so and naming the output, exit 1, nothing left. The stack was written through a memory map,
+    and a full disk killed the command with SIGBUS, its partial folder left behind (a subprocess here, so that it
+    cannot kill the tests)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "full"
+    with small_filesystem(folder, size):
+        result = subprocess.run([sys.executable, "-m", "cryosieve.cli.simulate",
+                                 *simulate_args(tmp_path, **o(**{"--o": folder / "sim", "--box": 64,
+                                                                 "--angpix": PIXEL}))],
+                                capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+        assert lines[0].startswith("cryosieve-simulate: error: "), lines
+        assert f"{folder / 'sim'}: No space left on device" in lines[0], lines
+        assert not list(folder.iterdir()), list(folder.iterdir())
+
+
 def test_pipeline_records_the_canonical_symmetry_name_and_the_file_pixel_size(small: SmallData,
                                                                                tmp_path: Path) -> None:
     from cryosieve.pipeline import PipelineSettings, prepare
@@ -542,3 +596,39 @@ def test_pipeline_records_the_canonical_symmetry_name_and_the_file_pixel_size(sm
     assert prepared.record["symmetry"] == "C1"
     assert prepared.record["angpix"] == PIXEL  # from the file: --angpix is not needed for RELION 3.1+
     assert not (tmp_path / "run").exists()
+
+
+def test_continue_refuses_a_changed_particle_stack(small: SmallData, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A stack changed after a run (its last image, its modification time) is named and the resume refused; the
+    same stack resumes; a state without the record is refused. A changed stack was not noticed (a changed STAR
+    file was)."""
+    import json
+
+    data = copy_data(small, tmp_path / "data")
+    argv = pipeline_args(data, tmp_path, **o(**{"--num_iters": 1, "--frequency_start": 20, "--frequency_end": 20,
+                                                "--no-report": True}))
+    assert pipeline.main(argv) == 0
+    assert pipeline.main([*argv, "--continue"]) == 0  # the same stack: nothing to refuse
+    capsys.readouterr()
+    original, status = data.stack.read_bytes(), data.stack.stat()
+    before = tree(tmp_path / "out")
+    for change in ("image", "time"):
+        if change == "image":  # the last image, at the same size and time
+            with mrcfile.open(str(data.stack), mode="r+") as handle:
+                handle.data[-1, 5, 5] += 1.0
+            os.utime(data.stack, ns=(status.st_atime_ns, status.st_mtime_ns))
+        else:  # the same bytes, a new time
+            data.stack.write_bytes(original)
+        assert pipeline.main([*argv, "--continue"]) == 2, change
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"--continue: the particle stack {data.stack} changed" in lines[0], lines
+        assert tree(tmp_path / "out") == before
+    # a state without the record (edited by hand: every state of this format has it) is refused, naming it
+    os.utime(data.stack, ns=(status.st_atime_ns, status.st_mtime_ns))
+    state_path = tmp_path / "out" / "_state.json"
+    state = json.loads(state_path.read_text())
+    del state["arguments"]["particle_stacks"]
+    state_path.write_text(json.dumps(state))
+    assert pipeline.main([*argv, "--continue"]) == 2
+    assert "does not record particle_stacks" in capsys.readouterr().err

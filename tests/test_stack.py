@@ -282,3 +282,25 @@ def test_slow_reading_hands_over_to_a_reading_thread_with_the_same_batches(tmp_p
         np.testing.assert_array_equal(got, expected)
         np.testing.assert_array_equal(got, images[rows])
     reader.close()
+
+
+def test_stack_writer_on_a_full_disk_raises_enospc_naming_the_stack(tmp_path: Path) -> None:
+    """No memory map, so no SIGBUS: a disk too small for the stack is an OSError naming it, and a write that
+    finds the disk full (space not reserved ahead) is one too."""
+    import errno
+
+    from cryosieve.io.stack import StackWriter
+    from safety_helpers import small_filesystem
+
+    folder = tmp_path / "small"
+    with small_filesystem(folder, "64k"):
+        with pytest.raises(OSError) as caught:
+            StackWriter(folder / "big.mrcs", 100, 32, 1.0)
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(folder / "big.mrcs")
+        (folder / "big.mrcs").unlink(missing_ok=True)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("cryosieve.io.stack._reserve", lambda descriptor, size: None)  # as where not supported
+            with pytest.raises(OSError) as caught, StackWriter(folder / "sparse.mrcs", 100, 32, 1.0) as writer:
+                for start in range(0, 100, 10):
+                    writer.write(start, np.ones((10, 32, 32), dtype=np.float32))
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(folder / "sparse.mrcs")

@@ -23,7 +23,7 @@ from cryosieve.errors import CryoSieveInputError, ServiceError, setting
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries_of
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.particle_files import in_format_of, read_particle_file
-from cryosieve.io.paths import InputFile, check_outputs
+from cryosieve.io.paths import InputFile, check_distinct_inputs, check_outputs
 from cryosieve.io.stack import StackReader, stack_paths
 from cryosieve.io.star import output_paths
 from cryosieve.mask import check_mask
@@ -162,6 +162,9 @@ def load_inputs(table: ParticleSet, directory: str | os.PathLike[str] | None, vo
     if not volume_paths:
         raise CryoSieveInputError(f"{setting('volumes')}: give at least one half map")
     half_set = half_sets(table, len(volume_paths))
+    names = [f"{setting('volumes')} {index + 1}" for index in range(len(volume_paths))]
+    check_distinct_inputs([*(InputFile(Path(path), name) for path, name in zip(volume_paths, names, strict=True)),
+                           *([InputFile(Path(mask_path), setting("mask"))] if mask_path else [])])
     reader = reader if reader is not None else StackReader(table, directory)
     box = reader.validate()
     volumes = [read_volume(path) for path in volume_paths]
@@ -209,7 +212,7 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
     retention = None
     ratio = settings.retention_ratio
     if ratio == AUTO:
-        from cryosieve.retention import choose_retention
+        from cryosieve.retention import SIGNAL_Z, choose_retention
 
         with choosing("choosing the retention ratio", len(table)) as update:
             retention = choose_retention(table, reader, scores, half_set, mask.data if mask is not None else None,
@@ -218,6 +221,11 @@ def sieve(table: ParticleSet, reader: StackReader, volumes: Sequence[Volume], ma
         log.info("retention ratio chosen: %.2f of each half-set (the most map information of %d fractions "
                  "from %.2f to %.2f)", ratio, retention.fractions.size, retention.fractions[0],
                  retention.fractions[-1])
+        if not retention.above_noise:
+            best = int(np.argmax(retention.z))
+            log.warning("retention ratio auto: no candidate's half maps share information beyond noise (largest z "
+                        "%.1f, at %.2f, below %g): the fraction kept, %.2f, is arbitrary (particles without signal, "
+                        "or wrong poses?)", retention.z[best], retention.fractions[best], SIGNAL_Z, ratio)
     assert not isinstance(ratio, str)
     kept = select(scores, half_set, ratio, balance=settings.balance, keep_orientations=settings.keep_orientations,
                   rot=table.rot, tilt=table.tilt)

@@ -50,6 +50,7 @@ from cryosieve.backends.builtin import AUTOB_LOWRES, measure_half_maps, result_o
 from cryosieve.errors import CryoSieveInputError, ExternalCommandError, setting
 from cryosieve.io.atomic import OutputGroup, temporary_name
 from cryosieve.io.mrc import write_volume
+from cryosieve.io.paths import disk_full, no_space_error
 from cryosieve.io.stack import StackReader
 from cryosieve.postprocess.files import output_paths, write_report_files
 from cryosieve.postprocess.report import REPORT_FILES, PostprocessReport
@@ -128,6 +129,10 @@ def run_in_parallel(commands: Sequence[Sequence[str]], log_paths: Sequence[Path]
             processes.stop(started, STOP_GRACE)
     for command, log_path, process in zip(commands, log_paths, started, strict=True):
         if process.returncode != 0:
+            folder = Path(log_path).parent
+            if disk_full(folder):  # the program's own message could not be written either
+                raise no_space_error(folder, f"{Path(command[0]).name} ... failed with exit code {process.returncode}; "
+                                             f"its output, as far as it could be written, is in {log_path}")
             raise ExternalCommandError(shlex.join(command), str(log_path), process.returncode)
 
 

@@ -109,33 +109,50 @@ class CsSource:
 
 
 def load_dataset(path: str | os.PathLike[str]) -> Any:
-    """A ``.cs`` file as a ``cryosparc-tools`` Dataset (an input error if it is not one)."""
+    """A ``.cs`` file as a ``cryosparc-tools`` Dataset (an input error if it is not one, has no
+    ``uid`` field or repeats a ``uid``)."""
     path = str(path)
     if not os.path.isfile(path):
         raise CryoSieveInputError(f"{path}: file not found")
     dataset_class = _dataset_class()
     try:
-        return dataset_class.load(path)
+        # cryosparc-tools invents random uids for a file without them: look at the stored fields first
+        stored = [field[0] for field in dataset_class.inspect(path)["dtype"]]
+        dataset = dataset_class.load(path)
     except Exception as error:  # numpy and cryosparc-tools raise several kinds for a damaged file
         raise CryoSieveInputError(f"{path}: not a readable CryoSPARC .cs dataset ({error})") from None
+    if "uid" not in stored:
+        raise CryoSieveInputError(f"{path}: field uid missing (every particle of a .cs file needs its uid)")
+    _check_unique_uids(path, np.asarray(dataset["uid"]))
+    return dataset
 
 
-def _merged(path: str, main: Any, passthrough: list[tuple[str, Any]], origins: dict[str, str] | None = None
-            ) -> dict[str, np.ndarray]:
-    """Every field of the main dataset, then those only passthrough files have, by ``uid``; ``origins``
-    receives the file each field came from."""
+def _check_unique_uids(path: str, uid: np.ndarray) -> None:
+    """Refuse a file that holds a ``uid`` twice (a repeated row), naming the uid and both rows."""
+    values, first = np.unique(uid, return_index=True)
+    if values.size == uid.size:
+        return
+    again = int(np.setdiff1d(np.arange(uid.size), first)[0])  # the first row that repeats an earlier one
+    earlier = int(first[np.searchsorted(values, uid[again])])
+    raise CryoSieveInputError(f"{path}: uid {int(uid[again])} appears twice (rows {earlier + 1} and {again + 1}); "
+                              "each particle must appear once")
+
+
+#: Where a merged field was read: the file and, per particle of the main file, its row there.
+_Origin = tuple[str, np.ndarray]
+
+
+def _merged(path: str, main: Any, passthrough: list[tuple[str, Any]]
+            ) -> tuple[dict[str, np.ndarray], dict[str, _Origin]]:
+    """Every field of the main dataset, then those only passthrough files have, by ``uid``; and
+    where each field was read."""
     fields = {name: np.asarray(main[name]) for name in main.fields()}
-    if origins is not None:
-        origins.update(dict.fromkeys(fields, path))
-    if "uid" not in fields:
-        raise CryoSieveInputError(f"{path}: field uid missing")
+    origin: dict[str, _Origin] = {name: (path, np.arange(len(main))) for name in fields}
     uid = fields["uid"]
     for other_path, other in passthrough:
         new = [name for name in other.fields() if name not in fields]
         if not new:
             continue
-        if "uid" not in other.fields():
-            raise CryoSieveInputError(f"{other_path}: field uid missing")
         other_uid = np.asarray(other["uid"])
         order = np.argsort(other_uid, kind="stable")
         position = np.searchsorted(other_uid[order], uid)
@@ -148,9 +165,8 @@ def _merged(path: str, main: Any, passthrough: list[tuple[str, Any]], origins: d
         rows = order[position]
         for name in new:
             fields[name] = np.asarray(other[name])[rows]
-            if origins is not None:
-                origins[name] = other_path
-    return fields
+            origin[name] = (other_path, rows)
+    return fields, origin
 
 
 def _text(values: np.ndarray) -> np.ndarray:
@@ -161,34 +177,53 @@ def read_cs_particles(path: str | os.PathLike[str], passthrough: tuple[str, ...]
                       angpix: float | None = None) -> ParticleSet:
     """Read a CryoSPARC particle dataset (``.cs``) and its passthrough files.
 
-    ``angpix`` (Å), when given, must agree with ``blob/psize_A``.
+    ``angpix`` (Å), when given, must agree with ``blob/psize_A``. Every file needs ``uid``
+    and may hold each only once; every number used (poses, shifts, pixel sizes, CTF values)
+    must be finite: an input error names the file, the field, the row and its uid otherwise.
     """
     path = str(path)
     main = load_dataset(path)
     if len(main) == 0:
         raise CryoSieveInputError(f"{path}: holds no particles")
-    origins: dict[str, str] = {}
-    fields = _merged(path, main, [(str(other), load_dataset(other)) for other in passthrough], origins)
+    fields, origin = _merged(path, main, [(str(other), load_dataset(other)) for other in passthrough])
     for name in REQUIRED_FIELDS:
         if name not in fields:
             hint = " (give the file that has it with --passthrough)" if name.split("/")[0] != "alignments3D" else \
                 " (particles without 3D poses: refine them first)"
             raise CryoSieveInputError(f"{path}: field {name} missing{hint}")
     n = len(main)
-    pose = np.asarray(fields["alignments3D/pose"], dtype=np.float64).reshape(n, 3)
-    if not np.all(np.isfinite(pose)):
-        raise CryoSieveInputError(f"{path}: field alignments3D/pose holds values that are not finite")
+    uid = fields["uid"]
+
+    def where(name: str, row: int) -> str:
+        file, rows = origin[name]
+        return f"{file}: field {name} at row {int(rows[row]) + 1} (uid {int(uid[row])})"
+
+    def numbers(name: str, width: int = 1) -> np.ndarray:
+        """The field as float64 ``(n, width)``, every value finite."""
+        values = np.asarray(fields[name], dtype=np.float64).reshape(n, width)
+        bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+        if bad.size:
+            row = int(bad[0])
+            shown = ", ".join(f"{value:g}" for value in values[row])
+            raise CryoSieveInputError(f"{where(name, row)} holds {shown}: not a finite number")
+        return values
+
+    def values(name: str, default: float) -> np.ndarray:
+        return numbers(name)[:, 0] if name in fields else np.full(n, default)
+
+    pose = numbers("alignments3D/pose", 3)
     from scipy.spatial.transform import Rotation
 
     relion = np.transpose(Rotation.from_rotvec(pose).as_matrix(), (0, 2, 1))
     rot, tilt, psi = matrix_to_euler(relion)
-    shift = np.asarray(fields["alignments3D/shift"], dtype=np.float64).reshape(n, 2)
-    pixel = np.asarray(fields["blob/psize_A"], dtype=np.float64)
-    if np.any(~(pixel > 0)):
-        raise CryoSieveInputError(f"{path}: field blob/psize_A must be positive")
+    shift = numbers("alignments3D/shift", 2)
+    pixel = values("blob/psize_A", 0.0)
+    if np.any(pixel <= 0):
+        raise CryoSieveInputError(f"{where('blob/psize_A', int(np.flatnonzero(pixel <= 0)[0]))}: "
+                                  "the pixel size must be positive")
     if angpix is not None and not pixel_sizes_agree(float(pixel[0]), angpix):
         raise CryoSieveInputError(f"{setting('angpix')} {angpix}: differs from blob/psize_A {pixel[0]:g} Å in {path}")
-    folder = os.path.dirname(os.path.abspath(origins["blob/path"]))
+    folder = os.path.dirname(os.path.abspath(origin["blob/path"][0]))
     files = np.array([resolve_exported(value, folder) for value in _text(fields["blob/path"])], dtype=object)
     index = np.asarray(fields["blob/idx"], dtype=np.int64)
     names = np.array([f"{i + 1:06d}@{file}" for i, file in zip(index, files, strict=True)], dtype=object)
@@ -203,9 +238,6 @@ def read_cs_particles(path: str | os.PathLike[str], passthrough: tuple[str, ...]
     optics = np.asarray(fields["ctf/exp_group_id"], dtype=np.int64) if "ctf/exp_group_id" in fields else \
         np.ones(n, dtype=np.int64)
 
-    def values(name: str, default: float) -> np.ndarray:
-        return np.asarray(fields[name], dtype=np.float64) if name in fields else np.full(n, default)
-
     return ParticleSet(
         path=path, source=CsSource(main, folder=os.path.dirname(os.path.abspath(path))), image_name=names,
         image_file=files, image_index=index,
@@ -218,8 +250,50 @@ def read_cs_particles(path: str | os.PathLike[str], passthrough: tuple[str, ...]
         optics_group=optics, random_subset=random_subset, image_size=image_size, angpix=angpix)
 
 
+#: The per-particle values a new ``uid`` is drawn from (with the image name): not the half-set, which a
+#: re-split changes, nor the box, which the stack gives.
+UID_VALUES = ("rot", "tilt", "psi", "origin_x", "origin_y", "defocus_u", "defocus_v", "defocus_angle", "phase_shift",
+              "voltage", "spherical_aberration", "amplitude_contrast", "pixel_size", "ctf_bfactor",
+              "ctf_scalefactor", "optics_group")
+
+
+def particle_uids(particles: ParticleSet, seed: int = 0) -> np.ndarray:
+    """New ``uid`` values for particles that have none: ``(n,)`` uint64 in [1, 2^63).
+
+    Each is the first 63 bits of a BLAKE2b hash of ``seed``, the particle's image name and
+    its values (:data:`UID_VALUES`, float64 bytes). So the same particle gets the same uid in
+    every set it is converted with, the same input always gives the same uids, and particles
+    that differ in their image or any of these values (two different data sets) get different
+    ones: two hashes agree by chance with probability 2^-63. A particle repeated with the same
+    values gets a new uid at each repetition (its count enters the hash), so the uids of a set
+    are always distinct.
+    """
+    import hashlib
+
+    numbers = np.ascontiguousarray(np.stack([np.asarray(getattr(particles, name), dtype=np.float64)
+                                             for name in UID_VALUES], axis=1))
+    salt = int(seed).to_bytes(8, "little", signed=True)
+    uids = np.empty(len(particles), dtype=np.uint64)
+    taken: set[int] = set()
+    seen: dict[bytes, int] = {}
+    for row, name in enumerate(particles.image_name):
+        content = str(name).encode("utf-8", "surrogatepass") + b"\0" + numbers[row].tobytes()
+        repeat = seen.get(content, 0)
+        seen[content] = repeat + 1
+        while True:
+            digest = hashlib.blake2b(content + repeat.to_bytes(8, "little"), digest_size=8, key=salt).digest()
+            uid = int.from_bytes(digest, "little") >> 1
+            if uid and uid not in taken:
+                break
+            repeat += 1 << 32  # a collision (probability about n^2 / 2^64): the next value, still reproducible
+        taken.add(uid)
+        uids[row] = uid
+    return uids
+
+
 def particles_to_dataset(particles: ParticleSet, seed: int = 0) -> Any:
-    """A new ``.cs`` Dataset describing ``particles`` (the conventions above; new seeded ``uid`` values).
+    """A new ``.cs`` Dataset describing ``particles`` (the conventions above; new ``uid`` values from
+    :func:`particle_uids`, which ``seed`` enters).
 
     Used to describe simulated or STAR particles in CryoSPARC's terms; a set read from a ``.cs``
     file is written back from its source instead, which keeps every field and ``uid``.
@@ -237,8 +311,15 @@ def particles_to_dataset(particles: ParticleSet, seed: int = 0) -> Any:
         ("ctf/accel_kv", "f4"), ("ctf/cs_mm", "f4"), ("ctf/amp_contrast", "f4"), ("ctf/bfactor", "f4"),
         ("ctf/scale", "f4"), ("ctf/exp_group_id", "u4")]
     dataset = dataset_class.allocate(n, fields)
-    dataset["uid"] = np.random.default_rng(seed).integers(1, 2**63, size=n, dtype=np.uint64)
-    dataset["blob/path"] = np.asarray([str(file) for file in particles.image_file], dtype=object)
+    dataset["uid"] = particle_uids(particles, seed)
+    paths = [str(file) for file in particles.image_file]
+    for row, path in enumerate(paths):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # a name with bytes that are not UTF-8 (cryosieve.io.text.os_text)
+            raise CryoSieveInputError(f"{particles.path}: the stack name of row {row + 1}, {path!a}, holds bytes "
+                                      "that are not UTF-8, which a .cs file cannot hold; write a STAR file") from None
+    dataset["blob/path"] = np.asarray(paths, dtype=object)
     dataset["blob/idx"] = particles.image_index
     dataset["blob/psize_A"] = particles.pixel_size
     size = particles.image_size if particles.image_size is not None else np.zeros(n, dtype=np.int64)

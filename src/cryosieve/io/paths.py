@@ -9,6 +9,7 @@ an input inside an output folder that will be replaced counts too.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -130,3 +131,58 @@ def check_outputs(outputs: Sequence[str | os.PathLike[str]], inputs: Iterable[In
         if parent not in checked:
             checked.add(parent)
             check_writable(parent, output)
+
+
+def same_file_or_content(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> str | None:
+    """``"file"`` when the two paths name one file (resolved path, or device and inode: links count),
+    ``"content"`` when two files hold identical bytes, else ``None``."""
+    first, second = Path(first), Path(second)
+    if _resolved(first) == _resolved(second):
+        return "file"
+    identity = _identity(first)
+    if identity is not None and identity == _identity(second):
+        return "file"
+    try:
+        if os.path.getsize(first) == os.path.getsize(second) and filecmp.cmp(first, second, shallow=False):
+            return "content"
+    except OSError:  # a missing file is reported by its reader
+        return None
+    return None
+
+
+def check_distinct_inputs(inputs: Sequence[InputFile]) -> None:
+    """Refuse inputs that must be different maps (two half maps, a half map and a mask) but are one file
+    or identical bytes: an input error naming both and their roles."""
+    for index, later in enumerate(inputs):
+        for earlier in inputs[:index]:
+            same = same_file_or_content(earlier.path, later.path)
+            if same is not None:
+                how = "is the same file as" if same == "file" else "holds the same bytes as"
+                raise CryoSieveInputError(
+                    f"{later.path} ({later.role}) {how} {earlier.path} ({earlier.role}); they must be different maps")
+
+
+#: A file system with less free space than this (bytes) counts as full (:func:`disk_full`).
+FULL_DISK_BYTES = 1 << 20
+
+
+def disk_full(path: str | os.PathLike[str]) -> bool:
+    """Whether the file system holding ``path`` (or its nearest existing folder) has less than
+    :data:`FULL_DISK_BYTES` left for this process: asked after a program failed whose output
+    there could not say why (its log is on the same full disk)."""
+    current = Path(os.path.abspath(path))
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    try:
+        status = os.statvfs(current)
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs
+        return False
+    blocks = status.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else status.f_bavail
+    return blocks * status.f_frsize < FULL_DISK_BYTES
+
+
+def no_space_error(path: str | os.PathLike[str], detail: str = "") -> OSError:
+    """The ``OSError`` (``ENOSPC``) of a full disk at ``path``, ``detail`` added to its message."""
+    import errno
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + (f" ({detail})" if detail else ""), str(path))

@@ -5,8 +5,9 @@ so memory stays bounded by the batch size whatever the stack size. Little-endian
 stacks (the usual case) are copied by a numba kernel that checks the pixels on the way
 and runs on all cores without the GIL; other modes go through numpy.
 
-:class:`StackWriter` writes a float32 stack through a memory map as well, a range of
-images at a time, with deterministic bytes.
+:class:`StackWriter` writes a float32 stack a range of images at a time, with
+deterministic bytes, by plain positioned writes: never through a memory map, where a full
+disk kills the process with SIGBUS instead of raising an error.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; numpy does the 
 from typing import TYPE_CHECKING, Any
 
 from cryosieve.errors import CryoSieveInputError, setting
-from cryosieve.io.mrc import MRC_LABEL, check_mrc_file, quiet_mrcfile, resolve_path, set_fixed_label
+from cryosieve.io.mrc import HEADER_BYTES, MRC_LABEL, check_mrc_file, quiet_mrcfile, resolve_path, set_fixed_label
 from cryosieve.particles import ParticleSet
 
 if TYPE_CHECKING:
@@ -153,6 +154,28 @@ def _cached(view: np.ndarray, sample: np.ndarray) -> bool:
 def stack_paths(table: ParticleSet, directory: str | os.PathLike[str] | None = None) -> list[Path]:
     """The path of every stack the table's ``rlnImageName`` entries refer to, each once."""
     return [resolve_path(file, directory) for file in dict.fromkeys(table.image_file.tolist())]
+
+
+def stack_record(path: str | os.PathLike[str]) -> dict[str, int | str]:
+    """What tells a changed stack from the one a run read: ``size`` (bytes), ``mtime_ns`` (its
+    modification time, ns) and ``first_last_sha256``, the SHA-256 of the bytes of its first and
+    last image (a file that is not a readable MRC stack is an input error)."""
+    import hashlib
+
+    from cryosieve.io.mrc import REAL_MODES
+
+    path = str(path)
+    nx, ny, nz = check_mrc_file(path, "particle stack")
+    with quiet_mrcfile(), mrcfile.open(path, mode="r", permissive=True, header_only=True) as handle:
+        mode, extended = int(handle.header.mode), int(handle.header.nsymbt)
+    image = nx * ny * np.dtype(REAL_MODES[mode]).itemsize
+    status = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for index in (0, nz - 1):
+            handle.seek(HEADER_BYTES + extended + index * image)
+            digest.update(handle.read(image))
+    return {"size": int(status.st_size), "mtime_ns": int(status.st_mtime_ns), "first_last_sha256": digest.hexdigest()}
 
 
 class StackReader:
@@ -321,19 +344,21 @@ class StackReader:
 
 
 class StackWriter:
-    """Write a float32 MRC image stack a range of images at a time, through a memory map.
+    """Write a float32 MRC image stack a range of images at a time.
 
-    The file is created at its full size at once: ``count`` images of ``box x box``
-    pixels, MRC mode 2 (float32), marked as an image stack, voxel size ``pixel_size`` Å
-    and the one fixed header ``label`` (:func:`cryosieve.io.mrc.set_fixed_label`).
+    The file holds ``count`` images of ``box x box`` pixels, MRC mode 2 (float32), marked as
+    an image stack, voxel size ``pixel_size`` Å and the one fixed header ``label``
+    (:func:`cryosieve.io.mrc.set_fixed_label`). Its space is reserved at once where the file
+    system can (``fallocate``), so a disk too small fails before any image is made.
     Images are written with :meth:`write` and can be read back with :meth:`read`, for a
     later pass that changes them (e.g. adds noise); memory holds what the caller passes
     and 32 bytes of statistics per image. Write every image before :meth:`close` (an
-    unwritten one is counted as zero in the statistics). :meth:`close` sets the header
-    statistics (``dmin``, ``dmax``, ``dmean``, ``rms`` over every pixel of the stack)
-    from per-image sums kept as images are written, so the file depends only on the
-    images, not on how they were batched: the same images give the same bytes. Writes to
-    ``path`` directly (callers handle atomicity).
+    unwritten one reads as zero and is counted as zero in the statistics). :meth:`close`
+    writes the header, whose statistics (``dmin``, ``dmax``, ``dmean``, ``rms`` over every
+    pixel of the stack) come from per-image sums kept as images are written, so the file
+    depends only on the images, not on how they were batched: the same images give the same
+    bytes. Writes to ``path`` directly (callers handle atomicity) with ``os.pwrite``, not
+    through a memory map: a full disk is an :class:`OSError` (``ENOSPC``) naming ``path``.
 
     Use as a context manager; on an exception the file is closed as it is.
 
@@ -342,6 +367,8 @@ class StackWriter:
     CryoSieveInputError
         A count or box below 1, a pixel size that is not a positive number, or images
         of the wrong shape or outside the stack.
+    OSError
+        The file cannot be made or written (a full disk included), naming ``path``.
     """
 
     def __init__(self, path: str | os.PathLike[str], count: int, box: int, pixel_size: float, *,
@@ -352,25 +379,42 @@ class StackWriter:
         if not (pixel_size > 0 and np.isfinite(pixel_size)):
             raise CryoSieveInputError(f"{path}: pixel size {pixel_size}: must be a positive number of Å")
         self.path, self.count, self.box = Path(path), int(count), int(box)
+        self._header = _stack_header(self.count, self.box, float(pixel_size), label)
+        self._image_bytes = self.box * self.box * 4
         # per image: minimum, maximum, sum and sum of squares of its pixels (float64)
         self._statistics = np.zeros((self.count, 4), dtype=np.float64)
-        handle = mrcfile.new_mmap(str(path), shape=(self.count, self.box, self.box), mrc_mode=2, overwrite=True)
-        try:
-            handle.set_image_stack()
-            set_fixed_label(handle.header, label)
-            handle.voxel_size = float(pixel_size)
-        except BaseException:
-            handle.close()
-            raise
-        self._handle: mrcfile.mrcfile.MrcFile | None = handle
+        self._file: int | None = None
+        with self._naming_path():
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                size = HEADER_BYTES + self.count * self._image_bytes
+                _reserve(descriptor, size)
+                os.ftruncate(descriptor, size)
+            except BaseException:
+                os.close(descriptor)
+                raise
+        self._file = descriptor
 
-    def _images(self, start: int, stop: int) -> tuple[np.ndarray, slice]:
-        """The mapped images ``(count, box, box)`` float32 and the slice ``start:stop`` of them."""
-        if self._handle is None:
+    @contextlib.contextmanager
+    def _naming_path(self) -> Iterator[None]:
+        """Give an OSError of a write (which names no file) this stack's path."""
+        try:
+            yield
+        except OSError as error:
+            if error.filename is None:
+                error.filename = str(self.path)
+            raise
+
+    def _range(self, start: int, stop: int) -> int:
+        """The open file, ``start:stop`` checked against the stack."""
+        if self._file is None:
             raise ValueError(f"{self.path}: the stack writer is closed")
         if not 0 <= start <= stop <= self.count:
             raise CryoSieveInputError(f"{self.path}: images {start}:{stop} lie outside the stack of {self.count}")
-        return self._handle.data, slice(start, stop)
+        return self._file
+
+    def _offset(self, image: int) -> int:
+        return HEADER_BYTES + image * self._image_bytes
 
     def write(self, start: int, images: np.ndarray) -> None:
         """Write ``images``, ``(b, box, box)`` (converted to float32), as images ``start .. start + b - 1``
@@ -379,30 +423,44 @@ class StackWriter:
         if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
             raise CryoSieveInputError(
                 f"{self.path}: expected images of shape (b, {self.box}, {self.box}), got {images.shape}")
-        data, where = self._images(start, start + len(images))
-        data[where] = images
+        descriptor = self._range(start, start + len(images))
+        with self._naming_path():
+            _write_all(descriptor, np.ascontiguousarray(images, dtype="<f4").tobytes(), self._offset(start))
         as_double = images.astype(np.float64)
-        self._statistics[where] = np.stack([images.min(axis=(1, 2)), images.max(axis=(1, 2)),
-                                            as_double.sum(axis=(1, 2)), (as_double**2).sum(axis=(1, 2))], axis=1)
+        self._statistics[start: start + len(images)] = np.stack(
+            [images.min(axis=(1, 2)), images.max(axis=(1, 2)), as_double.sum(axis=(1, 2)),
+             (as_double**2).sum(axis=(1, 2))], axis=1)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """A copy of images ``start .. stop - 1`` (0-based) as written so far, ``(stop - start, box, box)``
         float32."""
-        data, where = self._images(start, stop)
-        return np.array(data[where], dtype=np.float32)
+        descriptor = self._range(start, stop)
+        wanted = (stop - start) * self._image_bytes
+        with self._naming_path():
+            data = bytearray()
+            while len(data) < wanted:
+                chunk = os.pread(descriptor, wanted - len(data), self._offset(start) + len(data))
+                if not chunk:
+                    raise OSError(f"{self.path}: ends before image {stop}")
+                data += chunk
+        return np.frombuffer(bytes(data), dtype="<f4").astype(np.float32).reshape(stop - start, self.box, self.box)
 
     def close(self) -> None:
-        """Set the header statistics of the whole stack and close the file (again: nothing)."""
-        if self._handle is None:
+        """Write the header with the statistics of the whole stack and close the file (again: nothing)."""
+        if self._file is None:
             return
         pixels = float(self.count) * self.box * self.box
         minimum, maximum, total, squares = self._statistics.T
         mean = float(total.sum()) / pixels
-        header = self._handle.header
+        header = self._header
         header.dmin, header.dmax, header.dmean = float(minimum.min()), float(maximum.max()), mean
         header.rms = math.sqrt(max(float(squares.sum()) / pixels - mean * mean, 0.0))
-        self._handle.close()
-        self._handle = None
+        descriptor, self._file = self._file, None
+        try:
+            with self._naming_path():
+                _write_all(descriptor, header.tobytes(), 0)
+        finally:
+            os.close(descriptor)
 
     def __enter__(self) -> StackWriter:
         return self
@@ -410,9 +468,65 @@ class StackWriter:
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         if exc_type is None:
             self.close()
-        elif self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        elif self._file is not None:
+            os.close(self._file)
+            self._file = None
+
+
+def _stack_header(count: int, box: int, pixel_size: float, label: str) -> np.recarray:
+    """The 1024-byte MRC header of a float32 image stack, as ``mrcfile`` makes it (statistics unset)."""
+    from mrcfile.mrcinterpreter import MrcInterpreter
+
+    header_maker = MrcInterpreter()
+    header_maker._create_default_attributes()
+    header_maker._set_new_data(np.broadcast_to(np.float32(0), (count, box, box)))  # shape and mode only
+    header_maker.update_header_from_data()
+    header_maker.set_image_stack()
+    set_fixed_label(header_maker.header, label)
+    header_maker.voxel_size = pixel_size
+    header: np.recarray = header_maker.header
+    return header
+
+
+def _file_allocation() -> Callable[..., int] | None:
+    """Linux's ``fallocate`` from the C library, or ``None`` where there is none. Not
+    ``posix_fallocate``, which on a file system without the call writes a byte per block instead
+    (hours for a large stack on NFS)."""
+    try:
+        import ctypes
+
+        library = ctypes.CDLL(None, use_errno=True)
+        function = library.fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_FALLOCATE = _file_allocation()
+
+
+def _reserve(descriptor: int, size: int) -> None:
+    """Allocate ``size`` bytes of the file now where the file system can, so that a disk too small
+    fails here (OSError ENOSPC); elsewhere the file is written as it is (a write to a full disk is
+    an OSError too)."""
+    import ctypes
+    import errno
+
+    if _FALLOCATE is None or _FALLOCATE(descriptor, 0, 0, size) == 0:
+        return
+    number = ctypes.get_errno()
+    if number == errno.ENOSPC or number == errno.EDQUOT:
+        raise OSError(number, os.strerror(number))
+
+
+def _write_all(descriptor: int, data: bytes, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` is at ``offset``."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(descriptor, view, offset)
+        view, offset = view[written:], offset + written
 
 
 class BatchImages:

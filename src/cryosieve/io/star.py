@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pandas as pd
 import starfile
 
 from cryosieve.errors import CryoSieveInputError, setting
+from cryosieve.io.text import EscapeClash, decode_text, encode_text, is_utf8, os_text
 from cryosieve.particles import ParticleSet
 from cryosieve.tolerances import ORIGIN_TOLERANCE_PIXELS, pixel_sizes_agree
 
@@ -28,6 +29,8 @@ STAR_HEADER = "# written by cryosieve"
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 CTF_PARTICLE_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+#: The largest image number an MRC stack can hold (its header counts images in a signed 32-bit integer).
+MAX_IMAGE_NUMBER = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -35,13 +38,16 @@ class StarSource:
     """The STAR file a :class:`~cryosieve.particles.ParticleSet` was read from: every block and
     column as read, so that a subset is written back with only its rows changed.
 
-    ``version``: ``"3.0"`` (one table) or ``"3.1"`` (``data_optics`` + ``data_particles``).
+    ``version``: ``"3.0"`` (one table) or ``"3.1"`` (``data_optics`` + ``data_particles``);
+    ``escaped``: the file was not UTF-8, and its other bytes are held as :mod:`cryosieve.io.text`
+    says (written back as the same bytes).
     """
 
     version: str
     blocks: dict[str, pd.DataFrame]
     particles_block: str
     format: str = "star"
+    escaped: bool = False
 
     @property
     def particles(self) -> pd.DataFrame:
@@ -51,20 +57,23 @@ class StarSource:
     def subset(self, rows: np.ndarray) -> StarSource:
         blocks = dict(self.blocks)
         blocks[self.particles_block] = self.particles.iloc[rows].reset_index(drop=True)
-        return StarSource(version=self.version, blocks=blocks, particles_block=self.particles_block)
+        return replace(self, blocks=blocks)
 
     def write_to(self, path: str | os.PathLike[str]) -> None:
-        write_star_to(path, self.blocks)
+        write_star_to(path, self.blocks, escaped=self.escaped)
 
     def with_random_subset(self, halves: np.ndarray) -> StarSource:
         blocks = dict(self.blocks)
         blocks[self.particles_block] = self.particles.assign(rlnRandomSubset=np.asarray(halves, dtype=np.int64))
-        return StarSource(version=self.version, blocks=blocks, particles_block=self.particles_block)
+        return replace(self, blocks=blocks)
 
 
-def write_star_to(path: str | os.PathLike[str], blocks: dict[str, pd.DataFrame]) -> None:
-    """Write :func:`star_text` of these blocks to ``path`` directly (callers handle atomicity)."""
-    Path(path).write_text(star_text(blocks))
+def write_star_to(path: str | os.PathLike[str], blocks: dict[str, pd.DataFrame], *, escaped: bool = False) -> None:
+    """Write :func:`star_text` of these blocks to ``path`` directly (callers handle atomicity), as UTF-8;
+    ``escaped``: values hold bytes that are not UTF-8 as :func:`cryosieve.io.text.decode_text` read them,
+    written back as those bytes."""
+    text = star_text(blocks)
+    Path(path).write_bytes(encode_text(text) if escaped else text.encode("utf-8"))
 
 
 def star_text(blocks: dict[str, pd.DataFrame]) -> str:
@@ -96,7 +105,8 @@ def _column(path: str, block: str, frame: pd.DataFrame, name: str) -> np.ndarray
     if not np.all(np.isfinite(values)):
         row = int(np.flatnonzero(~np.isfinite(values))[0])
         raise CryoSieveInputError(
-            f"{path}: column {name} in data_{block} has a non-numeric value at row {row + 1}"
+            f"{path}: column {name} in data_{block} holds {frame[name].iloc[row]!s} at row {row + 1}: "
+            "not a finite number"
         )
     result: np.ndarray = values
     return result
@@ -108,8 +118,12 @@ def _optional(frame: pd.DataFrame, name: str, default: float, path: str, block: 
     return np.full(len(frame), default, dtype=np.float64)
 
 
-def parse_image_names(path: str, names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``N@stack.mrcs`` names into (file, 0-based index); a bare name is image 0."""
+def parse_image_names(path: str, names: pd.Series, escaped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``N@stack.mrcs`` names into (file, 0-based index); a bare name is image 0.
+
+    ``escaped``: the names hold bytes that are not UTF-8 as :mod:`cryosieve.io.text` reads them; the
+    file names returned open the files of those bytes (:func:`cryosieve.io.text.os_text`).
+    """
     files = np.empty(len(names), dtype=object)
     indices = np.zeros(len(names), dtype=np.int64)
     for row, name in enumerate(names.astype(str)):
@@ -125,9 +139,16 @@ def parse_image_names(path: str, names: pd.Series) -> tuple[np.ndarray, np.ndarr
                 raise CryoSieveInputError(
                     f"{path}: rlnImageName {name!r} at row {row + 1} has image number below 1"
                 )
+            if index > MAX_IMAGE_NUMBER:
+                raise CryoSieveInputError(
+                    f"{path}: rlnImageName {name!r} at row {row + 1} has an image number beyond any MRC stack "
+                    f"(at most {MAX_IMAGE_NUMBER})"
+                )
             files[row], indices[row] = file, index - 1
         else:
             files[row], indices[row] = name, 0
+    if escaped:
+        files = np.array([os_text(file) for file in files], dtype=object)
     return files, indices
 
 
@@ -146,10 +167,7 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
     path = str(path)
     if not os.path.isfile(path):
         raise CryoSieveInputError(f"{path}: file not found")
-    try:
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as error:
-        raise CryoSieveInputError(f"{path}: not a readable STAR file ({error})") from None
+    blocks, escaped = _read_blocks(path)
     blocks = {
         name: (frame if isinstance(frame, pd.DataFrame) else pd.DataFrame([frame]))
         for name, frame in blocks.items()
@@ -161,7 +179,7 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
     if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
         raise CryoSieveInputError(f"{setting('angpix')} {angpix}: must be a positive number of Å")
     if "optics" in blocks and "particles" in blocks:
-        table = _read_31(path, blocks)
+        table = _read_31(path, blocks, escaped)
         table.angpix = angpix
         if angpix is not None:
             pixel = np.unique(table.pixel_size)
@@ -177,17 +195,51 @@ def read_particles(path: str | os.PathLike[str], angpix: float | None = None) ->
             f"{path}: expected data_optics + data_particles (RELION 3.1+) or one particle "
             "table with rlnImageName (RELION 3.0)"
         )
-    table = _read_30(path, blocks, particle_blocks[0], angpix)
+    table = _read_30(path, blocks, particle_blocks[0], angpix, escaped)
     table.angpix = angpix
     return table
 
 
-def _read_common(path: str, block: str, frame: pd.DataFrame) -> dict[str, Any]:
+def _read_blocks(path: str) -> tuple[dict[str, Any], bool]:
+    """The data blocks of a STAR file (``starfile``), and whether it was not UTF-8.
+
+    ``starfile`` reads UTF-8 only: another file (a Latin-1 comment or optics group name, which
+    RELION reads) yields no block, so it is read again from a UTF-8 copy in a temporary folder
+    whose other bytes are escaped as :func:`cryosieve.io.text.decode_text` says.
+    """
+    try:
+        blocks = starfile.read(path, always_dict=True)
+        failure = None
+    except Exception as error:  # starfile and pandas raise several kinds for a damaged file
+        blocks, failure = {}, error
+    if blocks:
+        return blocks, False
+    data = Path(path).read_bytes()
+    if is_utf8(data):
+        if failure is not None:
+            raise CryoSieveInputError(f"{path}: not a readable STAR file ({failure})") from None
+        return blocks, False
+    try:
+        text = decode_text(data)
+    except EscapeClash as error:
+        raise CryoSieveInputError(f"{path}: not UTF-8, and {error}") from None
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cryosieve-star.") as folder:
+        copy = Path(folder) / "escaped.star"
+        copy.write_bytes(text.encode("utf-8"))
+        try:
+            return starfile.read(copy, always_dict=True), True
+        except Exception as error:
+            raise CryoSieveInputError(f"{path}: not a readable STAR file ({error})") from None
+
+
+def _read_common(path: str, block: str, frame: pd.DataFrame, escaped: bool) -> dict[str, Any]:
     if len(frame) == 0:
         raise CryoSieveInputError(f"{path}: data_{block} holds no particles")
     if "rlnImageName" not in frame.columns:
         raise CryoSieveInputError(f"{path}: column rlnImageName missing in data_{block}")
-    files, indices = parse_image_names(path, frame["rlnImageName"])
+    files, indices = parse_image_names(path, frame["rlnImageName"], escaped)
     # ParticleSet's keyword arguments: arrays, and None for an absent optional column
     values: dict[str, Any] = {
         "image_name": frame["rlnImageName"].astype(str).to_numpy(dtype=object),
@@ -215,10 +267,11 @@ def _read_common(path: str, block: str, frame: pd.DataFrame) -> dict[str, Any]:
     return values
 
 
-def _read_30(path: str, blocks: dict[str, pd.DataFrame], block: str, angpix: float | None) -> ParticleSet:
+def _read_30(path: str, blocks: dict[str, pd.DataFrame], block: str, angpix: float | None,
+             escaped: bool) -> ParticleSet:
     frame = blocks[block]
     label = block or "(unnamed)"
-    values = _read_common(path, label, frame)
+    values = _read_common(path, label, frame, escaped)
     if angpix is None or angpix <= 0:
         raise CryoSieveInputError(
             f"{path}: RELION 3.0 STAR file carries no pixel size; give {setting('angpix')}"
@@ -234,12 +287,13 @@ def _read_30(path: str, blocks: dict[str, pd.DataFrame], block: str, angpix: flo
         optics_group=np.ones(n, dtype=np.int64),
         image_size=None,
     )
-    return ParticleSet(path=path, source=StarSource(version="3.0", blocks=blocks, particles_block=block), **values)
+    return ParticleSet(path=path, source=StarSource(version="3.0", blocks=blocks, particles_block=block,
+                                                    escaped=escaped), **values)
 
 
-def _read_31(path: str, blocks: dict[str, pd.DataFrame]) -> ParticleSet:
+def _read_31(path: str, blocks: dict[str, pd.DataFrame], escaped: bool) -> ParticleSet:
     optics, frame = blocks["optics"], blocks["particles"]
-    values = _read_common(path, "particles", frame)
+    values = _read_common(path, "particles", frame, escaped)
     group = _column(path, "particles", frame, "rlnOpticsGroup").astype(np.int64)
     optics_group = _column(path, "optics", optics, "rlnOpticsGroup").astype(np.int64)
     if len(set(optics_group.tolist())) != len(optics_group):
@@ -272,7 +326,8 @@ def _read_31(path: str, blocks: dict[str, pd.DataFrame]) -> ParticleSet:
         optics_group=group,
         image_size=image_size,
     )
-    return ParticleSet(path=path, source=StarSource(version="3.1", blocks=blocks, particles_block="particles"),
+    return ParticleSet(path=path, source=StarSource(version="3.1", blocks=blocks, particles_block="particles",
+                                                    escaped=escaped),
                        **values)
 
 

@@ -18,12 +18,12 @@ from cryosieve.errors import CryoSieveInputError, setting
 from cryosieve.io.mrc import Volume, read_volume
 from cryosieve.io.particle_files import format_of, read_particle_file
 from cryosieve.io.paths import InputFile, check_outputs
-from cryosieve.io.stack import StackReader, stack_paths
+from cryosieve.io.stack import StackReader, stack_paths, stack_record
 from cryosieve.mask import check_mask
 from cryosieve.particles import ParticleSet
 from cryosieve.pipeline.names import OutputNames
 from cryosieve.pipeline.settings import PipelineSettings
-from cryosieve.pipeline.state import sha256
+from cryosieve.pipeline.state import STACKS, sha256
 from cryosieve.refine.rh import random_halves, voltage_constant
 from cryosieve.schedule import CutoffSchedule
 from cryosieve.selection import retained_count
@@ -192,6 +192,9 @@ def prepare(settings: PipelineSettings) -> Prepared:
         "passthrough_sha256": [sha256(path) for path in settings.passthrough],
         "mask": os.path.abspath(settings.mask),
         "mask_sha256": sha256(settings.mask),
+        # each stack's size, modification time and first and last image: a changed stack is not resumed
+        STACKS: {str(path.absolute()): stack_record(path)
+                 for path in stack_paths(particles, settings.directory or None)},
         "directory": os.path.abspath(settings.directory or "."),
         "angpix": angpix,
         "symmetry": symmetry,

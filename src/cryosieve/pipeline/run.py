@@ -18,7 +18,7 @@ from cryosieve.io.atomic import remove_stale_temporaries
 from cryosieve.io.lock import exclusive_lock
 from cryosieve.pipeline.prepare import Prepared, prepare
 from cryosieve.pipeline.settings import PipelineSettings
-from cryosieve.pipeline.state import GIVE_BACK, State, open_state, step_names
+from cryosieve.pipeline.state import GIVE_BACK, STACKS, State, open_state, step_names
 from cryosieve.progress import ProgressFactory, no_progress
 from cryosieve.report import ReportPaths, RoundSummary, best_round, write_report
 
@@ -151,7 +151,8 @@ class _Run:
         settings, names = prepared.settings, prepared.names
         with _log_to_file(names.log):
             log.info("cryosieve %s: %s", "continuing" if resume else "starting",
-                     " ".join(f"{key}={value}" for key, value in prepared.record.items() if "sha256" not in key))
+                     " ".join(f"{key}={value}" for key, value in prepared.record.items()
+                              if "sha256" not in key and key != STACKS))
             if state.completed:
                 log.info("already done: %s", ", ".join(state.completed))
             # Under the lock no other run writes here: every temporary of ours is left by a killed run.

@@ -1,5 +1,6 @@
 """``PREFIX_state.json``: what a run is (its record: the settings that decide its outputs, by field
-name, and the checksums of its inputs), the steps it has completed and what each measured. Written
+name, the SHA-256 of each input file, and each particle stack's size, modification time and SHA-256 of its
+first and last image), the steps it has completed and what each measured. Written
 atomically after every step, so an interrupted run resumes where it stopped (``--continue``), and
 refused when anything in the record changed.
 """
@@ -20,6 +21,8 @@ log = logging.getLogger("cryosieve")
 
 #: The state file's format (another one is not resumed).
 STATE_FORMAT = 4
+#: The record's particle stacks, path -> :func:`cryosieve.io.stack.stack_record`.
+STACKS = "particle_stacks"
 #: The last step of a run whose selection goes back to CryoSPARC.
 GIVE_BACK = "give back to CryoSPARC"
 
@@ -105,7 +108,9 @@ def _compare(record: dict[str, Any], recorded: dict[str, Any], path: Path) -> No
     for name, value in record.items():
         if name not in recorded:
             raise CryoSieveInputError(f"{setting('resume')}: {path} does not record {name}; start a new run")
-        if isinstance(value, dict) and isinstance(recorded[name], dict):
+        if name == STACKS:
+            _compare_stacks(value, recorded[name], path)
+        elif isinstance(value, dict) and isinstance(recorded[name], dict):
             _compare(value, recorded[name], path)
         elif recorded[name] != value:
             if name.endswith("_sha256"):
@@ -113,3 +118,14 @@ def _compare(record: dict[str, Any], recorded: dict[str, Any], path: Path) -> No
                                           f"since the run recorded in {path}")
             raise CryoSieveInputError(
                 f"{setting('resume')}: {setting(name)} changed ({recorded[name]!r} in {path}, now {value!r})")
+
+
+def _compare_stacks(now: dict[str, Any], recorded: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with a particle stack whose record (:func:`cryosieve.io.stack.stack_record`: size,
+    modification time, first and last image) differs from the one in the state ``path``."""
+    for stack, record in now.items():
+        if recorded.get(stack) != record:
+            what = "was not read by" if stack not in recorded else \
+                "changed (size, modification time, first or last image) since"
+            raise CryoSieveInputError(f"{setting('resume')}: the particle stack {stack} {what} the run recorded in "
+                                      f"{path}; start a new run")

@@ -174,7 +174,7 @@ def postprocess_files(half1_path: str, half2_path: str, mask_path: str, root: st
     the maps. ``options`` are :func:`postprocess`'s keywords.
     """
     from cryosieve.io.atomic import remove_stale_temporaries_of
-    from cryosieve.io.paths import InputFile, check_outputs
+    from cryosieve.io.paths import InputFile, check_distinct_inputs, check_outputs
 
     if not str(root).strip():
         raise CryoSieveInputError(f"{setting('root')}: empty output root")
@@ -184,9 +184,11 @@ def postprocess_files(half1_path: str, half2_path: str, mask_path: str, root: st
     if options.get("auto_bfactor", True):
         options["adhoc_bfactor"] = None  # the fitted one (a given 0 means none given)
     outputs = list(output_paths(root).values())
-    check_outputs(outputs, [InputFile(Path(half1_path), f"{setting('half_map_1')}, first half map"),
-                            InputFile(Path(half2_path), f"{setting('half_map_2')}, second half map"),
-                            InputFile(Path(mask_path), setting("mask"))])
+    inputs = [InputFile(Path(half1_path), f"{setting('half_map_1')}, first half map"),
+              InputFile(Path(half2_path), f"{setting('half_map_2')}, second half map"),
+              InputFile(Path(mask_path), setting("mask"))]
+    check_outputs(outputs, inputs)
+    check_distinct_inputs(inputs)
     half1, half2, mask, voxel = read_inputs(half1_path, half2_path, mask_path, angpix)
     log.info("postprocess: %s and %s, mask %s, %g Å/px, box %d", half1.path, half2.path, mask.path, voxel,
              half1.data.shape[0])

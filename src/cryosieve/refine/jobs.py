@@ -8,7 +8,10 @@ absent. A folder whose ``job.json`` records the same job is not recomputed, so r
 command again resumes it; one that records another job (other settings) is refused. Up to
 ``workers`` jobs run at once; a failing job stops the others and names its log, which stays
 beside the job folders (``NAME.log``, and ``NAME.program.txt`` for an external program's
-output). The worker processes run in process groups of their own and die with the command.
+output). A worker reports its error through a pipe, not a file, so that a full disk is reported
+as one (``OSError`` ``ENOSPC`` naming the job's folder) instead of as an empty log; so is an
+external program that failed while the disk holding its job was full. The worker processes run
+in process groups of their own and die with the command.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from cryosieve.errors import CryoSieveInputError, ExternalCommandError
 from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries, write_text_atomic
 from cryosieve.io.lock import exclusive_lock
 from cryosieve.io.particle_files import format_of, in_format_of, read_particle_file
+from cryosieve.io.paths import disk_full, no_space_error
 from cryosieve.progress import ProgressFactory, no_progress
 
 #: How often the runner looks at its workers (seconds).
@@ -164,11 +168,41 @@ def _reusable(folder: Path, record: dict[str, Any]) -> RefinementResult | None:
 
 
 class _Running:
-    """A job in a worker process, in its temporary folder."""
+    """A job in a worker process, in its temporary folder; ``report``: the reading end of the pipe its
+    error comes through (see :func:`work`)."""
 
     def __init__(self, spec: JobSpec, group: OutputGroup, folder: Path, process: subprocess.Popen[bytes],
-                 log: Any) -> None:
+                 log: Any, report: int) -> None:
         self.spec, self.group, self.folder, self.process, self.log = spec, group, folder, process, log
+        self.report, self.received = report, bytearray()
+
+    def collect(self) -> None:
+        """Read what the worker has reported so far (it never waits on a full pipe)."""
+        while self.report >= 0:
+            try:
+                chunk = os.read(self.report, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:  # the worker is gone
+                os.close(self.report)
+                self.report = -1
+                return
+            self.received += chunk
+
+    def close(self) -> None:
+        self.log.close()
+        if self.report >= 0:
+            os.close(self.report)
+            self.report = -1
+
+    def error(self) -> BaseException | None:
+        """The exception the worker reported, if it could."""
+        self.collect()
+        with contextlib.suppress(pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError,
+                                 ValueError):
+            error = pickle.loads(bytes(self.received)) if self.received else None
+            return error if isinstance(error, BaseException) else None
+        return None
 
 
 def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root: Path, *, workers: int | None = 1,
@@ -209,11 +243,13 @@ def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root:
                     running.append(_start(spec, record, settings, refiner, root))
                 time.sleep(POLL_INTERVAL)
                 for job in list(running):
+                    job.collect()
                     code = job.process.poll()
                     if code is None:
                         continue
                     running.remove(job)
-                    job.log.close()
+                    job.collect()
+                    job.close()
                     if code != 0:
                         _stop(running)
                         raise _failure(job, root)
@@ -242,25 +278,43 @@ def _prepare(spec: JobSpec, record: dict[str, Any], settings: JobSettings, folde
     return job
 
 
+def _named(error: BaseException, folder: Path | None, target: Path) -> BaseException:
+    """An OSError that names no file, or one in a job's temporary ``folder``, named by the job's
+    final folder ``target`` (where the disk is full, say)."""
+    if isinstance(error, OSError):
+        if error.filename is None:
+            error.filename = str(target)
+        elif folder is not None and Path(str(error.filename)).is_relative_to(folder):
+            error.filename = str(target / Path(str(error.filename)).relative_to(folder))
+    return error
+
+
 def _start(spec: JobSpec, record: dict[str, Any], settings: JobSettings, refiner: Refiner, root: Path) -> _Running:
     group = OutputGroup()
+    folder: Path | None = None
     try:
         folder = group.folder_for(root / spec.name)
         job = _prepare(spec, record, settings, folder, root)
         with open(folder / "job.pkl", "wb") as handle:
             pickle.dump((refiner, job), handle, protocol=pickle.HIGHEST_PROTOCOL)
         log = open(_log(root, spec), "wb")  # noqa: SIM115 - open while the worker runs, closed by _stop or run
+        report, reported = os.pipe()
         try:
+            os.set_blocking(report, False)
             with processes.stop_signals_deferred():
-                process = processes.start([sys.executable, "-m", "cryosieve.refine.worker", str(folder)],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                process = processes.start([sys.executable, "-m", "cryosieve.refine.worker", str(folder),
+                                           str(reported)], stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, pass_fds=(reported,))
         except BaseException:
             log.close()
+            os.close(report)
             raise
-    except BaseException:
+        finally:
+            os.close(reported)
+    except BaseException as error:
         group.discard()
-        raise
-    return _Running(spec, group, folder, process, log)
+        raise _named(error, folder, root / spec.name) from None
+    return _Running(spec, group, folder, process, log, report)
 
 
 def _run_in_threads(pending: list[tuple[JobSpec, dict[str, Any]]], settings: JobSettings, refiner: RemoteRefiner,
@@ -275,15 +329,16 @@ def _run_in_threads(pending: list[tuple[JobSpec, dict[str, Any]]], settings: Job
 
     def one(spec: JobSpec, record: dict[str, Any]) -> RefinementResult:
         group = OutputGroup()
+        folder: Path | None = None
         try:
             folder = group.folder_for(root / spec.name)
             job = _prepare(spec, record, settings, folder, root)
             result = refiner.refine_until(job, stop)
             write_text_atomic(folder / "result.json", json.dumps(result.__dict__, indent=2) + "\n")
             group.commit()
-        except BaseException:
+        except BaseException as error:
             group.discard()
-            raise
+            raise _named(error, folder, root / spec.name) from None
         return result
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="refinement-job")
@@ -309,38 +364,55 @@ def _run_in_threads(pending: list[tuple[JobSpec, dict[str, Any]]], settings: Job
 def _stop(running: list[_Running]) -> None:
     processes.stop([job.process for job in running], STOP_GRACE)
     for job in running:
-        job.log.close()
+        job.close()
         job.group.discard()
     running.clear()
 
 
 def _failure(job: _Running, root: Path) -> BaseException:
-    """The error a failed job reports, its temporary folder removed."""
-    error: BaseException | None = None
-    with contextlib.suppress(OSError, pickle.UnpicklingError, EOFError, AttributeError):
-        error = pickle.loads((job.folder / "error.pkl").read_bytes())
+    """The error a failed job reports, its temporary folder removed: its own error (a full disk named by
+    the job's folder), or, when it could report none, a full disk where it ran or the failure naming
+    its log."""
+    error = job.error()
+    target = root / job.spec.name
+    full = disk_full(job.folder)
     job.group.discard()
-    if isinstance(error, (CryoSieveInputError, ExternalCommandError)):
-        return error
+    if isinstance(error, (CryoSieveInputError, ExternalCommandError, OSError)):
+        return _named(error, job.folder, target)
+    if full:
+        return no_space_error(target, f"refinement job {job.spec.name} failed with exit code "
+                                      f"{job.process.returncode}")
     return ExternalCommandError(f"refinement job {job.spec.name}", str(_log(root, job.spec)),
                                 job.process.returncode or 1)
 
 
-def work(folder: Path) -> None:
-    """Run the job whose ``job.pkl`` is in ``folder`` (in a worker process): ``result.json``, or
-    ``error.pkl`` and an exception."""
+#: The most bytes of an error a worker sends (a pipe holds 64 KiB; a longer one is sent as its text).
+REPORT_BYTES = 60_000
+
+
+def work(folder: Path, report: int | None = None) -> None:
+    """Run the job whose ``job.pkl`` is in ``folder`` (in a worker process): ``result.json``, or an
+    exception, pickled to the file descriptor ``report`` (a pipe to the command; no disk is needed to
+    report a full one), or to ``error.pkl`` without one."""
     with open(folder / "job.pkl", "rb") as handle:
         refiner, job = pickle.load(handle)
     try:
         result = refiner.refine(job, no_progress)
+        write_text_atomic(folder / "result.json", json.dumps(result.__dict__, indent=2) + "\n")
     except BaseException as error:
         try:
             payload = pickle.dumps(error)
         except Exception:
-            payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))
-        (folder / "error.pkl").write_bytes(payload)
+            payload = b""
+        if not payload or len(payload) > REPORT_BYTES:
+            payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {str(error)[:2000]}"))
+        if report is None:
+            (folder / "error.pkl").write_bytes(payload)
+        else:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(report, view):]
         raise
-    write_text_atomic(folder / "result.json", json.dumps(result.__dict__, indent=2) + "\n")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(folder / "job.pkl")
 

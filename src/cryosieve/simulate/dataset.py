@@ -137,7 +137,7 @@ def simulate_particles(output_folder: str | os.PathLike[str], settings: Simulati
     * ``particles.star``: RELION 3.1 (data_optics, data_particles with poses, origins in
       Å, CTF, rlnOpticsGroup and random halves rlnRandomSubset 1/2; no B-factor), floats
       in the shortest text that reads back to the drawn values;
-    * ``particles.mrcs``: the images, float32, written batch by batch (memory-mapped);
+    * ``particles.mrcs``: the images, float32, written batch by batch (its space reserved first);
     * ``truth.mrc`` (the main model's map), ``junk.mrc`` (the junk model's map, when
       there is junk), ``mask.mrc`` (:func:`soft_mask` of the truth map);
     * ``half1.mrc``/``half2.mrc``: reconstructed from the particles of each half-set
