@@ -107,6 +107,9 @@ def test_refine_summary_trials_and_resume(small: Path, tmp_path: Path) -> None:
     assert (table["number of particles"] == 400).all() and table["fixed pose"].all()
     for _, row in table.iterrows():
         assert Path(row["alignment3D"]).is_file()
+        # no --mask: the summary says which mask each job made and used
+        made = Path(row["alignment3D"]).parent / "mask.mrc"
+        assert row["mask"] == f"{made} (made around the half maps)" and made.is_file()
     first = table[table["filename"] == str(small)].iloc[:2]
     assert first["median resolution (A)"].iloc[0] == pytest.approx(np.median(first["resolution (A)"]))
     # new half-sets per trial (seeded): the two trials' particle files differ, and are balanced

@@ -125,14 +125,17 @@ class RefinementJob:
 class RefinementResult:
     """What a refinement measured: ``particles`` refined, ``resolution_angstrom`` at FSC 0.143 of the
     phase-randomisation-corrected FSC (``None``: not reached), the post-processing ``bfactor`` (Å^2),
-    ``alignment_star``: the refined particles' STAR file, relative to the job's folder, and
-    ``fixed_pose``: the given poses were used as they are (an optimistic estimate)."""
+    ``alignment_star``: the refined particles' STAR file, relative to the job's folder,
+    ``fixed_pose``: the given poses were used as they are (an optimistic estimate), and ``mask``: the mask of
+    the post-processing (the file given, or one of the job's own by its name in the job's folder and how it
+    came to be: ``mask.mrc (made around the refined map)``)."""
 
     particles: int
     resolution_angstrom: float | None
     bfactor: float
     alignment_star: str
     fixed_pose: bool
+    mask: str = ""
 
 
 class Refiner(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from cryosieve.io.stack import StackReader
 from cryosieve.mask import check_mask, soft_mask
 from cryosieve.postprocess.report import PostprocessReport
 from cryosieve.progress import ProgressFactory
+
+log = logging.getLogger("cryosieve")
 
 #: Lowest resolution (Å) of the automatic B-factor fit, as the published program asks RELION.
 AUTOB_LOWRES = 10.0
@@ -75,6 +78,8 @@ def measure_half_maps(half_maps: tuple[Path, Path], job: RefinementJob, device: 
     ``job.folder / "mask.mrc"``."""
     if job.mask is not None:
         mask = read_volume(job.mask, what="mask")
+        # a mask of the job's own (CryoSPARC's FSC mask, downloaded) by its name in the job's folder
+        used = job.mask.name if job.mask.parent == job.folder else str(job.mask)
     else:
         if around is not None:
             data = read_volume(around).data
@@ -84,6 +89,8 @@ def measure_half_maps(half_maps: tuple[Path, Path], job: RefinementJob, device: 
         path = job.folder / "mask.mrc"
         write_volume(path, soft_mask(data, job.pixel_size), job.pixel_size)
         mask = read_volume(path, what="mask")
+        used = f"{path.name} (made around the {'refined map' if around is not None else 'half maps'})"
+        log.info("no --mask given: post-processed with %s", used)
     check_mask(mask, (job.box,) * 3, job.pixel_size, against="the particles")
     from cryosieve.postprocess.compute import postprocess
     from cryosieve.postprocess.files import write_postprocess
@@ -102,11 +109,13 @@ def measure_half_maps(half_maps: tuple[Path, Path], job: RefinementJob, device: 
     with OutputGroup() as group:
         folder = group.folder_for(job.folder / "postprocess")
         write_postprocess(result, str(folder / "postprocess"), job.pixel_size)
-    return result.report(job.pixel_size)
+    report = result.report(job.pixel_size)
+    report.summary["mask"] = used
+    return report
 
 
 def result_of(report: PostprocessReport, particles: int, alignment_star: str, fixed_pose: bool) -> RefinementResult:
-    """The :class:`RefinementResult` of a post-processing report."""
+    """The :class:`RefinementResult` of a post-processing report (:func:`measure_half_maps`: with its mask)."""
     resolution = report.summary.get("final_resolution_angstrom")
     bfactor = report.summary.get("bfactor")
     return RefinementResult(
@@ -114,7 +123,7 @@ def result_of(report: PostprocessReport, particles: int, alignment_star: str, fi
         resolution_angstrom=float(resolution) if isinstance(resolution, (int, float)) and np.isfinite(resolution)
         else None,
         bfactor=float(bfactor) if isinstance(bfactor, (int, float)) else float("nan"),
-        alignment_star=alignment_star, fixed_pose=fixed_pose)
+        alignment_star=alignment_star, fixed_pose=fixed_pose, mask=str(report.summary.get("mask", "")))
 
 
 @dataclass(frozen=True)

@@ -148,18 +148,18 @@ def setup_logging(verbose: bool = True) -> None:
     logger.propagate = False
 
 
-def progress_bar(description: str, total: int, enabled: bool, leave: bool = True) -> tqdm:
-    """A progress bar on standard error, in particles."""
-    return tqdm(total=total, unit="particle", desc=description, disable=not enabled, file=sys.stderr, leave=leave)
+def progress_bar(description: str, total: int, enabled: bool, leave: bool = True, unit: str = "particle") -> tqdm:
+    """A progress bar on standard error, counting ``unit`` (particles, or jobs)."""
+    return tqdm(total=total, unit=unit, desc=description, disable=not enabled, file=sys.stderr, leave=leave)
 
 
-def progress_factory(enabled: bool, leave: bool = True) -> ProgressFactory:
-    """A :data:`~cryosieve.progress.ProgressFactory` drawing progress bars (none unless
+def progress_factory(enabled: bool, leave: bool = True, unit: str = "particle") -> ProgressFactory:
+    """A :data:`~cryosieve.progress.ProgressFactory` drawing progress bars of ``unit`` (none unless
     ``enabled``); its updates stop the work when the command was interrupted."""
 
     @contextlib.contextmanager
     def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-        with progress_bar(description, total, enabled, leave) as bar:
+        with progress_bar(description, total, enabled, leave, unit) as bar:
             yield checked(bar.update)
 
     return progress

@@ -175,7 +175,8 @@ def run_refine(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog
 
     from cryosieve.refine import refine_files
 
-    outcome = refine_files(settings, refiner, dry_run=args.dry_run, progress=progress_factory(not args.quiet))
+    outcome = refine_files(settings, refiner, dry_run=args.dry_run,
+                           progress=progress_factory(not args.quiet, unit="job"))
     return report(outcome, args, f"{program}: summary written to")
 
 

@@ -38,7 +38,7 @@ def run_rhbfactor(parser: argparse.ArgumentParser, argv: Sequence[str] | None, p
     from cryosieve.refine import rhbfactor_files
 
     outcome = rhbfactor_files(settings, refiner, voltage=args.voltage, halves=args.halves, dry_run=args.dry_run,
-                              progress=progress_factory(not args.quiet))
+                              progress=progress_factory(not args.quiet, unit="job"))
     return report(outcome, args, f"{program}: written to")
 
 

@@ -43,12 +43,13 @@ log = logging.getLogger("cryosieve")
 _FIXED: tuple[type, ...] = (FixedPoseRefiner,)
 
 
+#: The summaries' columns: the original's, then whether the poses were the given ones and the mask used.
 REFINE_COLUMNS = ["filename", "number of particles", "resolution (A)", "b-factor (A^2)", "alignment3D", "trial",
-                  "fixed pose", "median resolution (A)", "median b-factor (A^2)"]
+                  "fixed pose", "median resolution (A)", "median b-factor (A^2)", "mask"]
 RH_COLUMNS = ["filename", "resolution (A)", "RH-b-factor (A^2)", "classical RH-b-factor (A^2)", "trials",
-              "fixed pose"]
+              "fixed pose", "mask"]
 RAW_COLUMNS = ["filename", "trial", "halving", "number of particles", "resolution (A)", "b-factor (A^2)",
-               "alignment3D", "fixed pose"]
+               "alignment3D", "fixed pose", "mask"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,13 @@ def _job_name(index: int, path: Path) -> str:
     return f"{index + 1:02d}_{path.stem}"
 
 
+def _mask(result: RefinementResult, folder: Path) -> str:
+    """The mask of a job's post-processing, for the summary: a file given, or the job's own in ``folder``."""
+    if not result.mask or os.path.isabs(result.mask):
+        return result.mask
+    return str(folder / result.mask)
+
+
 def _median(values: list[float | None]) -> float:
     finite = [value for value in values if value is not None and math.isfinite(value)]
     return float(np.median(finite)) if finite else math.nan
@@ -219,7 +227,7 @@ def refine_files(settings: RefineSettings, refiner: Refiner, *, dry_run: bool = 
             result = results[spec.name]
             rows.append([str(path), result.particles, _value(result.resolution_angstrom), result.bfactor,
                          str(root / spec.name / result.alignment_star), spec.trial + 1, result.fixed_pose,
-                         _median(resolutions), _median(bfactors)])
+                         _median(resolutions), _median(bfactors), _mask(result, root / spec.name)])
     table = pd.DataFrame(rows, columns=REFINE_COLUMNS)
     with OutputGroup() as group:
         table.to_csv(group.path_for(summary), index=False, float_format="%.6g")
@@ -272,13 +280,16 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
             result = results[spec.name]
             raw_rows.append([str(path), spec.trial + 1, spec.level, result.particles,
                              _value(result.resolution_angstrom), result.bfactor,
-                             str(root / spec.name / result.alignment_star), result.fixed_pose])
+                             str(root / spec.name / result.alignment_star), result.fixed_pose,
+                             _mask(result, root / spec.name)])
         fit = fit_rh(np.array([_value(results[spec.name].resolution_angstrom) for spec in mine]),
                      np.array([results[spec.name].particles for spec in mine]), order, voltage)
         fits.append((str(path), fit, mine))
         full = [results[spec.name].resolution_angstrom for spec in mine if spec.level == 0]
+        masks = sorted({_mask(results[spec.name], root / spec.name) for spec in mine})
         rows.append([str(path), _median(full), fit.bfactor, fit.classical_bfactor, settings.repeat,
-                     all(results[spec.name].fixed_pose for spec in mine)])
+                     all(results[spec.name].fixed_pose for spec in mine),
+                     masks[0] if len(masks) == 1 else "; ".join(masks)])
     table = pd.DataFrame(rows, columns=RH_COLUMNS)
     with OutputGroup() as group:
         table.to_csv(group.path_for(summary), index=False, float_format="%.6g")
@@ -286,14 +297,16 @@ def rhbfactor_files(settings: RefineSettings, refiner: Refiner, *, voltage: int 
         _plot_rh(group.path_for(plot), [(name, fit, [(results[spec.name].resolution_angstrom,
                                                       results[spec.name].particles) for spec in mine])
                                         for name, fit, mine in fits], order, voltage,
-                 fixed_pose=all(result.fixed_pose for result in results.values()))
+                 fixed_pose=all(result.fixed_pose for result in results.values()),
+                 mask=f"mask {Path(settings.mask).name}" if settings.mask else
+                 "no mask given: each job's own (the mask column of the summary)")
     return Outcome(table, [])
 
 
 def _plot_rh(path: Path, fits: list[tuple[str, RHFit, list[tuple[float | None, int]]]], order: int,
-             voltage: int, fixed_pose: bool) -> None:
+             voltage: int, fixed_pose: bool, mask: str) -> None:
     """``ln N`` against ``1 / d^2`` for each input, with both fits and their B-factors in the legend; the title
-    says when the poses were the given ones."""
+    says when the poses were the given ones, and which mask the resolutions were measured with."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -315,7 +328,8 @@ def _plot_rh(path: Path, fits: list[tuple[str, RHFit, list[tuple[float | None, i
                   label=f"straight line: B = {fit.classical_bfactor:.0f} Å²")
     axes.set_xlabel("1 / resolution² (1/Å²)")
     axes.set_ylabel("ln(number of particles)")
-    axes.set_title("Rosenthal-Henderson plot" + (" (fixed poses: optimistic)" if fixed_pose else ""))
+    axes.set_title("Rosenthal-Henderson plot" + (" (fixed poses: optimistic)" if fixed_pose else "") + f"\n{mask}",
+                   fontsize="medium")
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(str(path), format="png")
