@@ -34,7 +34,7 @@ def named_in_document() -> set[str]:
 
 
 #: Folders of the repository (not of the package) the document may name files in.
-REPOSITORY = ("tests/", "benchmarks/", "scripts/", "docs/")
+REPOSITORY = ("tests/", "benchmarks/", "scripts/", "docs/", "src/")
 
 
 def test_every_module_named_exists() -> None:
