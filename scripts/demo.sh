@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$PWD/${CRYOSIEVE_VENV:-.venv}/bin:$PATH"  # the commands and the Python of the set-up
 
 # Simulate once; again only when the demo's parameters changed (an older demo_data is replaced).
 SIMULATE=(--num_particles 3000 --box 112 --angpix 1.5 --bfactor_max 400 --seed 0 --realistic)

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Install everything cryosieve and its tests need on a fresh Debian/Ubuntu machine with Python >= 3.11:
 # RELION 3.1 (Debian package, used by the tests as an independent reference and as an optional back-end),
-# the CPU build of PyTorch, and this package with its test extras.
+# and, in a virtual environment of its own (.venv, or CRYOSIEVE_VENV), the CPU build of PyTorch and this package
+# with its test extras. Nothing is installed into the Python that runs this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+VENV=${CRYOSIEVE_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: making the virtual environment $VENV" >&2
+  "${PYTHON:-python3}" -m venv "$VENV"
+fi
+PYTHON="$VENV/bin/python"
 
 if ! command -v relion_reconstruct >/dev/null 2>&1 || ! command -v relion_postprocess >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
@@ -35,4 +41,4 @@ if ! PYTHONPATH="$TOOLS4" "$PYTHON" -c "import cryosparc, sys; sys.exit(cryospar
   rm -rf "$TOOLS4"
   "$PYTHON" -m pip install -q --no-deps --target "$TOOLS4" "cryosparc-tools>=4.7,<5"
 fi
-echo "setup: done" >&2
+echo "setup: done; the commands are in $VENV/bin (source $VENV/bin/activate to use them by name)" >&2

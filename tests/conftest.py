@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,11 @@ def _uses_relion(function: object) -> bool:
     except (OSError, TypeError):
         return False
     return any(use in source for use in RELION_USES)
+
+
+# The commands of this environment (its console scripts, beside its Python) come first on the PATH of every
+# command the tests start, whether or not the environment is activated.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
