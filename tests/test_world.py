@@ -4,11 +4,14 @@ scores byte for byte, maps equal to float tolerance."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -164,59 +167,160 @@ def test_bad_image_on_another_rank_is_one_line(data: Path, tmp_path: Path) -> No
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def ranks_of(launcher: subprocess.Popen[str], module: str) -> list[int]:
-    """Process ids of the ranks ``launcher`` started (children running ``module``), in start order."""
-    listing = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
-    return sorted(int(line.split()[0]) for line in listing
-                  if line.split()[1] == str(launcher.pid) and module in line)
+#: This machine's name, as a lost rank's message gives it.
+HOST = socket.gethostname()
+#: CRYOSIEVE_RANK_TIMEOUT of the jobs whose ranks freeze or die (s).
+RANK_TIMEOUT = 5
+#: The most seconds a job may take to end once its lost rank can be noticed (a loaded machine included).
+END_WITHIN = 30
 
 
-def stop_a_rank_midway(data: Path, tmp_path: Path, how: signal.Signals) -> tuple[int, str, float]:
-    """Start a 3-rank sieve with an automatic ratio, send ``how`` to one of its ranks once all are working;
-    returns the launcher's exit code, its error output and the seconds it took to end after the signal."""
-    launcher = subprocess.Popen(torchrun(3, "cryosieve.cli.core", core_args(str(tmp_path / "out" / "k.star"),
-                                                                            "--retention_ratio", "auto",
-                                                                            "--batch_size", "16")),
-                                cwd=data, env=job_environment(CRYOSIEVE_RANK_TIMEOUT="8"), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    victim = 0
+def job_processes(marker: str) -> dict[int, int]:
+    """``pid: rank`` of the live processes of the job started with ``CRYOSIEVE_TEST_JOB=marker`` (-1: the
+    launcher), found by their start environment."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            words = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        environ = dict(word.decode(errors="replace").split("=", 1) for word in words if b"=" in word)
+        if environ.get("CRYOSIEVE_TEST_JOB") == marker:
+            found[int(entry.name)] = int(environ.get("RANK", "-1"))
+    return found
+
+
+class Job:
+    """A 3-rank sieve with an automatic ratio under ``torchrun``, in a session of its own, its error output read
+    as it comes; every process of it is killed (SIGKILL, which ends stopped ones too) when the test is over."""
+
+    def __init__(self, data: Path, out: Path) -> None:
+        self.marker = f"{os.getpid()}-{time.monotonic_ns()}"
+        args = [arg for arg in core_args(str(out / "k.star"), "--retention_ratio", "auto", "--batch_size", "16")
+                if arg != "--quiet"]  # the progress bars tell when the ranks are at work
+        self.launcher = subprocess.Popen(torchrun(3, "cryosieve.cli.core", args), cwd=data, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, start_new_session=True,
+                                         env=job_environment(CRYOSIEVE_RANK_TIMEOUT=str(RANK_TIMEOUT),
+                                                             CRYOSIEVE_TEST_JOB=self.marker))
+        self.error = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.launcher.stderr is not None
+        while chunk := os.read(self.launcher.stderr.fileno(), 65536):
+            self.error += chunk
+
+    def rank_pid(self, rank: int, within: float = 60) -> int:
+        """The process id of ``rank`` once it has started."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            for pid, found in job_processes(self.marker).items():
+                if found == rank:
+                    return pid
+            time.sleep(0.01)
+        raise AssertionError(f"rank {rank} did not start within {within} s")
+
+    def wait_for_work(self, within: float = 120) -> None:
+        """Until rank 0's scoring bar has counted particles (every rank scores its part)."""
+        deadline = time.monotonic() + within
+        while not re.search(rb"scoring: +\d+%\|[^|]*\| +[1-9]\d*/1200", self.error):
+            assert self.launcher.poll() is None, self.error.decode(errors="replace")
+            assert time.monotonic() < deadline, "the ranks did not start scoring"
+            time.sleep(0.02)
+
+    def end(self) -> tuple[int, str, float, dict[int, int]]:
+        """Wait for the job to end: (exit code, our lines, seconds since now, the processes left behind)."""
+        started = time.monotonic()
+        code = self.launcher.wait(timeout=120)
+        seconds = time.monotonic() - started
+        left = job_processes(self.marker)
+        self.reader.join(timeout=10)
+        text = self.error.decode(errors="replace")
+        ours = re.findall(r"cryosieve-core: [^\r\n]*", text)
+        return code, "\n".join(ours), seconds, left
+
+    def close(self) -> None:
+        for pid in job_processes(self.marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.launcher.poll() is None:
+            self.launcher.wait()
+
+
+def nothing_written(out: Path) -> bool:
+    return not out.exists() or not any(out.iterdir())
+
+
+def test_a_rank_frozen_at_start_up_is_noticed(data: Path, tmp_path: Path) -> None:
+    """Rank 0 stopped as soon as it exists (importing; the others meet without it): noticed by its stopped
+    process, the job ends with one line naming it, and it is killed."""
+    job = Job(data, tmp_path / "out")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(ranks_of(launcher, "cryosieve.cli.core")) < 3:
-            time.sleep(0.2)
-        ranks = ranks_of(launcher, "cryosieve.cli.core")
-        assert len(ranks) == 3
-        time.sleep(6)  # imports, rendezvous, reading the inputs: the ranks are at work by now
-        assert launcher.poll() is None, "the job ended before a rank could be stopped"
-        victim = ranks[1]
-        os.kill(victim, how)
-        stopped = time.monotonic()
-        _, error = launcher.communicate(timeout=120)
-        return launcher.returncode, error, time.monotonic() - stopped
+        os.kill(job.rank_pid(0), signal.SIGSTOP)
+        code, ours, seconds, left = job.end()
     finally:
-        if victim:
-            with_suppressed = [signal.SIGCONT, signal.SIGKILL]
-            for number in with_suppressed:
-                try:
-                    os.kill(victim, number)
-                except ProcessLookupError:
-                    break
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-
-
-def test_a_killed_rank_stops_the_job(data: Path, tmp_path: Path) -> None:
-    code, error, seconds = stop_a_rank_midway(data, tmp_path, signal.SIGKILL)
-    assert code != 0 and seconds < 60
-    # The others stop either on the broken connection ("another rank of the job stopped") or, when torchrun's
-    # agent is first, on its SIGTERM ("terminated"); both are one line of ours.
-    assert "another rank of the job stopped" in error or "cryosieve-core: terminated" in error, error
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+        job.close()
+    assert code != 0 and left == {}, (ours, left)
+    assert re.fullmatch(rf"cryosieve-core: error: rank 0 \(on {re.escape(HOST)}\) (is stopped \(a SIGSTOP or "
+                        rf"Ctrl-Z\) and has not joined the job|stopped responding: no heartbeat) for "
+                        rf"{RANK_TIMEOUT} s; stopping the job", ours), ours
+    assert seconds < RANK_TIMEOUT + 60  # the others' start-up included
+    assert nothing_written(tmp_path / "out")
 
 
 def test_a_frozen_rank_is_noticed(data: Path, tmp_path: Path) -> None:
-    code, error, seconds = stop_a_rank_midway(data, tmp_path, signal.SIGSTOP)
-    assert code != 0 and seconds < 60
-    assert "stopped responding" in error, error
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    """Rank 1 stopped while the ranks score: noticed by its heartbeat, one line naming it, killed."""
+    job = Job(data, tmp_path / "out")
+    try:
+        victim = job.rank_pid(1)
+        job.wait_for_work()
+        os.kill(victim, signal.SIGSTOP)
+        code, ours, seconds, left = job.end()
+    finally:
+        job.close()
+    assert code != 0 and left == {}, (ours, left)
+    assert ours == (f"cryosieve-core: error: rank 1 (on {HOST}) stopped responding: no heartbeat for {RANK_TIMEOUT} s; "
+                    "stopping the job"), ours
+    assert RANK_TIMEOUT < seconds < RANK_TIMEOUT + END_WITHIN
+    assert nothing_written(tmp_path / "out")
+
+
+def test_a_killed_rank_stops_the_job(data: Path, tmp_path: Path) -> None:
+    """Rank 2 killed while the ranks score: torchrun stops the others with SIGTERM, and the others' collectives
+    fail; whichever comes first, one line names the lost rank."""
+    job = Job(data, tmp_path / "out")
+    try:
+        victim = job.rank_pid(2)
+        job.wait_for_work()
+        os.kill(victim, signal.SIGKILL)
+        code, ours, seconds, left = job.end()
+    finally:
+        job.close()
+    assert code != 0 and left == {}, (ours, left)
+    assert ours == (f"cryosieve-core: error: rank 2 (on {HOST}) ended unexpectedly (killed, or it crashed); "
+                    "stopping the job"), ours
+    assert seconds < END_WITHIN
+    assert nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize(("target", "number", "word"), [("torchrun", signal.SIGINT, "interrupted"),
+                                                        ("rank 1", signal.SIGTERM, "terminated")])
+def test_a_stop_signal_ends_the_job_with_one_line(data: Path, tmp_path: Path, target: str, number: int,
+                                                  word: str) -> None:
+    """Ctrl-C (SIGINT to torchrun, which passes it on to every rank) or SIGTERM to one rank while the ranks
+    score: the job stops, rank 0 says so once, nothing is written or left."""
+    job = Job(data, tmp_path / "out")
+    try:
+        victim = job.launcher.pid if target == "torchrun" else job.rank_pid(1)
+        job.wait_for_work()
+        os.kill(victim, number)
+        code, ours, seconds, left = job.end()
+    finally:
+        job.close()
+    assert code != 0 and left == {}, (ours, left)
+    assert ours == f"cryosieve-core: {word}", ours
+    assert seconds < END_WITHIN
+    assert nothing_written(tmp_path / "out")

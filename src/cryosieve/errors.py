@@ -67,3 +67,13 @@ class ExternalCommandError(RuntimeError):
 class JobError(RuntimeError):
     """A job of several processes (``torchrun``, :mod:`cryosieve.world`) lost one of them: the message says
     which rank, or what the communication library reported."""
+
+
+class JobEnded(BaseException):
+    """This process of a job (:mod:`cryosieve.world`) stops because the job ends, and that has already been
+    said in one line (by the rank that noticed why, or by rank 0 for a stop signal): nothing more to print,
+    exit with ``exit_code``. A BaseException, so that no ``except Exception`` holds it up."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code

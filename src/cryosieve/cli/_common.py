@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from cryosieve.errors import CryoSieveInputError, ExternalCommandError, JobError
+from cryosieve.errors import CryoSieveInputError, ExternalCommandError, JobEnded, JobError
 from cryosieve.processes import handling_stop_signals
 from cryosieve.progress import ProgressFactory
 
@@ -282,8 +282,11 @@ def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], ar
     device = _device_asked(argv)
     if device == "mps":
         raise CryoSieveInputError("--device mps: runs in one process; start the command without torchrun")
-    with world.joined(device, program) as joined:
-        return body(argv) if joined.is_root else world.serve(joined)
+    try:
+        with world.joined(device, program) as joined:
+            return body(argv) if joined.is_root else world.serve(joined)
+    except KeyboardInterrupt as error:  # the job's watchdog interrupts the main thread when the job ends
+        raise world.interrupted(error) from None
 
 
 def run_command(program: str, body: Callable[[Sequence[str] | None], int | None],
@@ -299,6 +302,8 @@ def run_command(program: str, body: Callable[[Sequence[str] | None], int | None]
         try:
             try:
                 code = int(_in_job(program, body, argv) or 0)
+            except JobEnded as ended:  # a job of several processes ended, and why has been said
+                return ended.exit_code
             except CryoSieveInputError as error:
                 if not interrupted():
                     say(f"error: {one_line(error.message_with(flags or {}))}")
