@@ -48,12 +48,12 @@ def torchrun(ranks: int, module: str, args: list[str], *, nodes: int = 1, node_r
 
 
 def job_environment(**extra: str) -> dict[str, str]:
-    environment = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
     source = str(Path(__file__).resolve().parents[1] / "src")
     environment["PYTHONPATH"] = source + os.pathsep + environment.get("PYTHONPATH", "")
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         environment.pop(name, None)
-    return environment
+    return {**environment, **extra}
 
 
 def run_job(command: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -323,4 +323,24 @@ def test_a_stop_signal_ends_the_job_with_one_line(data: Path, tmp_path: Path, ta
     assert code != 0 and left == {}, (ours, left)
     assert ours == f"cryosieve-core: {word}", ours
     assert seconds < END_WITHIN
+    assert nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("alone", [0, 1])
+def test_a_rank_that_never_comes_ends_the_rendezvous(data: Path, tmp_path: Path, alone: int) -> None:
+    """A job of two ranks started without torchrun, one of which never comes: rank 0 alone (it serves the
+    job's store) gives up on rank 1, rank 1 alone on reaching rank 0, each after CRYOSIEVE_RENDEZVOUS_TIMEOUT."""
+    port = free_port()
+    environment = job_environment(RANK=str(alone), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(port), CRYOSIEVE_RENDEZVOUS_TIMEOUT="5")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "cryosieve.cli.core", *core_args(str(tmp_path / "out" / "k.star"))],
+                            cwd=data, env=environment, capture_output=True, text=True, timeout=JOB_LIMIT)
+    seconds = time.monotonic() - started
+    ours = re.findall(r"cryosieve-core: [^\r\n]*", result.stderr)
+    expected = ("cryosieve-core: error: rank 1 (host unknown) has not joined the job within 5 s; stopping the job"
+                if alone == 0 else
+                f"cryosieve-core: error: rank 1: could not reach the job's rendezvous at 127.0.0.1:{port} within 5 s")
+    assert result.returncode == 1 and ours == [expected], result.stderr
+    assert 5 < seconds < 5 + 60
     assert nothing_written(tmp_path / "out")

@@ -301,8 +301,9 @@ def _job_store(rank: int, size: int, seconds: float, client: bool = False) -> to
         return TCPStore(address, port, size if serve_it else None, is_master=serve_it,
                         timeout=datetime.timedelta(seconds=seconds), wait_for_workers=False, multi_tenant=True)
     except (RuntimeError, ValueError, OSError) as error:  # torch.distributed.DistNetworkError and its kin
+        why = "" if "timed out" in str(error) else f" ({_short(error)})"
         raise JobError(f"rank {rank}: could not reach the job's rendezvous at {address}:{port} within "
-                       f"{seconds:.0f} s ({_short(error)})") from None
+                       f"{seconds:.0f} s{why}") from None
 
 
 @contextlib.contextmanager

@@ -286,7 +286,10 @@ def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], ar
         with world.joined(device, program) as joined:
             return body(argv) if joined.is_root else world.serve(joined)
     except KeyboardInterrupt as error:  # the job's watchdog interrupts the main thread when the job ends
-        raise world.interrupted(error) from None
+        ended = world.interrupted(error)
+        if ended is error and os.environ.get("RANK", "0") != "0":  # a stop before joining: rank 0 says it
+            ended = JobEnded(128 + int(_Signals.received or signal.SIGINT))
+        raise ended from None
 
 
 def run_command(program: str, body: Callable[[Sequence[str] | None], int | None],
