@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cryosieve.errors import CryoSieveInputError
 from cryosieve.scoring import shard_batches
 from cryosieve.simulate import SimulationSettings, simulate_particles
-from cryosieve.world import World, launched_by_torchrun
+from cryosieve.world import World, _ranks_on_this_machine, _seconds, launched_by_torchrun
 
 #: Seconds a launched job may take before the test gives up on it.
 JOB_LIMIT = 300
@@ -97,6 +98,54 @@ def test_torchrun_environment_is_recognised() -> None:
     assert launched_by_torchrun({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert not launched_by_torchrun({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "h"})
     assert not launched_by_torchrun({})
+
+
+def test_timeouts_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CRYOSIEVE_RANK_TIMEOUT", raising=False)
+    assert _seconds("CRYOSIEVE_RANK_TIMEOUT", 60.0) == 60.0
+    monkeypatch.setenv("CRYOSIEVE_RANK_TIMEOUT", " 7.5 ")
+    assert _seconds("CRYOSIEVE_RANK_TIMEOUT", 60.0) == 7.5
+    for bad in ("0", "-3", "soon", "nan", "inf"):
+        monkeypatch.setenv("CRYOSIEVE_RANK_TIMEOUT", bad)
+        with pytest.raises(CryoSieveInputError, match="CRYOSIEVE_RANK_TIMEOUT="):
+            _seconds("CRYOSIEVE_RANK_TIMEOUT", 60.0)
+
+
+def test_ranks_on_this_machine_are_found_by_their_start_environment() -> None:
+    """A rank is known by its job's marks in its start environment; a process it started (same environment) is
+    not taken for it, nor is a rank of another job."""
+    marks = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "3",
+             "TORCHELASTIC_RUN_ID": "test", "TORCHELASTIC_RESTART_COUNT": "0"}
+    parent = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "time.sleep(60)")
+    ours = subprocess.Popen([sys.executable, "-c", parent], env={**os.environ, **marks, "RANK": "1"},
+                            start_new_session=True)
+    another_job = {**marks, "MASTER_PORT": str(int(marks["MASTER_PORT"]) + 1), "RANK": "2"}
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,
+                             env={**os.environ, **another_job})
+    try:
+        deadline = time.monotonic() + 30
+        while len(job_processes_with(marks)) < 2 and time.monotonic() < deadline:  # the rank and its child
+            time.sleep(0.05)
+        found = _ranks_on_this_machine(marks, [1, 2])
+        assert list(found) == [1] and found[1][0] == ours.pid
+        assert _ranks_on_this_machine(marks, [2]) == {}
+    finally:
+        for process in (ours, other):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def job_processes_with(marks: dict[str, str]) -> list[int]:
+    """Process ids whose start environment has ``marks``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                words = set((entry / "environ").read_bytes().split(b"\0"))
+                if all(f"{name}={value}".encode() in words for name, value in marks.items()):
+                    found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.parametrize("ranks", [2, 3])

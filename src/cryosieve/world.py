@@ -443,7 +443,8 @@ def _start_time(pid: int) -> tuple[str, int] | None:
 
 def _ranks_on_this_machine(marks: Mapping[str, str], wanted: Iterable[int]) -> dict[int, tuple[int, int]]:
     """``rank: (pid, start time)`` of the ranks in ``wanted`` that run on this machine: processes of this
-    user whose start environment has this job's ``marks`` (empty where ``/proc`` is not)."""
+    user whose start environment has this job's ``marks`` (empty where ``/proc`` is not); of a rank and the
+    processes it started, which inherit its environment, the first to start."""
     wanted = set(wanted)
     found: dict[int, tuple[int, int]] = {}
     if not wanted or not os.path.isdir("/proc"):
@@ -464,7 +465,7 @@ def _ranks_on_this_machine(marks: Mapping[str, str], wanted: Iterable[int]) -> d
             continue
         rank = int(environ["RANK"])
         status = _start_time(int(entry.name))
-        if rank in wanted and status is not None:
+        if rank in wanted and status is not None and (rank not in found or status[1] < found[rank][1]):
             found[rank] = (int(entry.name), status[1])
     return found
 
@@ -546,6 +547,7 @@ class _Watchdog:
         self.others = [other for other in range(size) if other != rank]
         self.decide = threading.RLock()  # one decision at a time: why the job ends
         self.exit_lock = threading.Lock()
+        self.beating = threading.Lock()  # a beat or the word this rank leaves with, one at a time
         self.leaving = threading.Event()  # the main thread has left the job
         self.stopped = threading.Event()  # no more watching
         #: The exit code once the job's end has been decided and said; ``None`` while it goes on.
@@ -650,11 +652,12 @@ class _Watchdog:
     def say_done(self, value: str = "done") -> None:
         """This rank leaves the job on purpose (``done``, or ``stopped:N`` by signal N): the others need not
         watch it any more."""
-        if self.left_as is not None:  # said already: the first word stands
-            return
-        self.left_as = value
-        with contextlib.suppress(Exception):
-            self._ask("set", self.key("alive", self.rank), value)
+        with self.beating:
+            if self.left_as is not None:  # said already: the first word stands
+                return
+            self.left_as = value
+            with contextlib.suppress(Exception):
+                self._ask("set", self.key("alive", self.rank), value)
 
     def wait_for_the_others(self) -> None:
         """Rank 0 at the end: wait until every other rank has left (a frozen one ends the job meanwhile)."""
@@ -875,8 +878,10 @@ class _Watchdog:
         return self.ask(self.timeout, method, *args)
 
     def _beat(self) -> None:
-        self.beats += 1
-        self._ask("set", self.key("alive", self.rank), str(self.beats))
+        with self.beating:  # never after this rank has said it left
+            if self.left_as is None:
+                self.beats += 1
+                self._ask("set", self.key("alive", self.rank), str(self.beats))
 
     def _read(self) -> dict[int, bytes | None]:
         """Every other rank's beat (``b"done"`` or ``b"stopped:N"`` once it has left; ``None`` before its first)."""
