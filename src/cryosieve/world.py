@@ -714,17 +714,17 @@ class _Watchdog:
     def end(self, message: str, culprit: int | None = None, claim: bool = True) -> None:
         """End the job: ``message`` in one line (by the first rank to claim it), the ``culprit`` rank killed when
         it runs on this machine, the main thread interrupted; the exit follows (:meth:`_exit_later`)."""
-        with self.decide:
+        with self.decide:  # the main thread learns of the end only once it has been said
             if self.ending is not None:
                 return
             self.ending = EXIT_LOST_RANK
-        first = True
-        if claim:
-            with contextlib.suppress(Exception):
-                first = int(self._ask("add", self.key("said"), 1)) == 1
-        self.say_done()
-        if first:
-            print(f"{self.program}: error: {message}", file=sys.stderr, flush=True)
+            first = True
+            if claim:
+                with contextlib.suppress(Exception):
+                    first = int(self._ask("add", self.key("said"), 1)) == 1
+            self.say_done()
+            if first:
+                print(f"{self.program}: error: {message}", file=sys.stderr, flush=True)
         if culprit is not None:
             self._kill(culprit)
         if threading.current_thread() is not threading.main_thread():
