@@ -1,7 +1,8 @@
 """Interrupts, concurrent runs and killed runs.
 
 * Ctrl-C (SIGINT) at several moments of ``cryosieve-core --num_gpus 2 --device cpu``, worker
-  start-up and rendezvous included: exit 130 within seconds, one line, no output, no worker
+  start-up and rendezvous included (each moment found by what the processes do, not by a time,
+  so a loaded machine moves nothing): exit 130 within seconds, one line, no output, no worker
   left; SIGTERM: exit 143.
 * Ctrl-C in the pipeline stops it (exit 130), and ``--continue`` then finishes it with the
   same bytes as an uninterrupted run.
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,61 +50,81 @@ def pipeline_command(data: SmallData, prefix: str, *extra: str) -> list[str]:
             "--frequency_end", "12", "--device", "cpu", *extra]
 
 
-def scoring_workers() -> list[int]:
-    """Process ids of scoring workers (``python -m cryosieve.distributed``) alive now."""
-    found = []
+def scoring_workers(marker: str) -> dict[int, int]:
+    """``pid: sockets`` of the scoring workers (``python -m cryosieve.distributed``) alive now of the command
+    started with ``CRYOSIEVE_TEST_RUN=marker`` (they inherit its environment), with how many sockets each has
+    open (one, the rendezvous under way; three or more, connected to the others: scoring)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 command = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"cryosieve.distributed" not in command:
+                    continue
+                if f"CRYOSIEVE_TEST_RUN={marker}".encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+                links = [os.readlink(link) for link in (entry / "fd").iterdir()]
+                found[int(entry.name)] = sum(link.startswith("socket:") for link in links)
             except OSError:
                 continue
-            if b"cryosieve.distributed" in command:
-                found.append(int(entry.name))
     return found
 
 
-def interrupt_after(command: list[str], delay: float, number: int = signal.SIGINT) -> tuple[int, str, float]:
-    """Run ``command``, send it ``number`` after ``delay`` s; returns (exit code, stderr, seconds to exit)."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)
-    assert process.poll() is None, f"finished before the signal at {delay:.2f} s"
+#: Moments of a two-process sieve, each the first time its test holds (workers: ``pid: sockets``):
+#: the command's own start-up, a worker just started, the rendezvous under way, the workers connected
+#: (scoring starts), and scoring.
+MOMENTS: dict[str, Callable[[float, dict[int, int]], bool]] = {
+    "start-up": lambda seconds, workers: seconds >= 0.3,
+    "worker start": lambda seconds, workers: len(workers) > 0,
+    "rendezvous": lambda seconds, workers: any(workers.values()),
+    "connected": lambda seconds, workers: len(workers) == 2 and min(workers.values()) >= 3,
+}
+
+
+def interrupt_at(command: list[str], moment: str, number: int = signal.SIGINT) -> tuple[int, str, float, str]:
+    """Run ``command``, send it ``number`` at ``moment`` (:data:`MOMENTS`, or ``"scoring"``: half a second after
+    the workers connected); returns (exit code, stderr, seconds to exit, the run's marker)."""
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "CRYOSIEVE_TEST_RUN": marker})
+    test = MOMENTS["connected" if moment == "scoring" else moment]
+    while not test(time.monotonic() - started, scoring_workers(marker)):
+        assert process.poll() is None, f"finished before the moment {moment!r}"
+        time.sleep(0.01)
+    if moment == "scoring":
+        time.sleep(0.5)
+    assert process.poll() is None, f"finished before the signal at {moment!r}"
     sent = time.monotonic()
     process.send_signal(number)
     try:
         _, err = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
-        pytest.fail(f"did not stop within 60 s of the signal at {delay:.2f} s")
-    return process.returncode, err, time.monotonic() - sent
+        pytest.fail(f"did not stop within 60 s of the signal at {moment!r}")
+    return process.returncode, err, time.monotonic() - sent, marker
 
 
-def test_ctrl_c_at_any_moment_of_a_two_process_sieve(small: SmallData, tmp_path: Path) -> None:
-    started = time.monotonic()
-    finished = subprocess.run(core_command(small, tmp_path / "full" / "kept.star", "--num_gpus", "2", "--quiet"),
-                              capture_output=True, text=True)
-    duration = time.monotonic() - started
-    assert finished.returncode == 0, finished.stderr
-    # from start-up through worker start and rendezvous to scoring
-    for index, fraction in enumerate((0.03, 0.15, 0.3, 0.45, 0.6)):
-        out = tmp_path / f"run{index}" / "kept.star"
-        code, err, took = interrupt_after(core_command(small, out, "--num_gpus", "2", "--quiet"), fraction * duration)
-        # 130, or (rarely, about 1 run in 5 of this test, early in start-up) ended by the SIGINT itself after
-        # the same one line; a shell reports both as 130. The cause is not found yet.
-        assert code in (130, -signal.SIGINT), (fraction, err)
-        assert took < STOP_WITHIN, (fraction, took)
-        assert "Traceback" not in err, err
-        assert err.strip().splitlines()[-1] == "cryosieve-core: interrupted", err
-        assert not out.parent.exists() or not list(out.parent.iterdir())
-        deadline = time.monotonic() + 5
-        while scoring_workers() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not scoring_workers(), "a scoring worker outlived the interrupted command"
+@pytest.mark.parametrize("moment", [*MOMENTS, "scoring"])
+def test_ctrl_c_at_any_moment_of_a_two_process_sieve(small: SmallData, tmp_path: Path, moment: str) -> None:
+    out = tmp_path / "run" / "kept.star"
+    code, err, took, marker = interrupt_at(core_command(small, out, "--num_gpus", "2", "--quiet"), moment)
+    # 130, or (rarely, about 1 run in 5 of this test, early in start-up) ended by the SIGINT itself after
+    # the same one line; a shell reports both as 130. The cause is not found yet.
+    assert code in (130, -signal.SIGINT), (moment, err)
+    assert took < STOP_WITHIN, (moment, took)
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "cryosieve-core: interrupted", err
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+    deadline = time.monotonic() + 5
+    while scoring_workers(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not scoring_workers(marker), "a scoring worker outlived the interrupted command"
 
 
 def test_sigterm_stops_a_sieve(small: SmallData, tmp_path: Path) -> None:
-    code, err, took = interrupt_after(core_command(small, tmp_path / "out" / "kept.star", "--num_gpus", "2",
-                                                   "--quiet"), 3.0, signal.SIGTERM)
+    code, err, took, _ = interrupt_at(core_command(small, tmp_path / "out" / "kept.star", "--num_gpus", "2",
+                                                   "--quiet"), "rendezvous", signal.SIGTERM)
     assert code == 143 and took < STOP_WITHIN, err
     assert err.strip().splitlines()[-1] == "cryosieve-core: terminated"
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
