@@ -36,6 +36,9 @@ STOP_WITHIN = 10.0
 #: Largest time (s) it may take to exit: Python's own teardown with torch loaded takes about 2 s more on a
 #: 2-core machine, and several times that when the machine is shared.
 EXIT_WITHIN = 60.0
+#: Seconds a run may take before the test gives up on it (a guard against a hang, not a measure: a shared
+#: 2-core machine has been seen to take several times as long as an idle one).
+RUN_LIMIT = 900.0
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +167,7 @@ def test_sigterm_stops_a_sieve(small: SmallData, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def _wait_for_step(state: Path, step: str, process: subprocess.Popen[str], timeout: float = 120.0) -> None:
+def _wait_for_step(state: Path, step: str, process: subprocess.Popen[str], timeout: float = RUN_LIMIT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, "the run ended before the step"
@@ -218,7 +221,7 @@ def test_a_second_run_on_the_same_output_is_refused(small: SmallData, tmp_path: 
         if extra:  # the state file exists: only --continue gets as far as the lock
             assert err[-1].startswith("cryosieve: error: --o run/: another run is using it"), err
             assert f"process {first.pid} on" in err[-1], err
-    _, err = first.communicate(timeout=120)
+    _, err = first.communicate(timeout=RUN_LIMIT)
     assert first.returncode == 0, err
 
 

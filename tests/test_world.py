@@ -26,8 +26,9 @@ from cryosieve.scoring import shard_batches
 from cryosieve.simulate import SimulationSettings, simulate_particles
 from cryosieve.world import World, _ranks_on_this_machine, _seconds, launched_by_torchrun
 
-#: Seconds a launched job may take before the test gives up on it.
-JOB_LIMIT = 300
+#: Seconds a launched job may take before the test gives up on it (a guard against a hang, not a measure: a
+#: shared 2-core machine has been seen to take several times as long as an idle one).
+JOB_LIMIT = 900
 
 
 def free_port() -> int:
@@ -263,7 +264,7 @@ class Job:
         while chunk := os.read(self.launcher.stderr.fileno(), 65536):
             self.error += chunk
 
-    def rank_pid(self, rank: int, within: float = 60) -> int:
+    def rank_pid(self, rank: int, within: float = JOB_LIMIT) -> int:
         """The process id of ``rank`` once it has started."""
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
@@ -273,7 +274,7 @@ class Job:
             time.sleep(0.01)
         raise AssertionError(f"rank {rank} did not start within {within} s")
 
-    def wait_for_work(self, within: float = 120) -> None:
+    def wait_for_work(self, within: float = JOB_LIMIT) -> None:
         """Until rank 0's scoring bar has counted particles (every rank scores its part)."""
         deadline = time.monotonic() + within
         while not re.search(rb"scoring: +\d+%\|[^|]*\| +[1-9]\d*/1200", self.error):
@@ -284,7 +285,7 @@ class Job:
     def end(self) -> tuple[int, str, float, dict[int, int]]:
         """Wait for the job to end: (exit code, our lines, seconds since now, the processes left behind)."""
         started = time.monotonic()
-        code = self.launcher.wait(timeout=120)
+        code = self.launcher.wait(timeout=JOB_LIMIT)
         seconds = time.monotonic() - started
         left = job_processes(self.marker)
         self.reader.join(timeout=10)
@@ -392,5 +393,5 @@ def test_a_rank_that_never_comes_ends_the_rendezvous(data: Path, tmp_path: Path,
                 if alone == 0 else
                 f"cryosieve-core: error: rank 1: could not reach the job's rendezvous at 127.0.0.1:{port} within 5 s")
     assert result.returncode == 1 and ours == [expected], result.stderr
-    assert 5 < seconds < 5 + 60
+    assert 5 < seconds < 5 + 90  # imports included; the default is 300 s
     assert nothing_written(tmp_path / "out")
