@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import signal
 import subprocess
 import sys
@@ -330,8 +331,13 @@ def test_kill_and_continue(builtin_run, known_truth, unbalanced, tmp_path):
         for name in sorted(path.name for path in Path(reference + f"_postprocess_iter{iteration}").iterdir()):
             assert content(prefix + f"_postprocess_iter{iteration}/{name}") == \
                 content(reference + f"_postprocess_iter{iteration}/{name}"), name
-    for name in ("_summary.csv", "_state.json", "_fsc.png", "_resolution.png", "_scores.png"):
+    for name in ("_summary.csv", "_fsc.png", "_resolution.png", "_scores.png"):
         assert content(prefix + name) == content(reference + name), name
+    # the state differs only by the command that started the run (its output prefix is another one here)
+    state, reference_state = json.loads(state_path.read_text()), json.loads(Path(reference + "_state.json").read_text())
+    assert shlex.split(state.pop("command")) == ["cryosieve", *command[3:]]
+    assert "--continue" not in state and reference_state.pop("command").startswith("cryosieve ")
+    assert state == reference_state
     leftovers = [path.name for path in Path(prefix).iterdir() if "partial" in path.name or ".tmp" in path.name]
     assert not leftovers
 

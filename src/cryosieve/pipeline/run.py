@@ -104,7 +104,7 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
 def _state(prepared: Prepared, resume: bool) -> State:
     """The run's state (:func:`cryosieve.pipeline.state.open_state`)."""
     steps = step_names(prepared.settings.num_iters, prepared.validator is not None, prepared.returning is not None)
-    return open_state(prepared.names.state, prepared.record, resume, steps)
+    return open_state(prepared.names.state, prepared.record, resume, steps, prepared.settings.command_line)
 
 
 class _Run:
@@ -128,18 +128,17 @@ class _Run:
         self.computed.append(name)
         log.info("%s: done in %.1f s", name, time.perf_counter() - started)
 
-    def run_facts(self, resume: bool) -> dict[str, str]:
-        """What the report shows of the run at its top: version, command, inputs and how it was started."""
+    def run_facts(self) -> dict[str, str]:
+        """What the report shows of the run at its top: version, the command that started it, its inputs (the
+        same when it was interrupted and resumed: the outputs do not depend on it)."""
         from cryosieve import __version__
 
         record = self.prepared.record
-        facts = {"cryosieve": __version__, "command": self.prepared.settings.command_line or "(library call)",
+        facts = {"cryosieve": __version__, "command": self.state.command or "(library call)",
                  "particles": str(record["input_star"]), "mask": str(record["mask"]),
                  "images relative to": str(record["directory"]), "pixel size": f"{record['angpix']:g} Å",
                  "symmetry": str(record["symmetry"]), "reconstruction": str(record["reconstructor"]),
                  "post-processing": str(record["postprocessor"])}
-        if resume:
-            facts["resumed"] = "yes (--continue): recorded steps were not run again"
         return facts
 
     def run(self, resume: bool) -> PipelineResult:
@@ -200,7 +199,7 @@ class _Run:
                 self.checkpoint()
                 upcoming = rounds.round_summary(prepared, iteration + 1, particles, state)
                 write_report(names.prefix, [*summaries, upcoming], plots=settings.report,
-                             validation=prepared.record["validator"], run=self.run_facts(resume))
+                             validation=prepared.record["validator"], run=self.run_facts())
             if stopped is None:
                 if settings.validator is not None:
                     self.step(f"validate {last}", functools.partial(validate, prepared, last, self.progress))
@@ -211,7 +210,7 @@ class _Run:
             log.info(notes[0])
             notes += rounds.write_best(prepared, summaries)
             report = write_report(names.prefix, summaries, plots=settings.report,
-                                  validation=prepared.record["validator"], notes=notes, run=self.run_facts(resume))
+                                  validation=prepared.record["validator"], notes=notes, run=self.run_facts())
             best = best_round(summaries)
             if best is not None:
                 log.info("best resolution %.2f Å at iteration %d (%d particles); summary %s",

@@ -50,15 +50,17 @@ class State:
     """``PREFIX_state.json``: settings, completed steps and each round's outcome, rewritten atomically."""
 
     def __init__(self, path: Path, arguments: dict[str, Any], completed: list[str],
-                 outcomes: dict[str, dict[str, Any]]) -> None:
+                 outcomes: dict[str, dict[str, Any]], command: str = "") -> None:
         self.path = path
+        #: The command line that started the run (kept when it is resumed; not compared).
+        self.command = command
         self.arguments = arguments
         self.completed = completed
         self.outcomes = outcomes
 
     def save(self) -> None:
         document = {"program": "cryosieve", "format": STATE_FORMAT, "arguments": self.arguments,
-                    "completed": self.completed, "outcomes": self.outcomes}
+                    "command": self.command, "completed": self.completed, "outcomes": self.outcomes}
         write_text_atomic(self.path, json.dumps(document, indent=2) + "\n")
 
     def done(self, step: str) -> bool:
@@ -72,14 +74,15 @@ class State:
         self.save()
 
 
-def open_state(path: Path, record: dict[str, Any], resume: bool, steps: list[str]) -> State:
-    """The state at ``path``: a new one holding ``record`` (nothing written), or with ``resume`` the
+def open_state(path: Path, record: dict[str, Any], resume: bool, steps: list[str], command: str = "") -> State:
+    """The state at ``path``: a new one holding ``record`` and the ``command`` that starts the run (nothing
+    written), or with ``resume`` the
     earlier run's, refused (one line) when its record differs from ``record`` (a setting or an input
     changed) or it holds a step not among ``steps``. Without ``resume`` an existing state is refused."""
     if not path.exists():
         if resume:
             log.info("resuming: no %s yet, starting from the beginning", path)
-        return State(path, record, [], {})
+        return State(path, record, [], {}, command)
     if not resume:
         raise CryoSieveInputError(
             f"{setting('output_prefix')} {str(path).removesuffix('_state.json')}: {path} exists (an earlier run); "
@@ -90,6 +93,7 @@ def open_state(path: Path, record: dict[str, Any], resume: bool, steps: list[str
         recorded = dict(document["arguments"])
         completed = [str(step) for step in document["completed"]]
         outcomes = dict(document.get("outcomes", {}))
+        started_by = str(document.get("command", ""))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CryoSieveInputError(f"{path}: not a readable state file ({error})") from None
     if version != STATE_FORMAT:
@@ -100,7 +104,7 @@ def open_state(path: Path, record: dict[str, Any], resume: bool, steps: list[str
     unknown = [step for step in completed if step not in steps]
     if unknown:
         raise CryoSieveInputError(f"{path}: unknown step {unknown[0]!r}")
-    return State(path, record, completed, outcomes)
+    return State(path, record, completed, outcomes, started_by)
 
 
 def _compare(record: dict[str, Any], recorded: dict[str, Any], path: Path) -> None:
