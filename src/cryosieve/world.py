@@ -995,4 +995,8 @@ def _rank_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_rank_main(sys.argv[1:]))
+    # run as the imported module, not as ``__main__``: the tasks rank 0 sends (``_Stop`` included) are classes
+    # of ``cryosieve.world``, which ``isinstance`` would not match with this file's second copy of them
+    from cryosieve import world as _module
+
+    sys.exit(_module._rank_main(sys.argv[1:]))
