@@ -190,6 +190,7 @@ def test_missing_fields_are_one_line_errors(small: SmallData, cs_file: Path, tmp
     damaged.unlink()
 
 
+@pytest.mark.slow
 def test_pipeline_runs_on_cs_input_with_passthrough(small: SmallData, cs_file: Path, tmp_path: Path) -> None:
     """The pipeline on a .cs input (CTF fields in a passthrough file) keeps the same particles round by round as on
     the STAR description, writes every set as .cs rows of the input, and validates them (--validate fixed)."""

@@ -41,6 +41,7 @@ def without_command(folder: Path, command: list[str]) -> dict[str, str]:
     return texts
 
 
+@pytest.mark.slow
 def test_pipeline_outputs_are_the_same_bytes_across_runs_and_process_counts(small: SmallData,
                                                                             tmp_path: Path) -> None:
     results = {}

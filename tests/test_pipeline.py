@@ -203,6 +203,7 @@ def test_builtin_backend(builtin_run, known_truth, unbalanced, tmp_path):
     assert share_after < 0.5 * share_before
 
 
+@pytest.mark.slow
 def test_relion_backend(relion_run, builtin_run, known_truth):
     prefix = relion_run
     summary = check_layout_and_selection(prefix, known_truth, external=True)
@@ -271,6 +272,7 @@ def _wait_for_step(state_path: Path, step: str, process: subprocess.Popen, timeo
     raise AssertionError(f"step {step} not reached")
 
 
+@pytest.mark.slow
 def test_kill_and_continue(builtin_run, known_truth, unbalanced, tmp_path):
     prefix = str(tmp_path / "resumed") + "/"
     state_path = Path(prefix + "_state.json")
@@ -387,6 +389,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_kill_during_external_reconstruction(relion_run, known_truth, unbalanced, tmp_path):
     """SIGKILL while relion_reconstruct runs: no orphaned program, and --continue gives RELION's result."""
     prefix = str(tmp_path / "external")
@@ -418,6 +421,7 @@ def test_kill_during_external_reconstruction(relion_run, known_truth, unbalanced
     assert not [path for path in tmp_path.iterdir() if "partial" in path.name]
 
 
+@pytest.mark.slow
 def test_validate_fixed_with_rh(builtin_run, known_truth, unbalanced, tmp_path):
     """--validate fixed: every set, the last one included, is measured again with its given poses, so the
     re-estimated resolution of the reconstructed sets is exactly the pipeline's own; --validate_rh adds both

@@ -61,6 +61,7 @@ def rh_table(star: Path, out: Path, *extra: str) -> pd.DataFrame:
     return pd.read_csv(out)
 
 
+@pytest.mark.slow
 def test_rh_bfactors_follow_the_envelope_truth(b40: Path, b160: Path, tmp_path: Path) -> None:
     """Two sets that differ only in their envelope B-factor (40 and 160 Å²): both fits order them, and the
     straight line's B lies within 60 Å² of the envelope (the map's own fall-off and interpolation add to it)."""
@@ -79,6 +80,7 @@ def test_rh_bfactors_follow_the_envelope_truth(b40: Path, b160: Path, tmp_path: 
     assert (tmp_path / "b40" / "rh_rh.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_the_sieved_set_has_a_lower_rh_bfactor(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """Junk and a spread of B-factors: the set kept by one sieve has a lower (straight-line) RH B-factor, and a
     published one closer to 0, than the full set."""
@@ -95,6 +97,7 @@ def test_the_sieved_set_has_a_lower_rh_bfactor(tmp_path_factory: pytest.TempPath
     assert sieved["RH-b-factor (A^2)"][0] > full["RH-b-factor (A^2)"][0]
 
 
+@pytest.mark.slow
 def test_refine_summary_trials_and_resume(small: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "summary.csv"
     args = ["--i", str(small), str(small), "--o", str(out), "--backend", "fixed", "--repeat", "2", "--resplit",

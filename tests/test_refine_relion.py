@@ -27,6 +27,9 @@ from conftest import require
 from cryosieve.cli.refine import main as refine_main
 from cryosieve.simulate import SimulationSettings, simulate_particles
 
+#: Two real relion_refine_mpi refinements: about 15 minutes on 2 cores.
+pytestmark = pytest.mark.slow
+
 BOX, PIXEL = 40, 4.0
 #: RELION's MPI runs as root need these; three ranks on two cores need --oversubscribe.
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}

@@ -149,6 +149,7 @@ def test_auto_needs_two_half_sets(tmp_path: Path, small_set: Path) -> None:
         choose_retention(table, reader, np.zeros(len(table)), np.ones(len(table), dtype=np.int64), None)
 
 
+@pytest.mark.slow
 def test_pipeline_chooses_each_round_and_reports_it(tmp_path: Path) -> None:
     from cryosieve.cli.pipeline import main as pipeline_main
 

@@ -209,6 +209,7 @@ def test_viewing_direction_order_is_a_permutation_and_leaves_scores_unchanged(kn
     assert np.array_equal(ordered, unordered)
 
 
+@pytest.mark.slow
 def test_known_truth_junk_removal_and_bfactor_ranking(known_truth, capsys):
     """10 % junk of another protein, per-particle B-factors, half maps from RELION.
 

@@ -185,6 +185,7 @@ def outputs(prefix: str) -> dict[str, str]:
     return {name: digest for name, digest in tree(Path(prefix)).items() if not name.endswith(("_pipeline.log",))}
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_pipeline_and_continue_finishes_it(small: SmallData, tmp_path: Path) -> None:
     """Same prefix in two folders: the interrupted and continued run equals the uninterrupted one byte for byte."""
     (tmp_path / "reference").mkdir()

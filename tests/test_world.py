@@ -169,6 +169,7 @@ def test_reconstruct_gives_the_map_of_one_process(data: Path) -> None:
     np.testing.assert_allclose(three, one, rtol=0, atol=1e-6 * float(np.abs(one).max()))
 
 
+@pytest.mark.slow
 def test_pipeline_gives_the_sets_of_one_process(data: Path) -> None:
     args = ["--i", "particles.star", "--mask", "mask.mrc", "--num_iters", "2", "--frequency_start", "20",
             "--frequency_end", "12", "--quiet", "--no-report"]
@@ -191,6 +192,7 @@ def test_pipeline_gives_the_sets_of_one_process(data: Path) -> None:
         np.testing.assert_allclose(two, one, rtol=0, atol=1e-6 * float(np.abs(one).max()))
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback(data: Path) -> None:
     run_one("cryosieve.cli.core", core_args("one/k.star"), data)
     port = free_port()
