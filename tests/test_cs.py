@@ -200,3 +200,22 @@ def test_pipeline_gives_an_external_reconstruction_a_star_description(small: Sma
     view = read_particles(prefix + "_iter0_relion.star")
     np.testing.assert_array_equal(view.image_name, read_cs_particles(cs_file).image_name)
     assert Path(prefix + "_iter0_half1.mrc").is_file() and Path(prefix + "_iter1.cs").is_file()
+
+
+def test_new_poses_are_written_back_as_cryosparc_poses(cs_file: Path, tmp_path: Path) -> None:
+    particles = read_cs_particles(cs_file)
+    rng = np.random.default_rng(8)
+    n = len(particles)
+    rot, tilt, psi = rng.uniform(-180, 180, n), rng.uniform(1, 179, n), rng.uniform(-180, 180, n)
+    origin_x, origin_y = rng.uniform(-4, 4, n), rng.uniform(-4, 4, n)
+    particles.with_poses(rot, tilt, psi, origin_x, origin_y).write(tmp_path / "out.cs")
+    back = read_cs_particles(tmp_path / "out.cs")
+    expected = np.array([relion_angles(pyem_expmap(vector))
+                         for vector in np.asarray(Dataset.load(str(tmp_path / "out.cs"))["alignments3D/pose"],
+                                                  dtype=np.float64)])
+    assert angle_difference(expected[:, 0], rot).max() < 1e-3  # float32 fields
+    assert angle_difference(back.tilt, tilt).max() < 1e-3
+    assert angle_difference(back.psi, psi).max() < 1e-3
+    np.testing.assert_allclose(back.origin_x, origin_x, atol=1e-5)
+    np.testing.assert_array_equal(back.source.uid, particles.source.uid)
+    np.testing.assert_array_equal(back.defocus_u, particles.defocus_u)
