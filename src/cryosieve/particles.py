@@ -120,7 +120,10 @@ class ParticleSet:
         for name, value in values.items():
             if value.shape != (len(self),):
                 raise ValueError(f"{name}: expected shape ({len(self)},), got {value.shape}")
-        return replace(self, **values, source=self.source.with_poses(**values, pixel_size=self.pixel_size))
+        source = self.source.with_poses(values["rot"], values["tilt"], values["psi"], values["origin_x"],
+                                        values["origin_y"], self.pixel_size)
+        return replace(self, rot=values["rot"], tilt=values["tilt"], psi=values["psi"], origin_x=values["origin_x"],
+                       origin_y=values["origin_y"], source=source)
 
     def with_values(self, **values: Any) -> ParticleSet:
         """The same particles with some values replaced (the source is not changed)."""

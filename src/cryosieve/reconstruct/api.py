@@ -154,10 +154,10 @@ def reconstruct_subsets(table: ParticleSet, reader: StackReader, *, subsets: Seq
     for value, chosen in members.items():
         if chosen.size == 0:
             raise CryoSieveInputError(f"{table.path}: no particles with rlnRandomSubset {value}")
-    merged = {int(label): [int(value) for value in members] for label, members in (unions or {}).items()}
-    for label, members in merged.items():
-        if label in subsets or not members or not set(members) <= set(subsets):
-            raise ValueError(f"union {label}: needs a new label and subsets among {subsets}, got {members}")
+    merged = {int(label): [int(value) for value in parts] for label, parts in (unions or {}).items()}
+    for label, parts in merged.items():
+        if label in subsets or not parts or not set(parts) <= set(subsets):
+            raise ValueError(f"union {label}: needs a new label and subsets among {subsets}, got {parts}")
     keep = np.isin(table.random_subset[selected], subsets)
     return _reconstruct(table, reader, selected[keep], table.random_subset[selected[keep]], subsets,
                         symmetry=symmetry, apply_ctf=apply_ctf, pad_factor=pad_factor, batch_size=batch_size,
