@@ -42,15 +42,41 @@ FINE_SHIFTS = 5
 
 def subpixel(left: float, centre: float, right: float) -> float:
     """The offset (in steps, within [-0.5, 0.5]) of the maximum of the parabola through three equally
-    spaced scores; 0 where they have no maximum inside."""
+    spaced scores; 0 where they have no maximum inside, or a side is missing (-inf)."""
+    if not (math.isfinite(left) and math.isfinite(right)):
+        return 0.0
     curvature = left - 2.0 * centre + right
     if curvature >= 0.0:
         return 0.0
     return min(0.5, max(-0.5, 0.5 * (left - right) / curvature))
 
 
+def quadratic_peak(coefficients: np.ndarray) -> tuple[float, float, float]:
+    """The maximum of the quadratic ``c + g . x + x^T H x / 2`` of :func:`cryosieve.align.orientations.quadratic_terms`
+    coefficients (7 or 10), within the cube ``[-1, 1]^3``; the origin where it has no maximum there."""
+    gx, gy, gz = coefficients[1], coefficients[2], coefficients[3]
+    hxx, hyy, hzz = 2 * coefficients[4], 2 * coefficients[5], 2 * coefficients[6]
+    hxy = hxz = hyz = 0.0
+    if coefficients.shape[0] > 7:
+        hxy, hxz, hyz = coefficients[7], coefficients[8], coefficients[9]
+    minor2 = hxx * hyy - hxy * hxy
+    det = hxx * (hyy * hzz - hyz * hyz) - hxy * (hxy * hzz - hyz * hxz) + hxz * (hxy * hyz - hyy * hxz)
+    if not (hxx < 0 and minor2 > 0 and det < 0):  # not negative definite: no maximum
+        return 0.0, 0.0, 0.0
+    if det == 0.0:
+        return 0.0, 0.0, 0.0
+    # x = -H^-1 g (the adjugate over the determinant)
+    x = -((hyy * hzz - hyz * hyz) * gx + (hxz * hyz - hxy * hzz) * gy + (hxy * hyz - hxz * hyy) * gz) / det
+    y = -((hxz * hyz - hxy * hzz) * gx + (hxx * hzz - hxz * hxz) * gy + (hxy * hxz - hxx * hyz) * gz) / det
+    z = -((hxy * hyz - hxz * hyy) * gx + (hxy * hxz - hxx * hyz) * gy + (hxx * hyy - hxy * hxy) * gz) / det
+    if max(abs(x), abs(y), abs(z)) > 1.0:
+        return 0.0, 0.0, 0.0
+    return x, y, z
+
+
 if numba is not None:
     _subpixel = numba.njit(inline="always", cache=True)(subpixel)
+    _quadratic_peak = numba.njit(inline="always", cache=True)(quadratic_peak)
 
     @numba.njit(inline="always", cache=True, fastmath=True)
     def _rotate(vx, vy, vz, given, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
@@ -116,7 +142,7 @@ if numba is not None:
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def search_kernel(grid, half, pad, data_real, data_imag, model_weight, ky, kx,  # type: ignore[no-untyped-def]
-                      given, first, neighbours, steps, limits, search_range, shift_range, box,
+                      given, first, neighbours, last, fit, steps, limits, search_range, prior_weight, shift_range, box,
                       out_vector, out_shift, out_score):  # pragma: no cover - compiled
         # grid: (Z, Y, X) complex64 stored transform, zero frequency at [half, half, 0];
         # data_real, data_imag, model_weight: (b, R, C) float32 Y and q on the band (rows ky = -K..K,
@@ -129,11 +155,22 @@ if numba is not None:
         reach = math.floor(shift_range + 1e-9)
         most_shifts = max(2 * reach + 1, FINE_SHIFTS)
         two_pi = 2.0 * math.pi / box
+        flat = grid.reshape(-1).view(np.float32)  # re, im interleaved
+        size_y = np.int32(grid.shape[1])
+        size_x = np.int32(grid.shape[2])
+        half32 = np.int32(half)
+        row_stride = 2 * np.int64(size_x)
+        plane_stride = 2 * np.int64(size_x) * np.int64(size_y)
         for i in numba.prange(count):
             ex_real = np.empty((most_shifts, columns), dtype=np.float32)
             ex_imag = np.empty((most_shifts, columns), dtype=np.float32)
             ey_real = np.empty((rows, most_shifts), dtype=np.float32)
             ey_imag = np.empty((rows, most_shifts), dtype=np.float32)
+            offset_x = np.empty(columns, dtype=np.float32)
+            offset_y = np.empty(columns, dtype=np.float32)
+            offset_z = np.empty(columns, dtype=np.float32)
+            sign = np.empty(columns, dtype=np.float32)
+            corner = np.empty(columns, dtype=np.int32)
             x_real = np.empty(columns, dtype=np.float32)
             x_imag = np.empty(columns, dtype=np.float32)
             z_real = np.empty(most_shifts, dtype=np.float32)
@@ -143,6 +180,7 @@ if numba is not None:
             offsets = np.empty(most_shifts, dtype=np.float64)
             order = np.empty(most_shifts, dtype=np.int64)  # the centre first: it wins ties
             rotation = np.empty((3, 3), dtype=np.float64)
+            candidate_best = np.empty(max(first.shape[0], neighbours.shape[0], last.shape[0]), dtype=np.float64)
             vector_x, vector_y, vector_z = 0.0, 0.0, 0.0
             shift_x, shift_y = 0.0, 0.0
             best_score = -np.inf
@@ -168,7 +206,7 @@ if numba is not None:
                     for j in range(shifts):
                         offsets[j] = (j - FINE_SHIFTS // 2) * spacing
                     centre_x, centre_y = shift_x, shift_y
-                    candidates = neighbours.shape[0]
+                    candidates = last.shape[0] if level == levels - 1 else neighbours.shape[0]
                 middle = shifts // 2
                 order[0] = middle
                 for j in range(middle):
@@ -194,19 +232,24 @@ if numba is not None:
                         vx = first[m, 0] * step
                         vy = first[m, 1] * step
                         vz = first[m, 2] * step
+                    elif level == levels - 1:
+                        vx = vector_x + last[m, 0] * step
+                        vy = vector_y + last[m, 1] * step
+                        vz = vector_z + last[m, 2] * step
                     else:
                         vx = vector_x + neighbours[m, 0] * step
                         vy = vector_y + neighbours[m, 1] * step
                         vz = vector_z + neighbours[m, 2] * step
+                    candidate_best[m] = -np.inf
                     if vx * vx + vy * vy + vz * vz > search_range * search_range * (1 + 1e-9):
                         continue
                     _rotate(vx, vy, vz, given[i], rotation)
-                    a00 = rotation[0, 0] * pad
-                    a01 = rotation[0, 1] * pad
-                    a02 = rotation[0, 2] * pad
                     a10 = rotation[1, 0] * pad
                     a11 = rotation[1, 1] * pad
                     a12 = rotation[1, 2] * pad
+                    f00 = np.float32(rotation[0, 0] * pad)
+                    f01 = np.float32(rotation[0, 1] * pad)
+                    f02 = np.float32(rotation[0, 2] * pad)
                     for t in range(shifts):
                         for s in range(shifts):
                             scores[t, s] = 0.0
@@ -219,14 +262,54 @@ if numba is not None:
                         last_column = min(columns - 1, math.ceil(math.sqrt(room)) - 1)
                         if last_column * last_column >= room:
                             last_column -= 1
-                        bx = a10 * row_ky
-                        by = a11 * row_ky
-                        bz = a12 * row_ky
-                        row_power = np.float32(0.0)
-                        for c in range(last_column + 1):
+                        bx = np.float32(a10 * row_ky)
+                        by = np.float32(a11 * row_ky)
+                        bz = np.float32(a12 * row_ky)
+                        width = last_column + 1
+                        # 1. where each sample lands (a fixed-form loop the compiler vectorises)
+                        for c in range(width):
                             column_kx = kx[c]
-                            model_real, model_imag = _sample(grid, half, bx + a00 * column_kx,
-                                                             by + a01 * column_kx, bz + a02 * column_kx)
+                            x = bx + f00 * column_kx
+                            y = by + f01 * column_kx
+                            z = bz + f02 * column_kx
+                            flip = np.float32(-1.0) if x < 0 else np.float32(1.0)
+                            x *= flip
+                            y *= flip
+                            z *= flip
+                            x0 = np.floor(x)
+                            y0 = np.floor(y)
+                            z0 = np.floor(z)
+                            offset_x[c] = x - x0
+                            offset_y[c] = y - y0
+                            offset_z[c] = z - z0
+                            sign[c] = flip
+                            corner[c] = ((np.int32(z0) + half32) * size_y + np.int32(y0) + half32) * size_x \
+                                + np.int32(x0)
+                        # 2. trilinear interpolation from the float32 view of the grid, and the products
+                        row_power = np.float32(0.0)
+                        for c in range(width):
+                            fx = offset_x[c]
+                            fy = offset_y[c]
+                            fz = offset_z[c]
+                            gx = np.float32(1.0) - fx
+                            gy = np.float32(1.0) - fy
+                            gz = np.float32(1.0) - fz
+                            w00 = gz * gy
+                            w01 = gz * fy
+                            w10 = fz * gy
+                            w11 = fz * fy
+                            base = 2 * np.int64(corner[c])
+                            b01 = base + row_stride
+                            b10 = base + plane_stride
+                            b11 = b10 + row_stride
+                            model_real = (gx * (w00 * flat[base] + w01 * flat[b01] + w10 * flat[b10]
+                                                + w11 * flat[b11])
+                                          + fx * (w00 * flat[base + 2] + w01 * flat[b01 + 2] + w10 * flat[b10 + 2]
+                                                  + w11 * flat[b11 + 2]))
+                            model_imag = (gx * (w00 * flat[base + 1] + w01 * flat[b01 + 1] + w10 * flat[b10 + 1]
+                                                + w11 * flat[b11 + 1])
+                                          + fx * (w00 * flat[base + 3] + w01 * flat[b01 + 3]
+                                                  + w10 * flat[b10 + 3] + w11 * flat[b11 + 3])) * sign[c]
                             q = model_weight[i, r, c]
                             row_power += q * (model_real * model_real + model_imag * model_imag)
                             yr = data_real[i, r, c]
@@ -248,6 +331,7 @@ if numba is not None:
                             for s in range(shifts):
                                 scores[t, s] += z_real[s] * er - z_imag[s] * ei
                     norm = 1.0 / math.sqrt(power) if power > 0.0 else 0.0
+                    penalty = (vx * vx + vy * vy + vz * vz) * prior_weight
                     improved = False
                     for ot in range(shifts):
                         t = order[ot]
@@ -258,7 +342,10 @@ if numba is not None:
                             if dx * dx + dy * dy > shift_range * shift_range * (1 + 1e-9):
                                 scores[t, s] = -np.inf
                                 continue
-                            scores[t, s] *= norm
+                            correlation = scores[t, s] * norm
+                            scores[t, s] = 0.5 * correlation * abs(correlation) - penalty
+                            if scores[t, s] > candidate_best[m]:
+                                candidate_best[m] = scores[t, s]
                             if scores[t, s] > level_best:
                                 level_best = scores[t, s]
                                 level_row, level_column = t, s
@@ -269,6 +356,23 @@ if numba is not None:
                             for s in range(shifts):
                                 best_scores[t, s] = scores[t, s]
                 if level_best > -np.inf:
+                    if level > 0 and level == levels - 1:
+                        # below the step: the peak of the quadratic through the scores around the centre, where
+                        # it has one within their cube
+                        complete = True
+                        for m in range(candidates):
+                            if not candidate_best[m] > -np.inf:
+                                complete = False
+                        if complete:
+                            coefficients = np.zeros(fit.shape[0], dtype=np.float64)
+                            for term in range(fit.shape[0]):
+                                for m in range(candidates):
+                                    coefficients[term] += fit[term, m] * candidate_best[m]
+                            px, py, pz = _quadratic_peak(coefficients)
+                            if px != 0.0 or py != 0.0 or pz != 0.0:
+                                level_vector_x = vector_x + step * px
+                                level_vector_y = vector_y + step * py
+                                level_vector_z = vector_z + step * pz
                     vector_x, vector_y, vector_z = level_vector_x, level_vector_y, level_vector_z
                     shift_x = centre_x + offsets[level_column]
                     shift_y = centre_y + offsets[level_row]

@@ -13,8 +13,9 @@
    with unions);
 4. the post-processing of the two half maps (the resolution at FSC 0.143 of the phase-randomisation-corrected
    FSC, reported for the iteration);
-5. a half-set stops when its own resolution did not improve, or when fewer than ``MOVED_FRACTION`` of its
-   particles moved by more than its finest step; its poses stay as they are from then on.
+5. a half-set stops when its own resolution did not improve (nor, at Nyquist, its FSC), or when fewer than
+   ``MOVED_FRACTION`` of its particles moved by more than its finest step; its poses stay as they are from
+   then on.
 
 Each half-set thus decides everything from its own particles only (its mask too, when none is given: one
 made around its own first map), and the two meet only in the post-processing: changing the images of one
@@ -227,11 +228,12 @@ def refine_gold_standard(table: ParticleSet, reader: StackReader, mask: np.ndarr
         resolution = _joint_resolution(maps, mask, pixel, settings.search.device)
         record = Iteration(iteration, resolution, {}, {}, {}, {}, {}, {}, {})
         for half, (members, search) in halves.items():
-            before = references[half].resolution
+            previous = references[half]
+            before = previous.resolution
             references[half] = _reference(maps, half, masks[half], pixel, settings)
             finest = search.levels.finest
             moved_fraction = float(np.mean(found.angle()[members] > finest)) if len(members) else 0.0
-            active[half] = references[half].resolution < before and moved_fraction >= MOVED_FRACTION
+            active[half] = references[half].better_than(previous) and moved_fraction >= MOVED_FRACTION
             record.half_resolution_before[half] = before
             record.half_resolution[half] = references[half].resolution
             record.finest_step[half] = finest

@@ -8,8 +8,10 @@ within ``r`` of the given one, and a cubic lattice of spacing ``s`` in ``w`` sam
 
 The search runs in levels (:class:`SearchLevels`): the first tries every lattice point within the search
 range at the coarsest step; each next level halves the step and tries the 27 points of the lattice
-around the best so far, down to the finest step. Each level compares projections up to the frequency its
-step can tell apart (:func:`level_frequencies`), the finest one up to the current resolution.
+around the best so far; the last, at the finest step, the best and its 6 neighbours along the axes
+(:func:`cross`), and, where the best stays best, a parabola along each axis places it below the step.
+Each level compares projections up to the frequency its step can tell apart (:func:`level_frequencies`),
+the finest one up to the current resolution.
 """
 
 from __future__ import annotations
@@ -62,6 +64,30 @@ def neighbours() -> np.ndarray:
     return lattice(math.sqrt(3.0))
 
 
+def cross() -> np.ndarray:
+    """The centre and its 6 neighbours along the axes, in the order centre, -x, +x, -y, +y, -z, +z:
+    ``(7, 3)`` float64 (the last level's candidates)."""
+    return np.array([[0, 0, 0], [-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]],
+                    dtype=np.float64)
+
+
+def quadratic_terms(pattern: np.ndarray) -> np.ndarray:
+    """The terms of a quadratic in 3 variables at the points ``pattern`` ``(m, 3)``: ``1, x, y, z, x^2, y^2, z^2``,
+    and ``xy, xz, yz`` where the points fix them (off the axes): ``(m, 7)`` or ``(m, 10)`` float64."""
+    pattern = np.asarray(pattern, dtype=np.float64)
+    x, y, z = pattern.T
+    terms = [np.ones(len(pattern)), x, y, z, x * x, y * y, z * z]
+    if np.any(np.count_nonzero(pattern, axis=1) > 1):
+        terms += [x * y, x * z, y * z]
+    return np.stack(terms, axis=1)
+
+
+def quadratic_fit(pattern: np.ndarray) -> np.ndarray:
+    """The least-squares fit of :func:`quadratic_terms` to values at ``pattern``: ``(t, m)`` float64, so that
+    ``fit @ values`` are the coefficients."""
+    return np.ascontiguousarray(np.linalg.pinv(quadratic_terms(pattern)))
+
+
 def supported_step(resolution_angstrom: float, diameter_angstrom: float) -> float:
     """The finest step (degrees) a map of ``resolution_angstrom`` can tell apart for a particle of
     ``diameter_angstrom``: the turn that moves its rim by a quarter of the resolution,
@@ -94,25 +120,30 @@ class SearchLevels:
 
 def level_frequencies(steps: np.ndarray, limit: float, box: int, pixel_size: float, diameter_angstrom: float
                       ) -> np.ndarray:
-    """The frequency (cycles per box) each step compares up to: what the step tells apart,
-    ``box * pixel / (FREQUENCY_REACH * diameter * step)``, at most ``limit`` (the current resolution's
-    frequency; below Nyquist). ``(L,)`` float64."""
-    reach = box * pixel_size / (FREQUENCY_REACH * diameter_angstrom * np.radians(np.asarray(steps, dtype=np.float64)))
-    return np.minimum(reach, limit)
+    """The frequency (cycles per box) each level compares up to: the finest level up to ``limit`` (the current
+    resolution's frequency; below Nyquist), each coarser one up to that times the ratio of the steps (the
+    details its step can still tell apart), and the first at least up to what its step moves the particle's rim
+    by a detail of: ``box * pixel / (FREQUENCY_REACH * diameter * step)``. Never beyond ``limit``. ``(L,)``."""
+    steps = np.asarray(steps, dtype=np.float64)
+    values = limit * steps[-1] / steps
+    reach = box * pixel_size / (FREQUENCY_REACH * diameter_angstrom * math.radians(float(steps[0])))
+    values[0] = max(values[0], reach)
+    return np.minimum(np.maximum.accumulate(values), limit)
 
 
 def search_levels(search_range: float, angular_step: float, resolution_angstrom: float, diameter_angstrom: float,
                   limit: float, box: int, pixel_size: float) -> SearchLevels:
-    """The levels of a search within ``search_range`` degrees: the coarsest step is ``search_range /
-    COARSE_STEPS_PER_RANGE``; then the finest step times powers of 2 below it, down to the finest step:
-    ``angular_step`` degrees, or what ``resolution_angstrom`` supports (:func:`supported_step`) where that is
-    coarser. ``limit``: the frequency (cycles per box) of the current resolution."""
+    """The levels of a search within ``search_range`` degrees: the coarsest step about ``search_range /
+    COARSE_STEPS_PER_RANGE`` (the finest times a power of 2 when that is within a quarter of it); then the finest
+    step times powers of 2 below it, down to the finest step: ``angular_step`` degrees, or what
+    ``resolution_angstrom`` supports (:func:`supported_step`) where that is coarser. ``limit``: the frequency
+    (cycles per box) of the current resolution."""
     finest = max(angular_step, supported_step(resolution_angstrom, diameter_angstrom))
     coarsest = max(search_range / COARSE_STEPS_PER_RANGE, finest)
     chain = [finest]
     while chain[0] * 2 < coarsest * (1 - 1e-9):
         chain.insert(0, chain[0] * 2)
-    steps = chain if chain[0] >= coarsest * (1 - 1e-9) else [coarsest, *chain]
+    steps = chain if chain[0] >= 0.75 * coarsest else [coarsest, *chain]
     values = np.asarray(steps, dtype=np.float64)
     return SearchLevels(steps=values, frequencies=level_frequencies(values, limit, box, pixel_size,
                                                                     diameter_angstrom),

@@ -88,6 +88,13 @@ class HalfReference:
         weight[int(np.ceil(self.limit)) + 1:] = 0.0
         return weight
 
+    def better_than(self, other: HalfReference) -> bool:
+        """Whether this map is better than ``other``: its resolution is finer or, where both reach the same
+        shell (Nyquist, for clean data), its FSC is higher in sum."""
+        if abs(self.resolution - other.resolution) > 1e-9 * other.resolution:
+            return self.resolution < other.resolution
+        return float(self.fsc[1:].sum()) > float(other.fsc[1:].sum())
+
     def projector(self, device: torch.device | str) -> FourierSliceProjector:
         """The central-slice sampler of the weighted reference on ``device`` (built where whole maps are, once
         per device)."""

@@ -31,7 +31,7 @@ import torch
 
 from cryosieve.align import _kernels
 from cryosieve.align.noise import NoiseSpectrum
-from cryosieve.align.orientations import SearchLevels, neighbours, rotation_matrices
+from cryosieve.align.orientations import SearchLevels, cross, neighbours, quadratic_fit, rotation_matrices
 from cryosieve.align.references import HalfReference
 from cryosieve.align.spectra import Band, ctf_on, observed
 from cryosieve.errors import CryoSieveInputError, setting
@@ -43,6 +43,10 @@ from cryosieve.world import job_progress
 
 if TYPE_CHECKING:
     from cryosieve.world import World
+
+#: The candidates of the last level around the best so far (:func:`cryosieve.align.orientations.cross` or
+#: :func:`~cryosieve.align.orientations.neighbours`), whose scores place the best below the step.
+LAST_LEVEL = "neighbours"
 
 #: The implementations of the search: ``numba`` (the CPU kernel), ``torch`` (batched tensors, any device),
 #: ``auto`` (numba on the CPU, torch elsewhere).
@@ -176,9 +180,29 @@ def _search_numba(projector: FourierSliceProjector, data: torch.Tensor, model_we
         np.ascontiguousarray(data.real.numpy()), np.ascontiguousarray(data.imag.numpy()),
         np.ascontiguousarray(model_weight.numpy()), band.ky.astype(np.float32), band.kx.astype(np.float32),
         np.ascontiguousarray(given, dtype=np.float64), levels.first_lattice() / math.radians(float(levels.steps[0])),
-        neighbours(), np.radians(levels.steps), np.asarray(levels.frequencies, dtype=np.float64),
-        math.radians(levels.search_range), float(shift_range), band.box, out.vector, out.shift, out.score)
+        neighbours(), last_pattern(), quadratic_fit(last_pattern()), np.radians(levels.steps),
+        np.asarray(levels.frequencies, dtype=np.float64),
+        math.radians(levels.search_range), prior_weight(levels.search_range), float(shift_range), band.box,
+        out.vector, out.shift, out.score)
     return out
+
+
+#: The prior on the turn from the given pose: Gaussian of standard deviation ``search_range / PRIOR_SPREAD``
+#: (RELION's local searches go to 3 standard deviations of theirs, ``--sigma_ang``); 0: none.
+PRIOR_SPREAD = 3.0
+
+
+def prior_weight(search_range: float) -> float:
+    """``1 / (2 sigma^2)`` (1/rad^2) of the prior on the turn, ``sigma = search_range / PRIOR_SPREAD``."""
+    if PRIOR_SPREAD <= 0:
+        return 0.0
+    sigma = math.radians(search_range) / PRIOR_SPREAD
+    return 1.0 / (2.0 * sigma * sigma)
+
+
+def last_pattern() -> np.ndarray:
+    """The last level's candidates (in steps) around the best so far: see :data:`LAST_LEVEL`."""
+    return cross() if LAST_LEVEL == "cross" else neighbours()
 
 
 def _centre_first(count: int) -> np.ndarray:
@@ -219,7 +243,8 @@ def _search_torch(projector: FourierSliceProjector, data: torch.Tensor, model_we
             spacing = 0.5**level
             offsets = (np.arange(_kernels.FINE_SHIFTS, dtype=np.float64) - _kernels.FINE_SHIFTS // 2) * spacing
             centre = shift.copy()
-            candidates = vector[:, None, :] + neighbours()[None] * step
+            pattern = last_pattern() if level == len(levels.steps) - 1 else neighbours()
+            candidates = vector[:, None, :] + pattern[None] * step
         per = candidates.shape[1]
         allowed = np.linalg.norm(candidates, axis=2) <= math.radians(levels.search_range) * (1 + 1e-9)
         matrices = rotation_matrices(candidates.reshape(-1, 3)) @ np.repeat(given, per, axis=0)
@@ -239,7 +264,9 @@ def _search_torch(projector: FourierSliceProjector, data: torch.Tensor, model_we
         scores = torch.einsum("bmrs,brt->bmts", along_x,
                               torch.from_numpy(phase_y.astype(np.complex64)).to(device)).real.to(torch.float64)
         norm = torch.where(power > 0, power.clamp_min(1e-300).rsqrt(), torch.zeros_like(power))
-        values = (scores * norm[:, :, None, None]).cpu().numpy()
+        correlation = (scores * norm[:, :, None, None]).cpu().numpy()
+        penalty = (candidates**2).sum(axis=2) * prior_weight(levels.search_range)
+        values = 0.5 * correlation * np.abs(correlation) - penalty[:, :, None, None]
         moved_x = centre[:, 0, None] + offsets[None, :]
         moved_y = centre[:, 1, None] + offsets[None, :]
         outside = (moved_y[:, :, None] ** 2 + moved_x[:, None, :] ** 2) > shift_range**2 * (1 + 1e-9)
@@ -252,7 +279,16 @@ def _search_torch(projector: FourierSliceProjector, data: torch.Tensor, model_we
         picked = np.arange(count)
         level_best = values[picked, candidate, row, column]
         improved = level_best > -np.inf
-        vector[improved] = candidates[picked, candidate][improved]
+        chosen = candidates[picked, candidate].copy()
+        if level > 0 and level == len(levels.steps) - 1:  # below the step: the quadratic's peak (the kernel's)
+            per_candidate = values.reshape(count, per, -1).max(axis=2)
+            fit = quadratic_fit(pattern)
+            for index in np.flatnonzero(improved).tolist():
+                if np.all(per_candidate[index] > -np.inf):
+                    peak = np.array(_kernels.quadratic_peak(fit @ per_candidate[index]))
+                    if np.any(peak != 0):
+                        chosen[index] = vector[index] + step * peak
+        vector[improved] = chosen[improved]
         shift[improved, 0] = moved_x[picked, column][improved]
         shift[improved, 1] = moved_y[picked, row][improved]
         score[improved] = level_best[improved]

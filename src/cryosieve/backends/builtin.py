@@ -168,6 +168,8 @@ class BuiltinRefiner:
     shift_range: float = 5.0
     iterations: int = 5
     batch_size: int = 128
+    #: Under ``torchrun``, its jobs run in rank 0's process and every rank searches and reconstructs a share.
+    uses_job_ranks = True
 
     def describe(self) -> str:
         return (f"built-in gold-standard local refinement (search range {self.search_range:g} degrees, angular step "

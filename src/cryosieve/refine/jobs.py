@@ -6,8 +6,9 @@ process (``python -m cryosieve.refine.worker FOLDER``) in a temporary folder bes
 one, which is renamed when the job has written ``result.json``: a job folder is whole or
 absent. A folder whose ``job.json`` records the same job is not recomputed, so running a
 command again resumes it; one that records another job (other settings) is refused. Up to
-``workers`` jobs run at once; a failing job stops the others and names its log, which stays
-beside the job folders (``NAME.log``, and ``NAME.program.txt`` for an external program's
+``workers`` jobs run at once (under ``torchrun``, a refiner that ``uses_job_ranks`` runs its jobs one after
+the other in rank 0's process, handing their work out to every rank); a failing job stops the others and
+names its log, which stays beside the job folders (``NAME.log``, and ``NAME.program.txt`` for an external program's
 output). The worker processes run in process groups of their own and die with the command.
 """
 
@@ -37,6 +38,7 @@ from cryosieve.io.atomic import OutputGroup, remove_stale_temporaries, write_tex
 from cryosieve.io.lock import exclusive_lock
 from cryosieve.io.particle_files import format_of, in_format_of, read_particle_file
 from cryosieve.progress import ProgressFactory, no_progress
+from cryosieve.world import current as current_world
 
 #: How often the runner looks at its workers (seconds).
 POLL_INTERVAL = 0.1
@@ -194,6 +196,9 @@ def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root:
         if is_remote(refiner):
             _run_in_threads(pending, settings, cast(RemoteRefiner, refiner), root, workers, results, update)
             return results
+        if getattr(refiner, "uses_job_ranks", False) and current_world().distributed:
+            _run_here(pending, settings, refiner, root, results, update)
+            return results
         running: list[_Running] = []
         try:
             while pending or running:
@@ -297,6 +302,25 @@ def _run_in_threads(pending: list[tuple[JobSpec, dict[str, Any]]], settings: Job
         for future in futures:
             future.cancel()
         pool.shutdown(wait=True)
+
+
+def _run_here(pending: list[tuple[JobSpec, dict[str, Any]]], settings: JobSettings, refiner: Refiner, root: Path,
+              results: dict[str, RefinementResult], update: Any) -> None:
+    """Run the jobs one after the other in this process: under ``torchrun``, for a refiner whose work is shared
+    by the job's ranks (its tasks are handed out from here, rank 0). Each job's folder appears whole or not."""
+    for spec, record in pending:
+        group = OutputGroup()
+        try:
+            folder = group.folder_for(root / spec.name)
+            job = _prepare(spec, record, settings, folder, root)
+            result = refiner.refine(job, no_progress)
+            write_text_atomic(folder / "result.json", json.dumps(result.__dict__, indent=2) + "\n")
+            group.commit()
+        except BaseException:
+            group.discard()
+            raise
+        results[spec.name] = result
+        update(1)
 
 
 def _stop(running: list[_Running]) -> None:
