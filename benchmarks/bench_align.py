@@ -8,11 +8,12 @@ process of its own from the command line, one after the other:
 1. ``cryosieve-refine --backend builtin --iterations N`` on the whole set (``--count`` particles): wall time,
    the load of the machine before and after, the resolution, and the pose and origin errors against the truth;
 2. with ``--relion_count M``, the first ``M`` particles (both half-sets) refined twice: by the same built-in
-   command, and by ``mpirun -n 3 relion_refine_mpi`` with local searches from the same start (the map of the
-   given poses, low-passed to ``--ini_high``), ``--sigma_ang search_range / 3`` (RELION searches to 3 standard
-   deviations), ``--offset_range`` the shift range, ``--healpix_order 4 --auto_local_healpix_order 4``,
-   ``--offset_step 1``, ``--j 1``: wall times, resolutions (both post-processed by the built-in
-   post-processing with the simulation's mask) and errors.
+   command, and by ``mpirun --oversubscribe -n 3 relion_refine_mpi`` with local searches from the same start
+   (the map of the given poses, low-passed to ``--ini_high``, 10 Å): ``--sigma_ang search_range / 3`` (RELION
+   searches to 3 standard deviations), ``--offset_range`` the shift range, ``--healpix_order 4
+   --auto_local_healpix_order 4``, ``--offset_step 1``, ``--particle_diameter`` the box (the particle fills
+   it), ``--j 1`` and the rest of ``cryosieve-refine --backend relion``'s line: wall times, resolutions (both
+   post-processed by the built-in post-processing with the simulation's mask) and errors.
 
 Example (the figures of docs/benchmarks.md)::
 
@@ -48,14 +49,28 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def run(command: list[str], log: Path) -> float:
-    """Run ``command`` with its output in ``log``; its wall time in seconds."""
+#: CPU seconds (user + system) of the commands run so far, by :func:`run`.
+CPU_SECONDS: list[float] = []
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(command: list[str], log: Path, cwd: Path | None = None) -> float:
+    """Run ``command`` with its output in ``log``; its wall time in seconds (its CPU time is appended to
+    :data:`CPU_SECONDS`)."""
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu()
     with open(log, "wb") as handle:
         handle.write(("$ " + shlex.join(command) + "\n").encode())
         handle.flush()
-        subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=True)
+        subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=True, cwd=cwd)
+    CPU_SECONDS.append(children_cpu() - cpu)
     return time.perf_counter() - start
 
 
@@ -95,8 +110,8 @@ def relion(star: Path, folder: Path, out: Path, args: argparse.Namespace) -> tup
     box, pixel = int(args.box), float(args.angpix)
     job = RefinementJob(particles_star=star, folder=out, directory=folder, symmetry="C1", pixel_size=pixel, box=box,
                         reference=out / "reference.mrc", ini_high=args.ini_high, mask=folder / "mask.mrc",
-                        particle_diameter=None, local=True, seed=1, log=out / "relion.log")
-    refiner = RelionRefiner.from_command_line("mpirun --allow-run-as-root -n 3 relion_refine_mpi", 1)
+                        particle_diameter=box * pixel, local=True, seed=1, log=out / "relion.log")
+    refiner = RelionRefiner.from_command_line("mpirun --oversubscribe --allow-run-as-root -n 3 relion_refine_mpi", 1)
     command = refiner.command(job, out / "reference.mrc")
     replace = {"--sigma_ang": f"{args.search_range / 3:g}", "--offset_range": f"{args.shift_range:g}"}
     for flag, value in replace.items():
@@ -104,7 +119,7 @@ def relion(star: Path, folder: Path, out: Path, args: argparse.Namespace) -> tup
     start = time.perf_counter()
     with StackReader(table, folder) as reader:
         write_volume(out / "reference.mrc", reconstruct(table, reader), pixel)
-    seconds = time.perf_counter() - start + run(command, out / "relion.log")
+    seconds = time.perf_counter() - start + run(command, out / "relion.log", cwd=folder)
     halves = (out / "run_half1_class001_unfil.mrc", out / "run_half2_class001_unfil.mrc")
     report = measure_half_maps(halves, job)
     return seconds, float(report.summary["final_resolution_angstrom"]), out / "run_data.star"  # type: ignore[arg-type]
@@ -120,7 +135,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--search_range", type=float, default=15.0)
     parser.add_argument("--shift_range", type=float, default=5.0)
-    parser.add_argument("--ini_high", type=float, default=30.0)
+    parser.add_argument("--ini_high", type=float, default=10.0, help="RELION's --ini_high (Å), 10 by default")
     parser.add_argument("--relion_count", type=int, default=0, help="particles of the RELION comparison (0: none)")
     parser.add_argument("--work", default="/tmp/cryosieve-bench-align", help="folder of the data and the runs")
     args = parser.parse_args()
@@ -137,6 +152,7 @@ def main() -> None:
     def record(name: str, particles: int, seconds: float, before: float, refined: Path, resolution: float,
                chosen: np.ndarray) -> None:
         row = {"run": name, "particles": particles, "wall (s)": round(seconds, 1),
+               "CPU of the command (s)": round(CPU_SECONDS[-1], 1),
                "load before/after": f"{before:.1f}/{load():.1f}", "resolution (A)": round(resolution, 2),
                **{key: round(value, 3) for key, value in errors(refined, data.truth, data.origin, chosen,
                                                                   data.turned).items()}}

@@ -117,6 +117,30 @@ def test_levels_go_from_the_coarse_step_down_to_the_finest() -> None:
 # --------------------------------------------------------------------------- one search
 
 
+def test_a_noiseless_image_is_the_ctf_times_the_slice_of_its_pose(clean: Path) -> None:
+    """The conventions the search rests on (origin sign, centring, CTF, slice orientation): a noiseless
+    simulated image's band samples, moved by its origin, equal the CTF times the true map's slice of its pose."""
+    from cryosieve.align.slices import slices
+    from cryosieve.align.spectra import ctf_on, observed
+    from cryosieve.projection import FourierSliceProjector
+
+    table = read_particles(clean)
+    rows = np.arange(8)
+    band = Band.of(BOX, 18.0)
+    inside = band.inside()
+    with StackReader(table, clean.parent) as reader:
+        images = torch.from_numpy(reader.read(rows))
+    samples = observed(images, table.origin_x[rows], table.origin_y[rows], band)[:, inside]
+    projector = FourierSliceProjector(torch.from_numpy(mrcfile.read(clean.parent / "truth.mrc")))
+    ky, kx = (np.broadcast_to(values, band.shape)[inside] for values in (band.ky[:, None], band.kx[None, :]))
+    model = ctf_on(table, rows, band, "cpu")[:, inside] * slices(
+        projector, euler_to_matrix(table.rot[rows], table.tilt[rows], table.psi[rows]), ky, kx)
+    error = (samples - model).abs().pow(2).sum() / model.abs().pow(2).sum()
+    assert float(error) < 1e-4
+    moved = observed(images, table.origin_x[rows] + 1.0, table.origin_y[rows], band)[:, inside]
+    assert float((moved - model).abs().pow(2).sum() / model.abs().pow(2).sum()) > 0.1  # a pixel off is far off
+
+
 def test_torch_engine_equals_numba_engine(clean_misaligned: Misaligned) -> None:
     """The batched tensor search (CUDA's path), run on the CPU, finds what the numba kernel finds."""
     table = read_particles(clean_misaligned.star)

@@ -71,6 +71,12 @@ def cross() -> np.ndarray:
                     dtype=np.float64)
 
 
+def ten_points() -> np.ndarray:
+    """The centre, its 6 neighbours along the axes and 3 diagonal ones (``xy``, ``xz``, ``yz``): the fewest points
+    that fix a quadratic in 3 variables, ``(10, 3)`` float64, in the order of :func:`cross` then the diagonals."""
+    return np.concatenate([cross(), np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=np.float64)])
+
+
 def quadratic_terms(pattern: np.ndarray) -> np.ndarray:
     """The terms of a quadratic in 3 variables at the points ``pattern`` ``(m, 3)``: ``1, x, y, z, x^2, y^2, z^2``,
     and ``xy, xz, yz`` where the points fix them (off the axes): ``(m, 7)`` or ``(m, 10)`` float64."""

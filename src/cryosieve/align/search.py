@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +31,14 @@ import torch
 
 from cryosieve.align import _kernels
 from cryosieve.align.noise import NoiseSpectrum
-from cryosieve.align.orientations import SearchLevels, cross, neighbours, quadratic_fit, rotation_matrices
+from cryosieve.align.orientations import (
+    SearchLevels,
+    cross,
+    neighbours,
+    quadratic_fit,
+    rotation_matrices,
+    ten_points,
+)
 from cryosieve.align.references import HalfReference
 from cryosieve.align.spectra import Band, ctf_on, observed
 from cryosieve.errors import CryoSieveInputError, setting
@@ -44,9 +51,13 @@ from cryosieve.world import job_progress
 if TYPE_CHECKING:
     from cryosieve.world import World
 
-#: The candidates of the last level around the best so far (:func:`cryosieve.align.orientations.cross` or
-#: :func:`~cryosieve.align.orientations.neighbours`), whose scores place the best below the step.
-LAST_LEVEL = "neighbours"
+#: The candidates of the last level around the best so far, whose scores place the best below the step:
+#: ``"cross"`` (the centre and its 6 neighbours along the axes, :func:`cryosieve.align.orientations.cross`),
+#: ``"ten"`` (and 3 diagonal ones) or ``"neighbours"`` (all 27). Measured at box 128, SNR 0.05, 600 particles
+#: against a half map of 1,000: the cross samples 4x fewer slices at the finest step, where most of the time
+#: goes, for a median error of 0.87 instead of 0.79 degrees for particles turned by 5-15 degrees, and 0.60
+#: instead of 0.85 for particles given their true poses.
+LAST_LEVEL = "cross"
 
 #: The implementations of the search: ``numba`` (the CPU kernel), ``torch`` (batched tensors, any device),
 #: ``auto`` (numba on the CPU, torch elsewhere).
@@ -202,7 +213,7 @@ def prior_weight(search_range: float) -> float:
 
 def last_pattern() -> np.ndarray:
     """The last level's candidates (in steps) around the best so far: see :data:`LAST_LEVEL`."""
-    return cross() if LAST_LEVEL == "cross" else neighbours()
+    return {"cross": cross, "ten": ten_points}.get(LAST_LEVEL, neighbours)()
 
 
 def _centre_first(count: int) -> np.ndarray:
@@ -336,7 +347,7 @@ class SearchTask:
         total = sum(len(rows) for rows, _ in self.halves.values())
         update = job_progress(self.progress, world, total)
         try:
-            settings = SearchSettings(**{**self.settings.__dict__, "device": world.device(self.settings.device)})
+            settings = replace(self.settings, device=world.device(self.settings.device))
             with StackReader(self.table, self.directory) as reader:
                 for rows, half in self.halves.values():
                     share = world.share(rows)
