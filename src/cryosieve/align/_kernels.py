@@ -180,7 +180,13 @@ if numba is not None:
             offsets = np.empty(most_shifts, dtype=np.float64)
             order = np.empty(most_shifts, dtype=np.int64)  # the centre first: it wins ties
             rotation = np.empty((3, 3), dtype=np.float64)
-            candidate_best = np.empty(max(first.shape[0], neighbours.shape[0], last.shape[0]), dtype=np.float64)
+            most = max(first.shape[0], neighbours.shape[0], last.shape[0])
+            candidate_best = np.empty(most, dtype=np.float64)
+            vectors_of = np.empty((most, 3), dtype=np.float64)
+            coefficients_of = np.empty((most, 6), dtype=np.float64)
+            allowed = np.empty(most, dtype=np.bool_)
+            powers = np.empty(most, dtype=np.float64)
+            sums = np.empty((most, most_shifts, most_shifts), dtype=np.float64)
             vector_x, vector_y, vector_z = 0.0, 0.0, 0.0
             shift_x, shift_y = 0.0, 0.0
             best_score = -np.inf
@@ -227,6 +233,8 @@ if numba is not None:
                 level_best = -np.inf
                 level_vector_x, level_vector_y, level_vector_z = vector_x, vector_y, vector_z
                 level_row, level_column = 0, 0
+                # the candidates' poses (the sample rows of neighbouring poses are read one after the other,
+                # while their grid lines are still in the caches)
                 for m in range(candidates):
                     if level == 0:
                         vx = first[m, 0] * step
@@ -241,30 +249,35 @@ if numba is not None:
                         vy = vector_y + neighbours[m, 1] * step
                         vz = vector_z + neighbours[m, 2] * step
                     candidate_best[m] = -np.inf
-                    if vx * vx + vy * vy + vz * vz > search_range * search_range * (1 + 1e-9):
-                        continue
+                    vectors_of[m, 0] = vx
+                    vectors_of[m, 1] = vy
+                    vectors_of[m, 2] = vz
+                    allowed[m] = vx * vx + vy * vy + vz * vz <= search_range * search_range * (1 + 1e-9)
                     _rotate(vx, vy, vz, given[i], rotation)
-                    a10 = rotation[1, 0] * pad
-                    a11 = rotation[1, 1] * pad
-                    a12 = rotation[1, 2] * pad
-                    f00 = np.float32(rotation[0, 0] * pad)
-                    f01 = np.float32(rotation[0, 1] * pad)
-                    f02 = np.float32(rotation[0, 2] * pad)
+                    for j in range(3):
+                        coefficients_of[m, j] = rotation[0, j] * pad
+                        coefficients_of[m, 3 + j] = rotation[1, j] * pad
+                    powers[m] = 0.0
                     for t in range(shifts):
                         for s in range(shifts):
-                            scores[t, s] = 0.0
-                    power = 0.0
-                    for r in range(centre_row - last_row, centre_row + last_row + 1):
-                        row_ky = ky[r]
-                        room = limit2 - row_ky * row_ky
-                        if room <= 0.0:
+                            sums[m, t, s] = 0.0
+                for r in range(centre_row - last_row, centre_row + last_row + 1):
+                    row_ky = ky[r]
+                    room = limit2 - row_ky * row_ky
+                    if room <= 0.0:
+                        continue
+                    last_column = min(columns - 1, math.ceil(math.sqrt(room)) - 1)
+                    if last_column * last_column >= room:
+                        last_column -= 1
+                    for m in range(candidates):
+                        if not allowed[m]:
                             continue
-                        last_column = min(columns - 1, math.ceil(math.sqrt(room)) - 1)
-                        if last_column * last_column >= room:
-                            last_column -= 1
-                        bx = np.float32(a10 * row_ky)
-                        by = np.float32(a11 * row_ky)
-                        bz = np.float32(a12 * row_ky)
+                        f00 = np.float32(coefficients_of[m, 0])
+                        f01 = np.float32(coefficients_of[m, 1])
+                        f02 = np.float32(coefficients_of[m, 2])
+                        bx = np.float32(coefficients_of[m, 3] * row_ky)
+                        by = np.float32(coefficients_of[m, 4] * row_ky)
+                        bz = np.float32(coefficients_of[m, 5] * row_ky)
                         width = last_column + 1
                         # 1. where each sample lands (a fixed-form loop the compiler vectorises)
                         for c in range(width):
@@ -316,7 +329,7 @@ if numba is not None:
                             yi = data_imag[i, r, c]
                             x_real[c] = yr * model_real + yi * model_imag
                             x_imag[c] = yi * model_real - yr * model_imag
-                        power += row_power
+                        powers[m] += row_power
                         for s in range(shifts):
                             sum_real = np.float32(0.0)
                             sum_imag = np.float32(0.0)
@@ -329,7 +342,12 @@ if numba is not None:
                             er = ey_real[r, t]
                             ei = ey_imag[r, t]
                             for s in range(shifts):
-                                scores[t, s] += z_real[s] * er - z_imag[s] * ei
+                                sums[m, t, s] += z_real[s] * er - z_imag[s] * ei
+                for m in range(candidates):
+                    if not allowed[m]:
+                        continue
+                    power = powers[m]
+                    vx, vy, vz = vectors_of[m, 0], vectors_of[m, 1], vectors_of[m, 2]
                     norm = 1.0 / math.sqrt(power) if power > 0.0 else 0.0
                     penalty = (vx * vx + vy * vy + vz * vz) * prior_weight
                     improved = False
@@ -342,7 +360,7 @@ if numba is not None:
                             if dx * dx + dy * dy > shift_range * shift_range * (1 + 1e-9):
                                 scores[t, s] = -np.inf
                                 continue
-                            correlation = scores[t, s] * norm
+                            correlation = sums[m, t, s] * norm
                             scores[t, s] = 0.5 * correlation * abs(correlation) - penalty
                             if scores[t, s] > candidate_best[m]:
                                 candidate_best[m] = scores[t, s]
