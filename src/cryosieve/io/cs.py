@@ -102,6 +102,20 @@ class CsSource:
         dataset["alignments3D/split"] = np.asarray(halves, dtype=np.int64) - 1
         return CsSource(dataset, folder=self.folder)
 
+    def with_poses(self, rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray, origin_x: np.ndarray,
+                   origin_y: np.ndarray, pixel_size: np.ndarray) -> CsSource:
+        """``alignments3D/pose`` (the rotation vector of ``A^T``) and ``alignments3D/shift`` (pixels)
+        replaced, every other field kept."""
+        from scipy.spatial.transform import Rotation
+
+        dataset = self.dataset.copy()
+        matrices = euler_to_matrix(np.asarray(rot, dtype=np.float64), np.asarray(tilt, dtype=np.float64),
+                                   np.asarray(psi, dtype=np.float64))
+        dataset["alignments3D/pose"] = Rotation.from_matrix(np.transpose(matrices, (0, 2, 1))).as_rotvec()
+        dataset["alignments3D/shift"] = np.stack([np.asarray(origin_x, dtype=np.float64),
+                                                  np.asarray(origin_y, dtype=np.float64)], axis=1)
+        return CsSource(dataset, folder=self.folder)
+
     @property
     def uid(self) -> np.ndarray:
         """``(n,)`` uint64 particle uids."""
