@@ -35,6 +35,7 @@ from cryosieve.align._kernels import quadratic_peak, subpixel
 from cryosieve.align.orientations import lattice, neighbours, quadratic_fit, quadratic_terms, rotation_matrices
 from cryosieve.align.search import _search_numba, _search_torch, _terms
 from cryosieve.align.spectra import Band
+from cryosieve.batch import ParticleBatch
 from cryosieve.cli.refine import main as refine_main
 from cryosieve.cli.rhbfactor import main as rh_main
 from cryosieve.fsc import fourier_shell_correlation
@@ -130,14 +131,16 @@ def test_a_noiseless_image_is_the_ctf_times_the_slice_of_its_pose(clean: Path) -
     inside = band.inside()
     with StackReader(table, clean.parent) as reader:
         images = torch.from_numpy(reader.read(rows))
-    samples = observed(images, table.origin_x[rows], table.origin_y[rows], band)[:, inside]
+    batch = ParticleBatch.from_table(table, rows)
+    samples = observed(images, batch, band)[:, inside]
     projector = FourierSliceProjector(torch.from_numpy(mrcfile.read(clean.parent / "truth.mrc")))
     ky, kx = (np.broadcast_to(values, band.shape)[inside] for values in (band.ky[:, None], band.kx[None, :]))
-    model = ctf_on(table, rows, band, "cpu")[:, inside] * slices(
+    model = ctf_on(batch, band, "cpu")[:, inside] * slices(
         projector, euler_to_matrix(table.rot[rows], table.tilt[rows], table.psi[rows]), ky, kx)
     error = (samples - model).abs().pow(2).sum() / model.abs().pow(2).sum()
     assert float(error) < 1e-4
-    moved = observed(images, table.origin_x[rows] + 1.0, table.origin_y[rows], band)[:, inside]
+    shifted = ParticleBatch.from_table(table.with_values(origin_x=table.origin_x + 1.0), rows)
+    moved = observed(images, shifted, band)[:, inside]
     assert float((moved - model).abs().pow(2).sum() / model.abs().pow(2).sum()) > 0.1  # a pixel off is far off
 
 
@@ -155,7 +158,8 @@ def test_torch_engine_equals_numba_engine(clean_misaligned: Misaligned) -> None:
         images = torch.from_numpy(reader.read(rows))
     levels = search_levels(15.0, 0.5, BOX * PIXEL / reference.limit, 150.0, reference.limit, BOX, PIXEL)
     band = Band.of(BOX, reference.limit)
-    data, weight = _terms(table, rows, images, band, torch.from_numpy(noise.weights(band).astype(np.float32)))
+    data, weight = _terms(ParticleBatch.from_table(table, rows), images, band,
+                          torch.from_numpy(noise.weights(band).astype(np.float32)))
     given = euler_to_matrix(table.rot[rows], table.tilt[rows], table.psi[rows])
     projector = reference.projector("cpu")
     numba_found = _search_numba(projector, data, weight, band, given, levels, 5.0)

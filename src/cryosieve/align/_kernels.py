@@ -10,8 +10,9 @@ once, the whitened cross-correlation and the model's whitened power::
 with ``Y = w CTF J / sigma^2`` and ``q = w CTF^2 / sigma^2`` (:mod:`cryosieve.align.search`). The sum over
 shifts is separable (a truncated inverse DFT, row by row: ``Z(ky, dx) = sum_kx X(ky, kx) e_x(kx, dx)``, then
 ``C(dx, dy) = Re sum_ky Z(ky, dx) e_y(ky, dy)``), so every shift of a level costs two small matrix products
-per pose, over the band-limited samples only. The score of ``(A, d)`` is ``C / sqrt(Q)``: the normalised
-cross-correlation of the image with the CTF-modulated projection, in the noise's metric.
+per pose, over the band-limited samples only (the tables from :func:`cryosieve.fourier.shift_phase_value`).
+The score of ``(A, d)`` is ``C / sqrt(Q)``: the normalised cross-correlation of the image with the
+CTF-modulated projection, in the noise's metric.
 
 Levels (:mod:`cryosieve.align.orientations`): the first tries every rotation vector of ``first`` (times the
 first step) and every integer shift within ``shift_range``; each next one the 27 neighbours of the best
@@ -75,6 +76,8 @@ def quadratic_peak(coefficients: np.ndarray) -> tuple[float, float, float]:
 
 
 if numba is not None:
+    from cryosieve.fourier import shift_phase_value
+
     _subpixel = numba.njit(inline="always", cache=True)(subpixel)
     _quadratic_peak = numba.njit(inline="always", cache=True)(quadratic_peak)
 
@@ -154,7 +157,6 @@ if numba is not None:
         centre_row = (rows - 1) // 2
         reach = math.floor(shift_range + 1e-9)
         most_shifts = max(2 * reach + 1, FINE_SHIFTS)
-        two_pi = 2.0 * math.pi / box
         flat = grid.reshape(-1).view(np.float32)  # re, im interleaved
         size_y = np.int32(grid.shape[1])
         size_x = np.int32(grid.shape[2])
@@ -222,14 +224,10 @@ if numba is not None:
                 # the level's shift tables: e_x(kx, dx) and e_y(ky, dy) = exp(-2 pi i k d / N)
                 for j in range(shifts):
                     for c in range(columns):
-                        phase = -two_pi * kx[c] * (centre_x + offsets[j])
-                        ex_real[j, c] = math.cos(phase)
-                        ex_imag[j, c] = math.sin(phase)
+                        ex_real[j, c], ex_imag[j, c] = shift_phase_value(kx[c], centre_x + offsets[j], box)
                 for r in range(rows):
                     for j in range(shifts):
-                        phase = -two_pi * ky[r] * (centre_y + offsets[j])
-                        ey_real[r, j] = math.cos(phase)
-                        ey_imag[r, j] = math.sin(phase)
+                        ey_real[r, j], ey_imag[r, j] = shift_phase_value(ky[r], centre_y + offsets[j], box)
                 level_best = -np.inf
                 level_vector_x, level_vector_y, level_vector_z = vector_x, vector_y, vector_z
                 level_row, level_column = 0, 0

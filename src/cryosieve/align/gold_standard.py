@@ -27,15 +27,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from cryosieve.align.noise import noise_spectrum
 from cryosieve.align.orientations import angle_between, search_levels
 from cryosieve.align.references import HalfReference, half_reference, quarter_labels
-from cryosieve.align.search import Found, HalfSearch, SearchSettings, SearchTask, moved
-from cryosieve.errors import CryoSieveInputError, setting
+from cryosieve.align.search import Found, HalfSearch, SearchTask, moved
+from cryosieve.align.settings import GoldStandardSettings
+from cryosieve.errors import CryoSieveInputError
+from cryosieve.fourier import centred_coordinates
 from cryosieve.geometry import euler_to_matrix
 from cryosieve.io.stack import StackReader
 from cryosieve.mask import soft_mask
@@ -49,32 +51,6 @@ log = logging.getLogger("cryosieve")
 MOVED_FRACTION = 0.01
 #: The two half-sets.
 HALVES = (1, 2)
-
-
-@dataclass(frozen=True)
-class GoldStandardSettings:
-    """What :func:`refine_gold_standard` does: the ``search``; at most ``iterations`` rounds; ``symmetry`` of
-    the reconstructions (the search itself is of each particle's own pose); ``lowest_resolution`` (Å): the
-    search always compares up to at least this resolution; ``particle_diameter`` (Å; ``None``: from the mask);
-    particles per batch of the reconstruction."""
-
-    search: SearchSettings = field(default_factory=SearchSettings)
-    iterations: int = 5
-    symmetry: str = "C1"
-    lowest_resolution: float = 30.0
-    particle_diameter: float | None = None
-    reconstruct_batch_size: int = 128
-
-    def check(self) -> None:
-        """Raise :class:`CryoSieveInputError` naming the first bad setting."""
-        self.search.check()
-        if self.iterations < 1:
-            raise CryoSieveInputError(f"{setting('iterations')} {self.iterations}: must be at least 1")
-        if not (math.isfinite(self.lowest_resolution) and self.lowest_resolution > 0):
-            raise CryoSieveInputError(f"{setting('ini_high')} {self.lowest_resolution}: must be a positive "
-                                      "resolution in Å")
-        if self.particle_diameter is not None and not self.particle_diameter > 0:
-            raise CryoSieveInputError(f"{setting('particle_diameter')} {self.particle_diameter}: must be positive")
 
 
 @dataclass
@@ -121,8 +97,8 @@ class GoldStandardResult:
 def particle_diameter(mask: np.ndarray, pixel_size: float) -> float:
     """The particle's diameter (Å) a mask implies: twice the largest distance from the box centre of a voxel
     where the mask is at least one half, at most the box."""
-    box = mask.shape[-1]
-    axis = (np.arange(box) - box // 2) ** 2
+    box = int(mask.shape[-1])
+    axis: np.ndarray = centred_coordinates(box) ** 2
     radius2 = axis[:, None, None] + axis[None, :, None] + axis[None, None, :]
     inside = mask >= 0.5
     if not inside.any():

@@ -1,11 +1,12 @@
 """Noise whitening per shell, from the data: what a search divides each sample's contribution by.
 
 The noise power of shell ``s`` (``round(|k|)``, cycles per box) is the mean of ``|J - CTF P|^2`` over the
-samples of that shell of a half-set's particles at their current poses (:func:`noise_spectrum`): ``J``
-the centred, origin-moved image sample (:func:`cryosieve.align.spectra.observed`), ``P`` the reference's
-projection. So a search weighs each sample by ``1 / sigma^2`` of its shell, as a Gaussian likelihood of
-coloured noise does, and what the reference does not explain (noise, and signal beyond its resolution)
-counts as noise. Each half-set's spectrum comes from its own particles only.
+samples of that shell of a half-set's particles at their current poses (:func:`noise_spectrum`): ``J`` the
+centred, origin-moved image sample (:func:`cryosieve.align.spectra.observed`, from each batch's
+:class:`~cryosieve.batch.ParticleBatch`), ``P`` the reference's projection. So a search weighs each sample by
+``1 / sigma^2`` of its shell, as a Gaussian likelihood of coloured noise does, and what the reference does not
+explain (noise, and signal beyond its resolution) counts as noise. Each half-set's spectrum comes from its own
+particles only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from cryosieve.align.slices import slices
 from cryosieve.align.spectra import Band, ctf_on, observed
-from cryosieve.geometry import euler_to_matrix
+from cryosieve.batch import ParticleBatch
 from cryosieve.io.stack import StackReader
 from cryosieve.particles import ParticleSet
 from cryosieve.projection import FourierSliceProjector
@@ -38,7 +39,8 @@ class NoiseSpectrum:
     def weights(self, band: Band) -> np.ndarray:
         """``(R, C)`` float64: each band sample's Friedel weight over its shell's noise power."""
         shell = np.minimum(band.shell, len(self.power) - 1)
-        return band.friedel / self.power[shell]
+        weights: np.ndarray = band.friedel / self.power[shell]
+        return weights
 
 
 def spread_rows(rows: np.ndarray, count: int) -> np.ndarray:
@@ -66,11 +68,11 @@ def noise_spectrum(table: ParticleSet, reader: StackReader, rows: np.ndarray, pr
     samples = np.zeros(box // 2 + 1)
     chosen = spread_rows(rows, count)
     for start in range(0, len(chosen), batch_size):
-        batch = chosen[start:start + batch_size]
-        images = torch.from_numpy(reader.read(batch)).to(device)
-        residual = observed(images, table.origin_x[batch], table.origin_y[batch], band)
-        model = slices(projector, euler_to_matrix(table.rot[batch], table.tilt[batch], table.psi[batch]), ky, kx)
-        ctf = ctf_on(table, batch, band, device)
+        batch = ParticleBatch.from_table(table, chosen[start:start + batch_size])
+        images = torch.from_numpy(reader.read(batch.rows)).to(device)
+        residual = observed(images, batch, band)
+        model = slices(projector, batch.rotations, ky, kx)
+        ctf = ctf_on(batch, band, device)
         residual[:, where] -= ctf[:, where] * model
         squared = (residual.abs() ** 2).to(torch.float64).sum(dim=0).cpu().numpy()
         power[:shells] += np.bincount(band.shell.ravel(), (squared * band.friedel).ravel(), minlength=shells)[:shells]

@@ -36,7 +36,8 @@ def rotation_matrices(vectors: np.ndarray) -> np.ndarray:
     cross[:, 0, 1], cross[:, 0, 2], cross[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
     cross[:, 1, 0], cross[:, 2, 0], cross[:, 2, 1] = axis[:, 2], -axis[:, 1], axis[:, 0]
     sine, versine = np.sin(angle)[:, None, None], (1 - np.cos(angle))[:, None, None]
-    return np.eye(3)[None] + sine * cross + versine * (cross @ cross)
+    matrices: np.ndarray = np.eye(3)[None] + sine * cross + versine * (cross @ cross)
+    return matrices
 
 
 def angle_between(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -44,7 +45,8 @@ def angle_between(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     ``(n, 3, 3)``: ``(n,)`` float64."""
     cosine = (np.einsum("nij,nij->n", np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64))
               - 1) / 2
-    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+    angles: np.ndarray = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+    return angles
 
 
 def lattice(radius_steps: float) -> np.ndarray:

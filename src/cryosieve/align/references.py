@@ -18,12 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryosieve.fsc import fourier_shell_correlation, fsc_weight
+from cryosieve.fsc import fourier_shell_correlation, fsc_weight, threshold_crossing
+from cryosieve.postprocess.report import FSC_THRESHOLD
 from cryosieve.precision import map_device
 from cryosieve.projection import FourierSliceProjector
-
-#: The FSC at which a half-set's resolution is read (the gold-standard threshold).
-FSC_THRESHOLD = 0.143
 
 
 def quarter_labels(halves: np.ndarray) -> np.ndarray:
@@ -46,12 +44,9 @@ def half_map_fsc(quarter_fsc: np.ndarray) -> np.ndarray:
 
 def crossing(fsc: np.ndarray, threshold: float = FSC_THRESHOLD) -> float:
     """The frequency (shells, cycles per box; interpolated) where ``fsc`` first falls below ``threshold``
-    after shell 0; the last shell when it never does."""
-    for shell in range(1, len(fsc)):
-        if fsc[shell] < threshold:
-            previous, current = float(fsc[shell - 1]), float(fsc[shell])
-            return shell - 1 + ((previous - threshold) / (previous - current) if previous != current else 0.0)
-    return float(len(fsc) - 1)
+    after shell 0 (:func:`cryosieve.fsc.threshold_crossing`); the last shell when it never does."""
+    reached = threshold_crossing(fsc, threshold)
+    return float(len(fsc) - 1) if reached is None else reached
 
 
 @dataclass

@@ -40,8 +40,10 @@ from cryosieve.align.orientations import (
     ten_points,
 )
 from cryosieve.align.references import HalfReference
+from cryosieve.align.settings import SearchSettings
 from cryosieve.align.spectra import Band, ctf_on, observed
-from cryosieve.errors import CryoSieveInputError, setting
+from cryosieve.batch import ParticleBatch
+from cryosieve.fourier import shift_phases
 from cryosieve.geometry import euler_to_matrix, matrix_to_euler
 from cryosieve.io.stack import StackReader, images_on, prefetch_batches
 from cryosieve.particles import ParticleSet
@@ -58,48 +60,6 @@ if TYPE_CHECKING:
 #: goes, for a median error of 0.87 instead of 0.79 degrees for particles turned by 5-15 degrees, and 0.60
 #: instead of 0.85 for particles given their true poses.
 LAST_LEVEL = "cross"
-
-#: The implementations of the search: ``numba`` (the CPU kernel), ``torch`` (batched tensors, any device),
-#: ``auto`` (numba on the CPU, torch elsewhere).
-ENGINES = ("auto", "numba", "torch")
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """How to search: ``search_range`` (degrees, the largest turn from the given pose), ``angular_step``
-    (degrees, the finest step, unless the resolution supports only a coarser one), ``shift_range`` (pixels,
-    the largest move of the origin), particles per batch, device and engine (:data:`ENGINES`)."""
-
-    search_range: float = 15.0
-    angular_step: float = 0.5
-    shift_range: float = 5.0
-    batch_size: int = 128
-    device: Any = "cpu"
-    engine: str = "auto"
-
-    def check(self) -> None:
-        """Raise :class:`CryoSieveInputError` naming the first bad setting."""
-        for name, value in (("search_range", self.search_range), ("angular_step", self.angular_step)):
-            if not (math.isfinite(value) and 0 < value <= 180):
-                raise CryoSieveInputError(f"{setting(name)} {value}: must be in (0, 180] degrees")
-        if self.angular_step > self.search_range:
-            raise CryoSieveInputError(f"{setting('angular_step')} {self.angular_step}: must not exceed "
-                                      f"{setting('search_range')} {self.search_range}")
-        if not (math.isfinite(self.shift_range) and 0 <= self.shift_range <= 100):
-            raise CryoSieveInputError(f"{setting('shift_range')} {self.shift_range}: must be in [0, 100] pixels")
-        if self.batch_size < 1:
-            raise CryoSieveInputError(f"{setting('batch_size')} {self.batch_size}: must be at least 1")
-        if self.engine not in ENGINES:
-            raise CryoSieveInputError(f"{setting('engine')} {self.engine}: must be one of {', '.join(ENGINES)}")
-        if self.engine == "numba" and (torch.device(self.device).type != "cpu" or not _kernels.AVAILABLE):
-            raise CryoSieveInputError(f"{setting('engine')} numba: runs on the CPU only, with numba installed")
-
-    def chosen_engine(self) -> str:
-        """``"numba"`` or ``"torch"``."""
-        if self.engine != "auto":
-            return self.engine
-        return "numba" if torch.device(self.device).type == "cpu" and _kernels.AVAILABLE else "torch"
-
 
 @dataclass
 class HalfSearch:
@@ -126,11 +86,13 @@ class Found:
 
     def angle(self) -> np.ndarray:
         """``(n,)`` degrees each pose turned."""
-        return np.degrees(np.linalg.norm(self.vector, axis=1))
+        angles: np.ndarray = np.degrees(np.linalg.norm(self.vector, axis=1))
+        return angles
 
     def distance(self) -> np.ndarray:
         """``(n,)`` pixels each origin moved."""
-        return np.hypot(self.shift[:, 0], self.shift[:, 1])
+        distances: np.ndarray = np.hypot(self.shift[:, 0], self.shift[:, 1])
+        return distances
 
 
 def moved(table: ParticleSet, found: Found) -> ParticleSet:
@@ -140,11 +102,11 @@ def moved(table: ParticleSet, found: Found) -> ParticleSet:
     return table.with_poses(rot, tilt, psi, table.origin_x + found.shift[:, 0], table.origin_y + found.shift[:, 1])
 
 
-def _terms(table: ParticleSet, rows: np.ndarray, images: torch.Tensor, band: Band, weights: torch.Tensor
+def _terms(batch: ParticleBatch, images: torch.Tensor, band: Band, weights: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Y`` ``(b, R, C)`` complex64 and ``q`` ``(b, R, C)`` float32 of a batch on the images' device."""
-    samples = observed(images, table.origin_x[rows], table.origin_y[rows], band)
-    ctf = ctf_on(table, rows, band, images.device)
+    samples = observed(images, batch, band)
+    ctf = ctf_on(batch, band, images.device)
     return samples * (ctf * weights), ctf * ctf * weights
 
 
@@ -167,8 +129,9 @@ def search_rows(table: ParticleSet, reader: StackReader, rows: np.ndarray, half:
     on_cpu = device.type == "cpu"
     for batch_rows, images in prefetch_batches(reader, batches, background=not on_cpu, pinned=not on_cpu):
         assert isinstance(images, (np.ndarray, torch.Tensor))  # whole batches (not read on demand)
-        data, model_weight = _terms(table, batch_rows, images_on(images, device), band, weights)
-        given = euler_to_matrix(table.rot[batch_rows], table.tilt[batch_rows], table.psi[batch_rows])
+        batch = ParticleBatch.from_table(table, batch_rows)
+        data, model_weight = _terms(batch, images_on(images, device), band, weights)
+        given = batch.rotations
         if engine == "numba":
             batch_found = _search_numba(projector, data, model_weight, band, given, levels, settings.shift_range)
         else:
@@ -268,9 +231,9 @@ def _search_torch(projector: FourierSliceProjector, data: torch.Tensor, model_we
         power = (level_weight[:, None, :] * (model.real**2 + model.imag**2)).sum(dim=2).to(torch.float64)
         products = torch.zeros((count, per, *inside.shape), dtype=torch.complex64, device=device)
         products[:, :, where] = level_data[:, None, :] * model.conj()
-        two_pi = 2 * math.pi / box
-        phase_x = np.exp(-1j * two_pi * kx[None, :, None] * (centre[:, 0, None, None] + offsets[None, None, :]))
-        phase_y = np.exp(-1j * two_pi * ky[None, :, None] * (centre[:, 1, None, None] + offsets[None, None, :]))
+        # (b, C, S) and (b, R, S): the factors of every shift of the level, exp(-2 pi i k d / N)
+        phase_x = shift_phases(kx, centre[:, 0, None] + offsets[None, :], box).transpose(0, 2, 1)
+        phase_y = shift_phases(ky, centre[:, 1, None] + offsets[None, :], box).transpose(0, 2, 1)
         along_x = torch.einsum("bmrc,bcs->bmrs", products, torch.from_numpy(phase_x.astype(np.complex64)).to(device))
         scores = torch.einsum("bmrs,brt->bmts", along_x,
                               torch.from_numpy(phase_y.astype(np.complex64)).to(device)).real.to(torch.float64)

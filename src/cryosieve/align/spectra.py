@@ -3,13 +3,13 @@
 A search compares images with projections only up to a frequency ``limit`` (cycles per box), so it
 keeps only the image samples with ``|k| < limit`` of the ``rfft2`` half-plane, laid out as a rectangle
 (:class:`Band`): rows ``ky = -K .. K`` and columns ``kx = 0 .. K`` (``K`` the largest integer below the
-limit), zero outside the disc. On it, each particle's samples are centred and moved by its given origin
-(:func:`observed`), as the scorer and the reconstruction do: ``J(k) = FT(I)(k) exp(-2 pi i k . (o - N/2) / N)``,
-``o`` the origin in pixels, so that ``J = CTF P(A0)`` for a particle at its given pose and origin; the CTF
-is the package's one (:class:`cryosieve.ctf.CtfParameters`).
+limit; frequencies of :func:`cryosieve.fourier.fft_frequencies` and :func:`cryosieve.fourier.rfft_frequencies`),
+zero outside the disc. On it, each particle's samples are centred and moved by its given origin
+(:func:`observed`, the origin phase of :func:`cryosieve.fourier.origin_phases`), as the scorer and the
+reconstruction do, so that ``J = CTF P(A0)`` for a particle at its given pose and origin; the CTF is the
+package's one (the batch's :class:`cryosieve.ctf.CtfParameters`).
 
-This module and :mod:`cryosieve.align.noise` are where the search takes the package's Fourier conventions
-(frequencies in cycles per box, the CTF), so that they are changed in one place.
+Every particle quantity comes from a :class:`cryosieve.batch.ParticleBatch`, as in scoring and insertion.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryosieve.ctf import CtfParameters
-from cryosieve.particles import ParticleSet
+from cryosieve.batch import ParticleBatch
+from cryosieve.fourier import fft_frequencies, origin_phases, rfft_frequencies
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,13 @@ class Band:
         """The band of ``box`` up to ``limit`` (capped just below Nyquist, ``N / 2``)."""
         limit = float(min(limit, box / 2 - 1e-6))
         reach = max(math.ceil(limit) - 1, 1)
-        ky = np.arange(-reach, reach + 1, dtype=np.float64)
-        kx = np.arange(0, reach + 1, dtype=np.float64)
+        row_index = np.arange(-reach, reach + 1, dtype=np.int64) % box
+        ky = fft_frequencies(box)[row_index]
+        kx = rfft_frequencies(box)[:reach + 1]
         radius = np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
         inside = (radius < limit) & (radius > 0)
         friedel = np.where(inside, np.where(kx[None, :] == 0, 1.0, 2.0), 0.0)
-        return cls(box=box, limit=limit, ky=ky, kx=kx, row_index=(ky.astype(np.int64) % box), friedel=friedel,
+        return cls(box=box, limit=limit, ky=ky, kx=kx, row_index=row_index, friedel=friedel,
                    shell=np.rint(radius).astype(np.int64))
 
     @property
@@ -76,25 +77,24 @@ class Band:
         return self.friedel > 0
 
 
-def observed(images: torch.Tensor, origin_x: np.ndarray, origin_y: np.ndarray, band: Band) -> torch.Tensor:
-    """The samples ``J`` of ``(b, N, N)`` images on ``band``, centred and moved by their origins ``(b,)``
-    (pixels): ``(b, R, C)`` complex64 on the images' device, zero outside the band."""
+def observed(images: torch.Tensor, batch: ParticleBatch, band: Band) -> torch.Tensor:
+    """The samples ``J`` of the ``(b, N, N)`` images of ``batch`` on ``band``, centred and moved by their origins
+    (:func:`cryosieve.fourier.origin_phases`): ``(b, R, C)`` complex64 on the images' device, zero outside the
+    band."""
     device = images.device
-    box = band.box
     spectra = torch.fft.rfft2(images.to(torch.float32))
     rows = torch.from_numpy(band.row_index).to(device)
     samples = spectra[:, rows, :len(band.kx)]
-    two_pi = 2 * math.pi / box
-    phase_x = np.exp(-1j * two_pi * band.kx[None, :] * (np.asarray(origin_x, dtype=np.float64)[:, None] - box // 2))
-    phase_y = np.exp(-1j * two_pi * band.ky[None, :] * (np.asarray(origin_y, dtype=np.float64)[:, None] - box // 2))
-    phase = phase_y[:, :, None] * phase_x[:, None, :] * (band.friedel > 0)[None]
-    return samples * torch.from_numpy(phase.astype(np.complex64)).to(device)
+    phase_y, phase_x = origin_phases(band.box, batch.origin_y, batch.origin_x)  # (b, N), (b, N // 2 + 1)
+    phase = phase_y[:, band.row_index, None] * phase_x[:, None, :len(band.kx)] * band.inside()[None]
+    moved: torch.Tensor = samples * torch.from_numpy(phase.astype(np.complex64)).to(device)
+    return moved
 
 
-def ctf_on(table: ParticleSet, rows: np.ndarray, band: Band, device: torch.device | str) -> torch.Tensor:
-    """The CTF of the particles ``rows`` at the band's samples: ``(b, R, C)`` float32 on ``device``."""
-    pixel = np.asarray(table.pixel_size, dtype=np.float64)[rows][:, None]
+def ctf_on(batch: ParticleBatch, band: Band, device: torch.device | str) -> torch.Tensor:
+    """The CTF of the particles of ``batch`` at the band's samples: ``(b, R, C)`` float32 on ``device``."""
+    pixel = batch.pixel_size[:, None]
     kx = np.broadcast_to(band.kx[None, :], band.shape).reshape(1, -1) / (band.box * pixel)
     ky = np.broadcast_to(band.ky[:, None], band.shape).reshape(1, -1) / (band.box * pixel)
-    values = CtfParameters.from_table(table, rows).evaluate(kx, ky)
-    return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(len(rows), *band.shape)).to(device)
+    values = batch.ctf.evaluate(kx, ky)
+    return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(len(batch), *band.shape)).to(device)

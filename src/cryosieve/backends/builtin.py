@@ -189,13 +189,13 @@ class BuiltinRefiner:
 
     def settings(self, job: RefinementJob) -> Any:
         """The :class:`cryosieve.align.GoldStandardSettings` of ``job``."""
-        from cryosieve.align import GoldStandardSettings, SearchSettings
+        from cryosieve.align import LOWEST_RESOLUTION, GoldStandardSettings, SearchSettings
 
         return GoldStandardSettings(
             search=SearchSettings(search_range=self.search_range, angular_step=self.angular_step,
                                   shift_range=self.shift_range, batch_size=self.batch_size, device=self.device),
             iterations=self.iterations, symmetry=job.symmetry,
-            lowest_resolution=GoldStandardSettings.lowest_resolution if job.ini_high is None else job.ini_high,
+            lowest_resolution=LOWEST_RESOLUTION if job.ini_high is None else job.ini_high,
             particle_diameter=job.particle_diameter)
 
     def check(self, job: RefinementJob | None = None) -> None:

@@ -49,7 +49,8 @@ def add_refine_arguments(parser: argparse.ArgumentParser, cryosparc_command: str
                              "with its given poses (low-passed to --ini_high), CryoSPARC from an ab-initio job.")
     parser.add_argument("--ini_high", type=float, default=None,
                         help="initial resolution (Å); by default RELION's --ini_high is 30 and CryoSPARC's refinement "
-                             "gets no refine_res_init (its own default), as the original.")
+                             "gets no refine_res_init (its own default), as the original; the built-in refinement "
+                             "always compares up to at least this resolution (30 by default).")
     parser.add_argument("--repeat", type=int, default=1,
                         help="number of trials (different random seeds), 1 by default.")
     parser.add_argument("--resplit", action="store_true",
