@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--shift_range", type=float, default=5.0)
     parser.add_argument("--ini_high", type=float, default=10.0, help="RELION's --ini_high (Å), 10 by default")
     parser.add_argument("--relion_count", type=int, default=0, help="particles of the RELION comparison (0: none)")
+    parser.add_argument("--skip_relion", action="store_true", help="with --relion_count, the built-in run only")
+    parser.add_argument("--skip_full", action="store_true", help="not the run on the whole set")
     parser.add_argument("--work", default="/tmp/cryosieve-bench-align", help="folder of the data and the runs")
     args = parser.parse_args()
     work = Path(args.work)
@@ -159,13 +161,14 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    out = work / f"builtin_{args.count}"
-    out.mkdir(parents=True, exist_ok=True)
-    before = load()
-    seconds, refined = builtin(data.star, folder, out, args)
-    resolution = float(pd.read_csv(out / "summary.csv")["resolution (A)"].iloc[0])
-    record(f"cryosieve-refine --backend builtin --iterations {args.iterations}", args.count, seconds, before, refined,
-           resolution, rows)
+    if not args.skip_full:
+        out = work / f"builtin_{args.count}"
+        out.mkdir(parents=True, exist_ok=True)
+        before = load()
+        seconds, refined = builtin(data.star, folder, out, args)
+        resolution = float(pd.read_csv(out / "summary.csv")["resolution (A)"].iloc[0])
+        record(f"cryosieve-refine --backend builtin --iterations {args.iterations}", args.count, seconds, before,
+               refined, resolution, rows)
     if args.relion_count:
         subset = np.arange(args.relion_count)
         table = read_particles(data.star).subset(subset)
@@ -178,6 +181,9 @@ def main() -> None:
         resolution = float(pd.read_csv(out / "summary.csv")["resolution (A)"].iloc[0])
         record(f"cryosieve-refine --backend builtin --iterations {args.iterations}", args.relion_count, seconds,
                before, refined, resolution, subset)
+    if args.relion_count and not args.skip_relion:
+        subset = np.arange(args.relion_count)
+        star = folder / f"misaligned_{args.relion_count}.star"
         out = work / f"relion_{args.relion_count}"
         out.mkdir(parents=True, exist_ok=True)
         before = load()
