@@ -36,7 +36,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mrcfile
@@ -49,7 +49,9 @@ import torch
 import cryosieve.reconstruct as reconstruction
 import cryosieve.reconstruct.tensor_path as reconstruction_torch
 from conftest import KnownTruthData, model_map, optics_table, require, write_map
+from cryosieve.batch import ParticleBatch
 from cryosieve.cli.reconstruct import main
+from cryosieve.ctf import CtfParameters
 from cryosieve.errors import CryoSieveInputError
 from cryosieve.fsc import fourier_shell_correlation, resolution_at_threshold, shell_index
 from cryosieve.geometry import euler_to_matrix
@@ -458,22 +460,20 @@ def test_half_grid_insertion_equals_full_hermitian_insertion(path: str) -> None:
                                atol=1e-9)
 
 
-def random_batch(count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The per-particle columns the engines read (cryosieve.reconstruct.BATCH_COLUMNS)."""
+def random_batch(count: int, rng: np.random.Generator) -> ParticleBatch:
+    """Random poses, origins and CTF terms (B-factor and scale included) of ``count`` particles: every value of a
+    :class:`~cryosieve.batch.ParticleBatch` the engines read (no particle set behind it)."""
     defocus_u = rng.uniform(8000, 25000, count)
-    batch = {"origin_x": rng.uniform(-3, 3, count), "origin_y": rng.uniform(-3, 3, count),
-             "pixel_size": np.full(count, VOXEL), "defocus_u": defocus_u,
-             "defocus_v": defocus_u - rng.uniform(0, 2000, count), "defocus_angle": rng.uniform(-180, 180, count),
-             "voltage": np.full(count, 300.0), "spherical_aberration": np.full(count, 2.7),
-             "amplitude_contrast": np.full(count, 0.1), "phase_shift": np.zeros(count),
-             "ctf_bfactor": rng.uniform(0, 100, count), "ctf_scalefactor": rng.uniform(0.5, 1.5, count),
-             "rot": rng.uniform(-180, 180, count), "tilt": np.degrees(np.arccos(rng.uniform(-1, 1, count))),
-             "psi": rng.uniform(-180, 180, count)}
-    assert set(batch) == set(reconstruction.BATCH_COLUMNS)
-    return batch
+    ctf = CtfParameters.from_values(defocus_u, defocus_u - rng.uniform(0, 2000, count), rng.uniform(-180, 180, count),
+                                    np.full(count, 300.0), np.full(count, 2.7), np.full(count, 0.1), np.zeros(count),
+                                    rng.uniform(0, 100, count), rng.uniform(0.5, 1.5, count))
+    return ParticleBatch(table=None, rows=np.arange(count), rot=rng.uniform(-180, 180, count),  # type: ignore[arg-type]
+                         tilt=np.degrees(np.arccos(rng.uniform(-1, 1, count))), psi=rng.uniform(-180, 180, count),
+                         origin_x=rng.uniform(-3, 3, count), origin_y=rng.uniform(-3, 3, count),
+                         pixel_size=np.full(count, VOXEL), ctf=ctf)
 
 
-def inserted_grid(engine: str, images: np.ndarray, batch: dict[str, np.ndarray], pad: int,
+def inserted_grid(engine: str, images: np.ndarray, batch: ParticleBatch, pad: int,
                   apply_ctf: bool) -> np.ndarray | torch.Tensor:
     """One grid filled by an engine's batch insertion (before the Hermitian fill)."""
     box = images.shape[-1]
@@ -605,14 +605,14 @@ def test_single_image_is_read_back_from_its_slice(engine: str, apply_ctf: bool) 
     disc = kx * kx + ky * ky < (box / 2) ** 2
     for rot, tilt, psi in ((0, 0, 0), (90, 90, 0), (180, 90, 270), (-90, 180, 90)):
         image = rng.normal(size=(1, box, box))
-        batch = random_batch(1, rng)
-        batch.update(rot=np.array([rot], float), tilt=np.array([tilt], float), psi=np.array([psi], float))
+        batch = replace(random_batch(1, rng), rot=np.array([rot], float), tilt=np.array([tilt], float),
+                        psi=np.array([psi], float))
         grid = inserted_grid(engine, image, batch, pad, apply_ctf)
         reconstruction.enforce_hermitian(grid)
         grid = as_numpy(grid)
         centre = box // 2
         expected = np.fft.fft2(image[0].astype(np.float32)) * np.exp(
-            2j * np.pi / box * (kx * (centre - batch["origin_x"][0]) + ky * (centre - batch["origin_y"][0])))
+            2j * np.pi / box * (kx * (centre - batch.origin_x[0]) + ky * (centre - batch.origin_y[0])))
         matrix = euler_to_matrix(np.array(float(rot)), np.array(float(tilt)), np.array(float(psi)))
         points = pad * np.stack([kx[disc], ky[disc], np.zeros(disc.sum())], axis=-1) @ matrix  # A^T k, (x, y, z)
         lattice = np.rint(points).astype(np.int64)
