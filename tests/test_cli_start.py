@@ -77,6 +77,10 @@ def test_bad_input_is_answered_before_torch_loads(small: SmallData, tmp_path: Pa
         ("simulate", ["--o", str(tmp_path / "sim"), "--num_particles", "0"], "--num_particles"),
         ("refine", ["--i", str(tmp_path / "missing.star"), "--o", str(tmp_path / "r.csv"), "--backend", "fixed"],
          "missing.star"),
+        ("refine", ["--i", str(tmp_path / "missing.star"), "--o", str(tmp_path / "r.csv"), "--backend", "builtin"],
+         "missing.star"),
+        ("refine", ["--i", str(small.star), "--o", str(tmp_path / "r.csv"), "--backend", "builtin", "--search_range",
+                    "0"], "--search_range"),
     ]
     for command, args, named in cases:
         code, loaded, last = probe(command, *args)

@@ -411,3 +411,22 @@ def test_a_repeated_particle_gets_a_uid_of_its_own(tmp_path: Path) -> None:
     assert len(np.unique(uids)) == 23
     np.testing.assert_array_equal(uids[:20], particle_uids(particles))
     assert not np.array_equal(particle_uids(particles, seed=1), particle_uids(particles))
+
+
+def test_new_poses_are_written_back_as_cryosparc_poses(cs_file: Path, tmp_path: Path) -> None:
+    particles = read_cs_particles(cs_file)
+    rng = np.random.default_rng(8)
+    n = len(particles)
+    rot, tilt, psi = rng.uniform(-180, 180, n), rng.uniform(1, 179, n), rng.uniform(-180, 180, n)
+    origin_x, origin_y = rng.uniform(-4, 4, n), rng.uniform(-4, 4, n)
+    particles.with_poses(rot, tilt, psi, origin_x, origin_y).write(tmp_path / "out.cs")
+    back = read_cs_particles(tmp_path / "out.cs")
+    expected = np.array([relion_angles(pyem_expmap(vector))
+                         for vector in np.asarray(Dataset.load(str(tmp_path / "out.cs"))["alignments3D/pose"],
+                                                  dtype=np.float64)])
+    assert angle_difference(expected[:, 0], rot).max() < 1e-3  # float32 fields
+    assert angle_difference(back.tilt, tilt).max() < 1e-3
+    assert angle_difference(back.psi, psi).max() < 1e-3
+    np.testing.assert_allclose(back.origin_x, origin_x, atol=1e-5)
+    np.testing.assert_array_equal(back.source.uid, particles.source.uid)
+    np.testing.assert_array_equal(back.defocus_u, particles.defocus_u)

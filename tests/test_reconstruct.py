@@ -349,6 +349,24 @@ def test_half_sets_in_one_pass_equal_single_subset_maps(small: Simulated) -> Non
     assert fsc(maps[1], maps[2])[1:6].min() > 0.8  # both halves see the same particle
 
 
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_a_union_of_subsets_is_the_map_of_their_particles(small: Simulated, engine: str) -> None:
+    """Quarters 11, 12 of half-set 1 and their union 1 in one pass: the union is the map of half-set 1 itself."""
+    table = read_particles(small.star)
+    quarters = np.where(table.random_subset == 1, 11, 21) + np.arange(len(table)) % 2
+    split = table.with_values(random_subset=quarters)
+    with StackReader(table, small.folder) as reader:
+        maps = reconstruct_subsets(split, reader, subsets=(11, 12, 21, 22), unions={1: (11, 12), 2: (21, 22)},
+                                   engine=engine)
+        halves = reconstruct_subsets(table, reader, engine=engine)
+    assert sorted(maps) == [1, 2, 11, 12, 21, 22]
+    for half in (1, 2):
+        np.testing.assert_allclose(maps[half], halves[half], rtol=0, atol=1e-6 * np.abs(halves[half]).max())
+        assert not np.allclose(maps[half * 10 + 1], halves[half], atol=1e-3 * np.abs(halves[half]).max())
+    with pytest.raises(ValueError, match="union 11"):
+        reconstruct_subsets(split, StackReader(table, small.folder), subsets=(11, 12), unions={11: (11, 12)})
+
+
 def test_batch_size_and_thread_count_do_not_change_the_map(small: Simulated) -> None:
     """Only the order of the float64 sums changes (threads fill separate grid copies)."""
     import numba

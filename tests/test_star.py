@@ -172,3 +172,43 @@ def test_a_stack_name_that_is_not_utf8_cannot_go_to_a_cs_file(tmp_path):
     with pytest.raises(CryoSieveInputError) as caught:
         in_format_of(read_particles(path), tmp_path / "out.cs")
     assert "row 1, 'st\\udce9ck.mrcs', holds bytes that are not UTF-8" in str(caught.value)
+
+
+def test_new_poses_are_written_back_with_every_other_column(tmp_path):
+    rng = np.random.default_rng(3)
+    particles = random_particles(12, rng, 1.0, "stack.mrcs")
+    particles["rlnRandomSubset"] = [1, 2] * 6
+    particles["rlnMicrographName"] = [f"mic{i % 3}.mrc" for i in range(12)]
+    write_31(tmp_path / "in.star", particles, optics_table(64, 1.25))
+    table = read_particles(tmp_path / "in.star")
+    rot, tilt, psi = rng.uniform(-180, 180, 12), rng.uniform(0, 180, 12), rng.uniform(-180, 180, 12)
+    origin_x, origin_y = rng.uniform(-5, 5, 12), rng.uniform(-5, 5, 12)
+    table.with_poses(rot, tilt, psi, origin_x, origin_y).write(tmp_path / "out.star")
+    back = starfile.read(tmp_path / "out.star", always_dict=True)
+    original = starfile.read(tmp_path / "in.star", always_dict=True)
+    np.testing.assert_array_equal(back["particles"]["rlnAngleRot"], rot)
+    np.testing.assert_array_equal(back["particles"]["rlnAngleTilt"], tilt)
+    np.testing.assert_array_equal(back["particles"]["rlnAnglePsi"], psi)
+    np.testing.assert_array_equal(back["particles"]["rlnOriginXAngst"], origin_x * 1.25)
+    np.testing.assert_array_equal(back["particles"]["rlnOriginYAngst"], origin_y * 1.25)
+    kept = [name for name in original["particles"].columns if "Angle" not in name and "Origin" not in name]
+    assert list(back["particles"].columns) == list(original["particles"].columns)
+    pd.testing.assert_frame_equal(back["particles"][kept], original["particles"][kept])
+    pd.testing.assert_frame_equal(back["optics"], original["optics"])
+    again = read_particles(tmp_path / "out.star")
+    np.testing.assert_allclose(again.origin_x, origin_x, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(again.rot, rot)
+
+
+def test_new_poses_of_a_relion30_file_are_origins_in_pixels(tmp_path):
+    rng = np.random.default_rng(4)
+    particles = random_particles(4, rng, 1.0, "stack.mrcs").drop(columns=["rlnOriginXAngst", "rlnOriginYAngst",
+                                                                          "rlnOpticsGroup"])
+    particles["rlnVoltage"], particles["rlnSphericalAberration"], particles["rlnAmplitudeContrast"] = 300.0, 2.7, 0.1
+    starfile.write({"images": particles}, tmp_path / "in.star", overwrite=True)
+    table = read_particles(tmp_path / "in.star", angpix=1.7)
+    shifted = table.with_poses(table.rot, table.tilt, table.psi, np.array([1.0, -2.5, 0.0, 3.25]), np.zeros(4))
+    shifted.write(tmp_path / "out.star")
+    again = read_particles(tmp_path / "out.star", angpix=1.7)
+    assert again.origin_x.tolist() == [1.0, -2.5, 0.0, 3.25]
+    assert "rlnOriginXAngst" not in starfile.read(tmp_path / "out.star", always_dict=True)["images"].columns

@@ -118,6 +118,19 @@ def origin_phases(box: int, origin_y: Any, origin_x: Any) -> tuple[Any, Any]:
             torch.polar(one, step * kx[None, :] * (centre - origin_x[:, None])))
 
 
+def shift_phases(frequencies: Any, shifts: Any, box: int) -> np.ndarray:
+    """``exp(-2 pi i k d / n)``: the factors that move an image by ``d`` pixels (``I(x - d)``, so that
+    ``FT(I(x - d))(k) = FT(I)(k) exp(-2 pi i k d / n)``) along one axis.
+
+    ``frequencies``: ``(m,)`` cycles per box; ``shifts``: pixels, any shape ``S``. Returns ``S + (m,)``
+    complex128. :func:`origin_phases` is the same factor for ``d = n // 2 - o``; inside numba kernels
+    :func:`shift_phase_value`.
+    """
+    angle = (-2 * math.pi / box) * np.asarray(frequencies, dtype=np.float64)
+    phases: np.ndarray = np.exp(1j * (np.asarray(shifts, dtype=np.float64)[..., None] * angle))
+    return phases
+
+
 def raised_cosine(fraction: Any) -> Any:
     """``(1 + cos(pi t)) / 2`` of ``t`` in [0, 1] (1 at 0, 0 at 1): the soft edge of masks and filters.
     Arrays, tensors or numbers; ``t`` outside [0, 1] is the caller's to clamp."""
@@ -134,6 +147,13 @@ if _NUMBA is not None:
     def raised_cosine_value(fraction):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         """:func:`raised_cosine` of one number, inside numba kernels."""
         return 0.5 + 0.5 * math.cos(math.pi * fraction)
+
+    @_NUMBA.njit(inline="always", cache=True)
+    def shift_phase_value(frequency, shift, box):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        """:func:`shift_phases` of one frequency (cycles per box) and one shift (pixels), inside numba kernels:
+        ``(cos, sin)`` of ``-2 pi k d / n``."""
+        angle = (-2.0 * math.pi / box) * frequency * shift
+        return math.cos(angle), math.sin(angle)
 
 
 def fft_workers() -> int:

@@ -89,17 +89,26 @@ def fsc_weight(fsc: np.ndarray) -> np.ndarray:
     return np.where(values > 0, np.sqrt(2 * positive / (1 + positive)), 0.0)
 
 
-def resolution_at_threshold(fsc: torch.Tensor, box: int, voxel_size: float, threshold: float = 0.143) -> float:
-    """Resolution in Å where the FSC first falls below ``threshold`` (linear interpolation between
-    shells). Returns the Nyquist resolution ``2 * voxel_size`` when it never does."""
-    values = fsc.detach().cpu().double().tolist()
+def threshold_crossing(fsc: torch.Tensor | np.ndarray, threshold: float = 0.143) -> float | None:
+    """The shell (cycles per box, linearly interpolated between shells) where the FSC first falls below
+    ``threshold`` after shell 0; ``None`` when it never does."""
+    values = fsc.detach().cpu().double().tolist() if isinstance(fsc, torch.Tensor) else \
+        np.asarray(fsc, dtype=np.float64).tolist()
     for shell in range(1, len(values)):
         if values[shell] < threshold:
             previous, current = values[shell - 1], values[shell]
             fraction = (previous - threshold) / (previous - current) if previous != current else 0.0
-            crossing = shell - 1 + fraction
-            return box * voxel_size / max(crossing, 1e-6)
-    return 2.0 * voxel_size
+            return float(shell - 1 + fraction)
+    return None
+
+
+def resolution_at_threshold(fsc: torch.Tensor, box: int, voxel_size: float, threshold: float = 0.143) -> float:
+    """Resolution in Å where the FSC first falls below ``threshold`` (linear interpolation between
+    shells, :func:`threshold_crossing`). Returns the Nyquist resolution ``2 * voxel_size`` when it never does."""
+    crossing = threshold_crossing(fsc, threshold)
+    if crossing is None:
+        return 2.0 * voxel_size
+    return box * voxel_size / max(crossing, 1e-6)
 
 
 def filter_by_shell(volume: torch.Tensor, weight: torch.Tensor | np.ndarray) -> torch.Tensor:

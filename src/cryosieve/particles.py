@@ -46,6 +46,11 @@ class SourceRecord(Protocol):
     def with_random_subset(self, halves: np.ndarray) -> SourceRecord:
         """The record with new half-sets ``(n,)`` int64 (1, 2) written back."""
 
+    def with_poses(self, rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray, origin_x: np.ndarray,
+                   origin_y: np.ndarray, pixel_size: np.ndarray) -> SourceRecord:
+        """The record with new poses written back: Euler angles ``(n,)`` degrees, origins ``(n,)`` pixels
+        (in the format's own units, with ``pixel_size`` ``(n,)`` Å), every other column as read."""
+
 
 @dataclass
 class ParticleSet:
@@ -105,6 +110,20 @@ class ParticleSet:
         """The same particles in new half-sets ``halves`` ``(n,)`` int64 (1, 2), written back too."""
         halves = np.asarray(halves, dtype=np.int64)
         return replace(self, random_subset=halves, source=self.source.with_random_subset(halves))
+
+    def with_poses(self, rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray, origin_x: np.ndarray,
+                   origin_y: np.ndarray) -> ParticleSet:
+        """The same particles with new poses (``(n,)`` degrees) and origins (``(n,)`` pixels), written back too
+        (every other column of the source as read)."""
+        values = {name: np.array(value, dtype=np.float64) for name, value in
+                  (("rot", rot), ("tilt", tilt), ("psi", psi), ("origin_x", origin_x), ("origin_y", origin_y))}
+        for name, value in values.items():
+            if value.shape != (len(self),):
+                raise ValueError(f"{name}: expected shape ({len(self)},), got {value.shape}")
+        source = self.source.with_poses(values["rot"], values["tilt"], values["psi"], values["origin_x"],
+                                        values["origin_y"], self.pixel_size)
+        return replace(self, rot=values["rot"], tilt=values["tilt"], psi=values["psi"], origin_x=values["origin_x"],
+                       origin_y=values["origin_y"], source=source)
 
     def with_values(self, **values: Any) -> ParticleSet:
         """The same particles with some values replaced (the source is not changed)."""

@@ -154,3 +154,103 @@ class FixedPoseRefiner:
             logs=(job.log, job.log), pixel_size=job.pixel_size, symmetry=job.symmetry), progress)
         report = measure_half_maps(half_maps, job, self.device)
         return result_of(report, len(particles), job.particles_star.name, fixed_pose=True)
+
+
+#: The files a built-in refinement leaves in its job's folder (RELION's names where RELION has one).
+REFINE_DATA, REFINE_HALVES = "run_data.star", ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc")
+REFINE_MOVES, REFINE_ITERATIONS = "run_moves.csv", "run_iterations.csv"
+
+
+@dataclass(frozen=True)
+class BuiltinRefiner:
+    """A gold-standard local refinement in-process (:func:`cryosieve.align.refine_gold_standard`): each half-set's
+    poses re-estimated around the given ones against its own half map, then the built-in post-processing of
+    the final half maps. Leaves, in the job's folder, ``run_data.star`` (the particles with their new poses and
+    origins, every other column as given), ``run_half1_class001_unfil.mrc`` and
+    ``run_half2_class001_unfil.mrc``, ``postprocess/``, ``run_moves.csv`` (how far each particle moved) and
+    ``run_iterations.csv``.
+
+    ``search_range`` and ``angular_step`` in degrees, ``shift_range`` in pixels, at most ``iterations`` rounds.
+    """
+
+    device: Any = "cpu"
+    search_range: float = 15.0
+    angular_step: float = 0.5
+    shift_range: float = 5.0
+    iterations: int = 5
+    batch_size: int = 128
+    #: Under ``torchrun``, its jobs run in rank 0's process and every rank searches and reconstructs a share.
+    uses_job_ranks = True
+
+    def describe(self) -> str:
+        return (f"built-in gold-standard local refinement (search range {self.search_range:g} degrees, angular step "
+                f"{self.angular_step:g} degrees, shift range {self.shift_range:g} px, at most {self.iterations} "
+                "iterations)")
+
+    def settings(self, job: RefinementJob) -> Any:
+        """The :class:`cryosieve.align.GoldStandardSettings` of ``job``."""
+        from cryosieve.align import LOWEST_RESOLUTION, GoldStandardSettings, SearchSettings
+
+        return GoldStandardSettings(
+            search=SearchSettings(search_range=self.search_range, angular_step=self.angular_step,
+                                  shift_range=self.shift_range, batch_size=self.batch_size, device=self.device),
+            iterations=self.iterations, symmetry=job.symmetry,
+            lowest_resolution=LOWEST_RESOLUTION if job.ini_high is None else job.ini_high,
+            particle_diameter=job.particle_diameter)
+
+    def check(self, job: RefinementJob | None = None) -> None:
+        """Refuse settings this back-end cannot run (:class:`CryoSieveInputError` naming the option)."""
+        from cryosieve.align import GoldStandardSettings, SearchSettings
+        from cryosieve.errors import setting
+
+        if job is not None and job.reference is not None:
+            raise CryoSieveInputError(f"{setting('reference')} {job.reference}: the built-in refinement starts from "
+                                      "each half-set's own map of the given poses; leave it out")
+        GoldStandardSettings(search=SearchSettings(search_range=self.search_range, angular_step=self.angular_step,
+                                                   shift_range=self.shift_range, batch_size=self.batch_size,
+                                                   device=self.device), iterations=self.iterations).check()
+
+    def plan(self, job: RefinementJob) -> list[str]:
+        return [f"built-in half maps of {job.particles_star} with its given poses, then up to {self.iterations} "
+                f"iterations of local searches (within {self.search_range:g} degrees and {self.shift_range:g} px, "
+                f"down to {self.angular_step:g} degrees), each half-set against its own half map (symmetry "
+                f"{job.symmetry})",
+                "built-in post-processing of run_half1_class001_unfil.mrc and run_half2_class001_unfil.mrc"
+                + (f" with mask {job.mask}" if job.mask else " with a mask made around them")]
+
+    def refine(self, job: RefinementJob, progress: ProgressFactory) -> RefinementResult:
+        from cryosieve.align import refine_gold_standard
+        from cryosieve.io.star import read_particles
+
+        self.check(job)
+        particles = read_particles(job.particles_star)
+        mask = None
+        if job.mask is not None:
+            volume = read_volume(job.mask, what="mask")
+            check_mask(volume, (job.box,) * 3, job.pixel_size, against="the particles")
+            mask = volume.data
+        with StackReader(particles, job.directory) as reader:
+            outcome = refine_gold_standard(particles, reader, mask, self.settings(job), progress)
+        half_maps = tuple(job.folder / name for name in REFINE_HALVES)
+        for half, path in zip((1, 2), half_maps, strict=True):
+            write_volume(path, outcome.maps[half], job.pixel_size)
+        outcome.particles.write(job.folder / REFINE_DATA)
+        moves_table(outcome).to_csv(job.folder / REFINE_MOVES, index=False, float_format="%.6g")
+        import pandas as pd
+
+        pd.DataFrame([row for record in outcome.history for row in record.rows()]).to_csv(
+            job.folder / REFINE_ITERATIONS, index=False, float_format="%.6g")
+        report = measure_half_maps((half_maps[0], half_maps[1]), job, self.device)
+        return result_of(report, len(particles), REFINE_DATA, fixed_pose=False)
+
+
+def moves_table(outcome: Any) -> Any:
+    """How far each particle moved (a :class:`cryosieve.align.GoldStandardResult`): image name, half-set, the
+    turn from its given pose (degrees) and the move of its origin (pixels, and along x and y)."""
+    import pandas as pd
+
+    particles = outcome.particles
+    return pd.DataFrame({"rlnImageName": particles.image_name, "rlnRandomSubset": particles.random_subset,
+                         "angle_degrees": outcome.angle, "origin_pixels": np.hypot(outcome.shift[:, 0],
+                                                                                   outcome.shift[:, 1]),
+                         "origin_x_pixels": outcome.shift[:, 0], "origin_y_pixels": outcome.shift[:, 1]})

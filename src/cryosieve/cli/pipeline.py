@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sieving projector: fourier (default) or realspace (the published one).")
     parser.add_argument("--reference_weighting", choices=("auto", "fsc", "none"), default="auto",
                         help="weighting of the half maps for scoring (see cryosieve-core).")
-    parser.add_argument("--validate", choices=("none", "fixed", "relion", "cryosparc"), default="none",
-                        help="also refine every set with its poses re-estimated (relion: relion_refine_mpi; "
+    parser.add_argument("--validate", choices=("none", "builtin", "fixed", "relion", "cryosparc"), default="none",
+                        help="also refine every set with its poses re-estimated (builtin: the built-in gold-standard "
+                             "local refinement; relion: relion_refine_mpi; "
                              "cryosparc: CryoSPARC's refinement, see --cryosparc_*; fixed: the given poses, built-in) "
                              "and report that resolution beside the fixed-pose one (default none).")
     parser.add_argument("--patience", type=int, default=None,
@@ -119,6 +120,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from cryosieve.backends.builtin import FixedPoseRefiner
 
         validator = FixedPoseRefiner(device)
+    elif args.validate == "builtin":
+        from cryosieve.backends.builtin import BuiltinRefiner
+
+        validator = BuiltinRefiner(device)
     elif args.validate == "relion":
         from cryosieve.backends.relion import RelionRefiner
 

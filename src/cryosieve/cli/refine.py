@@ -23,7 +23,9 @@ FLAGS = {
     "particle_diameter": "--particle_diameter", "local": "--local", "relion_refine": "--relion_refine",
     "threads": "--j", "halves": "--halves", "voltage": "--voltage", "device": "--device",
     "source_job": "--source_job", "project": "--project", "workspace": "--workspace", "lane": "--lane",
-    "user": "--user", "min_angular_step": "--min_angular_step",
+    "user": "--user", "min_angular_step": "--min_angular_step", "search_range": "--search_range",
+    "angular_step": "--angular_step", "shift_range": "--shift_range", "iterations": "--iterations",
+    "batch_size": "--batch_size",
 }
 
 
@@ -47,7 +49,8 @@ def add_refine_arguments(parser: argparse.ArgumentParser, cryosparc_command: str
                              "with its given poses (low-passed to --ini_high), CryoSPARC from an ab-initio job.")
     parser.add_argument("--ini_high", type=float, default=None,
                         help="initial resolution (Å); by default RELION's --ini_high is 30 and CryoSPARC's refinement "
-                             "gets no refine_res_init (its own default), as the original.")
+                             "gets no refine_res_init (its own default), as the original; the built-in refinement "
+                             "always compares up to at least this resolution (30 by default).")
     parser.add_argument("--repeat", type=int, default=1,
                         help="number of trials (different random seeds), 1 by default.")
     parser.add_argument("--resplit", action="store_true",
@@ -65,11 +68,14 @@ def add_refine_arguments(parser: argparse.ArgumentParser, cryosparc_command: str
                         help="RELION: local searches around the given poses only; CryoSPARC: a local refinement after "
                              "the homogeneous / non-uniform one.")
     if not cryosparc_command:
-        parser.add_argument("--backend", choices=("relion", "fixed", "cryosparc"), default="relion",
+        parser.add_argument("--backend", choices=("relion", "builtin", "fixed", "cryosparc"), default="relion",
                             help="relion: a gold-standard 3D auto-refinement with relion_refine_mpi (default); "
+                                 "builtin: a built-in gold-standard local refinement around the given poses (minutes; "
+                                 "see --search_range, --angular_step, --shift_range, --iterations); "
                                  "cryosparc: CryoSPARC's refinement jobs (see --user, --project, --workspace, --lane); "
                                  "fixed: no re-refinement, the given poses' built-in reconstruction and "
                                  "post-processing (fast, optimistic).")
+        add_builtin_arguments(parser)
     add_cryosparc_arguments(parser, required=bool(cryosparc_command))
     if not cryosparc_command:
         parser.add_argument("--relion_refine", default="mpirun -n 3 relion_refine_mpi",
@@ -81,6 +87,33 @@ def add_refine_arguments(parser: argparse.ArgumentParser, cryosparc_command: str
                         help="print the planned jobs and their command lines, run nothing.")
     add_device_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines.")
+
+
+def add_builtin_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the built-in refinement (``--backend builtin``)."""
+    group = parser.add_argument_group("built-in refinement (--backend builtin)")
+    group.add_argument("--search_range", type=float, default=15.0,
+                       help="largest turn (degrees) from each particle's given pose, 15 by default.")
+    group.add_argument("--angular_step", type=float, default=0.5,
+                       help="finest angular step (degrees), 0.5 by default; coarser where the resolution supports "
+                            "no finer.")
+    group.add_argument("--shift_range", type=float, default=5.0,
+                       help="largest move (pixels) of each particle's given origin, 5 by default.")
+    group.add_argument("--iterations", type=int, default=5,
+                       help="most iterations (search, reconstruction, post-processing), 5 by default; each half-set "
+                            "stops earlier once its resolution stops improving or fewer than 1 %% of its particles "
+                            "move by more than the finest step.")
+    group.add_argument("--batch_size", type=int, default=128, help="particles searched at once, 128 by default.")
+
+
+def builtin_refiner(args: argparse.Namespace, device: Any) -> Any:
+    """The built-in refiner the parsed arguments describe (its settings checked)."""
+    from cryosieve.backends.builtin import BuiltinRefiner
+
+    refiner = BuiltinRefiner(device, search_range=args.search_range, angular_step=args.angular_step,
+                             shift_range=args.shift_range, iterations=args.iterations, batch_size=args.batch_size)
+    refiner.check()
+    return refiner
 
 
 def add_cryosparc_arguments(parser: argparse.ArgumentParser, required: bool, prefix: str = "") -> None:
@@ -138,9 +171,9 @@ def cryosparc_refiner(args: argparse.Namespace, device: Any, prefix: str = "") -
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="cryosieve-refine",
-        description="Refine each particle set (poses re-estimated by RELION, or the given poses with --backend "
-                    "fixed) and report resolution and B-factor, as the original cryosieve-csrefine does with "
-                    "CryoSPARC.")
+        description="Refine each particle set (poses re-estimated by RELION, or by the built-in local refinement "
+                    "with --backend builtin, or the given poses with --backend fixed) and report resolution and "
+                    "B-factor, as the original cryosieve-csrefine does with CryoSPARC.")
     add_refine_arguments(parser)
     return parser
 
@@ -157,6 +190,13 @@ def settings_and_refiner(args: argparse.Namespace) -> tuple[Any, Any]:
         refiner = cryosparc_refiner(args, device)
     elif backend == "fixed":
         refiner = FixedPoseRefiner(device)
+    elif backend == "builtin":
+        if args.ref is not None:
+            from cryosieve.errors import CryoSieveInputError
+
+            raise CryoSieveInputError(f"--ref {args.ref}: the built-in refinement starts from each half-set's own "
+                                      "map of the given poses; leave it out")
+        refiner = builtin_refiner(args, device)
     else:
         refiner = RelionRefiner.from_command_line(args.relion_refine, args.j, device)
     settings = RefineSettings(inputs=tuple(args.i), output=args.o, directory=args.directory or None, symmetry=args.sym,

@@ -102,6 +102,16 @@ class CsSource:
         dataset["alignments3D/split"] = np.asarray(halves, dtype=np.int64) - 1
         return CsSource(dataset, folder=self.folder)
 
+    def with_poses(self, rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray, origin_x: np.ndarray,
+                   origin_y: np.ndarray, pixel_size: np.ndarray) -> CsSource:
+        """``alignments3D/pose`` (the rotation vector of ``A^T``) and ``alignments3D/shift`` (pixels)
+        replaced, every other field kept."""
+        dataset = self.dataset.copy()
+        dataset["alignments3D/pose"] = pose_vectors(rot, tilt, psi)
+        dataset["alignments3D/shift"] = np.stack([np.asarray(origin_x, dtype=np.float64),
+                                                  np.asarray(origin_y, dtype=np.float64)], axis=1)
+        return CsSource(dataset, folder=self.folder)
+
     @property
     def uid(self) -> np.ndarray:
         """``(n,)`` uint64 particle uids."""
@@ -291,6 +301,17 @@ def particle_uids(particles: ParticleSet, seed: int = 0) -> np.ndarray:
     return uids
 
 
+def pose_vectors(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -> np.ndarray:
+    """``alignments3D/pose`` of RELION's Euler angles ``(n,)`` (degrees): the rotation vectors of ``A^T``,
+    ``(n, 3)`` float64 radians (the conventions above)."""
+    from scipy.spatial.transform import Rotation
+
+    matrices = euler_to_matrix(np.asarray(rot, dtype=np.float64), np.asarray(tilt, dtype=np.float64),
+                               np.asarray(psi, dtype=np.float64))
+    vectors: np.ndarray = Rotation.from_matrix(np.transpose(matrices, (0, 2, 1))).as_rotvec()
+    return vectors
+
+
 def particles_to_dataset(particles: ParticleSet, seed: int = 0) -> Any:
     """A new ``.cs`` Dataset describing ``particles`` (the conventions above; new ``uid`` values from
     :func:`particle_uids`, which ``seed`` enters).
@@ -300,10 +321,7 @@ def particles_to_dataset(particles: ParticleSet, seed: int = 0) -> Any:
     """
     dataset_class = _dataset_class()
     n = len(particles)
-    pose = euler_to_matrix(particles.rot, particles.tilt, particles.psi)
-    from scipy.spatial.transform import Rotation
-
-    rotvec = Rotation.from_matrix(np.transpose(pose, (0, 2, 1))).as_rotvec()
+    rotvec = pose_vectors(particles.rot, particles.tilt, particles.psi)
     fields: list[tuple[str, str] | tuple[str, str, tuple[int, ...]]] = [
         ("blob/path", "O"), ("blob/idx", "u4"), ("blob/psize_A", "f4"), ("blob/shape", "u4", (2,)),
         ("alignments3D/pose", "f4", (3,)), ("alignments3D/shift", "f4", (2,)), ("alignments3D/split", "u4"),

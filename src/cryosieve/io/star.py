@@ -67,6 +67,26 @@ class StarSource:
         blocks[self.particles_block] = self.particles.assign(rlnRandomSubset=np.asarray(halves, dtype=np.int64))
         return replace(self, blocks=blocks)
 
+    def with_poses(self, rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray, origin_x: np.ndarray,
+                   origin_y: np.ndarray, pixel_size: np.ndarray) -> StarSource:
+        """Poses replaced, every other column kept: ``rlnAngleRot``, ``rlnAngleTilt``, ``rlnAnglePsi``
+        (degrees) and the origins, in Å (``rlnOriginXAngst``, ``rlnOriginYAngst``) in RELION 3.1+ files,
+        in pixels (``rlnOriginX``, ``rlnOriginY``) in RELION 3.0 files and wherever a 3.1+ file also
+        holds those."""
+        columns: dict[str, np.ndarray] = {"rlnAngleRot": np.asarray(rot, dtype=np.float64),
+                                          "rlnAngleTilt": np.asarray(tilt, dtype=np.float64),
+                                          "rlnAnglePsi": np.asarray(psi, dtype=np.float64)}
+        frame = self.particles
+        for axis, origin in (("X", origin_x), ("Y", origin_y)):
+            pixels = np.asarray(origin, dtype=np.float64)
+            if self.version == "3.0" or f"rlnOrigin{axis}" in frame.columns:
+                columns[f"rlnOrigin{axis}"] = pixels
+            if self.version != "3.0":
+                columns[f"rlnOrigin{axis}Angst"] = pixels * np.asarray(pixel_size, dtype=np.float64)
+        blocks = dict(self.blocks)
+        blocks[self.particles_block] = frame.assign(**columns)
+        return replace(self, blocks=blocks)
+
 
 def write_star_to(path: str | os.PathLike[str], blocks: dict[str, pd.DataFrame], *, escaped: bool = False) -> None:
     """Write :func:`star_text` of these blocks to ``path`` directly (callers handle atomicity), as UTF-8;

@@ -166,7 +166,7 @@ def prepare(settings: PipelineSettings) -> Prepared:
     schedule.check(box, float(np.max(particles.pixel_size)))
     if settings.validate_rh and settings.validator is None:
         raise CryoSieveInputError(
-            f"{setting('validate_rh')}: needs {setting('validator')} (fixed, relion or cryosparc)")
+            f"{setting('validate_rh')}: needs {setting('validator')} (builtin, fixed, relion or cryosparc)")
     if settings.validator is not None and settings.validate_rh:
         for voltage in np.unique(particles.voltage):
             voltage_constant(round(float(voltage)))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -120,8 +120,8 @@ def _check_pixel_size(table: ParticleSet, rows: np.ndarray) -> float:
 def reconstruct_subsets(table: ParticleSet, reader: StackReader, *, subsets: Sequence[int] = (1, 2),
                         rows: np.ndarray | None = None, symmetry: str = "C1", apply_ctf: bool = True,
                         pad_factor: int = 2, batch_size: int = 128, device: torch.device | str = "cpu",
-                        engine: str = "auto", progress: Callable[[int], None] | None = None
-                        ) -> dict[int, np.ndarray]:
+                        engine: str = "auto", progress: Callable[[int], None] | None = None,
+                        unions: dict[int, Sequence[int]] | None = None) -> dict[int, np.ndarray]:
     """One map per half-set (``rlnRandomSubset``), reading the stack once.
 
     Parameters
@@ -147,10 +147,15 @@ def reconstruct_subsets(table: ParticleSet, reader: StackReader, *, subsets: Seq
         or ``"auto"``: numba on the CPU, torch elsewhere (:func:`choose_engine`).
     progress:
         Called with the number of particles just inserted, after each batch.
+    unions:
+        Further maps, each of the particles of several subsets: ``{label: subsets}`` (labels not among
+        ``subsets``). Their grids are the sums of their subsets' grids, so each is the map those
+        particles make together, at no further reading or insertion.
 
     Returns
     -------
-    ``{subset: (n, n, n) float32 map [z, y, x]}``, voxel size = the particles' pixel size.
+    ``{subset: (n, n, n) float32 map [z, y, x]}`` (and ``{label: map}`` of each union), voxel size = the
+    particles' pixel size.
     """
     selected = _selected_rows(table, rows)
     if table.random_subset is None:
@@ -160,10 +165,14 @@ def reconstruct_subsets(table: ParticleSet, reader: StackReader, *, subsets: Seq
     for value, chosen in members.items():
         if chosen.size == 0:
             raise CryoSieveInputError(f"{table.path}: no particles with rlnRandomSubset {value}")
+    merged = {int(label): [int(value) for value in parts] for label, parts in (unions or {}).items()}
+    for label, parts in merged.items():
+        if label in subsets or not parts or not set(parts) <= set(subsets):
+            raise ValueError(f"union {label}: needs a new label and subsets among {subsets}, got {parts}")
     keep = np.isin(table.random_subset[selected], subsets)
     return _reconstruct(table, reader, selected[keep], table.random_subset[selected[keep]], subsets,
                         symmetry=symmetry, apply_ctf=apply_ctf, pad_factor=pad_factor, batch_size=batch_size,
-                        device=device, engine=engine, progress=progress)
+                        device=device, engine=engine, progress=progress, unions=merged)
 
 
 def reconstruct(table: ParticleSet, reader: StackReader, *, rows: np.ndarray | None = None,
@@ -215,21 +224,23 @@ def nested_subset_maps(table: ParticleSet, reader: StackReader, steps: Sequence[
 
 def _reconstruct(table: ParticleSet, reader: StackReader, rows: np.ndarray, labels: np.ndarray,
                  groups: Sequence[int], *, symmetry: str, apply_ctf: bool, pad_factor: int, batch_size: int,
-                 device: torch.device | str, engine: str, progress: Callable[[int], None] | None
-                 ) -> dict[int, np.ndarray]:
+                 device: torch.device | str, engine: str, progress: Callable[[int], None] | None,
+                 unions: dict[int, list[int]] | None = None) -> dict[int, np.ndarray]:
     if rows.size == 0:
         raise CryoSieveInputError(f"{table.path}: no particles selected for reconstruction")
     (maps,) = _accumulate(table, reader, [rows], [labels], groups, symmetry=symmetry, apply_ctf=apply_ctf,
-                          pad_factor=pad_factor, batch_size=batch_size, device=device, engine=engine, progress=progress)
+                          pad_factor=pad_factor, batch_size=batch_size, device=device, engine=engine, progress=progress,
+                          unions=unions)
     return maps
 
 
 def _accumulate(table: ParticleSet, reader: StackReader, steps: Sequence[np.ndarray], step_labels: Sequence[np.ndarray],
                 groups: Sequence[int], *, symmetry: str, apply_ctf: bool, pad_factor: int, batch_size: int,
-                device: torch.device | str, engine: str, progress: Callable[[int], None] | None
-                ) -> Iterator[dict[int, np.ndarray]]:
+                device: torch.device | str, engine: str, progress: Callable[[int], None] | None,
+                unions: dict[int, list[int]] | None = None) -> Iterator[dict[int, np.ndarray]]:
     """Insert ``steps`` (rows, with the map of each in ``step_labels``) one after the other and yield the maps
-    of ``groups`` after each (:class:`InsertionTask`; in a ``torchrun`` job every rank inserts its share)."""
+    of ``groups`` (and of their ``unions``) after each (:class:`InsertionTask`; in a ``torchrun`` job every rank
+    inserts its share)."""
     if pad_factor < 1:
         raise CryoSieveInputError(f"pad factor must be >= 1, got {pad_factor}")
     if batch_size < 1:
@@ -237,7 +248,7 @@ def _accumulate(table: ParticleSet, reader: StackReader, steps: Sequence[np.ndar
     symmetry_matrices(symmetry)  # an unknown group is refused before anything is handed out
     _check_pixel_size(table, np.concatenate(steps))
     task = InsertionTask(table, reader.directory, list(steps), list(step_labels), list(groups), symmetry, apply_ctf,
-                         pad_factor, batch_size, str(device), choose_engine(engine, device))
+                         pad_factor, batch_size, str(device), choose_engine(engine, device), dict(unions or {}))
     world = current_world()
     world.hand_out(task)
     yield from task.maps(world, reader, progress)
@@ -249,7 +260,8 @@ class InsertionTask:
 
     Every rank inserts its contiguous share of each step's rows into grids of its own (data and
     CTF^2 weight, float64); after each step the grids are summed on rank 0, which finishes the maps
-    (from a copy of the grids, except after the last step). Fields as for :func:`_accumulate`.
+    (from a copy of the grids, except after the last step), and the map of each union from the sum of its
+    groups' grids. Fields as for :func:`_accumulate`.
     """
 
     table: ParticleSet
@@ -263,6 +275,7 @@ class InsertionTask:
     batch_size: int
     device: str
     engine: str
+    unions: dict[int, list[int]] = field(default_factory=dict)
 
     def run(self, world: World) -> None:
         """A rank other than 0: its part of every step."""
@@ -302,6 +315,11 @@ class InsertionTask:
                 for grid in grids.values():
                     world.sum_to_root(grid)
                 if world.is_root:
+                    for label, members in self.unions.items():  # summed before any grid is finished (in place)
+                        total = grids[members[0]] + grids[members[1]] if len(members) > 1 else grids[members[0]] * 1
+                        for member in members[2:]:
+                            total += grids[member]
+                        grids[label] = total
                     yield {group: finish_grid(grid, box, self.pad_factor, rotations_group, workspace)
                            for group, grid in grids.items()}
                 del grids

@@ -6,8 +6,9 @@ process (``python -m cryosieve.refine.worker FOLDER``) in a temporary folder bes
 one, which is renamed when the job has written ``result.json``: a job folder is whole or
 absent. A folder whose ``job.json`` records the same job is not recomputed, so running a
 command again resumes it; one that records another job (other settings) is refused. Up to
-``workers`` jobs run at once; a failing job stops the others and names its log, which stays
-beside the job folders (``NAME.log``, and ``NAME.program.txt`` for an external program's
+``workers`` jobs run at once (under ``torchrun``, a refiner that ``uses_job_ranks`` runs its jobs one after
+the other in rank 0's process, handing their work out to every rank); a failing job stops the others and
+names its log, which stays beside the job folders (``NAME.log``, and ``NAME.program.txt`` for an external program's
 output). A worker reports its error through a pipe, not a file, so that a full disk is reported
 as one (``OSError`` ``ENOSPC`` naming the job's folder) instead of as an empty log; so is an
 external program that failed while the disk holding its job was full. The worker processes run
@@ -41,6 +42,7 @@ from cryosieve.io.lock import exclusive_lock
 from cryosieve.io.particle_files import format_of, in_format_of, read_particle_file
 from cryosieve.io.paths import disk_full, no_space_error
 from cryosieve.progress import ProgressFactory, no_progress
+from cryosieve.world import current as current_world
 
 #: How often the runner looks at its workers (seconds).
 POLL_INTERVAL = 0.1
@@ -235,6 +237,9 @@ def run(specs: Sequence[JobSpec], settings: JobSettings, refiner: Refiner, root:
         if is_remote(refiner):
             _run_in_threads(pending, settings, cast(RemoteRefiner, refiner), root, workers, results, update)
             return results
+        if getattr(refiner, "uses_job_ranks", False) and current_world().distributed:
+            _run_here(pending, settings, refiner, root, results, update)
+            return results
         running: list[_Running] = []
         try:
             while pending or running:
@@ -359,6 +364,26 @@ def _run_in_threads(pending: list[tuple[JobSpec, dict[str, Any]]], settings: Job
         for future in futures:
             future.cancel()
         pool.shutdown(wait=True)
+
+
+def _run_here(pending: list[tuple[JobSpec, dict[str, Any]]], settings: JobSettings, refiner: Refiner, root: Path,
+              results: dict[str, RefinementResult], update: Any) -> None:
+    """Run the jobs one after the other in this process: under ``torchrun``, for a refiner whose work is shared
+    by the job's ranks (its tasks are handed out from here, rank 0). Each job's folder appears whole or not."""
+    for spec, record in pending:
+        group = OutputGroup()
+        folder: Path | None = None
+        try:
+            folder = group.folder_for(root / spec.name)
+            job = _prepare(spec, record, settings, folder, root)
+            result = refiner.refine(job, no_progress)
+            write_text_atomic(folder / "result.json", json.dumps(result.__dict__, indent=2) + "\n")
+            group.commit()
+        except BaseException as error:
+            group.discard()
+            raise _named(error, folder, root / spec.name) from None
+        results[spec.name] = result
+        update(1)
 
 
 def _stop(running: list[_Running]) -> None:
