@@ -269,6 +269,7 @@ def test_rhbfactor_with_the_builtin_refinement(small: Misaligned, tmp_path: Path
     assert (out / "rh_rh.png").is_file()
 
 
+@pytest.mark.slow
 def test_pipeline_validates_each_set_with_the_builtin_refinement(small: Misaligned, tmp_path: Path) -> None:
     """``cryosieve --validate builtin``: each round's set is refined again by the built-in refinement (poses
     re-estimated, not fixed) in ``PREFIX_validate/``; the first set's misaligned particles come back towards their
