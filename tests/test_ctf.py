@@ -77,14 +77,14 @@ def test_kernel_ctf_value_is_relions_formula() -> None:
     """The per-sample CTF of the numba kernels (scoring and reconstruction) with their cycles-per-box terms."""
     import numba
 
-    from cryosieve.ctf import ctf_value
+    from cryosieve.ctf import ctf_value, particle_terms
 
     @numba.njit
     def evaluate(u2, cos2, sin2, terms, out):  # type: ignore[no-untyped-def]
         for i in range(out.shape[0]):
+            particle = particle_terms(terms, i)
             for j in range(out.shape[1]):
-                out[i, j] = ctf_value(u2[j], cos2[j], sin2[j], terms[0][i], terms[1][i], terms[2][i], terms[3][i],
-                                      terms[4][i], terms[5][i], terms[6][i], terms[7][i])
+                out[i, j] = ctf_value(u2[j], cos2[j], sin2[j], particle)
 
     rng = np.random.default_rng(2)
     box, count = 96, 30
@@ -97,10 +97,8 @@ def test_kernel_ctf_value_is_relions_formula() -> None:
     safe = np.where(u2 > 0, u2, 1.0)
     cos2 = np.where(u2 > 0, (kx * kx - ky * ky) / safe, 1.0)
     sin2 = np.where(u2 > 0, 2 * kx * ky / safe, 0.0)
-    terms = parameters(values).in_cycles_per_box(box, pixel)
     out = np.empty((count, kx.size))
-    evaluate(u2, cos2, sin2, tuple(terms[name] for name in ("defocus_average", "deviation_cos", "deviation_sin", "k1",
-                                                             "k2", "phase_constant", "envelope", "scale")), out)
+    evaluate(u2, cos2, sin2, parameters(values).kernel_terms(box, pixel), out)
     expected = relion_get_ctf(kx[None] / (box * pixel[:, None]), ky[None] / (box * pixel[:, None]), values)
     np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6 * np.abs(values["scale"]).max())
 

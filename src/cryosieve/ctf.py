@@ -13,8 +13,10 @@ Where to change the CTF model: :class:`CtfParameters` turns the per-particle val
 the terms every evaluator uses (:meth:`CtfParameters.from_values`), :meth:`CtfParameters.evaluate`
 evaluates them on arrays or tensors (the torch scoring and reconstruction paths, the
 simulator) and :func:`ctf_value` is the same formula for one sample inside the numba kernels
-(scoring and reconstruction on the CPU). The published CryoSieve's own CTF (its wavelength
-formula and its Nyquist-row convention) is a named variant in :mod:`cryosieve.scoring.published`.
+(scoring and reconstruction on the CPU), which take the terms packed by :meth:`CtfParameters.kernel_terms`
+and read them through :func:`particle_terms`: a new term changes this module, the readers and the tests.
+The published CryoSieve's own CTF (its wavelength formula and its Nyquist-row convention) is a named
+variant in :mod:`cryosieve.scoring.published`.
 """
 
 from __future__ import annotations
@@ -113,6 +115,15 @@ class CtfParameters:
         """The parameters of some particles."""
         return CtfParameters(**{field.name: getattr(self, field.name)[rows] for field in fields(self)})
 
+    def kernel_terms(self, box: int, pixel_size: np.ndarray) -> np.ndarray:
+        """The terms of :meth:`in_cycles_per_box` as the numba kernels take them: ``(b, T)`` float64,
+        C-contiguous, one row per particle, columns in the order of :data:`KERNEL_TERMS`; a kernel hands
+        row ``i`` to :func:`particle_terms` and the result to :func:`ctf_value`, so a new term changes
+        this module only. ``pixel_size``: ``(b,)`` Å."""
+        terms = self.in_cycles_per_box(box, pixel_size)
+        return np.ascontiguousarray(np.stack([np.broadcast_to(np.asarray(terms[name], dtype=np.float64), (len(self),))
+                                              for name in KERNEL_TERMS], axis=1))
+
     def in_cycles_per_box(self, box: int, pixel_size: np.ndarray) -> dict[str, np.ndarray]:
         """The terms for frequencies in cycles per box (``u = |k| box pixel_size``), as the numba
         kernels take them: :func:`ctf_value`'s per-particle arguments, each ``(b,)`` float64.
@@ -170,18 +181,28 @@ def ctf_2d(frequency_x: torch.Tensor, frequency_y: torch.Tensor, defocus_u: torc
     return result
 
 
+#: The columns of :meth:`CtfParameters.kernel_terms`, in order (the names of :meth:`CtfParameters.in_cycles_per_box`).
+KERNEL_TERMS = ("defocus_average", "deviation_cos", "deviation_sin", "k1", "k2", "phase_constant", "envelope", "scale")
+
 if _NUMBA:
     import numba
 
     from cryosieve._fastmath import fast_exp_neg, fast_sin
 
     @numba.njit(inline="always", cache=True)
-    def ctf_value(u2, cos2, sin2, defocus_average, deviation_cos, deviation_sin,  # type: ignore[no-untyped-def]
-                  k1, k2, phase_constant, envelope, scale):  # pragma: no cover - compiled
+    def particle_terms(terms, i):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        """Particle ``i``'s CTF terms (row ``i`` of :meth:`CtfParameters.kernel_terms`) as a tuple of
+        scalars, read once per particle by a kernel and handed to :func:`ctf_value` for each sample."""
+        return (terms[i, 0], terms[i, 1], terms[i, 2], terms[i, 3], terms[i, 4], terms[i, 5], terms[i, 6],
+                terms[i, 7])
+
+    @numba.njit(inline="always", cache=True)
+    def ctf_value(u2, cos2, sin2, particle):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         """The CTF at one sample for the numba kernels: ``u2`` = |k|^2 (cycles per box squared),
-        ``cos2``, ``sin2`` of twice the sample's angle, the other arguments one particle's terms
-        from :meth:`CtfParameters.in_cycles_per_box`. The sine and exponential are the
-        vectorisable ones of :mod:`cryosieve._fastmath`."""
+        ``cos2``, ``sin2`` of twice the sample's angle, ``particle`` one particle's terms
+        (:func:`particle_terms`). The sine and exponential are the vectorisable ones of
+        :mod:`cryosieve._fastmath`."""
+        defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant, envelope, scale = particle
         defocus = defocus_average + deviation_cos * cos2 + deviation_sin * sin2
         value = -scale * fast_sin(-k1 * defocus * u2 + k2 * u2 * u2 - phase_constant)
         if envelope != 0.0:

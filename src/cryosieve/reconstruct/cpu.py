@@ -50,28 +50,26 @@ ACCUMULATION_MEMORY = 2 * 1024**3
 
 if numba is not None:
     from cryosieve._intrinsics import prefetch_for_write as _prefetch_for_write
-    from cryosieve.ctf import ctf_value
+    from cryosieve.ctf import ctf_value, particle_terms
     from cryosieve.reconstruct.grid import fold_and_locate
 
     # The kernels take no annotations: numba types their arguments.
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _prepare_kernel(  # type: ignore[no-untyped-def]
             spectra, rows, columns, radius2, cos_sample2, sin_sample2, multiplicity, phase_y,
-            phase_x, apply_ctf, defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
-            envelope, scale, values):  # pragma: no cover - compiled
+            phase_x, apply_ctf, ctf_terms, values):  # pragma: no cover - compiled
         # values[i, j] = (C S, C^2) of sample j of particle i (the CTF of cryosieve.ctf, its
         # terms per particle for frequencies in cycles per box), with the sample's direction
         # terms cos/sin(2 angle) shared by all particles.
         count = spectra.shape[0]
         points = rows.shape[0]
         for i in numba.prange(count):
+            particle = particle_terms(ctf_terms, i)
             for j in range(points):
                 value = spectra[i, rows[j], columns[j]] * phase_y[i, rows[j]] * phase_x[i, columns[j]]
                 m = multiplicity[j]
                 if apply_ctf:
-                    ctf = ctf_value(radius2[j], cos_sample2[j], sin_sample2[j], defocus_average[i],
-                                    deviation_cos[i], deviation_sin[i], k1[i], k2[i], phase_constant[i],
-                                    envelope[i], scale[i])
+                    ctf = ctf_value(radius2[j], cos_sample2[j], sin_sample2[j], particle)
                     values[i, j, 0] = value.real * ctf * m
                     values[i, j, 1] = value.imag * ctf * m
                     values[i, j, 2] = ctf * ctf * m
@@ -218,12 +216,10 @@ def prepare_slices_cpu(images: np.ndarray, batch: ParticleBatch, samples: SliceS
     safe = np.where(radius2 > 0, radius2, 1.0)
     cos_sample2 = np.where(radius2 > 0, (samples.frequency_x ** 2 - samples.frequency_y ** 2) / safe, 1.0)
     sin_sample2 = np.where(radius2 > 0, 2 * samples.frequency_x * samples.frequency_y / safe, 0.0)
-    terms = batch.ctf.in_cycles_per_box(box, batch.pixel_size)
+    terms = batch.ctf.kernel_terms(box, batch.pixel_size)
     values = np.empty((count, samples.size, 3), dtype=np.float64) if out is None else out[:count]
     _prepare_kernel(spectra, samples.row, samples.column, radius2, cos_sample2, sin_sample2, samples.multiplicity,
-                    phase_y, phase_x, bool(apply_ctf), terms["defocus_average"], terms["deviation_cos"],
-                    terms["deviation_sin"], terms["k1"], terms["k2"], terms["phase_constant"], terms["envelope"],
-                    terms["scale"], values)
+                    phase_y, phase_x, bool(apply_ctf), terms, values)
     return values
 
 

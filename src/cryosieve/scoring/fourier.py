@@ -150,12 +150,11 @@ def _kernel_scores(projector: FourierSliceProjector, corners: np.ndarray | None,
 
     y_real, y_imag, x_real, x_imag = (np.ascontiguousarray(part, dtype=np.float32) for part in
                                       (phase_y.real, phase_y.imag, columns.real, columns.imag))
-    ctf = batch.ctf.in_cycles_per_box(box, batch.pixel_size)
-    parameters: dict[str, np.ndarray] = dict(
-        rotations=batch.rotations, scale=np.ones(count) if scale is None else np.ascontiguousarray(scale),
-        **{("scale_ctf" if name == "scale" else name): values for name, values in ctf.items()},
-        highpass2=HighPass.squared_cut_cycles_per_box(cut, box),
-    )
+    parameters: dict[str, np.ndarray] = {
+        "rotations": batch.rotations, "scale": np.ones(count) if scale is None else np.ascontiguousarray(scale),
+        "ctf": batch.ctf.kernel_terms(box, batch.pixel_size),
+        "highpass2": HighPass.squared_cut_cycles_per_box(cut, box),
+    }
     grid = torch.view_as_real(projector.grid).reshape(-1).numpy()
     corner_values = np.zeros(0, dtype=np.float32) if corners is None else corners.view(np.float32)
     if not isinstance(images, BatchImages):
@@ -176,8 +175,6 @@ def _kernel_scores(projector: FourierSliceProjector, corners: np.ndarray | None,
             float(projector.pad_factor), np.ascontiguousarray(spectra).reshape(stop - start, -1), blocks.width,
             blocks.row, blocks.column, blocks.ky, blocks.u2_cycles, blocks.cos2, blocks.sin2, blocks.weight,
             chunk["rotations"], chunk["scale"], y_real[start:stop], y_imag[start:stop], x_real[start:stop],
-            x_imag[start:stop], chunk["defocus_average"], chunk["deviation_cos"], chunk["deviation_sin"], chunk["k1"],
-            chunk["k2"], chunk["phase_constant"], chunk["envelope"], chunk["scale_ctf"], chunk["highpass2"], box,
-            out[start:stop],
+            x_imag[start:stop], chunk["ctf"], chunk["highpass2"], box, out[start:stop],
         )
     return torch.from_numpy(out)

@@ -56,7 +56,7 @@ if AVAILABLE:
 
     from cryosieve._fastmath import fast_sin  # noqa: F401 - re-exported for the kernels' tests
     from cryosieve._intrinsics import prefetch_for_read
-    from cryosieve.ctf import ctf_value
+    from cryosieve.ctf import ctf_value, particle_terms
 
     # The intrinsics' typing functions get numba types, their code generators llvmlite's IR
     # builder and values; both run in Python while a kernel is compiled.
@@ -191,8 +191,7 @@ if AVAILABLE:
                               spectra, width, block_row, block_column, block_ky, u2_cycles, cos2_sample, sin2_sample,
                               sample_weight, rotations, scale, phase_y_real, phase_y_imag, phase_x_real,
                               phase_x_imag,
-                              defocus_average, deviation_cos, deviation_sin, k1, k2, phase_constant,
-                              envelope, ctf_scale, highpass2_cycles, box, out):  # pragma: no cover - compiled
+                              ctf_terms, highpass2_cycles, box, out):  # pragma: no cover - compiled
         # Three passes per particle over its band samples, laid out in blocks of BLOCK
         # consecutive columns of one rfft2 row (see BandSamples.blocks):
         #   1. where each sample lands in the padded grid: lower trilinear corner, offsets,
@@ -207,7 +206,7 @@ if AVAILABLE:
         # complex, zero columns beyond box // 2 + 1); ``phase_y_*``: (count, box) and
         # ``phase_x_*``: (count, width) float32, the origin phases of cryosieve.fourier.origin_phases
         # (T(I) and the move of the image centre to the origin, separable in y and x; zero
-        # columns beyond box // 2 + 1); the CTF terms from CtfParameters.in_cycles_per_box.
+        # columns beyond box // 2 + 1); ``ctf_terms``: (count, T) float64, CtfParameters.kernel_terms.
         count = spectra.shape[0]
         blocks = block_row.shape[0]
         points = blocks * BLOCK
@@ -292,8 +291,7 @@ if AVAILABLE:
                                            offset_z, sign_real, sign_imag, model_real, model_imag, b * BLOCK)
             # 3. CTF, observed sample and the score: sum of w (M^2 - 2 M . O), M = CTF * V
             cut2 = highpass2_cycles[i]
-            average, dev_cos, dev_sin = defocus_average[i], deviation_cos[i], deviation_sin[i]
-            k1_i, k2_i, constant, envelope_i, scale_i = k1[i], k2[i], phase_constant[i], envelope[i], ctf_scale[i]
+            particle = particle_terms(ctf_terms, i)
             total = 0.0
             for b in range(blocks):
                 r = block_row[b]
@@ -311,8 +309,7 @@ if AVAILABLE:
                 for lane in range(BLOCK):
                     j = o + lane
                     u2 = u2_cycles[j]
-                    ctf = ctf_value(u2, cos2_sample[j], sin2_sample[j], average, dev_cos, dev_sin, k1_i, k2_i,
-                                    constant, envelope_i, scale_i)
+                    ctf = ctf_value(u2, cos2_sample[j], sin2_sample[j], particle)
                     sr = spectrum[2 * lane]
                     si = spectrum[2 * lane + 1]
                     ar = phase_real[lane]
