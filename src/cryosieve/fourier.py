@@ -186,3 +186,98 @@ def irfftn(spectrum: torch.Tensor, size: int, norm: str = "backward") -> torch.T
         return result
     return torch.from_numpy(scipy.fft.irfftn(spectrum.numpy(), s=shape, axes=(-3, -2, -1), norm=norm,
                                              workers=fft_workers()))
+
+
+
+def _fft_into(values: np.ndarray, axis: int, workers: int) -> None:
+    """``values`` (a complex array or view) replaced by its FFT along ``axis``: in place where scipy can
+    write over its input, else copied back."""
+    import scipy.fft
+
+    result = scipy.fft.fft(values, axis=axis, workers=workers, overwrite_x=True)
+    if not np.may_share_memory(result, values):
+        values[...] = result
+
+
+def _centred_padded_rfftn_torch(volume: torch.Tensor, padded_size: int, pieces: tuple[tuple[slice, slice], ...],
+                                out: torch.Tensor | None) -> torch.Tensor:
+    """:func:`centred_padded_rfftn` through ``torch.fft`` on the volume's device: the padded grid, its
+    whole transform, then the shift (``pieces``: the (source, target) ranges of each axis)."""
+    import torch
+
+    grid = torch.zeros((padded_size,) * 3, dtype=volume.dtype, device=volume.device)
+    for source_z, target_z in pieces:
+        for source_y, target_y in pieces:
+            for source_x, target_x in pieces:
+                grid[target_z, target_y, target_x] = volume[source_z, source_y, source_x]
+    shifted: torch.Tensor = torch.fft.fftshift(torch.fft.rfftn(grid, dim=(-3, -2, -1)), dim=(0, 1))
+    if out is None:
+        return shifted
+    out.copy_(shifted)
+    return out
+
+
+def centred_padded_rfftn(volume: torch.Tensor, padded_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The half transform of the real ``(n, n, n)`` map tensor zero-padded to ``(P, P, P)`` (``P =
+    padded_size``, even) with its centre voxel ``n // 2`` at the array origin, with the zero frequency
+    moved to ``[P/2, P/2, 0]`` (``fftshift`` along z and y): ``(P, P, P // 2 + 1)`` complex of the
+    map's precision, written into ``out`` (a tensor of that shape, e.g. a view of a larger grid) or
+    a new tensor. On the CPU through scipy's pocketfft (the same bits whatever the thread count),
+    elsewhere ``torch.fft``.
+
+    On the CPU no padded grid is made and no line of zeros is transformed: the real transform
+    along x runs over the ``n^2`` rows that hold the map, the one along z over the columns of those
+    y only, and the one along y, over the whole half volume, in place in ``out``. The shift to the
+    centre costs nothing: each map value is multiplied by ``(-1)^(z + y)`` (its padded position), an
+    exact sign change, and the transforms of the modulated map are the shifted transforms
+    (``sum_j (-1)^j x_j w^(jk) = X_(k + P/2)``). At ``P = 2n``: 0.6 of the work of a whole 3D FFT.
+    """
+    import scipy.fft
+    import torch
+
+    size = volume.shape[-1]
+    if volume.ndim != 3 or volume.shape != (size,) * 3 or padded_size < size or padded_size % 2:
+        raise ValueError(f"centred_padded_rfftn needs a cubic map and an even padded size at least its size, got "
+                         f"{tuple(volume.shape)} and {padded_size}")
+    centre = size // 2
+    lead = size - centre  # voxels centre..n-1 go to 0..lead-1, voxels 0..centre-1 to P-centre..P-1
+    # (source, target) index ranges along an axis: the map's second half to the start, its first to the end
+    pieces = ((slice(centre, size), slice(0, lead)), (slice(0, centre), slice(padded_size - centre, padded_size)))
+    if volume.device.type != "cpu":
+        return _centred_padded_rfftn_torch(volume, padded_size, pieces, out)
+    data = volume.numpy()
+    workers = fft_workers()
+    # (-1)^(z + y) at the padded positions of the map's z and y, in the compact order of ``rows``
+    positions = np.concatenate([np.arange(lead), np.arange(padded_size - centre, padded_size)])
+    sign = np.where(positions % 2 == 0, 1, -1).astype(data.dtype)
+    compact = ((slice(centre, size), slice(0, lead)), (slice(0, centre), slice(lead, size)))
+    rows = np.zeros((size, size, padded_size), dtype=data.dtype)  # z and y compact, x padded
+    for source_z, target_z in compact:
+        for source_y, target_y in compact:
+            for source_x, target_x in pieces:
+                rows[target_z, target_y, target_x] = data[source_z, source_y, source_x]
+    rows *= sign[:, None, None] * sign[None, :, None]
+    along_x = scipy.fft.rfft(rows, axis=2, workers=workers)
+    del rows
+    width = along_x.shape[2]
+    if out is None:
+        out = torch.empty((padded_size, padded_size, width),
+                          dtype=torch.complex64 if along_x.dtype == np.complex64 else torch.complex128)
+    spectrum = out.numpy()
+    if spectrum.shape != (padded_size, padded_size, width) or spectrum.dtype != along_x.dtype:
+        raise ValueError(f"centred_padded_rfftn: out must be {(padded_size, padded_size, width)} {along_x.dtype}, "
+                         f"got {spectrum.shape} {spectrum.dtype}")
+    # the map's lines in FFT order along z and y; the transforms below shift them to P/2
+    z_target = (pieces[0][1], pieces[1][1])
+    y_target = z_target
+    compact_ranges = (compact[0][1], compact[1][1])
+    spectrum[lead:padded_size - centre] = 0
+    for target_z, compact_z in zip(z_target, compact_ranges, strict=True):
+        spectrum[target_z, lead:padded_size - centre] = 0
+        for target_y, compact_y in zip(y_target, compact_ranges, strict=True):
+            spectrum[target_z, target_y] = along_x[compact_z, compact_y]
+    del along_x
+    for target_y in y_target:  # along z over the y that hold the map, then along y: in place
+        _fft_into(spectrum[:, target_y], 0, workers)
+    _fft_into(spectrum, 1, workers)
+    return out

@@ -52,14 +52,15 @@ class Scorer(Protocol):
     reads_on_demand: bool
 
     def prepare(self, reference: np.ndarray) -> None:
-        """Score the next batches against ``reference``: a ``(n, n, n)`` masked half map ``[z, y, x]``."""
+        """Score the next batches against ``reference``: a ``(n, n, n)`` masked half map ``[z, y, x]``, in
+        place of the one prepared before (whose memory the scorer may reuse)."""
 
     def score(self, batch: ParticleBatch, images: torch.Tensor | BatchImages) -> torch.Tensor:
         """``(b,)`` scores of the batch (float64; float32 sums on a device without float64), on the
         scorer's device. ``images``: ``(b, n, n)`` float32 images ``[y, x]`` on that device."""
 
     def release(self) -> None:
-        """Drop the prepared reference."""
+        """Drop the prepared reference and the memory kept for the next."""
 
 
 def make_scorer(options: SieveSettings, box: int, lowest_pixel_size: float, volume_pixel_size: float | None,

@@ -69,11 +69,13 @@ class FourierScorer:
     def prepare(self, reference: np.ndarray) -> None:
         """Build the central-slice sampler of ``reference`` ``(n, n, n)`` (on the CPU for a device without
         float64, :func:`cryosieve.precision.map_device`; the grid is complex64 everywhere)."""
-        self.release()
+        self.projector = None  # the previous reference's grid goes before the next is built
         self.projector = FourierSliceProjector(torch.from_numpy(reference).to(map_device(self.device)),
                                                spectrum_weight=self.weight).to(self.device)
-        if self.kernel:
-            self.corners = corner_layout(self.projector)
+        if self.kernel:  # the previous reference's layout, if any, is overwritten in place
+            self.corners = corner_layout(self.projector, self.corners)
+        else:
+            self.corners = None
 
     def release(self) -> None:
         self.projector = None
@@ -119,19 +121,20 @@ def _tensor_scores(projector: FourierSliceProjector, images: torch.Tensor, batch
     return result
 
 
-def corner_layout(projector: FourierSliceProjector) -> np.ndarray | None:
+def corner_layout(projector: FourierSliceProjector, reuse: np.ndarray | None = None) -> np.ndarray | None:
     """The projector's grid in the CPU kernel's 8-corner layout (:func:`cryosieve.scoring.kernels.corner_layout`).
 
     ``None`` where the kernel cannot use it: a grid not complex64 on the CPU, or a layout too large
     for the memory (:func:`cryosieve.scoring.kernels.corner_layout_allowed`: 4.3 GB at box 256 needs
-    17 GB available), for which the kernel reads the grid itself.
+    17 GB available), for which the kernel reads the grid itself. ``reuse``: an earlier layout of the
+    same size to overwrite, or ``None``.
     """
     if not kernels.AVAILABLE or projector.device.type != "cpu" or projector.grid.dtype != torch.complex64:
         return None
     voxels = (projector.shape[0] - 1) * (projector.shape[1] - 1) * (projector.shape[2] - 1)
     if not kernels.corner_layout_allowed(voxels * 8 * 8):
         return None
-    return kernels.corner_layout(projector.grid.reshape(projector.shape).numpy())
+    return kernels.corner_layout(projector.grid.reshape(projector.shape).numpy(), reuse)
 
 
 def _kernel_scores(projector: FourierSliceProjector, corners: np.ndarray | None, images: torch.Tensor | BatchImages,

@@ -351,19 +351,22 @@ if AVAILABLE:
                     out[z, y, x, 7] = grid[z + 1, y + 1, x + 1]
 
 
-def corner_layout(grid: np.ndarray) -> np.ndarray:
+def corner_layout(grid: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The 8-corner layout of a stored half-transform, for the scoring kernel.
 
     ``grid``: ``(Z, Y, X)`` complex64 (a :class:`~cryosieve.projection.FourierSliceProjector`
     grid). Returns a 64-byte-aligned flat complex64 array of ``(Z - 1) (Y - 1) (X - 1) * 8``
     values: the trilinear neighbours of each voxel, so that the kernel reads one cache line
-    per sample instead of four or five (8x the memory of the grid).
+    per sample instead of four or five (8x the memory of the grid). ``out``: an earlier result
+    of the same size to overwrite (the next reference of a sieve: 0.5 GB at box 128 that the
+    system need not map and zero again, 0.1 s per reference on 2 cores), or ``None``.
     """
     size_z, size_y, size_x = (dimension - 1 for dimension in grid.shape)
     count = size_z * size_y * size_x * 8
-    raw = np.empty(count + 8, dtype=np.complex64)
-    start = (-raw.ctypes.data % 64) // 8
-    out = raw[start:start + count]
+    if out is None or out.shape != (count,) or out.dtype != np.complex64 or out.ctypes.data % 64:
+        raw = np.empty(count + 8, dtype=np.complex64)
+        start = (-raw.ctypes.data % 64) // 8
+        out = raw[start:start + count]
     corner_layout_kernel(np.ascontiguousarray(grid), out.reshape(size_z, size_y, size_x, 8))
     return out
 

@@ -106,7 +106,7 @@ def score_rows(table: ParticleSet, reader: StackReader, references: Sequence[np.
             gathered = torch.cat([values for _, values in pending]).cpu().double().numpy()
             scores[np.concatenate([batch_rows for batch_rows, _ in pending])] = gathered
             pending.clear()
-        scorer.release()
+    scorer.release()  # after the last half-set: the next reference reuses the memory of the one before
     return scores
 
 
