@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 SUMMARY_COLUMNS = ("iteration", "cutoff_angstrom", "particles_half1", "particles_half2", "resolution_angstrom",
                    "resolution_interpolated_angstrom", "information", "shells_from_best", "bfactor",
                    "validated_resolution_angstrom", "validated_bfactor", "rh_bfactor", "rh_bfactor_classical",
-                   "depleted_views", "retention_ratio", "best")
+                   "realigned_moved", "realigned_median_turn_degrees", "realigned_median_origin_move_pixels",
+                   "realigned_resolution_angstrom", "depleted_views", "retention_ratio", "best")
 
 #: The FSC threshold of the resolution.
 FSC_THRESHOLD = 0.143
@@ -70,6 +71,10 @@ class RoundSummary:
         Its Rosenthal-Henderson B-factor (Å^2; ``--validate_rh``), or ``None``: the original's fit
         (``B = -a``, negative for real data; closer to 0 is better) and the straight line
         (``2 x`` slope; lower is better); see :mod:`cryosieve.refine.rh`.
+    realigned_moved, realigned_median_turn, realigned_median_shift, realigned_resolution_angstrom:
+        With ``--realign``: how many of its particles the local refinement before its sieve moved (by more than
+        its finest step or half a pixel), their median turn (degrees) and origin move (pixels), and the
+        resolution (Å) of its half maps with those poses; ``None`` otherwise.
     """
 
     iteration: int
@@ -87,6 +92,10 @@ class RoundSummary:
     validated_bfactor: float | None = None
     rh_bfactor: float | None = None
     rh_bfactor_classical: float | None = None
+    realigned_moved: int | None = None
+    realigned_median_turn: float | None = None
+    realigned_median_shift: float | None = None
+    realigned_resolution_angstrom: float | None = None
     view_bins: np.ndarray | None = None  # (n,) int64 viewing-direction bins of the set (cryosieve.selection)
     depleted_views: float | None = None  # cryosieve.selection.depleted_fraction of its sieve
     retention_ratio: float | None = None  # the fraction of each half-set its sieve kept (given, or chosen)
@@ -180,6 +189,10 @@ def summary_table(rounds: Sequence[RoundSummary]) -> pd.DataFrame:
         "validated_bfactor": [value(summary.validated_bfactor) for summary in rounds],
         "rh_bfactor": [value(summary.rh_bfactor) for summary in rounds],
         "rh_bfactor_classical": [value(summary.rh_bfactor_classical) for summary in rounds],
+        "realigned_moved": [value(summary.realigned_moved) for summary in rounds],
+        "realigned_median_turn_degrees": [value(summary.realigned_median_turn) for summary in rounds],
+        "realigned_median_origin_move_pixels": [value(summary.realigned_median_shift) for summary in rounds],
+        "realigned_resolution_angstrom": [value(summary.realigned_resolution_angstrom) for summary in rounds],
         "depleted_views": [value(summary.depleted_views) for summary in rounds],
         "retention_ratio": [value(summary.retention_ratio) for summary in rounds],
         "best": [chosen is not None and summary.iteration == chosen.iteration for summary in rounds],
@@ -451,6 +464,13 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
             f"<b>{best_validated.iteration}</b> ({best_validated.particles} particles).</p>")
     validated = any(summary.validated_resolution_angstrom is not None for summary in rounds)
     rh = any(summary.rh_bfactor is not None for summary in rounds)
+    realigned = any(summary.realigned_moved is not None for summary in rounds)
+    if realigned:
+        lines.append("<p>Poses re-estimated before each sieve (<code>--realign</code>): each set's particles were "
+                     "refined locally, each half-set against its own half map, and sieved against the half maps of "
+                     "their new poses; the next set carries those poses. A particle counts as moved when it turned "
+                     "by more than the finest step of its half-set's search or its origin moved by more than half a "
+                     "pixel.</p>")
     header = ("<tr><th>iteration</th><th>cut-off (Å)</th><th>half-set 1</th><th>half-set 2</th><th>particles</th>"
               "<th>resolution (Å)</th><th>FSC crossing, interpolated (Å)</th><th>against the best</th>"
               "<th>B-factor (Å²)</th><th>depleted views</th>")
@@ -459,6 +479,9 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
     if rh:
         header += ("<th>RH B-factor, fit of CryoSieve (Å², −a: closer to 0 is better)</th>"
                    "<th>RH B-factor, straight line (Å²: lower is better)</th>")
+    if realigned:
+        header += ("<th>moved by --realign</th><th>median turn (°)</th><th>median origin move (px)</th>"
+                   "<th>resolution, realigned (Å)</th>")
     header += "<th>fraction kept by its sieve</th>"
     lines += ["<table>", header + "</tr>"]
     highlight = best_validated if best_validated is not None else best
@@ -482,6 +505,10 @@ def render_html(rounds: Sequence[RoundSummary], paths: ReportPaths, title: str, 
                     f"<td>{_cell(summary.validated_bfactor, 1)}</td>")
         if rh:
             row += f"<td>{_cell(summary.rh_bfactor, 1)}</td><td>{_cell(summary.rh_bfactor_classical, 1)}</td>"
+        if realigned:
+            row += (f"<td>{_cell(summary.realigned_moved, 0)}</td><td>{_cell(summary.realigned_median_turn, 2)}</td>"
+                    f"<td>{_cell(summary.realigned_median_shift, 2)}</td>"
+                    f"<td>{_cell(summary.realigned_resolution_angstrom, 2)}</td>")
         auto = " (auto)" if summary.retention_curve is not None else ""
         row += f"<td>{_cell(summary.retention_ratio, 2)}{auto}</td>"
         lines.append(row + "</tr>")

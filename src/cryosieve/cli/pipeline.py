@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop once the resolution (re-estimated with --validate, else with the given poses) has "
                              "not improved for this many rounds, --num_iters being the most; by default every round "
                              "runs. The best set is marked and copied to PREFIX_best.star either way.")
+    parser.add_argument("--realign", type=int, nargs="?", const=2, default=0,
+                        help="before each sieve, re-estimate the poses of the set by the built-in gold-standard local "
+                             "refinement (this many iterations, 2 if given alone): the sieve scores the particles "
+                             "against their corrected poses, and the next set carries them (default 0: the given "
+                             "poses).")
+    group = parser.add_argument_group("local searches of --realign and --validate builtin")
+    group.add_argument("--search_range", type=float, default=15.0,
+                       help="largest turn (degrees) from each particle's pose, 15 by default.")
+    group.add_argument("--angular_step", type=float, default=0.5,
+                       help="finest angular step (degrees), 0.5 by default; coarser where the resolution supports "
+                            "no finer.")
+    group.add_argument("--shift_range", type=float, default=5.0,
+                       help="largest move (pixels) of each particle's origin, 5 by default.")
     add_orientation_argument(parser)
     parser.add_argument("--resplit", action="store_true",
                         help="split the particles into two new random half-sets (seeded) before the first round, "
@@ -123,7 +136,9 @@ def _main(argv: Sequence[str] | None) -> int:
     elif args.validate == "builtin":
         from cryosieve.backends.builtin import BuiltinRefiner
 
-        validator = BuiltinRefiner(device)
+        validator = BuiltinRefiner(device, search_range=args.search_range, angular_step=args.angular_step,
+                                   shift_range=args.shift_range)
+        validator.check()
     elif args.validate == "relion":
         from cryosieve.backends.relion import RelionRefiner
 
@@ -140,7 +155,8 @@ def _main(argv: Sequence[str] | None) -> int:
         frequency_start=args.frequency_start, frequency_end=args.frequency_end, reconstructor=reconstructor,
         postprocessor=postprocessor, report=args.report, validator=validator, validate_rh=args.validate_rh,
         passthrough=tuple(args.passthrough), return_to=return_target(args), patience=args.patience,
-        resplit=args.resplit, command_line=command_line("cryosieve", argv),
+        resplit=args.resplit, command_line=command_line("cryosieve", argv), realign=args.realign,
+        search_range=args.search_range, angular_step=args.angular_step, shift_range=args.shift_range,
     )
     result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
                           checkpoint=check_interrupt)
@@ -162,7 +178,8 @@ FLAGS = {
     "validator": "--validate", "validate_rh": "--validate_rh", "passthrough": "--passthrough",
     "relion_refine": "--relion_refine", "threads": "--j", "cryosparc_project": "--cryosparc_project",
     "source_job": "--cryosparc_source_job", "patience": "--patience", "resplit": "--resplit",
-    "keep_orientations": "--keep_orientations",
+    "keep_orientations": "--keep_orientations", "realign": "--realign", "search_range": "--search_range",
+    "angular_step": "--angular_step", "shift_range": "--shift_range",
 }
 
 

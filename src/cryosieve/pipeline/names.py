@@ -36,6 +36,24 @@ class OutputNames:
     def half_map(self, iteration: int, subset: int) -> Path:
         return self._path(f"_iter{iteration}_half{subset}.mrc")
 
+    def realigned(self, iteration: int) -> Path:
+        """Set ``iteration`` with its poses re-estimated before its sieve (``--realign``)."""
+        return self._path(f"_iter{iteration}_realigned{self.extension}")
+
+    def realigned_half_map(self, iteration: int, subset: int) -> Path:
+        return self._path(f"_iter{iteration}_realigned_half{subset}.mrc")
+
+    def realigned_moves(self, iteration: int) -> Path:
+        """How far each particle of set ``iteration`` moved, with its new pose (``--realign``)."""
+        return self._path(f"_iter{iteration}_realigned_moves.csv")
+
+    def realigned_iterations(self, iteration: int) -> Path:
+        return self._path(f"_iter{iteration}_realigned_iterations.csv")
+
+    def realigned_files(self, iteration: int) -> list[Path]:
+        return [self.realigned(iteration), self.realigned_half_map(iteration, 1), self.realigned_half_map(iteration, 2),
+                self.realigned_moves(iteration), self.realigned_iterations(iteration)]
+
     def reconstruct_log(self, iteration: int, subset: int) -> Path:
         return self._path(f"_iter{iteration}_reconstruct_half{subset}.txt")
 
@@ -65,10 +83,13 @@ class OutputNames:
     def lock(self) -> Path:
         return self._path("_run.lock")
 
-    def files(self, num_iters: int) -> list[Path]:
-        """Every file a run of ``num_iters`` rounds writes (post-processing folders apart)."""
+    def files(self, num_iters: int, realign: bool = False) -> list[Path]:
+        """Every file a run of ``num_iters`` rounds writes (post-processing folders apart; ``realign``: with
+        ``--realign``)."""
         paths = [self.star(0), self.state, self.log, self.lock]
         for iteration in range(num_iters):
+            if realign:
+                paths += self.realigned_files(iteration)
             paths += [self.half_map(iteration, 1), self.half_map(iteration, 2),
                       self.reconstruct_log(iteration, 1), self.reconstruct_log(iteration, 2),
                       self.postprocess_log(iteration), *sieve_output_paths(self.star(iteration + 1)),

@@ -89,6 +89,9 @@ def _check_numbers(settings: PipelineSettings) -> None:
     check_settings(settings.sieve_at(settings.frequency_start))
     if settings.patience is not None and settings.patience < 1:
         raise CryoSieveInputError(f"{setting('patience')} {settings.patience}: must be at least 1")
+    if not 0 <= settings.realign <= 20:
+        raise CryoSieveInputError(f"{setting('realign')} {settings.realign}: must be from 0 (none) to 20 iterations")
+    settings.realign_settings("C1").check()  # the search ranges, for --realign and the built-in validator
 
 
 def _pixel_size(settings: PipelineSettings, particles: ParticleSet) -> float:
@@ -147,7 +150,8 @@ def prepare(settings: PipelineSettings) -> Prepared:
         raise CryoSieveInputError(f"{setting('mask')} {settings.mask}: file not found")
     particles = read_particle_file(settings.input_star, settings.angpix, settings.passthrough)
     names = OutputNames(settings.output_prefix, Path(settings.input_star).suffix.lower())
-    check_outputs(names.files(settings.num_iters), _inputs(settings, particles), names.folders(settings.num_iters))
+    check_outputs(names.files(settings.num_iters, settings.realign > 0), _inputs(settings, particles),
+                  names.folders(settings.num_iters))
     if settings.resplit:  # new random half-sets, seeded, written into _iter0 (rlnRandomSubset)
         particles = particles.with_halves(random_halves(len(particles), RESPLIT_SEED))
     if particles.random_subset is None:
@@ -208,6 +212,9 @@ def prepare(settings: PipelineSettings) -> Prepared:
         "validator": settings.validator.describe() if settings.validator is not None else "none",
         "validate_rh": bool(settings.validate_rh and settings.validator is not None),
         "patience": settings.patience,
+        "realign": {"iterations": settings.realign, "search_range": settings.search_range,
+                    "angular_step": settings.angular_step, "shift_range": settings.shift_range}
+        if settings.realign else None,
         "cryosparc_return": f"{settings.return_to.project} {settings.return_to.workspace} "
                             f"{returning.source[0]}.{returning.source[1]}"
         if settings.return_to is not None and returning is not None else None,

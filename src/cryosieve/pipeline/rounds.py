@@ -1,5 +1,6 @@
 """The steps of one round, and what a round shows: reconstruct the half maps of a set, post-process
-them, sieve the set at the round's cut-off (:func:`reconstruct`, :func:`postprocess`, :func:`sieve`),
+them, re-estimate its poses (:func:`realign`, ``--realign``), sieve the set at the round's cut-off
+(:func:`reconstruct`, :func:`postprocess`, :func:`sieve`),
 give the last selection back to CryoSPARC (:func:`give_back`); each round's summary for the report
 (:func:`round_summary`), the best set (:func:`write_best`) and whether the run has stalled
 (:func:`stalled`, ``--patience``).
@@ -21,8 +22,8 @@ import pandas as pd
 from cryosieve.backends import HalfMapJob, PostprocessJob
 from cryosieve.backends.builtin import BuiltinReconstructor
 from cryosieve.errors import CryoSieveInputError
-from cryosieve.io.atomic import atomic_path
-from cryosieve.io.mrc import read_volume
+from cryosieve.io.atomic import OutputGroup, atomic_path
+from cryosieve.io.mrc import read_volume, write_volume_to
 from cryosieve.io.particle_files import in_format_of
 from cryosieve.io.stack import StackReader
 from cryosieve.particles import ParticleSet
@@ -94,11 +95,87 @@ def _outcome(prepared: Prepared, report: PostprocessReport) -> dict[str, Any]:
     }
 
 
+#: The columns of ``PREFIX_iter{i}_realigned_moves.csv`` that hold each particle's new pose (degrees, pixels).
+POSE_COLUMNS = {"rot": "new_rot_degrees", "tilt": "new_tilt_degrees", "psi": "new_psi_degrees",
+                "origin_x": "new_origin_x_pixels", "origin_y": "new_origin_y_pixels"}
+
+
+def realign(prepared: Prepared, particles: ParticleSet, iteration: int, progress: ProgressFactory) -> dict[str, Any]:
+    """Re-estimate the poses of round ``iteration``'s set by the built-in gold-standard local refinement
+    (:func:`cryosieve.align.refine_gold_standard`, ``--realign`` iterations, each half-set against its own half
+    map), before its sieve. Writes, all together: the set with its new poses (``PREFIX_iter{i}_realigned``), the
+    half maps of those poses (which the sieve scores against), how far each particle moved with its new pose
+    (``_realigned_moves.csv``: the poses at full precision, read back by :func:`realigned_particles`) and the
+    iterations (``_realigned_iterations.csv``). Returns the outcome the state records."""
+    from cryosieve.align import refine_gold_standard
+    from cryosieve.backends.builtin import moves_table
+
+    names = prepared.names
+    settings = prepared.settings.realign_settings(prepared.symmetry)
+
+    @contextlib.contextmanager
+    def labelled(description: str, total: int) -> Iterator[Callable[[int], None]]:
+        with progress(f"iter {iteration}: realign: {description}", total) as update:
+            yield update
+
+    with StackReader(particles, prepared.settings.directory or None) as reader:
+        outcome = refine_gold_standard(particles, reader, prepared.mask.data, settings, labelled)
+    refined = outcome.particles
+    moves = moves_table(outcome)
+    for name, column in POSE_COLUMNS.items():
+        moves[column] = getattr(refined, name)
+    history = [row for record in outcome.history for row in record.rows()]
+    # each half-set's finest step (its own resolution decides it): the smallest it searched with
+    finest = {half: min(record.finest_step[half] for record in outcome.history if half in record.finest_step)
+              for half in (1, 2)}
+    assert refined.random_subset is not None
+    own_finest = np.where(refined.random_subset == 1, finest[1], finest[2])
+    moved = (outcome.angle > own_finest) | (np.hypot(outcome.shift[:, 0], outcome.shift[:, 1]) > MOVED_PIXELS)
+    with OutputGroup() as group:
+        refined.write_to(group.path_for(names.realigned(iteration)))
+        for half in (1, 2):
+            write_volume_to(group.path_for(names.realigned_half_map(iteration, half)), outcome.maps[half],
+                            prepared.angpix)
+        moves.to_csv(group.path_for(names.realigned_moves(iteration)), index=False)  # exact: read back as poses
+        pd.DataFrame(history).to_csv(group.path_for(names.realigned_iterations(iteration)), index=False,
+                                     float_format="%.6g")
+    resolution = outcome.history[-1].resolution if outcome.history else None
+    distance = np.hypot(outcome.shift[:, 0], outcome.shift[:, 1])
+    return {"particles": len(refined), "moved": int(np.sum(moved)),
+            "finest_step": {str(half): float(step) for half, step in finest.items()},
+            "median_angle": float(np.median(outcome.angle)), "median_shift": float(np.median(distance)),
+            "resolution_angstrom": None if resolution is None else float(resolution),
+            "iterations": len(outcome.history)}
+
+
+#: A particle counts as moved by ``--realign`` when it turned by more than its half-set's finest step or its
+#: origin moved by more than this (pixels).
+MOVED_PIXELS = 0.5
+
+
+def realigned_particles(prepared: Prepared, iteration: int, particles: ParticleSet) -> ParticleSet:
+    """``particles`` (round ``iteration``'s set) with the poses :func:`realign` found, read back from
+    ``PREFIX_iter{i}_realigned_moves.csv`` (so that a resumed run goes on with exactly the same poses)."""
+    path = prepared.names.realigned_moves(iteration)
+    if not path.is_file():
+        raise CryoSieveInputError(f"{path}: missing, but its realignment is recorded as done; start a new run")
+    moves = pd.read_csv(path, keep_default_na=False, dtype={"rlnImageName": str})
+    missing = [column for column in ("rlnImageName", *POSE_COLUMNS.values()) if column not in moves.columns]
+    if missing or len(moves) != len(particles) or not np.array_equal(
+            moves["rlnImageName"].to_numpy(dtype=object), particles.image_name.astype(str)):
+        raise CryoSieveInputError(f"{path}: does not list the particles of {prepared.names.star(iteration)}"
+                                  + (f" (column {missing[0]} missing)" if missing else ""))
+    values = {name: moves[column].to_numpy(dtype=np.float64) for name, column in POSE_COLUMNS.items()}
+    return particles.with_poses(**values)
+
+
 def sieve(prepared: Prepared, particles: ParticleSet, iteration: int, progress: ProgressFactory) -> None:
-    """Sieve the particles of round ``iteration`` into the next set, its sieved set and the scores."""
+    """Sieve the particles of round ``iteration`` into the next set, its sieved set and the scores (against the
+    half maps of the re-estimated poses with ``--realign``)."""
     names = prepared.names
     cutoff = prepared.schedule[iteration]
-    volumes = [read_volume(names.half_map(iteration, subset)) for subset in (1, 2)]
+    half_map = names.realigned_half_map if prepared.settings.realign else names.half_map
+    volumes = [read_volume(half_map(iteration, subset)) for subset in (1, 2)]
     half_set = half_sets(particles, 2)
     check_geometry(particles, prepared.box, volumes, cutoff)
     settings = prepared.settings.sieve_at(cutoff)
@@ -163,6 +240,13 @@ def round_summary(prepared: Prepared, iteration: int, particles: ParticleSet, st
         summary.rh_bfactor = None if validated["rh_bfactor"] is None else float(validated["rh_bfactor"])
         classical = validated.get("rh_bfactor_classical")
         summary.rh_bfactor_classical = None if classical is None else float(classical)
+    realigned = state.outcomes.get(f"realign {iteration}")
+    if realigned is not None:
+        summary.realigned_moved = int(realigned["moved"])
+        summary.realigned_median_turn = float(realigned["median_angle"])
+        summary.realigned_median_shift = float(realigned["median_shift"])
+        summary.realigned_resolution_angstrom = (math.nan if realigned["resolution_angstrom"] is None
+                                                 else float(realigned["resolution_angstrom"]))
     summary.view_bins = view_bins(particles.rot, particles.tilt)
     if state.done(f"sieve {iteration}"):
         scores = pd.read_csv(names.scores(iteration + 1), keep_default_na=False, dtype={"rlnImageName": str})

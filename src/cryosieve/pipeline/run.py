@@ -103,7 +103,8 @@ def run_pipeline(settings: PipelineSettings, *, resume: bool = False,
 
 def _state(prepared: Prepared, resume: bool) -> State:
     """The run's state (:func:`cryosieve.pipeline.state.open_state`)."""
-    steps = step_names(prepared.settings.num_iters, prepared.validator is not None, prepared.returning is not None)
+    steps = step_names(prepared.settings.num_iters, prepared.validator is not None, prepared.returning is not None,
+                       prepared.settings.realign > 0)
     return open_state(prepared.names.state, prepared.record, resume, steps, prepared.settings.command_line)
 
 
@@ -190,6 +191,10 @@ class _Run:
                     log.info("[ITER %d] no better resolution for %d rounds: stopping before this set's sieve",
                              iteration, settings.patience)
                     break
+                if settings.realign:  # poses re-estimated before the sieve: it scores against them
+                    self.step(f"realign {iteration}",
+                              functools.partial(rounds.realign, prepared, particles, iteration, self.progress))
+                    particles = rounds.realigned_particles(prepared, iteration, particles)
                 self.step(f"sieve {iteration}",
                           functools.partial(rounds.sieve, prepared, particles, iteration, self.progress))
                 summaries.append(rounds.round_summary(prepared, iteration, particles, state))

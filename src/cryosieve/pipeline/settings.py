@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from cryosieve.align.settings import GoldStandardSettings, SearchSettings
 from cryosieve.backends import PostProcessor, Reconstructor, Refiner
 from cryosieve.schedule import CutoffSchedule
 from cryosieve.settings import SieveSettings
@@ -66,6 +67,13 @@ class PipelineSettings:
         ``rlnRandomSubset`` in ``PREFIX_iter0``: for particles without half-sets, or to start afresh.
     command_line:
         The command that started the run, for the report (not part of what decides the outputs).
+    realign:
+        Iterations of the built-in gold-standard local refinement (:mod:`cryosieve.align`) run on each round's
+        set before its sieve (``--realign``): the sieve scores the particles against their re-estimated poses
+        and the half maps of those poses, and the next set carries them; 0: none.
+    search_range, angular_step, shift_range:
+        The local searches of ``realign`` and of the built-in validator: the largest turn (degrees), the finest
+        step (degrees) and the largest move of the origin (pixels).
     """
 
     input_star: str
@@ -90,6 +98,10 @@ class PipelineSettings:
     patience: int | None = None
     resplit: bool = False
     command_line: str = ""
+    realign: int = 0
+    search_range: float = 15.0
+    angular_step: float = 0.5
+    shift_range: float = 5.0
 
     @property
     def schedule(self) -> CutoffSchedule:
@@ -98,6 +110,14 @@ class PipelineSettings:
     def sieve_at(self, cutoff: float) -> SieveSettings:
         """The sieve's settings of a round at the cut-off ``cutoff`` (Å)."""
         return replace(self.sieve, highpass_angstrom=float(cutoff))
+
+    def realign_settings(self, symmetry: str) -> GoldStandardSettings:
+        """The settings of the local refinement of ``realign`` (on the sieve's device; ``symmetry``: of its
+        reconstructions)."""
+        return GoldStandardSettings(
+            search=SearchSettings(search_range=self.search_range, angular_step=self.angular_step,
+                                  shift_range=self.shift_range, device=self.sieve.device),
+            iterations=max(self.realign, 1), symmetry=symmetry, reconstruct_batch_size=self.reconstruct_batch_size)
 
     def backends(self) -> tuple[Reconstructor, PostProcessor]:
         """The back-ends to use, the built-in ones where none is given."""

@@ -27,12 +27,13 @@ STACKS = "particle_stacks"
 GIVE_BACK = "give back to CryoSPARC"
 
 
-def step_names(num_iters: int, validate: bool = False, give_back: bool = False) -> list[str]:
+def step_names(num_iters: int, validate: bool = False, give_back: bool = False, realign: bool = False) -> list[str]:
     """Every step of a run, in order."""
     names = ["prepare"]
     for iteration in range(num_iters):
         names += [f"reconstruct {iteration}", f"postprocess {iteration}"]
         names += [f"validate {iteration}"] if validate else []
+        names += [f"realign {iteration}"] if realign else []
         names += [f"sieve {iteration}"]
     return names + ([f"validate {num_iters}"] if validate else []) + ([GIVE_BACK] if give_back else [])
 
