@@ -21,7 +21,7 @@ from cryosieve.cli._common import (
     run_command,
     setup_logging,
 )
-from cryosieve.cli.refine import add_cryosparc_arguments, cryosparc_refiner
+from cryosieve.cli.refine import add_cryosparc_arguments, add_search_arguments, cryosparc_refiner
 from cryosieve.errors import CryoSieveInputError
 
 log = logging.getLogger("cryosieve")
@@ -89,14 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "refinement (this many iterations, 2 if given alone): the sieve scores the particles "
                              "against their corrected poses, and the next set carries them (default 0: the given "
                              "poses).")
-    group = parser.add_argument_group("local searches of --realign and --validate builtin")
-    group.add_argument("--search_range", type=float, default=15.0,
-                       help="largest turn (degrees) from each particle's pose, 15 by default.")
-    group.add_argument("--angular_step", type=float, default=0.5,
-                       help="finest angular step (degrees), 0.5 by default; coarser where the resolution supports "
-                            "no finer.")
-    group.add_argument("--shift_range", type=float, default=5.0,
-                       help="largest move (pixels) of each particle's origin, 5 by default.")
+    add_search_arguments(parser.add_argument_group("local searches of --realign and --validate builtin"))
     add_orientation_argument(parser)
     parser.add_argument("--resplit", action="store_true",
                         help="split the particles into two new random half-sets (seeded) before the first round, "

@@ -89,9 +89,8 @@ def add_refine_arguments(parser: argparse.ArgumentParser, cryosparc_command: str
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines.")
 
 
-def add_builtin_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of the built-in refinement (``--backend builtin``)."""
-    group = parser.add_argument_group("built-in refinement (--backend builtin)")
+def add_search_arguments(group: argparse._ArgumentGroup) -> None:
+    """The local search's options of the built-in refinement (``cryosieve-refine``, ``cryosieve --realign``)."""
     group.add_argument("--search_range", type=float, default=15.0,
                        help="largest turn (degrees) from each particle's given pose, 15 by default.")
     group.add_argument("--angular_step", type=float, default=0.5,
@@ -99,6 +98,12 @@ def add_builtin_arguments(parser: argparse.ArgumentParser) -> None:
                             "no finer.")
     group.add_argument("--shift_range", type=float, default=5.0,
                        help="largest move (pixels) of each particle's given origin, 5 by default.")
+
+
+def add_builtin_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the built-in refinement (``--backend builtin``)."""
+    group = parser.add_argument_group("built-in refinement (--backend builtin)")
+    add_search_arguments(group)
     group.add_argument("--iterations", type=int, default=5,
                        help="most iterations (search, reconstruction, post-processing), 5 by default; each half-set "
                             "stops earlier once its resolution stops improving or fewer than 1 %% of its particles "
