@@ -59,7 +59,9 @@ def main() -> int:
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--particles", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3, help="alternations (before, after) per command")
+    parser.add_argument("--only", default="", help="time only the commands whose label contains this text")
     args = parser.parse_args()
+    chosen = [label for label in commands(Path("."), Path(".")) if args.only in label]
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary) / "data"
@@ -72,19 +74,21 @@ def main() -> int:
             for name, side in (("before", args.before), ("after", args.after))[:: 1 if index % 2 == 0 else -1]:
                 out = Path(temporary) / f"{name}-{index}"
                 for label, arguments in commands(folder, out).items():
+                    if label not in chosen:
+                        continue
                     results.setdefault((label, name), []).append(run(side, arguments, folder))
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.particles} particles at box "
           f"{args.box}, {args.rounds} alternations\n")
     print("| command | before: wall s (best; all) | after: wall s (best; all) | before: CPU s (best) | "
           "after: CPU s (best) |")
     print("|---|---|---|---|---|")
-    for label in commands(Path("."), Path(".")):
+    for label in chosen:
         row = [label]
         for name in ("before", "after"):
             walls = [wall for wall, _ in results[(label, name)]]
             row.append(f"**{min(walls):.1f}**; " + ", ".join(f"{wall:.1f}" for wall in walls))
         for name in ("before", "after"):
-            row.append(f"{min(cpu for _, cpu in results[(label, name)]):.1f}")
+            row.append(f"{min(cpu for _, cpu in results[(label, name)]):.2f}")
         print("| " + " | ".join(row) + " |")
     return 0
 
