@@ -121,6 +121,10 @@ def _main(argv: Sequence[str] | None) -> int:
         RelionReconstructor.from_command_line(args.reconstruct_software, args.num_procs)
     postprocessor = None if args.postprocess_software is None else \
         RelionPostProcessor.from_command_line(args.postprocess_software)
+    from cryosieve.align.settings import SearchSettings
+
+    search = SearchSettings(search_range=args.search_range, angular_step=args.angular_step,
+                            shift_range=args.shift_range)
     validator: Any = None
     if args.validate == "fixed":
         from cryosieve.backends.builtin import FixedPoseRefiner
@@ -129,8 +133,8 @@ def _main(argv: Sequence[str] | None) -> int:
     elif args.validate == "builtin":
         from cryosieve.backends.builtin import BuiltinRefiner
 
-        validator = BuiltinRefiner(device, search_range=args.search_range, angular_step=args.angular_step,
-                                   shift_range=args.shift_range)
+        validator = BuiltinRefiner(device, search_range=search.search_range, angular_step=search.angular_step,
+                                   shift_range=search.shift_range)
         validator.check()
     elif args.validate == "relion":
         from cryosieve.backends.relion import RelionRefiner
@@ -149,7 +153,7 @@ def _main(argv: Sequence[str] | None) -> int:
         postprocessor=postprocessor, report=args.report, validator=validator, validate_rh=args.validate_rh,
         passthrough=tuple(args.passthrough), return_to=return_target(args), patience=args.patience,
         resplit=args.resplit, command_line=command_line("cryosieve", argv), realign=args.realign,
-        search_range=args.search_range, angular_step=args.angular_step, shift_range=args.shift_range,
+        search=search,
     )
     result = run_pipeline(settings, resume=args.resume, progress=progress_factory(not args.quiet, leave=False),
                           checkpoint=check_interrupt)

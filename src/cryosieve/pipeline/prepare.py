@@ -212,8 +212,8 @@ def prepare(settings: PipelineSettings) -> Prepared:
         "validator": settings.validator.describe() if settings.validator is not None else "none",
         "validate_rh": bool(settings.validate_rh and settings.validator is not None),
         "patience": settings.patience,
-        "realign": {"iterations": settings.realign, "search_range": settings.search_range,
-                    "angular_step": settings.angular_step, "shift_range": settings.shift_range}
+        "realign": {"iterations": settings.realign, "search_range": settings.search.search_range,
+                    "angular_step": settings.search.angular_step, "shift_range": settings.search.shift_range}
         if settings.realign else None,
         "cryosparc_return": f"{settings.return_to.project} {settings.return_to.workspace} "
                             f"{returning.source[0]}.{returning.source[1]}"

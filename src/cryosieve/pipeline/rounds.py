@@ -130,7 +130,8 @@ def realign(prepared: Prepared, particles: ParticleSet, iteration: int, progress
               for half in (1, 2)}
     assert refined.random_subset is not None
     own_finest = np.where(refined.random_subset == 1, finest[1], finest[2])
-    moved = (outcome.angle > own_finest) | (np.hypot(outcome.shift[:, 0], outcome.shift[:, 1]) > MOVED_PIXELS)
+    distance = moves["origin_pixels"].to_numpy()
+    moved = (outcome.angle > own_finest) | (distance > MOVED_PIXELS)
     with OutputGroup() as group:
         refined.write_to(group.path_for(names.realigned(iteration)))
         for half in (1, 2):
@@ -140,7 +141,6 @@ def realign(prepared: Prepared, particles: ParticleSet, iteration: int, progress
         pd.DataFrame(history).to_csv(group.path_for(names.realigned_iterations(iteration)), index=False,
                                      float_format="%.6g")
     resolution = outcome.history[-1].resolution if outcome.history else None
-    distance = np.hypot(outcome.shift[:, 0], outcome.shift[:, 1])
     return {"particles": len(refined), "moved": int(np.sum(moved)),
             "finest_step": {str(half): float(step) for half, step in finest.items()},
             "median_angle": float(np.median(outcome.angle)), "median_shift": float(np.median(distance)),

@@ -7,7 +7,7 @@ here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from cryosieve.align.settings import GoldStandardSettings, SearchSettings
@@ -71,9 +71,9 @@ class PipelineSettings:
         Iterations of the built-in gold-standard local refinement (:mod:`cryosieve.align`) run on each round's
         set before its sieve (``--realign``): the sieve scores the particles against their re-estimated poses
         and the half maps of those poses, and the next set carries them; 0: none.
-    search_range, angular_step, shift_range:
-        The local searches of ``realign`` and of the built-in validator: the largest turn (degrees), the finest
-        step (degrees) and the largest move of the origin (pixels).
+    search:
+        The local searches of ``realign`` (:class:`~cryosieve.align.SearchSettings`: the largest turn, the finest
+        step, the largest move of the origin), held as they are and run on the sieve's device.
     """
 
     input_star: str
@@ -99,9 +99,7 @@ class PipelineSettings:
     resplit: bool = False
     command_line: str = ""
     realign: int = 0
-    search_range: float = 15.0
-    angular_step: float = 0.5
-    shift_range: float = 5.0
+    search: SearchSettings = field(default_factory=SearchSettings)
 
     @property
     def schedule(self) -> CutoffSchedule:
@@ -115,9 +113,8 @@ class PipelineSettings:
         """The settings of the local refinement of ``realign`` (on the sieve's device; ``symmetry``: of its
         reconstructions)."""
         return GoldStandardSettings(
-            search=SearchSettings(search_range=self.search_range, angular_step=self.angular_step,
-                                  shift_range=self.shift_range, device=self.sieve.device),
-            iterations=max(self.realign, 1), symmetry=symmetry, reconstruct_batch_size=self.reconstruct_batch_size)
+            search=replace(self.search, device=self.sieve.device), iterations=max(self.realign, 1),
+            symmetry=symmetry, reconstruct_batch_size=self.reconstruct_batch_size)
 
     def backends(self) -> tuple[Reconstructor, PostProcessor]:
         """The back-ends to use, the built-in ones where none is given."""
