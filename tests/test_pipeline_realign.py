@@ -126,6 +126,16 @@ def test_a_resumed_run_redoes_nothing(realigned: str, small: Misaligned, tmp_pat
     assert "realign 0" in done and "sieve 0" in done and ": done in" not in last
 
 
+def test_a_second_run_gives_the_same_bytes(realigned: str, small: Misaligned, tmp_path: Path) -> None:
+    """The same command into another prefix: every particle file, map and table byte for byte the same."""
+    again = str(tmp_path / "again") + "/"
+    assert pipeline_main(arguments(small, again, "--realign", "1")) == 0
+    names = sorted(path.name for path in Path(realigned).iterdir() if path.suffix in (".star", ".mrc", ".csv"))
+    assert "_iter0_realigned_moves.csv" in names and "_iter0_realigned_half1.mrc" in names
+    for name in names:
+        assert (Path(again) / name).read_bytes() == (Path(realigned) / name).read_bytes(), name
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--realign", "-1"], "--realign -1: must be from 0 (none) to 20 iterations"),
     (["--realign", "--search_range", "0"], "--search_range 0.0: must be in (0, 180] degrees"),
