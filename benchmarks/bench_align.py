@@ -23,7 +23,9 @@ RELION on many particles can outlast a working session. Its run is then timed in
 ``relion_M/segments.json`` (epoch seconds): a segment that was stopped counts up to the end of its last finished
 iteration (the file ``run*_itNNN_optimiser.star``; the unfinished iteration is done again and counted once), and
 ``--relion_continue`` (with ``--skip_full --skip_builtin``) goes on from that iteration with ``relion_refine_mpi
---continue``, adds its segment and reports the sum.
+--continue``, adds its segment and reports the sum. The CPU time of a stopped segment is counted from
+``relion_M/cpu_samples.txt`` when it was sampled (lines ``epoch-seconds CPU-seconds`` of its ranks, taken at the
+end of its last finished iteration by interpolation), else left out.
 """
 
 from __future__ import annotations
@@ -165,7 +167,11 @@ class Segments:
         finished = sorted(out.glob("run*_it[0-9][0-9][0-9]_optimiser.star"), key=lambda path: path.stat().st_mtime)
         if not self.items or "end" in self.items[-1] or not finished:
             raise SystemExit(f"{self.path}: no stopped RELION segment to continue")
-        self.items[-1]["end"] = max(self.items[-1]["start"], finished[-1].stat().st_mtime)
+        self.items[-1]["end"] = end = max(self.items[-1]["start"], finished[-1].stat().st_mtime)
+        samples = out / "cpu_samples.txt"  # "epoch CPU-seconds" lines of the stopped command's ranks, if sampled
+        if samples.is_file():
+            times, cpu = np.loadtxt(samples, ndmin=2).T
+            self.items[-1]["cpu"] = float(np.interp(end, times, cpu))
         self.save()
         return finished[-1]
 
@@ -176,7 +182,7 @@ class Segments:
         return sum(item["end"] - item["start"] for item in self.items)
 
     def cpu(self) -> float:
-        """CPU seconds of every segment (a stopped one's as recorded by hand in the file, else not counted)."""
+        """CPU seconds of every segment (a stopped one's from its samples, if any, else not counted)."""
         return sum(item.get("cpu", 0.0) for item in self.items)
 
 
