@@ -18,14 +18,6 @@ process of its own from the command line, one after the other:
 Example (the figures of docs/benchmarks.md)::
 
     python3 benchmarks/bench_align.py --count 10000 --box 128 --angpix 1.25 --iterations 3 --relion_count 1000
-
-RELION on many particles can outlast a working session. Its run is then timed in segments, recorded in
-``relion_M/segments.json`` (epoch seconds): a segment that was stopped counts up to the end of its last finished
-iteration (the file ``run*_itNNN_optimiser.star``; the unfinished iteration is done again and counted once), and
-``--relion_continue`` (with ``--skip_full --skip_builtin``) goes on from that iteration with ``relion_refine_mpi
---continue``, adds its segment and reports the sum. The CPU time of a stopped segment is counted from
-``relion_M/cpu_samples.txt`` when it was sampled (lines ``epoch-seconds CPU-seconds`` of its ranks, taken at the
-end of its last finished iteration by interpolation), else left out.
 """
 
 from __future__ import annotations
@@ -124,66 +116,13 @@ def relion(star: Path, folder: Path, out: Path, args: argparse.Namespace) -> tup
     replace = {"--sigma_ang": f"{args.search_range / 3:g}", "--offset_range": f"{args.shift_range:g}"}
     for flag, value in replace.items():
         command[command.index(flag) + 1] = value
-    segments = Segments(out / "segments.json")
-    if args.relion_continue:
-        optimiser = segments.close_stopped(out)
-        last = int(optimiser.name.rsplit("_it", 1)[1][:3])
-        root = f"run_ct{last}"
-        command = [*command[:command.index("relion_refine_mpi") + 1], "--continue", str(optimiser),
-                   "--o", str(out / root), "--dont_combine_weights_via_disc", "--pool", "30", "--j", "1"]
-        segments.start()
-        run(command, out / f"relion_ct{last}.log", cwd=folder)
-    else:
-        root = "run"
-        segments.start()
-        with StackReader(table, folder) as reader:
-            write_volume(out / "reference.mrc", reconstruct(table, reader), pixel)
-        run(command, out / "relion.log", cwd=folder)
-    seconds = segments.finish(CPU_SECONDS[-1])
-    CPU_SECONDS[-1] = segments.cpu()
-    halves = (out / f"{root}_half1_class001_unfil.mrc", out / f"{root}_half2_class001_unfil.mrc")
+    start = time.perf_counter()
+    with StackReader(table, folder) as reader:
+        write_volume(out / "reference.mrc", reconstruct(table, reader), pixel)
+    seconds = time.perf_counter() - start + run(command, out / "relion.log", cwd=folder)
+    halves = (out / "run_half1_class001_unfil.mrc", out / "run_half2_class001_unfil.mrc")
     report = measure_half_maps(halves, job)
-    return seconds, float(report.summary["final_resolution_angstrom"]), out / f"{root}_data.star"  # type: ignore[arg-type]
-
-
-class Segments:
-    """The segments of one RELION run timed across sessions: ``[{"start", "end", "cpu"}]`` in a JSON file
-    (epoch seconds; ``cpu`` the CPU seconds of the segment's command, absent when it was stopped)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.items: list[dict[str, float]] = json.loads(path.read_text()) if path.is_file() else []
-
-    def save(self) -> None:
-        self.path.write_text(json.dumps(self.items, indent=1) + "\n")
-
-    def start(self) -> None:
-        self.items.append({"start": time.time()})
-        self.save()
-
-    def close_stopped(self, out: Path) -> Path:
-        """End the stopped segment at its last finished iteration (at its start if it finished none); the
-        optimiser file of the last iteration finished."""
-        finished = sorted(out.glob("run*_it[0-9][0-9][0-9]_optimiser.star"), key=lambda path: path.stat().st_mtime)
-        if not self.items or "end" in self.items[-1] or not finished:
-            raise SystemExit(f"{self.path}: no stopped RELION segment to continue")
-        self.items[-1]["end"] = end = max(self.items[-1]["start"], finished[-1].stat().st_mtime)
-        samples = out / "cpu_samples.txt"  # "epoch CPU-seconds" lines of the stopped command's ranks, if sampled
-        if samples.is_file():
-            times, cpu = np.loadtxt(samples, ndmin=2).T
-            self.items[-1]["cpu"] = float(np.interp(end, times, cpu))
-        self.save()
-        return finished[-1]
-
-    def finish(self, cpu: float) -> float:
-        """End the running segment now with its CPU seconds; the wall seconds of every segment."""
-        self.items[-1].update(end=time.time(), cpu=cpu)
-        self.save()
-        return sum(item["end"] - item["start"] for item in self.items)
-
-    def cpu(self) -> float:
-        """CPU seconds of every segment (a stopped one's from its samples, if any, else not counted)."""
-        return sum(item.get("cpu", 0.0) for item in self.items)
+    return seconds, float(report.summary["final_resolution_angstrom"]), out / "run_data.star"  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -200,9 +139,6 @@ def main() -> None:
     parser.add_argument("--relion_count", type=int, default=0, help="particles of the RELION comparison (0: none)")
     parser.add_argument("--skip_relion", action="store_true", help="with --relion_count, the built-in run only")
     parser.add_argument("--skip_full", action="store_true", help="not the run on the whole set")
-    parser.add_argument("--skip_builtin", action="store_true", help="with --relion_count, RELION's run only")
-    parser.add_argument("--relion_continue", action="store_true",
-                        help="go on with a stopped RELION run from its last finished iteration (see above)")
     parser.add_argument("--work", default="/tmp/cryosieve-bench-align", help="folder of the data and the runs")
     args = parser.parse_args()
     work = Path(args.work)
@@ -233,14 +169,11 @@ def main() -> None:
         resolution = float(pd.read_csv(out / "summary.csv")["resolution (A)"].iloc[0])
         record(f"cryosieve-refine --backend builtin --iterations {args.iterations}", args.count, seconds, before,
                refined, resolution, rows)
-    if args.relion_count and not args.relion_continue:  # the continued run reads the same file
+    if args.relion_count:
         subset = np.arange(args.relion_count)
         table = read_particles(data.star).subset(subset)
         star = folder / f"misaligned_{args.relion_count}.star"
         table.write(star)
-    if args.relion_count and not args.skip_builtin:
-        subset = np.arange(args.relion_count)
-        star = folder / f"misaligned_{args.relion_count}.star"
         out = work / f"builtin_{args.relion_count}"
         out.mkdir(parents=True, exist_ok=True)
         before = load()
