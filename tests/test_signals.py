@@ -299,3 +299,37 @@ def test_an_interrupt_swallowed_by_a_finaliser_still_stops_the_command(capsys: p
     assert run_command("cryosieve", body, []) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "cryosieve: interrupted"
     assert updates == []
+
+
+def test_an_interrupt_inside_a_c_callback_says_one_line(capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal that lands while C code calls back into Python (numba's compiler does, while a fresh
+    installation compiles its kernels) cannot raise out of the callback; the command must still say one
+    line, with no traceback, and stop at its next progress report."""
+    import ctypes
+
+    from cryosieve.cli._common import checked, run_command
+
+    inside: list[bool] = []
+
+    @ctypes.CFUNCTYPE(None)
+    def callback() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs here, between two bytecodes of the callback
+            time.sleep(0.001)
+        inside.append(True)  # not reached: the KeyboardInterrupt ended the callback
+
+    updates: list[int] = []
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # Python's own, which prints
+
+    def body(_argv: object) -> int:
+        callback()
+        with pytest.raises(KeyboardInterrupt):
+            checked(updates.append)(1)
+        return 0
+
+    assert run_command("cryosieve", body, []) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["cryosieve: interrupted"], err
+    assert inside == [] and updates == []
+    assert sys.unraisablehook is sys.__unraisablehook__

@@ -206,11 +206,33 @@ def _on_signal(number: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _quiet_interrupts(previous: Callable[[Any], object]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that drops the KeyboardInterrupt of a received stop signal.
+
+    Python cannot raise an exception out of a C callback (numba's compiler calls one back on every
+    kernel it compiles) or a finaliser: it prints "Exception ignored ..." with a traceback instead.
+    The signal is remembered in :class:`_Signals`, and :func:`check_interrupt` raises it again at the
+    next batch, so that print would only break the promise of one line on stderr.
+    """
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and interrupted():
+            return
+        previous(unraisable)
+
+    return hook
+
+
 @contextlib.contextmanager
 def _signal_handlers() -> Iterator[None]:
     _Signals.received = None
-    with handling_stop_signals(_on_signal):
-        yield
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_interrupts(previous_hook)
+    try:
+        with handling_stop_signals(_on_signal):
+            yield
+    finally:
+        sys.unraisablehook = previous_hook
 
 
 # --------------------------------------------------------------------------- errors
