@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from cryosieve.io.stack import StackReader
 from cryosieve.mask import check_mask, soft_mask
 from cryosieve.postprocess.report import PostprocessReport
 from cryosieve.progress import ProgressFactory
+
+if TYPE_CHECKING:
+    from cryosieve.align.settings import GoldStandardSettings, SearchSettings
 
 log = logging.getLogger("cryosieve")
 
@@ -161,6 +164,12 @@ REFINE_DATA, REFINE_HALVES = "run_data.star", ("run_half1_class001_unfil.mrc", "
 REFINE_MOVES, REFINE_ITERATIONS = "run_moves.csv", "run_iterations.csv"
 
 
+def _default_search() -> SearchSettings:
+    from cryosieve.align.settings import SearchSettings
+
+    return SearchSettings()
+
+
 @dataclass(frozen=True)
 class BuiltinRefiner:
     """A gold-standard local refinement in-process (:func:`cryosieve.align.refine_gold_standard`): each half-set's
@@ -170,51 +179,50 @@ class BuiltinRefiner:
     ``run_half2_class001_unfil.mrc``, ``postprocess/``, ``run_moves.csv`` (how far each particle moved) and
     ``run_iterations.csv``.
 
-    ``search_range`` and ``angular_step`` in degrees, ``shift_range`` in pixels, at most ``iterations`` rounds.
+    ``search``: how each particle is searched (its device is the refinement's); at most ``iterations`` rounds.
     """
 
-    device: Any = "cpu"
-    search_range: float = 15.0
-    angular_step: float = 0.5
-    shift_range: float = 5.0
+    search: SearchSettings = field(default_factory=_default_search)
     iterations: int = 5
-    batch_size: int = 128
     #: Under ``torchrun``, its jobs run in rank 0's process and every rank searches and reconstructs a share.
     uses_job_ranks = True
 
+    @property
+    def device(self) -> Any:
+        """Where it searches, reconstructs and post-processes."""
+        return self.search.device
+
     def describe(self) -> str:
-        return (f"built-in gold-standard local refinement (search range {self.search_range:g} degrees, angular step "
-                f"{self.angular_step:g} degrees, shift range {self.shift_range:g} px, at most {self.iterations} "
-                "iterations)")
+        search = self.search
+        return (f"built-in gold-standard local refinement (search range {search.search_range:g} degrees, angular "
+                f"step {search.angular_step:g} degrees, shift range {search.shift_range:g} px, at most "
+                f"{self.iterations} iterations)")
 
-    def settings(self, job: RefinementJob) -> Any:
-        """The :class:`cryosieve.align.GoldStandardSettings` of ``job``."""
-        from cryosieve.align import LOWEST_RESOLUTION, GoldStandardSettings, SearchSettings
+    def settings(self, job: RefinementJob | None = None) -> GoldStandardSettings:
+        """The :class:`cryosieve.align.GoldStandardSettings` of ``job`` (without one: of no particular job)."""
+        from cryosieve.align.settings import LOWEST_RESOLUTION, GoldStandardSettings
 
+        if job is None:
+            return GoldStandardSettings(search=self.search, iterations=self.iterations)
         return GoldStandardSettings(
-            search=SearchSettings(search_range=self.search_range, angular_step=self.angular_step,
-                                  shift_range=self.shift_range, batch_size=self.batch_size, device=self.device),
-            iterations=self.iterations, symmetry=job.symmetry,
+            search=self.search, iterations=self.iterations, symmetry=job.symmetry,
             lowest_resolution=LOWEST_RESOLUTION if job.ini_high is None else job.ini_high,
             particle_diameter=job.particle_diameter)
 
     def check(self, job: RefinementJob | None = None) -> None:
         """Refuse settings this back-end cannot run (:class:`CryoSieveInputError` naming the option)."""
-        from cryosieve.align import GoldStandardSettings, SearchSettings
         from cryosieve.errors import setting
 
         if job is not None and job.reference is not None:
             raise CryoSieveInputError(f"{setting('reference')} {job.reference}: the built-in refinement starts from "
                                       "each half-set's own map of the given poses; leave it out")
-        GoldStandardSettings(search=SearchSettings(search_range=self.search_range, angular_step=self.angular_step,
-                                                   shift_range=self.shift_range, batch_size=self.batch_size,
-                                                   device=self.device), iterations=self.iterations).check()
+        self.settings().check()
 
     def plan(self, job: RefinementJob) -> list[str]:
         return [f"built-in half maps of {job.particles_star} with its given poses, then up to {self.iterations} "
-                f"iterations of local searches (within {self.search_range:g} degrees and {self.shift_range:g} px, "
-                f"down to {self.angular_step:g} degrees), each half-set against its own half map (symmetry "
-                f"{job.symmetry})",
+                f"iterations of local searches (within {self.search.search_range:g} degrees and "
+                f"{self.search.shift_range:g} px, down to {self.search.angular_step:g} degrees), each half-set "
+                f"against its own half map (symmetry {job.symmetry})",
                 "built-in post-processing of run_half1_class001_unfil.mrc and run_half2_class001_unfil.mrc"
                 + (f" with mask {job.mask}" if job.mask else " with a mask made around them")]
 

@@ -21,7 +21,7 @@ from cryosieve.cli._common import (
     run_command,
     setup_logging,
 )
-from cryosieve.cli.refine import add_cryosparc_arguments, add_search_arguments, cryosparc_refiner
+from cryosieve.cli.refine import add_cryosparc_arguments, add_search_arguments, cryosparc_refiner, search_settings
 from cryosieve.errors import CryoSieveInputError
 
 log = logging.getLogger("cryosieve")
@@ -121,10 +121,7 @@ def _main(argv: Sequence[str] | None) -> int:
         RelionReconstructor.from_command_line(args.reconstruct_software, args.num_procs)
     postprocessor = None if args.postprocess_software is None else \
         RelionPostProcessor.from_command_line(args.postprocess_software)
-    from cryosieve.align.settings import SearchSettings
-
-    search = SearchSettings(search_range=args.search_range, angular_step=args.angular_step,
-                            shift_range=args.shift_range)
+    search = search_settings(args)
     validator: Any = None
     if args.validate == "fixed":
         from cryosieve.backends.builtin import FixedPoseRefiner
@@ -133,8 +130,7 @@ def _main(argv: Sequence[str] | None) -> int:
     elif args.validate == "builtin":
         from cryosieve.backends.builtin import BuiltinRefiner
 
-        validator = BuiltinRefiner(device, search_range=search.search_range, angular_step=search.angular_step,
-                                   shift_range=search.shift_range)
+        validator = BuiltinRefiner(search_settings(args, device=device))
         validator.check()
     elif args.validate == "relion":
         from cryosieve.backends.relion import RelionRefiner

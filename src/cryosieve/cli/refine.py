@@ -111,12 +111,19 @@ def add_builtin_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch_size", type=int, default=128, help="particles searched at once, 128 by default.")
 
 
+def search_settings(args: argparse.Namespace, **more: Any) -> Any:
+    """The :class:`cryosieve.align.SearchSettings` of the parsed search arguments (``more``: other fields)."""
+    from cryosieve.align.settings import SearchSettings
+
+    return SearchSettings(search_range=args.search_range, angular_step=args.angular_step,
+                          shift_range=args.shift_range, **more)
+
+
 def builtin_refiner(args: argparse.Namespace, device: Any) -> Any:
     """The built-in refiner the parsed arguments describe (its settings checked)."""
     from cryosieve.backends.builtin import BuiltinRefiner
 
-    refiner = BuiltinRefiner(device, search_range=args.search_range, angular_step=args.angular_step,
-                             shift_range=args.shift_range, iterations=args.iterations, batch_size=args.batch_size)
+    refiner = BuiltinRefiner(search_settings(args, batch_size=args.batch_size, device=device), args.iterations)
     refiner.check()
     return refiner
 
