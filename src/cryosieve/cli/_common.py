@@ -223,6 +223,17 @@ def _quiet_interrupts(previous: Callable[[Any], object]) -> Callable[[Any], None
     return hook
 
 
+def _forget_caught_interrupts() -> None:
+    """Make the process end with the command's exit code after a KeyboardInterrupt it caught.
+
+    CPython (3.11 to 3.13 at least) marks a KeyboardInterrupt raised inside ``exec`` of a string as
+    unhandled even when it is caught; ``dataclasses`` and ``namedtuple`` build their methods so, e.g. while
+    torch is imported. A ``python -m`` run (``torchrun`` starts the ranks so) then ends by SIGINT instead
+    of with its exit code. Each ``exec`` of a string clears that mark first, so one that finishes clears it.
+    """
+    exec("pass")  # a constant string: see the docstring
+
+
 @contextlib.contextmanager
 def _signal_handlers() -> Iterator[None]:
     _Signals.received = None
@@ -233,6 +244,7 @@ def _signal_handlers() -> Iterator[None]:
             yield
     finally:
         sys.unraisablehook = previous_hook
+        _forget_caught_interrupts()
 
 
 # --------------------------------------------------------------------------- errors
