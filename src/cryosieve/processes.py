@@ -74,6 +74,17 @@ def handling_stop_signals(handler: Callable[[int, FrameType | None], Any]) -> It
             signal.signal(number, old)
 
 
+def forget_caught_interrupts() -> None:
+    """Make the process end with its exit code after a KeyboardInterrupt it caught (call on the way out).
+
+    CPython (3.11 to 3.13 at least) marks a KeyboardInterrupt raised inside ``exec`` of a string as
+    unhandled even when it is caught; ``dataclasses`` and ``namedtuple`` build their methods so, e.g. while
+    torch is imported. A ``python -m`` run (local ranks, and ``torchrun -m``) then ends by SIGINT instead of
+    with its exit code. Each ``exec`` of a string clears that mark first, so one that finishes clears it.
+    """
+    exec("pass")  # a constant string: see the docstring
+
+
 @contextlib.contextmanager
 def stop_signals_deferred() -> Iterator[None]:
     """Hold :data:`STOP_SIGNALS` back while the block runs (e.g. while a child process is being

@@ -979,6 +979,8 @@ def _watch_ranks(ranks: list[Any], watching: threading.Event, program: str, befo
 
 def _rank_main(argv: list[str]) -> int:
     """``python -m cryosieve.world DEVICE PROGRAM``: a rank other than 0 of a local job (:func:`local_job`)."""
+    from cryosieve.processes import forget_caught_interrupts
+
     device, program = argv[0], argv[1]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop
     try:
@@ -992,6 +994,8 @@ def _rank_main(argv: list[str]) -> int:
     except JobError as error:
         print(f"{program}: error: rank {os.environ.get('RANK', '?')}: {error}", file=sys.stderr, flush=True)
         return EXIT_LOST_RANK
+    finally:
+        forget_caught_interrupts()  # the watchdog's interrupt may have landed in an ``exec``
 
 
 if __name__ == "__main__":

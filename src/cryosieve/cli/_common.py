@@ -29,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cryosieve.errors import CryoSieveInputError, ExternalCommandError, JobEnded, JobError, ServiceError
-from cryosieve.processes import handling_stop_signals
+from cryosieve.processes import forget_caught_interrupts, handling_stop_signals
 from cryosieve.progress import ProgressFactory
 
 EXIT_BAD_INPUT = 2
@@ -223,17 +223,6 @@ def _quiet_interrupts(previous: Callable[[Any], object]) -> Callable[[Any], None
     return hook
 
 
-def _forget_caught_interrupts() -> None:
-    """Make the process end with the command's exit code after a KeyboardInterrupt it caught.
-
-    CPython (3.11 to 3.13 at least) marks a KeyboardInterrupt raised inside ``exec`` of a string as
-    unhandled even when it is caught; ``dataclasses`` and ``namedtuple`` build their methods so, e.g. while
-    torch is imported. A ``python -m`` run (``torchrun`` starts the ranks so) then ends by SIGINT instead
-    of with its exit code. Each ``exec`` of a string clears that mark first, so one that finishes clears it.
-    """
-    exec("pass")  # a constant string: see the docstring
-
-
 @contextlib.contextmanager
 def _signal_handlers() -> Iterator[None]:
     _Signals.received = None
@@ -244,7 +233,7 @@ def _signal_handlers() -> Iterator[None]:
             yield
     finally:
         sys.unraisablehook = previous_hook
-        _forget_caught_interrupts()
+        forget_caught_interrupts()
 
 
 # --------------------------------------------------------------------------- errors
