@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryosieve.cli._common import (
     Parser,
@@ -15,6 +15,9 @@ from cryosieve.cli._common import (
     run_command,
     setup_logging,
 )
+
+if TYPE_CHECKING:
+    from cryosieve.align.settings import SearchSettings
 
 #: The library's setting fields -> the flags of cryosieve-refine and cryosieve-rhbfactor.
 FLAGS = {
@@ -111,7 +114,7 @@ def add_builtin_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch_size", type=int, default=128, help="particles searched at once, 128 by default.")
 
 
-def search_settings(args: argparse.Namespace, **more: Any) -> Any:
+def search_settings(args: argparse.Namespace, **more: Any) -> SearchSettings:
     """The :class:`cryosieve.align.SearchSettings` of the parsed search arguments (``more``: other fields)."""
     from cryosieve.align.settings import SearchSettings
 
